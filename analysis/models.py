@@ -1,0 +1,457 @@
+"""Model loading: a Hugging Face id or a local Hugging Face folder, through TransformerLens 4's TransformerBridge.
+
+    handle = load_model("default")                      # the small model shipped in data/
+    handle = load_model("EleutherAI/pythia-70m", dtype="bfloat16")
+    handle = load_model("/path/to/hf/folder", device="cpu")
+
+A `ModelHandle` carries the bridge, the tokenizer, a config summary and a fingerprint (a content hash of the
+weights plus name and revision) that every cache key includes. Handles are cached in memory per process,
+keyed by (name, revision, device, dtype, trust_remote_code); several models may be loaded at once.
+
+Every error a person can cause (bad id, no network, a folder that is not a model, an unsupported
+architecture, not enough memory, custom code that needs trust_remote_code) raises `WorkbenchError` with a
+message that says what to do; nothing is cached for a failed load.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import WorkbenchError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+DEFAULT_MODEL_DIR = DATA_DIR / "default-model"
+CHECKPOINTS_DIR = DATA_DIR / "checkpoints"
+DEFAULT_MODEL = "default"  # alias for DEFAULT_MODEL_DIR
+DEFAULT_MODEL_NAME = "workbench/default-model"  # the name that goes into its fingerprint, the same on every machine
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+# A Hugging Face repo id: "name" or "owner/name", letters, digits, "-", "_", "." (no "--" or ".." runs).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The handle
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSummary:
+    """A short description of the architecture, for display and for reports."""
+
+    name: str
+    architecture: str
+    n_params: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int | None
+    d_vocab: int
+    n_ctx: int
+    norm: str  # "LayerNorm" | "RMSNorm"
+    mlp: str  # e.g. "GELU (gelu_new)", "gated SiLU"
+    attention: str  # "multi-head" | "grouped-query (2 key/value heads)" | "multi-query"
+    positions: str  # "learned absolute" | "rotary" | ...
+    block: str  # "sequential" | "parallel attention + MLP"
+    device: str
+    dtype: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded model. `lock` must be held while hooks are attached to `bridge` (hooks are shared module state)."""
+
+    name: str  # as the caller gave it ("default", "gpt2", a folder)
+    source: str  # "local" | "hub"
+    path: str | None  # the resolved folder, for local models
+    revision: str | None
+    device: str
+    dtype: str
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    summary: ModelSummary
+    fingerprint: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def cfg(self):
+        return self.bridge.cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> ModelHandle:
+    """Load (or return from the in-process cache) a model by hub id, local folder, or "default"."""
+    return MODEL_CACHE.get(name, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def resolve_device(device: str | None) -> str:
+    device = (device or "auto").strip().lower()
+    if device not in DEVICES:
+        raise WorkbenchError(f"Unknown device {device!r}.", hint=f"Pick one of {', '.join(DEVICES)}.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("No CUDA GPU is available to this process.",
+                             hint="Pick device 'cpu' (or 'auto'), or install a CUDA build of torch (see README).")
+    return device
+
+
+def resolve_dtype(dtype: str | None) -> str:
+    dtype = (dtype or "float32").strip().lower()
+    if dtype not in DTYPES:
+        raise WorkbenchError(f"Unknown dtype {dtype!r}.", hint=f"Pick one of {', '.join(DTYPES)}.")
+    return dtype
+
+
+def list_checkpoints(model_dir: Path | None = None) -> list[tuple[int, Path]]:
+    """The default model's intermediate training checkpoints as (step, folder), in training order."""
+    root = CHECKPOINTS_DIR if model_dir is None else Path(model_dir)
+    out = []
+    for p in sorted(root.glob("step-*")):
+        try:
+            out.append((int(p.name.split("-", 1)[1]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-process cache
+# ----------------------------------------------------------------------------------------------------------
+class ModelCache:
+    """Loaded models, least recently used first out, at most `max_models` at once.
+
+    Two threads asking for the same model wait for one load; different models load in parallel."""
+
+    def __init__(self, max_models: int | None = None):
+        self.max_models = max_models or int(os.environ.get("WORKBENCH_MAX_MODELS", "3"))
+        self._models: collections.OrderedDict[tuple, ModelHandle] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self.loads = 0  # how many real loads happened (tests and the app's status line read it)
+
+    def get(self, name: str, *, revision=None, device="auto", dtype="float32", trust_remote_code=False) -> ModelHandle:
+        req = _resolve_request(name, revision, device, dtype, trust_remote_code)
+        key = req.key()
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:
+            with self._lock:  # loaded by another thread while we waited
+                if key in self._models:
+                    return self._models[key]
+            handle = _load(req)
+            with self._lock:
+                self._models[key] = handle
+                self.loads += 1
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
+        return handle
+
+    def loaded(self) -> list[ModelHandle]:
+        with self._lock:
+            return list(self._models.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+MODEL_CACHE = ModelCache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolving what to load, with every check that needs no weights
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Request:
+    name: str  # as given
+    target: str  # what transformers loads: a folder path or a hub id
+    source: str  # "local" | "hub"
+    fingerprint_name: str
+    revision: str | None
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    stamp: str  # for local folders: the weights' modification times, so an edited folder reloads
+
+    def key(self) -> tuple:
+        return (self.target, self.revision, self.device, self.dtype, self.trust_remote_code, self.stamp)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+
+
+def _resolve_request(name, revision, device, dtype, trust_remote_code) -> _Request:
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError("No model given.", hint="Type a Hugging Face id (like 'gpt2') or a local folder.")
+    name = name.strip()
+    if len(name) > 1024:
+        raise WorkbenchError("That model name is too long to be a hub id or a folder.")
+    revision = (revision or "").strip() or None
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    trust_remote_code = bool(trust_remote_code)
+
+    if name == DEFAULT_MODEL:
+        path = DEFAULT_MODEL_DIR
+        if not path.is_dir():
+            raise WorkbenchError(f"The default model is missing from {path}.",
+                                 hint="Restore data/ from git, or rebuild it: python data/build_default_model.py")
+    else:
+        path = Path(name).expanduser()
+    if name == DEFAULT_MODEL or path.exists():
+        path = path.resolve()
+        _check_model_folder(path)
+        if revision is not None:
+            raise WorkbenchError(f"A revision ({revision!r}) applies to hub ids, not to a local folder.",
+                                 hint="Clear the revision, or point at the folder of the revision you want.")
+        fp_name = DEFAULT_MODEL_NAME if path == DEFAULT_MODEL_DIR.resolve() else path.name
+        stamp = ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(_weight_files(path)))
+        return _Request(name, str(path), "local", fp_name, None, device, dtype, trust_remote_code, stamp)
+    if _looks_like_path(name):
+        raise WorkbenchError(f"There is no folder at {name}.",
+                             hint="Check the path, or give a Hugging Face id like 'EleutherAI/pythia-70m'.")
+    if not _HUB_ID.match(name) or "--" in name or ".." in name:
+        raise WorkbenchError(f"{name!r} is neither an existing folder nor a valid Hugging Face model id.",
+                             hint="A hub id looks like 'gpt2' or 'EleutherAI/pythia-70m'.")
+    if revision is not None and not re.match(r"^[\w./-]{1,128}$", revision):
+        raise WorkbenchError(f"{revision!r} is not a valid revision.", hint="Use a branch, tag or commit hash.")
+    return _Request(name, name, "hub", name, revision, device, dtype, trust_remote_code, "")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return [p for pattern in _WEIGHT_FILES for p in path.glob(pattern)]
+
+
+def _check_model_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise WorkbenchError(f"{path} is a file, not a model folder.",
+                             hint="Pick the folder that holds config.json and the weights.")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise WorkbenchError(f"{path} is not a Hugging Face model folder: it has no config.json.",
+                             hint="Pick the folder that holds config.json and the weights (*.safetensors), "
+                                  "e.g. one written by save_pretrained().")
+    try:
+        json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WorkbenchError(f"{cfg} is not valid JSON ({e}).", hint="Re-save the model with save_pretrained().")
+    if not _weight_files(path):
+        raise WorkbenchError(f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin).",
+                             hint="Copy the weight files into the folder, or re-save it with save_pretrained().")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+def _hub_error(e: BaseException, req: _Request) -> WorkbenchError | None:
+    """Turn an exception from transformers / huggingface_hub into a clear message, or None if it is not one."""
+    from huggingface_hub import constants, errors
+
+    chain, c = [], e
+    while c is not None and len(chain) < 20:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    types = tuple(type(c) for c in chain)
+    text = " ".join(str(c) for c in chain)
+
+    def has(cls) -> bool:
+        return any(issubclass(t, cls) for t in types)
+
+    offline = constants.HF_HUB_OFFLINE
+    if has(errors.GatedRepoError):
+        return WorkbenchError(f"{req.name} is a gated model.",
+                              hint="Accept its licence on the hub and set HF_TOKEN, or pick another model.")
+    if has(errors.RevisionNotFoundError):
+        return WorkbenchError(f"{req.name} has no revision {req.revision!r}.",
+                              hint="Check the branch, tag or commit, or leave the revision empty.")
+    if has(errors.RepositoryNotFoundError):
+        return WorkbenchError(f"There is no model called {req.name!r} on the Hugging Face hub "
+                              "(or it is private and no token is set).",
+                              hint="Check the spelling, e.g. 'EleutherAI/pythia-70m', or give a local folder.")
+    if has(errors.LocalEntryNotFoundError) or has(errors.OfflineModeIsEnabled) or (
+        "couldn't connect" in text.lower() or "connect" in " ".join(t.__name__ for t in types).lower()
+    ):
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached from here"
+        return WorkbenchError(f"{req.name} is not in the local Hugging Face cache and {why}.",
+                              hint="Download it where there is network (`hf download NAME`) and copy the cache "
+                                   "over, or load a local folder.")
+    if has(errors.EntryNotFoundError) or "does not appear to have a file named config.json" in text:
+        return WorkbenchError(f"{req.name} exists on the hub but is not a model repository (no config.json).")
+    if "trust_remote_code" in text:
+        return WorkbenchError(f"{req.name} needs its own modelling code, which is off by default.",
+                              hint="Turn on trust_remote_code only if you trust the code in that repository.")
+    return None
+
+
+def _load_config(req: _Request):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(req.target, revision=req.revision, trust_remote_code=req.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - classified below, re-raised if not a known case
+        mapped = _hub_error(e, req)
+        if mapped is not None:
+            raise mapped from e
+        if isinstance(e, (ValueError, KeyError, OSError)):
+            raise WorkbenchError(f"Could not read the config of {req.name}: {e}",
+                                 hint="Is it a transformers model folder or repository?") from e
+        raise
+
+
+def _check_architecture(config, req: _Request) -> str:
+    from importlib.metadata import version
+
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+
+    try:
+        arch = determine_architecture_from_hf_config(config)
+    except ValueError as e:  # the bridge knows neither the config's architectures nor its model_type
+        arch = (getattr(config, "architectures", None) or [None])[0] or getattr(config, "model_type", None)
+        if arch is None:
+            raise WorkbenchError(f"Cannot tell the architecture of {req.name}: {e}") from e
+    ArchitectureAdapterFactory.discover_entry_points()
+    supported = set(ArchitectureAdapterFactory._adapters)
+    if arch not in supported:
+        known = ["GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                 "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "PhiForCausalLM", "OPTForCausalLM"]
+        examples = ", ".join(a for a in known if a in supported)
+        raise WorkbenchError(
+            f"{req.name} is a {arch}, an architecture that TransformerLens "
+            f"{version('transformer-lens')}'s TransformerBridge does not support.",
+            hint=f"Pick a model of a supported architecture: {examples} and {len(supported)} in all.",
+        )
+    return arch
+
+
+def estimate_parameters(config) -> int | None:
+    """Parameter count of a config, from an instance built on the meta device (no memory used)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    except Exception:  # noqa: BLE001 - an estimate only; the load itself still guards against OOM
+        return None
+
+
+def available_memory(device: str) -> int:
+    """Free bytes on the device (for the CPU: available system memory)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _check_memory(config, req: _Request) -> int | None:
+    """Refuse a model that cannot fit before loading it; returns the parameter count (None if unknown)."""
+    n = estimate_parameters(config)
+    if n is None:
+        return None
+    need = n * DTYPES[req.dtype].itemsize * 1.2 + 256 * 2**20  # weights, plus room for activations
+    free = available_memory(req.device)
+    if need > free:
+        raise WorkbenchError(
+            f"Not enough memory for {req.name}: {n / 1e9:.2f} B parameters in {req.dtype} need about "
+            f"{need / 2**30:.1f} GiB, and {req.device} has {free / 2**30:.1f} GiB free.",
+            hint="Pick bfloat16 or float16, a smaller model, or a machine with more memory; "
+                 "unload other models first.",
+        )
+    return n
+
+
+def weights_fingerprint(model: torch.nn.Module, name: str, revision: str | None) -> str:
+    """Content hash of every tensor in the state dict (names, shapes, dtypes, bytes) plus name and revision."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"name": name, "revision": revision}).encode())
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _describe(bridge, config, n_params: int, req: _Request, name: str) -> ModelSummary:
+    c = bridge.cfg
+    n_heads = int(c.n_heads)
+    n_kv = int(getattr(c, "n_key_value_heads", None) or n_heads)
+    attention = ("multi-head" if n_kv == n_heads else "multi-query" if n_kv == 1
+                 else f"grouped-query ({n_kv} key/value heads)")
+    act = str(getattr(c, "act_fn", None) or "?")
+    pretty = {"gelu_new": "GELU", "gelu": "GELU", "gelu_fast": "GELU", "gelu_pytorch_tanh": "GELU",
+              "silu": "SiLU", "relu": "ReLU", "swish": "SiLU"}.get(act, act)
+    mlp = f"gated {pretty}" if getattr(c, "gated_mlp", False) else f"{pretty} ({act})" if pretty != act else act
+    norm = {"LN": "LayerNorm", "LNPre": "LayerNorm", "RMS": "RMSNorm", "RMSPre": "RMSNorm"}.get(
+        str(c.normalization_type), str(c.normalization_type))
+    positions = {"standard": "learned absolute", "rotary": "rotary", "shortformer": "shortformer",
+                 "alibi": "ALiBi"}.get(str(c.positional_embedding_type), str(c.positional_embedding_type))
+    return ModelSummary(
+        name=name, architecture=str(c.architecture), n_params=n_params, n_layers=int(c.n_layers),
+        n_heads=n_heads, n_kv_heads=n_kv, d_model=int(c.d_model), d_head=int(c.d_head),
+        d_mlp=int(c.d_mlp) if getattr(c, "d_mlp", None) else None, d_vocab=int(c.d_vocab), n_ctx=int(c.n_ctx),
+        norm=norm, mlp=mlp, attention=attention, positions=positions,
+        block="parallel attention + MLP" if getattr(c, "parallel_attn_mlp", False) else "sequential", device=req.device, dtype=req.dtype,
+    )
+
+
+def _load(req: _Request) -> ModelHandle:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = _load_config(req)
+    _check_architecture(config, req)
+    n_params = _check_memory(config, req)
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            req.target, device=req.device, dtype=DTYPES[req.dtype], revision=req.revision,
+            trust_remote_code=req.trust_remote_code,
+        )
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise WorkbenchError(f"Ran out of memory loading {req.name} in {req.dtype} on {req.device}.",
+                             hint="Pick bfloat16 or float16, a smaller model, or unload other models.") from e
+    except Exception as e:  # noqa: BLE001 - every failure here is about the model the person picked
+        mapped = _hub_error(e, req)
+        if mapped is not None:
+            raise mapped from e
+        raise WorkbenchError(f"Could not load {req.name}: {type(e).__name__}: {e}") from e
+    bridge.eval()
+    hf_model = bridge.original_model
+    if n_params is None:  # the bridge adds split q/k/v copies as parameters, so this over-counts a little
+        n_params = sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values())
+    display = "default" if req.fingerprint_name == DEFAULT_MODEL_NAME else req.name
+    summary = _describe(bridge, config, n_params, req, display)
+    return ModelHandle(
+        name=req.name, source=req.source, path=req.target if req.source == "local" else None,
+        revision=req.revision, device=req.device, dtype=req.dtype, bridge=bridge, tokenizer=bridge.tokenizer,
+        summary=summary, fingerprint=weights_fingerprint(hf_model, req.fingerprint_name, req.revision),
+    )

@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+from tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_handle():
+    from analysis import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def tiny_handle(request, tiny_dirs):
+    from analysis import load_model
+
+    return load_model(str(tiny_dirs[request.param]))

@@ -1,0 +1,50 @@
+"""Tiny random-weight models of three architectures, saved as Hugging Face folders.
+
+Every analysis must pass on all three: GPT-2 (LayerNorm, GELU, learned positions), Llama-style (RMSNorm, gated
+SiLU MLP, rotary positions, grouped-query attention) and GPT-NeoX/Pythia (parallel attention and MLP, rotary).
+They share the default model's tokenizer so prompts mean the same thing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from analysis.models import DEFAULT_MODEL_DIR
+
+ARCHITECTURES = ("gpt2", "llama", "neox")
+
+
+def _config(arch: str, vocab: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(bos_token_id=0, eos_token_id=0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, **common)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           tie_word_embeddings=False, **common)
+    if arch == "neox":
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                             use_parallel_residual=True, **common)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Build a tiny random `arch` model and save it, with the default tokenizer, to `folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tok)))
+    # random init is small; scale it up a little so the models have non-trivial attention and predictions
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
