@@ -1,6 +1,6 @@
 """Build the default model shipped with the workbench, from nothing.
 
-    python data/build_default_model.py            # the full build (about 25 minutes on 2 CPU cores)
+    python data/build_default_model.py            # the full build (about 40 minutes on 2 CPU cores)
     python data/build_default_model.py --steps 300 --out /tmp/pilot   # a quick pilot
 
 What it does, every step seeded:
@@ -381,7 +381,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=24, help="rows of n_ctx tokens per step")
     ap.add_argument("--n-ctx", type=int, default=128)
     ap.add_argument("--d-model", type=int, default=128)
@@ -389,7 +389,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--checkpoints", type=str, default="50,150,300,600,1200,2000",
+    ap.add_argument("--checkpoints", type=str, default="100,250,500,1000,2000,3000",
                     help="steps at which to save intermediate checkpoints")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--threads", type=int, default=2)
