@@ -1,84 +1,100 @@
 """The interpretability workbench: `streamlit run app.py`.
 
 The sidebar picks the model (the shipped default model, one of its training checkpoints, a Hugging Face id or a
-local folder), the device and the dtype; the pages under pages/ show analyses of it. The choice lives in the URL
-(?model=...&dtype=...&device=...), so a copied link opens the same model.
+local folder), the device and the dtype; the pages under pages/ show analyses of it. All state lives in the URL
+(?model=...&dtype=...&prompt=...&token_ids=...), so a copied link opens the same view, from the store.
+
+WORKBENCH_REVIEW_MODE=1 turns the app into a viewer of stored results and findings: nothing loads or computes.
 """
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import streamlit as st
 
 from analysis import DEFAULT_MODEL, WorkbenchError, load_model
 from analysis.models import DEVICES, DTYPES, list_checkpoints
+from analysis.settings import allow_local_folders, allow_remote_code, review_mode
+from analysis.specs import Spec
+from pages.common import ModelChoice, query, store
 
 st.set_page_config(page_title="Interpretability workbench", page_icon="🔬", layout="wide")
 
 OTHER = "Hugging Face id or local folder…"
 
 
-def _model_choices() -> list[str]:
-    return [DEFAULT_MODEL] + [f"checkpoint step {step}" for step, _ in list_checkpoints()] + [OTHER]
+def _checkpoints() -> dict[str, str]:
+    return {f"checkpoint step {step}": str(path) for step, path in list_checkpoints()}
 
 
-def _checkpoint_path(choice: str) -> str | None:
-    for step, path in list_checkpoints():
-        if choice == f"checkpoint step {step}":
-            return str(path)
-    return None
-
-
-def sidebar() -> None:
-    """Model picker. Puts the loaded handle (or None) in st.session_state['handle']."""
-    qp = st.query_params
-    url_model = qp.get("model", DEFAULT_MODEL)
-    choices = _model_choices()
-    paths = {str(p): f"checkpoint step {s}" for s, p in list_checkpoints()}
-    preset = paths.get(url_model, url_model if url_model in choices else OTHER)
+def sidebar() -> ModelChoice | None:
+    """The model picker. Returns the choice, or None (with the reason shown) if it cannot be used."""
+    try:
+        qp = query()
+        url = Spec.from_dict({k: qp[k] for k in ("model", "revision", "dtype") if k in qp})
+    except WorkbenchError as e:
+        st.sidebar.error(f"This link's model settings are not valid: {e}")
+        url = Spec()
+        qp = {}
+    ckpts = _checkpoints()
+    by_path = {v: k for k, v in ckpts.items()}
+    choices = [DEFAULT_MODEL, *ckpts, OTHER]
+    preset = DEFAULT_MODEL if url.model == DEFAULT_MODEL else by_path.get(url.model, OTHER)
     with st.sidebar:
         st.header("Model")
-        choice = st.selectbox("Model", choices, index=choices.index(preset), key="model_choice")
-        if choice == OTHER:
-            name = st.text_input("Hugging Face id or folder", value="" if url_model in choices else url_model,
-                                 placeholder="EleutherAI/pythia-70m or /path/to/model", key="model_name").strip()
-        else:
-            name = _checkpoint_path(choice) or choice
+        if review_mode():
+            st.info("Review mode: browsing stored results and findings. Nothing is loaded or computed.")
+        pick = st.selectbox("Model", choices, index=choices.index(preset), key="model_pick")
         revision = ""
-        if choice == OTHER:
-            revision = st.text_input("Revision (hub ids only)", value=qp.get("revision", ""), key="revision").strip()
-        devices = list(DEVICES)
-        device = st.selectbox("Device", devices, index=devices.index(qp.get("device", "auto"))
-                              if qp.get("device", "auto") in devices else 0, key="device")
+        if pick == OTHER:
+            name = st.text_input("Hugging Face id or folder", value=url.model if preset == OTHER else "",
+                                 placeholder="EleutherAI/pythia-70m or /path/to/model", key="model_name").strip()
+            revision = st.text_input("Revision (hub ids only)", value=url.revision, key="revision").strip()
+        else:
+            name = ckpts.get(pick, pick)
+        device_default = qp.get("device", "auto") if qp.get("device", "auto") in DEVICES else "auto"
+        device = st.selectbox("Device", DEVICES, index=DEVICES.index(device_default), key="device")
         dtypes = list(DTYPES)
-        dtype = st.selectbox("Dtype", dtypes, index=dtypes.index(qp.get("dtype", "float32"))
-                             if qp.get("dtype", "float32") in dtypes else 0, key="dtype")
-        trust = False
-        if os.environ.get("WORKBENCH_ALLOW_REMOTE_CODE") == "1":
-            trust = st.checkbox("trust_remote_code (runs the repository's own code)", value=False)
-        handle = None
-        if name:
-            try:
+        dtype = st.selectbox("Dtype", dtypes, index=dtypes.index(url.dtype), key="dtype")
+        trust = allow_remote_code() and st.checkbox("trust_remote_code (runs the repository's own code)")
+        if not name:
+            st.info("Type a Hugging Face id or a local folder.")
+            return None
+        choice = ModelChoice(model=name, revision=revision, dtype=dtype, device=device)
+        try:
+            if review_mode():
+                rec = store().model_record(name, revision, dtype)
+                if rec is None:
+                    raise WorkbenchError(f"Nothing is stored for {name} ({dtype}).",
+                                         hint="Review mode only shows stored results.")
+                summary = rec["summary"]
+            else:
+                if not allow_local_folders() and name not in (DEFAULT_MODEL, *ckpts.values()) and \
+                        Path(name).expanduser().exists():
+                    raise WorkbenchError("This deployment does not load local folders.",
+                                         hint="Pick the default model or a Hugging Face id.")
                 with st.spinner(f"Loading {name}…"):
                     handle = load_model(name, revision=revision or None, device=device, dtype=dtype,
                                         trust_remote_code=trust)
-            except WorkbenchError as e:
-                st.error(str(e))
-            else:
-                st.caption(f"{handle.summary.architecture} · {handle.summary.n_params / 1e6:.2f} M parameters · "
-                           f"{handle.device} · {handle.dtype}")
-                # keep the URL in step with what is loaded, so a copied link opens the same model
-                new = {"model": name, "device": device, "dtype": dtype}
-                if revision:
-                    new["revision"] = revision
-                for k, v in new.items():
-                    if qp.get(k) != v:
-                        qp[k] = v
-        else:
-            st.info("Type a Hugging Face id or a local folder.")
-    st.session_state["handle"] = handle
+                summary = handle.summary.as_dict()
+        except WorkbenchError as e:
+            st.error(str(e))
+            return None
+        st.caption(f"{summary['architecture']} · {summary['n_params'] / 1e6:.2f} M parameters · "
+                   f"{summary['device']} · {summary['dtype']}")
+    # keep the URL in step with the model, so a copied link opens the same one
+    for k, v in {"model": name, "revision": revision, "dtype": dtype, "device": device}.items():
+        if v in ("", "auto") and k in ("revision", "device"):
+            if k in st.query_params:
+                del st.query_params[k]
+        elif st.query_params.get(k) != v:
+            st.query_params[k] = v
+    return choice
 
 
-sidebar()
-page = st.navigation([st.Page("pages/model.py", title="Model", icon="🧠", default=True)])
+st.session_state["model_choice"] = sidebar()
+page = st.navigation([
+    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
+    st.Page("pages/findings.py", title="Findings", icon="📌", url_path="findings"),
+])
 page.run()

@@ -1,66 +1,92 @@
 """Model page: the model's summary, the tokenization of a prompt, its top next-token predictions and the
-attention pattern of any head."""
+attention pattern of any head. Everything comes through the pipeline (spec -> store or compute)."""
 from __future__ import annotations
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from analysis import WorkbenchError
-from analysis.model_view import attention_patterns, encode, next_token_predictions, tokenize
+from analysis.figures import attention_heatmap, predictions_bar
+from analysis.runs import run
+from analysis.settings import review_mode
+from analysis.specs import ModelViewSpec
+from pages.common import choice, downloads, progress_bar, query, save_finding, share_link, spec_params, status_line, store, sync_url
 
-handle = st.session_state.get("handle")
+DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"
+
 st.title("Model")
-if handle is None:
+model = choice()
+if model is None:
     st.info("Pick a model in the sidebar.")
     st.stop()
 
-s = handle.summary
-cols = st.columns(6)
-for col, (label, value) in zip(cols, [("Layers", s.n_layers), ("Heads", s.n_heads), ("d_model", s.d_model),
-                                      ("Vocabulary", f"{s.d_vocab:,}"), ("Context", s.n_ctx),
-                                      ("Parameters", f"{s.n_params / 1e6:.2f} M")]):
-    col.metric(label, value)
-with st.expander("Configuration", expanded=False):
-    st.dataframe(pd.DataFrame({"field": list(s.as_dict()), "value": [str(v) for v in s.as_dict().values()]}),
-                 hide_index=True, width="stretch")
-    st.caption(f"Fingerprint (content hash of the weights): `{handle.fingerprint}`")
-
-qp = st.query_params
-prompt = st.text_area("Prompt", value=qp.get("prompt", "Then, John and Mary went to the store. John gave a ring to"),
-                      key="prompt", max_chars=20_000)
-k = st.slider("Top-k predictions", 1, 50, int(qp.get("k", 10)) if str(qp.get("k", "10")).isdigit() else 10, key="k")
 try:
-    ids = encode(handle, prompt)
+    qp = query()
+    url = ModelViewSpec.from_dict({k: qp[k] for k in ("prompt", "token_ids", "top_k") if k in qp}
+                                  | ({} if "prompt" in qp or "token_ids" in qp else {"prompt": DEFAULT_PROMPT}))
+except WorkbenchError as e:
+    st.error(f"This link's settings are not valid: {e}")
+    qp, url = {}, ModelViewSpec(prompt=DEFAULT_PROMPT)
+
+prompt = st.text_area("Prompt", value=url.prompt, key="prompt", max_chars=20_000)
+top_k = st.slider("Top-k predictions", 1, 100, url.top_k, key="top_k")
+# the link's token ids replay exactly what ran, as long as the prompt is the one the link came with
+ids = url.token_ids if prompt == url.prompt else ()
+try:
+    spec = ModelViewSpec(model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
+                         token_ids=ids, top_k=top_k)
+    spec.validate()
+    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress_bar())
 except WorkbenchError as e:
     st.error(str(e))
     st.stop()
 
-toks = tokenize(handle, ids)
+result, summary = outcome.result, outcome.result.meta.get("model_summary", {})
+tokens = result.extra["tokens"]
+n_layers, n_heads = int(summary.get("n_layers", 1)), int(summary.get("n_heads", 1))
+
+
+def _view_int(name: str, upper: int) -> int:
+    try:
+        v = int(qp.get(name, 0))
+    except ValueError:
+        v = 0
+    return v if 0 <= v < upper else 0
+
+
+cols = st.columns(6)
+for col, (label, value) in zip(cols, [("Layers", n_layers), ("Heads", n_heads), ("d_model", summary.get("d_model")),
+                                      ("Vocabulary", f"{summary.get('d_vocab', 0):,}"),
+                                      ("Context", summary.get("n_ctx")),
+                                      ("Parameters", f"{summary.get('n_params', 0) / 1e6:.2f} M")]):
+    col.metric(label, value)
+with st.expander("Configuration", expanded=False):
+    st.dataframe(pd.DataFrame({"field": list(summary), "value": [str(v) for v in summary.values()]}),
+                 hide_index=True, width="stretch")
+    st.caption(f"Fingerprint (content hash of the weights): `{outcome.record.fingerprint}`")
+
 st.subheader("Tokens")
-st.caption(f"{len(ids)} tokens: " + " · ".join(f"{t!r}" for t in toks["token"]))
+st.text(f"{len(tokens)} tokens: " + " · ".join(f"{t!r}" for t in tokens["token"]))
 with st.expander("Token ids", expanded=False):
-    st.dataframe(toks, hide_index=True, width="stretch")
+    st.dataframe(tokens, hide_index=True, width="stretch")
 
 st.subheader("Next-token predictions")
-preds = next_token_predictions(handle, ids, k=k)
 left, right = st.columns([2, 3])
-left.dataframe(preds[["rank", "token", "token_id", "prob", "logit"]], hide_index=True, width="stretch")
-bars = preds.assign(label=[f"{r}. {t!r}" for r, t in zip(preds["rank"], preds["token"])]).iloc[::-1]
-fig = px.bar(bars, x="prob", y="label", orientation="h", labels={"label": "token", "prob": "probability"})
-fig.update_layout(height=max(250, 24 * len(preds)), margin=dict(l=0, r=0, t=10, b=0))
-right.plotly_chart(fig, width="stretch")
+left.dataframe(result.table[["rank", "token", "token_id", "prob", "logit"]], hide_index=True, width="stretch")
+bars = predictions_bar(result.table)
+right.plotly_chart(bars, width="stretch")
 
 st.subheader("Attention pattern")
 c1, c2 = st.columns(2)
-layer = c1.number_input("Layer", 0, s.n_layers - 1, 0, key="layer")
-head = c2.number_input("Head", 0, s.n_heads - 1, 0, key="head")
-att = attention_patterns(handle, ids, layers=[int(layer)])
-att = att[att["head"] == int(head)]
-labels = [f"{i}:{t!r}" for i, t in zip(toks["pos"], toks["token"])]
-grid = att.pivot(index="query_pos", columns="key_pos", values="weight").reindex(
-    index=range(len(ids)), columns=range(len(ids)))
-heat = px.imshow(grid.values, x=labels, y=labels, color_continuous_scale="Blues", zmin=0, zmax=1,
-                 labels={"x": "key", "y": "query", "color": "weight"}, aspect="auto")
-heat.update_layout(height=max(300, 22 * len(ids)), margin=dict(l=0, r=0, t=10, b=0))
+layer = c1.number_input("Layer", 0, n_layers - 1, _view_int("layer", n_layers), key="layer")
+head = c2.number_input("Head", 0, n_heads - 1, _view_int("head", n_heads), key="head")
+heat = attention_heatmap(result.extra["attention"], tokens, int(layer), int(head))
 st.plotly_chart(heat, width="stretch")
+
+sync_url({**spec_params(outcome.spec), "layer": int(layer), "head": int(head)})
+link = share_link()
+st.subheader("Share and export")
+st.code(link, language=None)
+status_line(outcome)
+downloads(outcome, {"predictions": bars, "attention": heat}, f"Model view: {prompt[:60]}", link)
+save_finding(outcome, link)

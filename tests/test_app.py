@@ -1,4 +1,4 @@
-"""Page tests with Streamlit's AppTest: the app runs the real default model."""
+"""Page tests with Streamlit's AppTest: the app runs the real default model through the real pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,51 +6,83 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from analysis.store import Store
+
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-def _run(**query) -> AppTest:
+@pytest.fixture(autouse=True)
+def own_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "app.duckdb"))
+    from analysis.runs import get_store
+
+    get_store.cache_clear()
+    yield Path(tmp_path / "app.duckdb")
+    get_store.cache_clear()
+
+
+def _run(page: str | None = None, **query) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     for k, v in query.items():
         at.query_params[k] = v
-    return at.run()
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    return at
 
 
-def test_model_page_shows_summary_and_predictions():
+def _predictions(at):
+    return [d.value for d in at.dataframe if "prob" in d.value.columns][0]
+
+
+def _qp(at, key):
+    v = at.query_params.get(key)
+    return v[0] if isinstance(v, list) else v
+
+
+def test_model_page_shows_summary_predictions_and_link():
     at = _run()
-    assert not at.exception
-    assert not at.error
+    assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Layers"] == "6" and metrics["Heads"] == "4"
-    preds = at.dataframe[-1].value if "prob" in at.dataframe[-1].value else at.dataframe[1].value
-    assert len(preds) == 10
-    assert at.query_params["model"] == ["default"] or at.query_params["model"] == "default"
+    assert len(_predictions(at)) == 10
+    assert _qp(at, "model") == "default" and _qp(at, "token_ids").startswith("0,")
+    assert any("computed in" in c.value for c in at.caption)
 
 
 def test_typed_prompt_gives_its_predictions():
     at = _run()
     at.text_area(key="prompt").input("The capital of France is").run()
     assert not at.exception
-    tables = [d.value for d in at.dataframe if "prob" in d.value.columns]
-    assert tables and tables[0]["token"].iloc[0] == " Paris"
+    assert _predictions(at)["token"].iloc[0] == " Paris"
+    assert _qp(at, "prompt") == "The capital of France is"
 
 
-def test_prompt_from_link():
-    at = _run(prompt="The capital of Japan is", k="3")
-    tables = [d.value for d in at.dataframe if "prob" in d.value.columns]
-    assert len(tables[0]) == 3 and tables[0]["token"].iloc[0] == " Tokyo"
+def test_link_reopens_from_the_store_without_computing(own_store):
+    first = _run(prompt="The capital of Japan is", top_k="3", layer="2", head="1")
+    assert _predictions(first)["token"].iloc[0] == " Tokyo" and len(_predictions(first)) == 3
+    link = {k: _qp(first, k) for k in ("model", "dtype", "prompt", "token_ids", "top_k", "layer", "head")}
+    again = _run(**link)
+    assert not again.exception
+    assert any("from the store" in c.value for c in again.caption)
+    assert again.number_input(key="layer").value == 2 and again.number_input(key="head").value == 1
+    assert Store(own_store).count("runs") == 1
 
 
-@pytest.mark.parametrize("model, message", [
-    ("not a model!", "neither an existing folder nor a valid Hugging Face model id"),
-    ("/no/such/folder", "There is no folder at"),
+@pytest.mark.parametrize("query, message", [
+    ({"model": "not a model!"}, "neither an existing folder nor a valid Hugging Face model id"),
+    ({"model": "/no/such/folder"}, "There is no folder at"),
+    ({"top_k": "9999999999999"}, "not a valid int"),
+    ({"token_ids": "1,2,x"}, "not a valid int"),
+    ({"token_ids": "0,99999999"}, "outside this model's vocabulary"),
+    ({"dtype": "<script>alert(1)</script>"}, "must be one of"),
+    ({"prompt": "x" * 45_000}, "too long"),
 ])
-def test_bad_model_shows_error_and_app_keeps_running(model, message):
-    at = _run(model=model)
+def test_hostile_links_get_a_clear_message(query, message):
+    at = _run(**query)
     assert not at.exception
-    assert any(message in e.value for e in at.error)
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
     assert at.title[0].value == "Model"
-    assert any("Pick a model" in i.value for i in at.info)
 
 
 def test_empty_prompt_is_an_error_not_a_crash():
@@ -58,3 +90,41 @@ def test_empty_prompt_is_an_error_not_a_crash():
     at.text_area(key="prompt").input("   ").run()
     assert not at.exception
     assert any("The prompt is empty" in e.value for e in at.error)
+
+
+def test_script_in_a_prompt_shows_as_text():
+    at = _run(prompt="<script>alert(1)</script>")
+    assert not at.exception and not at.error
+    assert at.text_area(key="prompt").value == "<script>alert(1)</script>"
+    assert any("'<' · 's' · 'c' · 'ri' · 'pt' · '>'" in t.value for t in at.text)  # the tokens, as plain text
+    assert not any("<script" in m.value for m in at.markdown)
+
+
+def test_review_mode_browses_stored_and_refuses_to_compute(monkeypatch):
+    stored = _run(prompt="The capital of Peru is", top_k="3")
+    link = {k: _qp(stored, k) for k in ("model", "dtype", "prompt", "token_ids", "top_k")}
+    monkeypatch.setenv("WORKBENCH_REVIEW_MODE", "1")
+    import analysis.models as models
+
+    loads = models.MODEL_CACHE.loads
+    seen = _run(**link)
+    assert not seen.exception and _predictions(seen)["token"].iloc[0] == " Lima"
+    assert any("from the store" in c.value for c in seen.caption)
+    refused = _run(prompt="The capital of Chile is")
+    assert any("computes nothing" in e.value or "has not been run" in e.value for e in refused.error)
+    assert models.MODEL_CACHE.loads == loads
+
+
+def test_findings_page_lists_saved_findings(own_store):
+    Store(own_store).add_finding("IOI works", notes="<b>not bold</b>", author="ada", runs=[],
+                                 links=["http://localhost:8501/?model=default", "javascript:alert(1)"])
+    at = _run(page="pages/findings.py")
+    assert not at.exception
+    assert at.title[0].value == "Findings"
+    assert any(s.value == "IOI works" for s in at.subheader)
+    assert any("<b>not bold</b>" in t.value for t in at.text)
+
+
+def test_findings_page_when_empty():
+    at = _run(page="pages/findings.py")
+    assert not at.exception and any("No findings yet" in i.value for i in at.info)

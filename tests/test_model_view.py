@@ -49,7 +49,7 @@ def test_attention_patterns_match_transformers(tiny_handle):
     for layer in range(s.n_layers):
         for head in range(s.n_heads):
             sub = att[(att["layer"] == layer) & (att["head"] == head)]
-            expect = ref[layer][0, head][sub["query_pos"].values, sub["key_pos"].values]
+            expect = ref[layer][0, head][torch.as_tensor(sub["query_pos"].to_numpy().copy()), torch.as_tensor(sub["key_pos"].to_numpy().copy())]
             torch.testing.assert_close(torch.tensor(sub["weight"].values, dtype=torch.float32), expect, rtol=1e-4, atol=1e-5)
 
 

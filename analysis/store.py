@@ -1,0 +1,424 @@
+"""The result store: one DuckDB file holding runs, their tidy result tables and findings.
+
+    store = Store()                                 # WORKBENCH_STORE or ~/.cache/interp-workbench/store.duckdb
+    store.put(run, result)                          # one transaction: the run row and its tables, or nothing
+    store.get(key)                                  # -> Result | None
+
+Concurrency. DuckDB lets one process at a time hold a database file open, and threads in that process share it.
+The store therefore never keeps a connection: every operation opens the file, does its work in one
+transaction and closes it, retrying with jittered backoff while another process holds the lock (a batch job
+writing while the app reads) or while another thread's transaction conflicts. A write either lands whole or
+not at all; writes of the same run key are idempotent (results are a pure function of the key).
+
+Tables are stored as Parquet bytes (never pickle): each result table is one BLOB row in `results`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+import uuid
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import WorkbenchError
+
+SCHEMA_VERSION = 2
+
+# Each entry upgrades the schema from version i to i + 1. Never edit a released step; add a new one.
+MIGRATIONS: list[list[str]] = [
+    [  # 0 -> 1: runs and results
+        "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            key VARCHAR PRIMARY KEY, analysis VARCHAR NOT NULL, spec VARCHAR NOT NULL, model VARCHAR NOT NULL,
+            fingerprint VARCHAR NOT NULL, version VARCHAR NOT NULL, created TIMESTAMP NOT NULL,
+            duration_s DOUBLE, status VARCHAR NOT NULL, metadata VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS results (
+            key VARCHAR NOT NULL, name VARCHAR NOT NULL, n_rows BIGINT NOT NULL, parquet BLOB NOT NULL,
+            PRIMARY KEY (key, name))""",
+    ],
+    [  # 1 -> 2: who ran it, findings, and the models seen (so review mode can find results without loading)
+        "ALTER TABLE runs ADD COLUMN author VARCHAR DEFAULT ''",
+        """CREATE TABLE IF NOT EXISTS findings (
+            id VARCHAR PRIMARY KEY, title VARCHAR NOT NULL, notes VARCHAR NOT NULL, author VARCHAR NOT NULL,
+            runs VARCHAR NOT NULL, links VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS models (
+            model VARCHAR NOT NULL, revision VARCHAR NOT NULL, dtype VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL,
+            summary VARCHAR NOT NULL, updated TIMESTAMP NOT NULL, PRIMARY KEY (model, revision, dtype))""",
+    ],
+]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+TABLES = ("runs", "results", "findings", "models")
+_NOW = "now()::TIMESTAMP"
+
+
+def default_store_path() -> Path:
+    env = os.environ.get("WORKBENCH_STORE")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "interp-workbench" / "store.duckdb"
+
+
+@dataclass
+class Result:
+    """A tidy result: the main long-format table, optional named side tables, and a small metadata dict."""
+
+    table: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"main": self.table, **self.extra}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    key: str
+    analysis: str
+    spec: dict
+    model: str
+    fingerprint: str
+    version: str
+    author: str = ""
+    created: datetime | None = None
+    duration_s: float | None = None
+    status: str = "done"
+
+
+def _to_parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _from_parquet(blob: bytes) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(blob)).to_pandas()
+
+
+def _sql_str(path: Path) -> str:
+    """A path inside a single-quoted SQL literal (COPY takes no parameters)."""
+    return path.as_posix().replace("'", "''")
+
+
+def _retryable(e: Exception) -> bool:
+    text = str(e).lower()
+    return ("could not set lock" in text or "conflict" in text or "database is locked" in text
+            or isinstance(e, duckdb.TransactionException))
+
+
+class Store:
+    """The DuckDB result store. Safe to share between threads and to use from several processes at once."""
+
+    def __init__(self, path: str | Path | None = None, *, timeout_s: float = 60.0):
+        self.path = Path(path) if path is not None else default_store_path()
+        self.timeout_s = timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.hits = 0  # counters for the "hit or computed" log (per Store object)
+        self.misses = 0
+        self._counter_lock = threading.Lock()
+        self._local = threading.local()  # the connection of an open session(), per thread
+        self._remembered: set[tuple] = set()  # model records known to be stored (saves a read per run)
+        self._migrate()
+
+    # -- connections ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline, delay = time.monotonic() + self.timeout_s, 0.005
+        while True:
+            try:
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.Error as e:
+                if not _retryable(e) or time.monotonic() > deadline:
+                    raise WorkbenchError(f"Cannot open the result store {self.path}: {e}") from e
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.25)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Do several operations on one open of the file (opening a DuckDB file costs ~25 ms).
+
+        Keep sessions short: while one is open, other processes wait for the file."""
+        if getattr(self._local, "con", None) is not None:
+            yield
+            return
+        with self._connect() as con:
+            self._local.con = con
+            try:
+                yield
+            finally:
+                self._local.con = None
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            yield con
+        else:
+            with self._connect() as con:
+                yield con
+
+    def _transaction(self, fn):
+        """Run fn(con) in one transaction, retrying the whole of it on lock or write conflicts."""
+        deadline, delay = time.monotonic() + self.timeout_s, 0.005
+        while True:
+            try:
+                with self._connection() as con:
+                    con.execute("BEGIN TRANSACTION")
+                    try:
+                        out = fn(con)
+                        con.execute("COMMIT")
+                        return out
+                    except BaseException:
+                        with contextlib.suppress(duckdb.Error):
+                            con.execute("ROLLBACK")
+                        raise
+            except duckdb.Error as e:
+                if not _retryable(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.25)
+
+    def _read(self, fn):
+        return self._transaction(fn)
+
+    # -- schema ---------------------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        def q(con):
+            has_meta = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+            if not has_meta:
+                return 0
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+        return self._read(q)
+
+    def _migrate(self) -> None:
+        def up(con):
+            has_meta = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise WorkbenchError(f"The store {self.path} was written by a newer version (schema {current}); "
+                                     f"this one reads up to {SCHEMA_VERSION}.", hint="Update the workbench.")
+            for step in MIGRATIONS[current:]:
+                for sql in step:
+                    con.execute(sql)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+        self._transaction(up)
+
+    # -- runs and results -----------------------------------------------------------------------------------
+    def put(self, run: RunRecord, result: Result) -> None:
+        """Store a run and all its tables in one transaction (an interrupted put leaves nothing)."""
+        blobs = [(name, len(df), _to_parquet(df)) for name, df in result.tables().items()]
+        meta = json.dumps(result.meta, default=str)
+        created = run.created or datetime.now(timezone.utc).replace(tzinfo=None)
+
+        def write(con):
+            con.execute("DELETE FROM results WHERE key = ?", [run.key])
+            con.execute("DELETE FROM runs WHERE key = ?", [run.key])
+            con.execute(
+                "INSERT INTO runs (key, analysis, spec, model, fingerprint, version, created, duration_s, status, "
+                "metadata, author) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [run.key, run.analysis, json.dumps(run.spec, sort_keys=True), run.model, run.fingerprint,
+                 run.version, created, run.duration_s, run.status, meta, run.author])
+            con.executemany("INSERT INTO results (key, name, n_rows, parquet) VALUES (?, ?, ?, ?)",
+                            [[run.key, n, rows, blob] for n, rows, blob in blobs])
+
+        self._transaction(write)
+
+    def get(self, key: str) -> Result | None:
+        def read(con):
+            row = con.execute("SELECT metadata FROM runs WHERE key = ? AND status = 'done'", [key]).fetchone()
+            if row is None:
+                return None
+            parts = con.execute("SELECT name, parquet FROM results WHERE key = ?", [key]).fetchall()
+            return row[0], parts
+
+        found = self._read(read)
+        if found is None:
+            return None
+        meta, parts = found
+        tables = {name: _from_parquet(blob) for name, blob in parts}
+        return Result(table=tables.pop("main"), meta=json.loads(meta or "{}"), extra=tables)
+
+    def run(self, key: str) -> RunRecord | None:
+        def read(con):
+            return con.execute("SELECT key, analysis, spec, model, fingerprint, version, author, created, "
+                               "duration_s, status FROM runs WHERE key = ?", [key]).fetchone()
+
+        row = self._read(read)
+        if row is None:
+            return None
+        return RunRecord(key=row[0], analysis=row[1], spec=json.loads(row[2]), model=row[3], fingerprint=row[4],
+                         version=row[5], author=row[6] or "", created=row[7], duration_s=row[8], status=row[9])
+
+    def runs(self, analysis: str | None = None) -> pd.DataFrame:
+        sql = ("SELECT key, analysis, model, fingerprint, version, author, created, duration_s, status, spec "
+               "FROM runs")
+        args: list = []
+        if analysis:
+            sql += " WHERE analysis = ?"
+            args.append(analysis)
+        sql += " ORDER BY created DESC"
+        return self._read(lambda con: con.execute(sql, args).df())
+
+    def count(self, table: str = "runs") -> int:
+        if table not in TABLES:
+            raise ValueError(table)
+        return self._read(lambda con: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    # -- counters -------------------------------------------------------------------------------------------
+    def count_hit(self) -> None:
+        with self._counter_lock:
+            self.hits += 1
+
+    def count_miss(self) -> None:
+        with self._counter_lock:
+            self.misses += 1
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def remember_model(self, model: str, revision: str, dtype: str, fingerprint: str, summary: dict) -> None:
+        """Record which weights a (model, revision, dtype) had, for lookups that must not load the model."""
+        ident = (model, revision or "", dtype, fingerprint)
+        if ident in self._remembered:
+            return
+        known = self.model_record(model, revision, dtype)
+        if known is None or known["fingerprint"] != fingerprint:
+            self._transaction(lambda con: con.execute(
+                f"INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, {_NOW})",
+                [model, revision or "", dtype, fingerprint, json.dumps(summary, default=str)]))
+        self._remembered.add(ident)
+
+    def model_record(self, model: str, revision: str, dtype: str) -> dict | None:
+        row = self._read(lambda con: con.execute(
+            "SELECT fingerprint, summary FROM models WHERE model = ? AND revision = ? AND dtype = ?",
+            [model, revision or "", dtype]).fetchone())
+        return None if row is None else {"fingerprint": row[0], "summary": json.loads(row[1])}
+
+    def find_prompt_run(self, spec, version: str, fingerprint: str) -> list[int] | None:
+        """Token ids of the newest stored run of this spec's prompt (same options), or None."""
+        rows = self._read(lambda con: con.execute(
+            "SELECT spec FROM runs WHERE analysis = ? AND fingerprint = ? AND version = ? AND status = 'done' "
+            "ORDER BY created DESC", [spec.analysis, fingerprint, version]).fetchall())
+        want = {k: v for k, v in spec.to_dict().items() if k != "token_ids"}
+        for (text,) in rows:
+            stored = json.loads(text)
+            ids = stored.pop("token_ids", None)
+            if ids and stored == want:
+                return ids
+        return None
+
+    # -- findings -------------------------------------------------------------------------------------------
+    def add_finding(self, title: str, notes: str = "", author: str = "", runs: list[str] | None = None,
+                    links: list[str] | None = None) -> str:
+        title = (title or "").strip()
+        if not title:
+            raise WorkbenchError("A finding needs a title.")
+        if len(title) > 500 or len(notes or "") > 50_000:
+            raise WorkbenchError("A finding's title is limited to 500 characters and its notes to 50,000.")
+        fid = uuid.uuid4().hex[:12]
+        self._transaction(lambda con: con.execute(
+            f"INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, {_NOW})",
+            [fid, title, notes or "", author or "", json.dumps(list(runs or [])), json.dumps(list(links or []))]))
+        return fid
+
+    def findings(self) -> pd.DataFrame:
+        df = self._read(lambda con: con.execute(
+            "SELECT id, title, notes, author, runs, links, created FROM findings ORDER BY created DESC").df())
+        df["runs"] = df["runs"].map(json.loads)
+        df["links"] = df["links"].map(json.loads)
+        return df
+
+    # -- bringing results in from elsewhere -----------------------------------------------------------------
+    def import_store(self, other: str | Path) -> dict[str, int]:
+        """Copy every run, result, finding and model record of another store file into this one.
+
+        The other file is migrated on a temporary copy (it is never modified); rows already here are kept."""
+        other = Path(other)
+        if not other.is_file():
+            raise WorkbenchError(f"There is no store file at {other}.")
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "import.duckdb"
+            shutil.copy(other, copy)
+            wal = other.with_name(other.name + ".wal")
+            if wal.exists():
+                shutil.copy(wal, copy.with_name(copy.name + ".wal"))
+            Store(copy)  # migrate the copy to this schema
+
+            def merge(con):  # the connection (and with it the ATTACH) closes right after the transaction
+                con.execute("ATTACH ? AS src (READ_ONLY)", [str(copy)])
+                return {t: self._merge_table(con, "src", t) for t in TABLES}
+
+            return self._transaction(merge)
+
+    @staticmethod
+    def _merge_table(con, src: str, table: str) -> int:
+        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        cols = [r[0] for r in con.execute(f"SELECT column_name FROM information_schema.columns "
+                                          f"WHERE table_name = '{table}' AND table_catalog = current_database() "
+                                          "ORDER BY ordinal_position").fetchall()]
+        col_list = ", ".join(cols)
+        con.execute(f"INSERT OR IGNORE INTO {table} ({col_list}) SELECT {col_list} FROM {src}.main.{table}")
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - before
+
+    def export_parquet(self, folder: str | Path) -> list[Path]:
+        """Write every table as one Parquet file in `folder` (results keep their Parquet bytes in a column)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for table in TABLES:
+            path = folder / f"{table}.parquet"
+            self._read(lambda con, t=table, p=path: con.execute(f"COPY {t} TO '{_sql_str(p)}' (FORMAT parquet)"))
+            out.append(path)
+        return out
+
+    def import_parquet(self, folder: str | Path) -> dict[str, int]:
+        """Bring in a folder written by export_parquet (e.g. by a batch job on another machine)."""
+        folder = Path(folder)
+        missing = [t for t in TABLES if not (folder / f"{t}.parquet").is_file()]
+        if missing:
+            raise WorkbenchError(f"{folder} is not an exported store: {', '.join(m + '.parquet' for m in missing)} "
+                                 "missing.", hint="Export one with `python -m analysis export-parquet FOLDER`.")
+
+        def merge(con):
+            added = {}
+            for t in TABLES:
+                con.execute("CREATE TEMP TABLE imp AS SELECT * FROM read_parquet(?)", [str(folder / f"{t}.parquet")])
+                try:
+                    added[t] = self._merge_from(con, t)
+                finally:
+                    con.execute("DROP TABLE imp")
+            return added
+
+        return self._transaction(merge)
+
+    @staticmethod
+    def _merge_from(con, table: str) -> int:
+        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = 'imp' ORDER BY ordinal_position").fetchall()]
+        col_list = ", ".join(cols)
+        con.execute(f"INSERT OR IGNORE INTO {table} ({col_list}) SELECT {col_list} FROM imp")
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - before

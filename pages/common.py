@@ -1,0 +1,110 @@
+"""Shared pieces of the app's pages: URL state, the model choice, downloads, saving findings.
+
+Not a page itself (st.navigation in app.py lists the pages)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from analysis import WorkbenchError
+from analysis.export import html_report, item_from_result, to_csv
+from analysis.runs import RunOutcome, get_store
+from analysis.settings import review_mode
+
+MAX_QUERY_CHARS = 40_000
+VIEW_KEYS = ("layer", "head")  # view state that is not part of a spec
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: str
+    revision: str
+    dtype: str
+    device: str
+
+
+def store():
+    return get_store()
+
+
+def choice() -> ModelChoice | None:
+    return st.session_state.get("model_choice")
+
+
+def query() -> dict[str, str]:
+    """The query string as a dict (last value of each key), refused whole if it is absurdly large."""
+    qp = st.query_params.to_dict()
+    if sum(len(k) + len(v) for k, v in qp.items()) > MAX_QUERY_CHARS:
+        raise WorkbenchError("This link is too long to be one of ours.", hint="Open the app without it.")
+    return qp
+
+
+def sync_url(params: dict[str, object], drop: tuple[str, ...] = ()) -> None:
+    """Make the URL hold exactly these page params (besides the model params set by the sidebar)."""
+    qp = st.query_params
+    for k in drop:
+        if k in qp and k not in params:
+            del qp[k]
+    for k, v in params.items():
+        v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        if v == "":
+            if k in qp:
+                del qp[k]
+        elif qp.get(k) != v:
+            qp[k] = v
+
+
+def share_link() -> str:
+    base = (st.context.url or "").split("?", 1)[0]
+    return f"{base}?{urlencode(st.query_params.to_dict())}"
+
+
+def spec_params(spec) -> dict[str, object]:
+    d = spec.to_dict()
+    return {k: v for k, v in d.items() if k not in ("model", "revision", "dtype")}
+
+
+def downloads(outcome: RunOutcome, figures: dict, title: str, link: str) -> None:
+    c1, c2 = st.columns(2)
+    c1.download_button("Download CSV", to_csv(outcome.result.table), file_name=f"{outcome.spec.analysis}-"
+                       f"{outcome.key[:8]}.csv", mime="text/csv", key=f"csv-{outcome.key}")
+    report = html_report(title, [item_from_result(title, outcome.spec.analysis, outcome.key, outcome.spec.to_dict(),
+                                                  outcome.result, link=link, figures=figures)])
+    c2.download_button("Download HTML report", report.encode(), file_name=f"{outcome.spec.analysis}-"
+                       f"{outcome.key[:8]}.html", mime="text/html", key=f"html-{outcome.key}")
+
+
+def save_finding(outcome: RunOutcome, link: str) -> None:
+    with st.expander("Save as a finding", expanded=False):
+        with st.form(f"finding-{outcome.key}", clear_on_submit=True):
+            title = st.text_input("Title", max_chars=500)
+            notes = st.text_area("Notes", max_chars=50_000)
+            author = st.text_input("Author", max_chars=200)
+            if st.form_submit_button("Save finding"):
+                try:
+                    fid = store().add_finding(title, notes, author, runs=[outcome.key], links=[link])
+                except WorkbenchError as e:
+                    st.error(str(e))
+                else:
+                    st.success(f"Saved finding {fid}. It is listed on the Findings page.")
+
+
+def progress_bar():
+    """A progress callback for analysis.runs.run that drives an st.progress bar (removed when done)."""
+    bar = st.progress(0.0, text="Starting…")
+
+    def update(frac: float, what: str) -> None:
+        if frac >= 1.0:
+            bar.empty()
+        else:
+            bar.progress(min(max(frac, 0.0), 1.0), text=what)
+
+    return update
+
+
+def status_line(outcome: RunOutcome) -> None:
+    rec = outcome.record
+    how = "from the store" if outcome.hit else f"computed in {rec.duration_s or 0:.2f} s"
+    st.caption(f"Run `{outcome.key}` · {how}" + (" · review mode" if review_mode() else ""))
