@@ -18,7 +18,7 @@ from analysis.settings import allow_local_folders, allow_remote_code, review_mod
 from analysis.specs import Spec
 from pages.common import ModelChoice, query, store
 
-st.set_page_config(page_title="Interpretability workbench", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
 
 OTHER = "Hugging Face id or local folder…"
 
@@ -94,7 +94,7 @@ def sidebar() -> ModelChoice | None:
 
 st.session_state["model_choice"] = sidebar()
 page = st.navigation([
-    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
-    st.Page("pages/findings.py", title="Findings", icon="📌", url_path="findings"),
+    st.Page("pages/model.py", title="Model", icon=":material/neurology:", default=True),
+    st.Page("pages/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

@@ -32,12 +32,14 @@ prompt = st.text_area("Prompt", value=url.prompt, key="prompt", max_chars=20_000
 top_k = st.slider("Top-k predictions", 1, 100, url.top_k, key="top_k")
 # the link's token ids replay exactly what ran, as long as the prompt is the one the link came with
 ids = url.token_ids if prompt == url.prompt else ()
+progress = progress_bar()
 try:
     spec = ModelViewSpec(model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
                          token_ids=ids, top_k=top_k)
     spec.validate()
-    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress_bar())
+    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
 except WorkbenchError as e:
+    progress(1.0, "")  # take the bar away
     st.error(str(e))
     st.stop()
 

@@ -224,3 +224,18 @@ def test_cli_moves_stores_between_machines(tmp_path):
     out = _cli("import-parquet", str(tmp_path / "exp"), "--store", str(b))
     assert out.returncode == 0 and json.loads(out.stdout)["runs"] == 1
     assert run(ModelViewSpec(prompt=PROMPT), store=Store(b), allow_compute=False).hit
+
+
+def test_findings_export_together(store):
+    from analysis.export import findings_report
+
+    out = run(ModelViewSpec(prompt=PROMPT, top_k=3), store=store)
+    store.add_finding("Capital <b>recall</b>", notes="Top-1 is Paris\n<script>x()</script>", author="ada",
+                      runs=[out.key], links=["http://localhost:8501/?model=default&prompt=x"])
+    store.add_finding("Second", author="bob")
+    doc, csv = findings_report(store)
+    assert "Capital &lt;b&gt;recall&lt;/b&gt;" in doc and "<script>x()" not in doc
+    assert out.key in doc and doc.count("js-plotly-plot") + doc.count("Plotly.newPlot") >= 2
+    table = pd.read_csv(__import__("io").BytesIO(csv))
+    assert set(table["title"]) == {"Capital <b>recall</b>", "Second"}
+    assert table.set_index("title").loc["Capital <b>recall</b>", "runs"] == out.key
