@@ -1,0 +1,221 @@
+"""Batched activation patching on a TransformerLens 4 `TransformerBridge`.
+
+TransformerLens's `patching` module runs one forward per patch. Here many patches share one forward: each patch
+is a group of batch rows (one row per prompt pair), so a sweep over layer x position is a handful of forwards.
+A patch at layer l starts from the base run's cached residual entering block l, so blocks 0..l-1 are not
+recomputed, and only the final position's residual goes through the final norm and the unembedding.
+
+Conventions (the same as `transformer_lens.patching`):
+- the *base* run is the run being patched, the *source* cache supplies the patched-in activations; TL's
+  functions patch clean activations into the corrupted run (base = corrupted, source = clean);
+- a patch index is (layer, pos), (layer, head), (layer, pos, head) or (layer, head, dest_pos), the head axis
+  counting key/value heads for k and v under grouped-query attention.
+
+Plain torch; runs on whatever device the bridge is on. No per-patch host synchronisation: results stay on the
+device until the sweep ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+# activation name -> (hook name template, index axes after "layer", setter kind)
+ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("blocks.{l}.hook_resid_pre", ("pos",)),
+    "resid_mid": ("blocks.{l}.hook_resid_mid", ("pos",)),
+    "resid_post": ("blocks.{l}.hook_resid_post", ("pos",)),
+    "attn_out": ("blocks.{l}.hook_attn_out", ("pos",)),
+    "mlp_out": ("blocks.{l}.hook_mlp_out", ("pos",)),
+    "z_all_pos": ("blocks.{l}.attn.hook_z", ("head",)),
+    "q_all_pos": ("blocks.{l}.attn.hook_q", ("head",)),
+    "k_all_pos": ("blocks.{l}.attn.hook_k", ("head",)),
+    "v_all_pos": ("blocks.{l}.attn.hook_v", ("head",)),
+    "pattern_all_pos": ("blocks.{l}.attn.hook_pattern", ("head",)),
+    "z_by_pos": ("blocks.{l}.attn.hook_z", ("pos", "head")),
+    "q_by_pos": ("blocks.{l}.attn.hook_q", ("pos", "head")),
+    "k_by_pos": ("blocks.{l}.attn.hook_k", ("pos", "head")),
+    "v_by_pos": ("blocks.{l}.attn.hook_v", ("pos", "head")),
+    "pattern_by_pos": ("blocks.{l}.attn.hook_pattern", ("head", "dest_pos")),
+}
+
+
+def hook_name(activation: str, layer: int) -> str:
+    return ACTIVATIONS[activation][0].format(l=layer)
+
+
+def index_axes(activation: str) -> tuple[str, ...]:
+    return ("layer",) + ACTIVATIONS[activation][1]
+
+
+def _select(act: torch.Tensor, activation: str, idx: tuple[int, ...]):
+    """The slice of one prompt-batch activation [B, ...] that a patch index (without layer) replaces."""
+    kind = ACTIVATIONS[activation][1]
+    if activation.startswith("pattern"):  # [B, H, q, k]
+        if kind == ("head",):
+            return (slice(None), idx[0])
+        return (slice(None), idx[0], idx[1])
+    if kind == ("pos",):  # [B, P, d]
+        return (slice(None), idx[0])
+    if kind == ("head",):  # [B, P, H, dh]
+        return (slice(None), slice(None), idx[0])
+    return (slice(None), idx[0], idx[1])  # (pos, head)
+
+
+def axis_sizes(bridge, activation: str, n_pos: int) -> dict[str, int]:
+    cfg = bridge.cfg
+    heads = cfg.n_heads
+    if activation[0] in "kv" and getattr(cfg, "n_key_value_heads", None):
+        heads = cfg.n_key_value_heads
+    return {"layer": cfg.n_layers, "pos": n_pos, "head": heads, "dest_pos": n_pos}
+
+
+class BlockRunner:
+    """Runs the bridge's blocks from any layer on a given residual, with the bridge's hook points live.
+
+    The arguments each block receives besides the residual (causal mask, position ids, rotary cos/sin, ...)
+    are recorded once from a one-row forward of the sequence length and broadcast over any batch size."""
+
+    def __init__(self, bridge, tokens: torch.Tensor):
+        from transformers.cache_utils import Cache
+
+        self.bridge = bridge
+        self.n_pos = tokens.shape[-1]
+        self._calls: dict[int, tuple[tuple, dict]] = {}
+        handles = []
+        for i, block in enumerate(bridge.blocks):
+            def record(mod, args, kwargs, i=i):
+                args = tuple(None if isinstance(a, Cache) else a for a in args)
+                kwargs = {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
+                self._calls[i] = (args[1:], kwargs)
+
+            handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                bridge(tokens[:1], return_type=None)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run(self, resid: torch.Tensor, start_layer: int, stop_layer: int | None = None) -> torch.Tensor:
+        """Residual entering block `start_layer` [N, P, d] -> residual after block `stop_layer - 1`."""
+        x = resid
+        stop = len(self.bridge.blocks) if stop_layer is None else stop_layer
+        for i in range(start_layer, stop):
+            args, kwargs = self._calls[i]
+            out = self.bridge.blocks[i](x, *args, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    def logits(self, final_resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and unembedding at the given positions only (default: the last). [N, d_vocab] or [N, k, V]"""
+        if positions is None:
+            return self.bridge.unembed(self.bridge.ln_final(final_resid[:, -1:]))[:, 0]
+        return self.bridge.unembed(self.bridge.ln_final(final_resid[:, positions]))
+
+
+def default_chunk_rows(bridge, n_pos: int, budget_bytes: int | None = None) -> int:
+    """How many batch rows one forward may take: activations of one block for every row within the budget."""
+    cfg = bridge.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    per_row = 4 * n_pos * (6 * cfg.d_model + 2 * d_mlp + 3 * cfg.n_heads * n_pos) + 4 * cfg.d_vocab
+    if budget_bytes is None:
+        # CPU: small chunks that stay in cache are fastest (measured: 256 rows of the default model run a
+        # head-by-position sweep 3.6x faster than 4000 rows). GPU: half the free memory.
+        budget_bytes = 32 * 2**20
+        device = next(iter(bridge.parameters())).device
+        if device.type == "cuda":
+            budget_bytes = int(0.5 * torch.cuda.mem_get_info(device)[0])
+    return max(1, budget_bytes // per_row)
+
+
+@dataclass
+class SweepResult:
+    values: torch.Tensor  # [*index axes, B]: the metric per patch and prompt
+    axes: tuple[str, ...]
+
+
+def activation_patch_sweep(
+    runner: BlockRunner,
+    base_cache: dict[str, torch.Tensor],
+    source_cache: dict[str, torch.Tensor],
+    activation: str,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    layers: Sequence[int] | None = None,
+    chunk_rows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """Patch source activations into the base run at every index of `activation`; metric per patch and prompt.
+
+    base_cache / source_cache map hook names to [B, ...] activations of the two runs (with every
+    `blocks.{l}.hook_resid_pre` in base_cache). `metric` takes final-position logits [rows, d_vocab] of
+    rows laid out as (patch, prompt) and returns [rows]."""
+    bridge = runner.bridge
+    n_layers = bridge.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    first = base_cache["blocks.0.hook_resid_pre"]
+    B = first.shape[0]
+    sizes = axis_sizes(bridge, activation, runner.n_pos)
+    axes = index_axes(activation)
+    inner = [range(sizes[a]) for a in axes[1:]]
+    per_layer = [tuple(ix) for ix in _product(inner)]
+    chunk = max(B, (chunk_rows or default_chunk_rows(bridge, runner.n_pos)) // B * B)
+    out = torch.empty((len(layers), *[sizes[a] for a in axes[1:]], B), device=first.device)
+    total = len(layers) * len(per_layer)
+    done = 0
+    for li, layer in enumerate(layers):
+        name = hook_name(activation, layer)
+        src = source_cache[name]
+        start = base_cache[f"blocks.{layer}.hook_resid_pre"]  # [B, P, d]
+        patches_per_chunk = max(1, chunk // B)
+        for c0 in range(0, len(per_layer), patches_per_chunk):
+            idxs = per_layer[c0:c0 + patches_per_chunk]
+            n = len(idxs)
+            resid = start.repeat(n, 1, 1)  # rows ordered (patch, prompt)
+
+            def patch_hook(act, hook, idxs=idxs, src=src):
+                act = act.clone()
+                view = act.view(len(idxs), B, *act.shape[1:])
+                for j, ix in enumerate(idxs):
+                    sel = _select(src, activation, ix)
+                    view[j][sel] = src[sel]
+                return act
+
+            if activation == "resid_pre":  # the patch is the block's input itself
+                resid = patch_hook(resid, None)
+                hooks = []
+            else:
+                hooks = [(name, patch_hook)]
+            with bridge.hooks(fwd_hooks=hooks):
+                final = runner.run(resid, layer)
+            vals = metric(runner.logits(final)).view(n, B)
+            for j, ix in enumerate(idxs):
+                out[(li, *ix)] = vals[j]
+            done += n
+            if progress is not None:
+                progress(done, total)
+    return SweepResult(out, axes)
+
+
+def _product(ranges: Iterable[range]):
+    import itertools
+
+    return itertools.product(*ranges)
+
+
+def needed_hooks(activation: str, n_layers: int) -> set[str]:
+    return {hook_name(activation, layer) for layer in range(n_layers)} | {
+        f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)}
+
+
+def run_caches(bridge, base_tokens: torch.Tensor, source_tokens: torch.Tensor, names: set[str]):
+    """Forward both runs once, caching only the hooks a sweep needs. Returns (base_logits, base, source_logits, source)."""
+    with torch.no_grad():
+        base_logits, base = bridge.run_with_cache(base_tokens, names_filter=lambda n: n in names)
+        source_logits, source = bridge.run_with_cache(source_tokens, names_filter=lambda n: n in names)
+    return base_logits, dict(base.items()), source_logits, dict(source.items())
+
