@@ -86,6 +86,8 @@ def resolve_tokens(spec: Spec, handle: ModelHandle) -> Spec:
     """Fill in token ids from the prompt (or check given ids against the model)."""
     from .model_view import check_token_ids, encode
 
+    if hasattr(spec, "resolve"):
+        return spec.resolve(handle)
     if not isinstance(spec, PromptSpec):
         return spec
     if spec.token_ids:
@@ -154,6 +156,10 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 # ----------------------------------------------------------------------------------------------------------
 # Analyses
 # ----------------------------------------------------------------------------------------------------------
+from . import patching as _patching  # noqa: E402
+
+register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
+
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)
 def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:
     from .model_view import attention_patterns, next_token_predictions, tokenize

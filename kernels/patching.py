@@ -5,6 +5,10 @@ is a group of batch rows (one row per prompt pair), so a sweep over layer x posi
 A patch at layer l starts from the base run's cached residual entering block l, so blocks 0..l-1 are not
 recomputed, and only the final position's residual goes through the final norm and the unembedding.
 
+resid_mid is left out on purpose: on the bridge `blocks.{l}.hook_resid_mid` is an alias of `ln2.hook_in`, so
+editing it changes the MLP's input but not the residual stream the MLP output is added to (TransformerLens's
+own `get_act_patch_resid_mid` on a bridge patches the same way).
+
 Conventions (the same as `transformer_lens.patching`):
 - the *base* run is the run being patched, the *source* cache supplies the patched-in activations; TL's
   functions patch clean activations into the corrupted run (base = corrupted, source = clean);
@@ -24,7 +28,6 @@ import torch
 # activation name -> (hook name template, index axes after "layer", setter kind)
 ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", ("pos",)),
-    "resid_mid": ("blocks.{l}.hook_resid_mid", ("pos",)),
     "resid_post": ("blocks.{l}.hook_resid_post", ("pos",)),
     "attn_out": ("blocks.{l}.hook_attn_out", ("pos",)),
     "mlp_out": ("blocks.{l}.hook_mlp_out", ("pos",)),

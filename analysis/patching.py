@@ -1,0 +1,223 @@
+"""Patching: which components carry a behaviour, measured on clean/corrupted prompt pairs.
+
+    spec = PatchingSpec(dataset="ioi", n_pairs=8, components=("resid_pre", "z_all_pos"))
+    outcome = run(spec)          # tidy table: method, component, layer, pos, head, dest_pos, value
+
+Estimators: activation patching (the ground truth; batched kernels in kernels/patching.py). Metrics are read
+at the final position: logit difference between the answer and the wrong answer (raw, or normalised so the
+unpatched base run is 0 and the other run is 1), the answer's probability, and the KL divergence from the clean
+run's next-token distribution.
+
+Directions: "denoise" patches clean activations into the corrupted run (TransformerLens's convention);
+"noise" patches corrupted activations into the clean run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pandas as pd
+import torch
+
+from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, needed_hooks, run_caches
+
+from .errors import WorkbenchError
+from .models import DATA_DIR, ModelHandle
+from .specs import Spec, _f
+
+COMPONENTS = tuple(ACTIVATIONS)
+METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
+DIRECTIONS = ("denoise", "noise")
+METHODS = ("activation",)
+MAX_PAIRS = 256
+
+
+@dataclass(frozen=True)
+class PatchingSpec(Spec):
+    """Patching sweeps over prompt pairs: the shipped IOI pairs, or pairs given as JSON."""
+
+    analysis: ClassVar[str] = "patching"
+    title: ClassVar[str] = "Patching: activation patching sweeps"
+    dataset: str = _f("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
+    n_pairs: int = _f(8, "how many shipped pairs (all of one token length)", min=1, max=MAX_PAIRS)
+    pairs: str = _f("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
+                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
+    components: tuple[str, ...] = _f(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
+                                     "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
+    methods: tuple[str, ...] = _f(("activation",), "estimators", choices=METHODS, max_len=len(METHODS))
+    metric: str = _f("logit_diff_normalized", "metric at the final position", choices=METRICS)
+    direction: str = _f("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
+                        choices=DIRECTIONS)
+
+    def validate(self) -> None:
+        if not self.components:
+            raise WorkbenchError("Pick at least one component to patch.")
+        if not self.pairs and not self.dataset:
+            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
+        if self.pairs:
+            _parse_pairs(self.pairs)
+
+    def resolve(self, handle: ModelHandle) -> "PatchingSpec":
+        """Token ids for every pair (a link replays from them); checks lengths and single-token answers."""
+        pairs = _parse_pairs(self.pairs) if self.pairs else _shipped_pairs(self.dataset, self.n_pairs)
+        resolved = [_resolve_pair(handle, i, p) for i, p in enumerate(pairs)]
+        lengths = {len(p["clean_ids"]) for p in resolved}
+        if len(lengths) > 1:
+            raise WorkbenchError(f"All pairs must have the same token length to run as one batch; got lengths "
+                                 f"{sorted(lengths)}.", hint="Run pairs of each length separately.")
+        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="")
+
+
+def _parse_pairs(text: str) -> list[dict]:
+    try:
+        pairs = json.loads(text)
+    except ValueError as e:
+        raise WorkbenchError(f"The prompt pairs are not valid JSON: {e}") from e
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, dict) for p in pairs):
+        raise WorkbenchError("The prompt pairs must be a non-empty JSON list of objects.")
+    if len(pairs) > MAX_PAIRS:
+        raise WorkbenchError(f"{len(pairs)} pairs; at most {MAX_PAIRS} run at once.")
+    return pairs
+
+
+def _shipped_pairs(dataset: str, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / f"{dataset}.jsonl").read_text().splitlines()]
+    length = len(rows[0]["clean_ids"])
+    same = [r for r in rows if len(r["clean_ids"]) == length][:n]
+    return [{"clean_ids": r["clean_ids"], "corrupted_ids": r["corrupted_ids"], "answer_id": r["io_id"],
+             "wrong_id": r["s_id"]} for r in same]
+
+
+def _resolve_pair(handle: ModelHandle, i: int, p: dict) -> dict:
+    from .model_view import check_token_ids, encode
+
+    where = f"Pair {i + 1}"
+
+    def ids(kind: str) -> list[int]:
+        if f"{kind}_ids" in p:
+            v = p[f"{kind}_ids"]
+            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise WorkbenchError(f"{where}: {kind}_ids must be a list of integers.")
+            check_token_ids(handle, v)
+            return v
+        if not isinstance(p.get(kind), str):
+            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_ids (token ids).")
+        return encode(handle, p[kind])
+
+    def token(kind: str) -> int:
+        if f"{kind}_id" in p:
+            t = p[f"{kind}_id"]
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise WorkbenchError(f"{where}: {kind}_id must be an integer.")
+            check_token_ids(handle, [t])
+            return t
+        text = p.get(kind)
+        if not isinstance(text, str) or not text:
+            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_id (a token id).")
+        toks = handle.tokenizer.encode(text, add_special_tokens=False)
+        if len(toks) != 1:
+            pieces = [handle.tokenizer.decode([t]) for t in toks]
+            raise WorkbenchError(f"{where}: the {kind} {text!r} is {len(toks)} tokens ({pieces}), not one.",
+                                 hint="Answers must be single tokens; mind the leading space (' Mary').")
+        return toks[0]
+
+    clean, corrupted = ids("clean"), ids("corrupted")
+    if len(clean) != len(corrupted):
+        raise WorkbenchError(f"{where}: the clean prompt is {len(clean)} tokens and the corrupted one "
+                             f"{len(corrupted)}; patching needs equal lengths.",
+                             hint="Change the corruption so that it keeps the token count.")
+    answer, wrong = token("answer"), token("wrong")
+    if answer == wrong:
+        raise WorkbenchError(f"{where}: the answer and the wrong answer are the same token.")
+    return {"clean_ids": clean, "corrupted_ids": corrupted, "answer_id": answer, "wrong_id": wrong}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics on final-position logits, rows laid out (patch, prompt)
+# ----------------------------------------------------------------------------------------------------------
+class Metric:
+    """Per-row metric on final-position logits [rows, d_vocab]; rows are (patch, prompt)."""
+
+    def __init__(self, name: str, answer: torch.Tensor, wrong: torch.Tensor, clean_logprobs: torch.Tensor,
+                 base_value: float = 0.0, other_value: float = 1.0):
+        self.name, self.answer, self.wrong = name, answer, wrong
+        self.clean_logprobs = clean_logprobs  # [B, d_vocab]
+        self.base_value, self.other_value = base_value, other_value
+
+    def raw(self, logits: torch.Tensor) -> torch.Tensor:
+        B = self.answer.shape[0]
+        n = logits.shape[0] // B
+        ans, wrong = self.answer.repeat(n)[:, None], self.wrong.repeat(n)[:, None]
+        if self.name in ("logit_diff", "logit_diff_normalized"):
+            return (logits.gather(1, ans) - logits.gather(1, wrong))[:, 0]
+        logp = logits.float().log_softmax(-1)
+        if self.name == "answer_prob":
+            return logp.gather(1, ans)[:, 0].exp()
+        ref = self.clean_logprobs.repeat(n, 1)
+        return (ref.exp() * (ref - logp)).sum(-1)  # KL(clean || patched)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.raw(logits)
+
+    def finish(self, mean_values: torch.Tensor) -> torch.Tensor:
+        """Batch-mean values -> reported values (normalisation works on batch means, as in the IOI papers)."""
+        if self.name != "logit_diff_normalized":
+            return mean_values
+        return (mean_values - self.base_value) / (self.other_value - self.base_value)
+
+
+def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
+    from .store import Result
+
+    pairs = json.loads(spec.pairs)
+    dev = handle.device
+    clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)  # [B, P]
+    corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
+    answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
+    wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
+    base_tokens, source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
+    bridge = handle.bridge
+    n_layers = handle.summary.n_layers
+    names = set().union(*(needed_hooks(c, n_layers) for c in spec.components))
+    rows = []
+    with handle.lock, torch.no_grad():
+        base_logits, base_cache, source_logits, source_cache = run_caches(bridge, base_tokens, source_tokens, names)
+        clean_logits = (source_logits if spec.direction == "denoise" else base_logits)[:, -1]
+        metric = Metric(spec.metric, answer, wrong, clean_logits.float().log_softmax(-1))
+        base_m = metric.raw(base_logits[:, -1]).mean().item()
+        source_m = metric.raw(source_logits[:, -1]).mean().item()
+        metric.base_value, metric.other_value = base_m, source_m
+        if spec.metric == "logit_diff_normalized" and abs(source_m - base_m) < 1e-6:
+            raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
+                                 "normalised.", hint="Pick the raw logit difference, or other pairs.")
+        runner = BlockRunner(bridge, base_tokens)
+        for ci, comp in enumerate(spec.components):
+            def report(done, total, ci=ci, comp=comp):
+                progress((ci + done / total) / len(spec.components), f"activation patching {comp}")
+
+            sweep = activation_patch_sweep(runner, base_cache, source_cache, comp, metric, progress=report)
+            values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
+            rows.append(_tidy(values, sweep.axes, "activation", comp))
+    table = pd.concat(rows, ignore_index=True)
+    tokens = pd.DataFrame({"pos": range(clean.shape[1]), "token_id": clean[0].tolist(),
+                           "token": [handle.tokenizer.decode([t]) for t in clean[0].tolist()]})
+    meta = {"n_pairs": len(pairs), "n_tokens": int(clean.shape[1]), "metric": spec.metric,
+            "direction": spec.direction, "base_metric": base_m, "source_metric": source_m,
+            "clean_metric": base_m if spec.direction == "noise" else source_m,
+            "corrupted_metric": source_m if spec.direction == "noise" else base_m}
+    return Result(table=table, meta=meta, extra={"tokens": tokens})
+
+
+def _tidy(values: torch.Tensor, axes: tuple[str, ...], method: str, component: str) -> pd.DataFrame:
+    idx = torch.cartesian_prod(*[torch.arange(s) for s in values.shape]) if values.dim() > 1 else \
+        torch.arange(values.shape[0])[:, None]
+    df = pd.DataFrame(idx.numpy(), columns=list(axes))
+    for col in ("pos", "head", "dest_pos"):
+        if col not in df:
+            df[col] = pd.NA
+    df = df.astype({c: "Int64" for c in ("layer", "pos", "head", "dest_pos")})
+    df.insert(0, "component", component)
+    df.insert(0, "method", method)
+    df["value"] = values.reshape(-1).numpy()
+    return df[["method", "component", "layer", "pos", "head", "dest_pos", "value"]]

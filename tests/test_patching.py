@@ -1,0 +1,161 @@
+"""Activation patching: equal to TransformerLens 4.3's `transformer_lens.patching` on the same model and inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+from analysis import WorkbenchError, load_model
+from analysis.patching import PatchingSpec
+from analysis.runs import run
+from analysis.store import Store
+
+TL = {
+    "resid_pre": tl_patching.get_act_patch_resid_pre,
+    "attn_out": tl_patching.get_act_patch_attn_out,
+    "mlp_out": tl_patching.get_act_patch_mlp_out,
+    "z_all_pos": tl_patching.get_act_patch_attn_head_out_all_pos,
+    "z_by_pos": tl_patching.get_act_patch_attn_head_out_by_pos,
+    "q_all_pos": tl_patching.get_act_patch_attn_head_q_all_pos,
+    "k_by_pos": tl_patching.get_act_patch_attn_head_k_by_pos,
+    "v_all_pos": tl_patching.get_act_patch_attn_head_v_all_pos,
+    "pattern_all_pos": tl_patching.get_act_patch_attn_head_pattern_all_pos,
+    "pattern_by_pos": tl_patching.get_act_patch_attn_head_pattern_by_pos,
+}
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return Store(tmp_path / "s.duckdb")
+
+
+def _grid(table, component, shape_axes):
+    sub = table[table["component"] == component].sort_values(list(shape_axes))
+    sizes = [sub[a].max() + 1 for a in shape_axes]
+    return torch.tensor(sub["value"].to_numpy(), dtype=torch.float32).reshape(*[int(s) for s in sizes])
+
+
+AXES = {"resid_pre": ("layer", "pos"), "resid_mid": ("layer", "pos"), "attn_out": ("layer", "pos"),
+        "mlp_out": ("layer", "pos"), "z_all_pos": ("layer", "head"), "z_by_pos": ("layer", "pos", "head"),
+        "q_all_pos": ("layer", "head"), "k_by_pos": ("layer", "pos", "head"), "v_all_pos": ("layer", "head"),
+        "pattern_all_pos": ("layer", "head"), "pattern_by_pos": ("layer", "head", "dest_pos")}
+
+
+def _tl_reference(handle, pairs, component, direction, metric_name):
+    clean = torch.tensor([p["clean_ids"] for p in pairs])
+    corr = torch.tensor([p["corrupted_ids"] for p in pairs])
+    ans = torch.tensor([p["answer_id"] for p in pairs])
+    wrong = torch.tensor([p["wrong_id"] for p in pairs])
+    base, source = (corr, clean) if direction == "denoise" else (clean, corr)
+    bridge = handle.bridge
+    with torch.no_grad():
+        clean_logp = bridge(clean)[:, -1].log_softmax(-1)
+        _, source_cache = bridge.run_with_cache(source)
+
+    def metric(logits):
+        last = logits[:, -1]
+        if metric_name == "logit_diff":
+            return (last.gather(1, ans[:, None]) - last.gather(1, wrong[:, None])).mean()
+        logp = last.log_softmax(-1)
+        if metric_name == "answer_prob":
+            return logp.gather(1, ans[:, None]).exp().mean()
+        return (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
+
+    with torch.no_grad():
+        return TL[component](bridge, base, source_cache, metric)
+
+
+@pytest.mark.parametrize("component", list(TL))
+def test_equals_transformer_lens_on_the_default_model(store, component):
+    out = run(PatchingSpec(n_pairs=6, components=(component,), metric="logit_diff"), store=store)
+    pairs = json.loads(out.spec.pairs)
+    ours = _grid(out.result.table, component, AXES[component])
+    ref = _tl_reference(load_model("default"), pairs, component, "denoise", "logit_diff")
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("metric", ["answer_prob", "kl"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_directions_and_metrics_equal_transformer_lens(store, metric, direction):
+    out = run(PatchingSpec(n_pairs=4, components=("resid_pre", "z_all_pos"), metric=metric, direction=direction),
+              store=store)
+    pairs = json.loads(out.spec.pairs)
+    for comp in ("resid_pre", "z_all_pos"):
+        ref = _tl_reference(load_model("default"), pairs, comp, direction, metric)
+        assert (_grid(out.result.table, comp, AXES[comp]) - ref).abs().max().item() <= 1e-4
+
+
+def test_normalised_logit_difference(store):
+    raw = run(PatchingSpec(n_pairs=8, components=("resid_pre",), metric="logit_diff"), store=store)
+    norm = run(PatchingSpec(n_pairs=8, components=("resid_pre",)), store=store)
+    m = norm.result.meta
+    assert m["clean_metric"] > 2 > m["corrupted_metric"]
+    expect = (raw.result.table["value"] - m["corrupted_metric"]) / (m["clean_metric"] - m["corrupted_metric"])
+    assert torch.allclose(torch.tensor(norm.result.table["value"].to_numpy()), torch.tensor(expect.to_numpy()),
+                          atol=1e-5)
+    # analytic anchors: the final residual at the final position carries the whole clean answer (1), and at
+    # layer 0 a position whose token is the same in both prompts changes nothing (0)
+    post = run(PatchingSpec(n_pairs=8, components=("resid_post", "resid_pre")), store=store).result.table
+    last = post[(post["component"] == "resid_post") & (post["layer"] == post["layer"].max())]
+    assert last.sort_values("pos")["value"].iloc[-1] == pytest.approx(1.0, abs=1e-4)
+    pairs = json.loads(norm.spec.pairs)
+    same = [i for i in range(len(pairs[0]["clean_ids"]))
+            if all(p["clean_ids"][i] == p["corrupted_ids"][i] for p in pairs)]
+    layer0 = post[(post["component"] == "resid_pre") & (post["layer"] == 0)].set_index("pos")["value"]
+    assert same and all(abs(layer0[i]) < 1e-6 for i in same)
+    assert max(abs(layer0[i]) for i in layer0.index if i not in same) > 0.05
+
+
+@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "z_by_pos", "k_all_pos", "v_by_pos",
+                                       "pattern_by_pos"])
+def test_equals_transformer_lens_on_three_architectures(tiny_dirs, store, component):
+    if component not in TL:
+        TL[component] = getattr(tl_patching, {"k_all_pos": "get_act_patch_attn_head_k_all_pos",
+                                              "v_by_pos": "get_act_patch_attn_head_v_by_pos"}[component])
+        AXES[component] = {"k_all_pos": ("layer", "head"), "v_by_pos": ("layer", "pos", "head")}[component]
+    pairs = [{"clean": "Then, John and Mary went to the store. John gave a ring to",
+              "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
+              "answer": " Mary", "wrong": " John"},
+             {"clean": "Then, Emma and Frank went to the park. Emma gave a ball to",
+              "corrupted": "Then, Oscar and Julia went to the park. Henry gave a ball to",
+              "answer": " Frank", "wrong": " Emma"}]
+    for arch, folder in tiny_dirs.items():
+        out = run(PatchingSpec(model=str(folder), pairs=json.dumps(pairs), components=(component,),
+                               metric="logit_diff"), store=store)
+        ref = _tl_reference(load_model(str(folder)), json.loads(out.spec.pairs), component, "denoise", "logit_diff")
+        ours = _grid(out.result.table, component, AXES[component])
+        assert ours.shape == ref.shape, arch
+        assert (ours - ref).abs().max().item() <= 1e-4, arch
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([{"clean": "The capital of France is", "corrupted": "The capital of the big France is", "answer": " Paris",
+       "wrong": " Rome"}], "patching needs equal lengths"),
+    ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "answer": " Parisian stuff",
+       "wrong": " Rome"}], "not one"),
+    ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "answer": " Paris",
+       "wrong": " Paris"}], "the same token"),
+    ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "wrong": " Rome"}],
+     "give 'answer'"),
+    ([{"clean_ids": [0, 1, 99999], "corrupted_ids": [0, 1, 2], "answer_id": 5, "wrong_id": 6}], "vocabulary"),
+    ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "answer": " Paris",
+       "wrong": " Tokyo"},
+      {"clean": "In France, the capital city is", "corrupted": "In Japan, the capital city is", "answer": " Paris",
+       "wrong": " Tokyo"}], "same token length"),
+])
+def test_bad_pairs_get_a_clear_message_and_store_nothing(store, pairs, message):
+    with pytest.raises(WorkbenchError, match=message):
+        run(PatchingSpec(pairs=json.dumps(pairs)), store=store)
+    assert store.count("runs") == 0
+
+
+def test_bad_specs():
+    with pytest.raises(WorkbenchError, match="must be one of"):
+        PatchingSpec.from_dict({"components": "resid_pre,blocks.0.evil"})
+    with pytest.raises(WorkbenchError, match="not valid JSON"):
+        PatchingSpec.from_dict({"pairs": "[{"})
+    with pytest.raises(WorkbenchError, match="at most 256"):
+        PatchingSpec.from_dict({"n_pairs": "1000"})
