@@ -20,7 +20,7 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, needed_hooks, run_caches
+from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
 from .errors import WorkbenchError
 from .models import DATA_DIR, ModelHandle
@@ -178,25 +178,28 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
     wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
     base_tokens, source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
     bridge = handle.bridge
-    n_layers = handle.summary.n_layers
-    names = set().union(*(needed_hooks(c, n_layers) for c in spec.components))
     rows = []
     with handle.lock, torch.no_grad():
-        base_logits, base_cache, source_logits, source_cache = run_caches(bridge, base_tokens, source_tokens, names)
-        clean_logits = (source_logits if spec.direction == "denoise" else base_logits)[:, -1]
+        runner = BlockRunner(bridge, base_tokens)  # records the base run's block inputs
+        other = BlockRunner(bridge, source_tokens)
+        base_logits, source_logits = runner.final_logits, other.final_logits  # [B, d_vocab]
+        clean_logits = source_logits if spec.direction == "denoise" else base_logits
         metric = Metric(spec.metric, answer, wrong, clean_logits.float().log_softmax(-1))
-        base_m = metric.raw(base_logits[:, -1]).mean().item()
-        source_m = metric.raw(source_logits[:, -1]).mean().item()
+        base_m = metric.raw(base_logits).mean().item()
+        source_m = metric.raw(source_logits).mean().item()
         metric.base_value, metric.other_value = base_m, source_m
         if spec.metric == "logit_diff_normalized" and abs(source_m - base_m) < 1e-6:
             raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
                                  "normalised.", hint="Pick the raw logit difference, or other pairs.")
-        runner = BlockRunner(bridge, base_tokens)
         for ci, comp in enumerate(spec.components):
             def report(done, total, ci=ci, comp=comp):
                 progress((ci + done / total) / len(spec.components), f"activation patching {comp}")
 
-            sweep = activation_patch_sweep(runner, base_cache, source_cache, comp, metric, progress=report)
+            if comp == "resid_pre":
+                source = {f"blocks.{layer}.hook_resid_pre": other.inputs[layer] for layer in other.inputs}
+            else:
+                source = source_activations(bridge, source_tokens, comp)
+            sweep = activation_patch_sweep(runner, source, comp, metric, progress=report)
             values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
             rows.append(_tidy(values, sweep.axes, "activation", comp))
     table = pd.concat(rows, ignore_index=True)

@@ -81,24 +81,37 @@ class BlockRunner:
     are recorded once from a one-row forward of the sequence length and broadcast over any batch size."""
 
     def __init__(self, bridge, tokens: torch.Tensor):
+        """One plain forward of `tokens` [B, P]: records each block's call and the residual entering it."""
         from transformers.cache_utils import Cache
 
         self.bridge = bridge
         self.n_pos = tokens.shape[-1]
+        n_rows = tokens.shape[0]
         self._calls: dict[int, tuple[tuple, dict]] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # layer -> residual entering the block [B, P, d]
+
+        def one_row(v):  # unpadded prompts: masks, position ids and rotary tables are the same for every row
+            if isinstance(v, Cache):
+                return None
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows and n_rows > 1:
+                return v[:1]
+            if isinstance(v, tuple):
+                return tuple(one_row(x) for x in v)
+            return v
+
         handles = []
         for i, block in enumerate(bridge.blocks):
             def record(mod, args, kwargs, i=i):
-                args = tuple(None if isinstance(a, Cache) else a for a in args)
-                kwargs = {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()}
-                if "use_cache" in kwargs:
-                    kwargs["use_cache"] = False
-                self._calls[i] = (args[1:], kwargs)
+                self.inputs[i] = args[0].detach()
+                kw = {k: one_row(v) for k, v in kwargs.items()}
+                if "use_cache" in kw:
+                    kw["use_cache"] = False
+                self._calls[i] = (tuple(one_row(a) for a in args[1:]), kw)
 
             handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
         try:
             with torch.no_grad():
-                bridge(tokens[:1], return_type=None)
+                self.final_logits = bridge(tokens, return_type="logits")[:, -1]  # [B, d_vocab]
         finally:
             for h in handles:
                 h.remove()
@@ -143,8 +156,7 @@ class SweepResult:
 
 def activation_patch_sweep(
     runner: BlockRunner,
-    base_cache: dict[str, torch.Tensor],
-    source_cache: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor],
     activation: str,
     metric: Callable[[torch.Tensor], torch.Tensor],
     *,
@@ -152,15 +164,15 @@ def activation_patch_sweep(
     chunk_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
-    """Patch source activations into the base run at every index of `activation`; metric per patch and prompt.
+    """Patch source activations into the base run (the runner's tokens) at every index of `activation`.
 
-    base_cache / source_cache map hook names to [B, ...] activations of the two runs (with every
-    `blocks.{l}.hook_resid_pre` in base_cache). `metric` takes final-position logits [rows, d_vocab] of
-    rows laid out as (patch, prompt) and returns [rows]."""
+    `source` maps hook names to the other run's [B, ...] activations (see `source_activations`). `metric`
+    takes final-position logits [rows, d_vocab] of rows laid out (patch, prompt) and returns [rows]. Returns
+    the metric per patch and prompt."""
     bridge = runner.bridge
     n_layers = bridge.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
-    first = base_cache["blocks.0.hook_resid_pre"]
+    first = runner.inputs[0]
     B = first.shape[0]
     sizes = axis_sizes(bridge, activation, runner.n_pos)
     axes = index_axes(activation)
@@ -172,8 +184,8 @@ def activation_patch_sweep(
     done = 0
     for li, layer in enumerate(layers):
         name = hook_name(activation, layer)
-        src = source_cache[name]
-        start = base_cache[f"blocks.{layer}.hook_resid_pre"]  # [B, P, d]
+        src = source[name]
+        start = runner.inputs[layer]  # [B, P, d]: the base run's residual entering this block
         patches_per_chunk = max(1, chunk // B)
         for c0 in range(0, len(per_layer), patches_per_chunk):
             idxs = per_layer[c0:c0 + patches_per_chunk]
@@ -210,15 +222,14 @@ def _product(ranges: Iterable[range]):
     return itertools.product(*ranges)
 
 
-def needed_hooks(activation: str, n_layers: int) -> set[str]:
-    return {hook_name(activation, layer) for layer in range(n_layers)} | {
-        f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)}
-
-
-def run_caches(bridge, base_tokens: torch.Tensor, source_tokens: torch.Tensor, names: set[str]):
-    """Forward both runs once, caching only the hooks a sweep needs. Returns (base_logits, base, source_logits, source)."""
+def source_activations(bridge, tokens: torch.Tensor, activation: str) -> dict[str, torch.Tensor]:
+    """The other run's activations that a sweep patches in: block inputs for resid_pre (a plain forward),
+    else a cache of just that hook at every layer."""
+    n_layers = bridge.cfg.n_layers
+    if activation == "resid_pre":
+        runner = BlockRunner(bridge, tokens)
+        return {hook_name(activation, layer): runner.inputs[layer] for layer in range(n_layers)}
+    names = {hook_name(activation, layer) for layer in range(n_layers)}
     with torch.no_grad():
-        base_logits, base = bridge.run_with_cache(base_tokens, names_filter=lambda n: n in names)
-        source_logits, source = bridge.run_with_cache(source_tokens, names_filter=lambda n: n in names)
-    return base_logits, dict(base.items()), source_logits, dict(source.items())
-
+        _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return {n: cache[n] for n in names}
