@@ -20,6 +20,7 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
+from kernels.attribution import LRPRules, attribution_scores
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
 from .errors import WorkbenchError
@@ -29,7 +30,8 @@ from .specs import Spec, _f
 COMPONENTS = tuple(ACTIVATIONS)
 METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
 DIRECTIONS = ("denoise", "noise")
-METHODS = ("activation",)
+METHODS = ("activation", "atp", "relp")
+RELP_RULES = ("ln", "identity", "half", "attention")
 MAX_PAIRS = 256
 
 
@@ -45,7 +47,11 @@ class PatchingSpec(Spec):
                         '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     components: tuple[str, ...] = _f(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
                                      "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
-    methods: tuple[str, ...] = _f(("activation",), "estimators", choices=METHODS, max_len=len(METHODS))
+    methods: tuple[str, ...] = _f(("activation", "atp", "relp"), "estimators: activation patching (ground truth), "
+                                  "attribution patching, relevance patching", choices=METHODS, max_len=len(METHODS))
+    relp_rules: tuple[str, ...] = _f(("ln", "identity", "half"), "LRP rules for RelP (attention = the AH rule)",
+                                     choices=RELP_RULES, max_len=len(RELP_RULES))
+    top_k: int = _f(10, "top-k overlap in the faithfulness report", min=1, max=1000)
     metric: str = _f("logit_diff_normalized", "metric at the final position", choices=METRICS)
     direction: str = _f("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
                         choices=DIRECTIONS)
@@ -53,6 +59,8 @@ class PatchingSpec(Spec):
     def validate(self) -> None:
         if not self.components:
             raise WorkbenchError("Pick at least one component to patch.")
+        if not self.methods:
+            raise WorkbenchError("Pick at least one method.")
         if not self.pairs and not self.dataset:
             raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
         if self.pairs:
@@ -179,7 +187,7 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
     base_tokens, source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
     bridge = handle.bridge
     rows = []
-    with handle.lock, torch.no_grad():
+    with handle.lock, torch.no_grad():  # attribution methods switch gradients on for their own pass
         runner = BlockRunner(bridge, base_tokens)  # records the base run's block inputs
         other = BlockRunner(bridge, source_tokens)
         base_logits, source_logits = runner.final_logits, other.final_logits  # [B, d_vocab]
@@ -191,17 +199,32 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
         if spec.metric == "logit_diff_normalized" and abs(source_m - base_m) < 1e-6:
             raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
                                  "normalised.", hint="Pick the raw logit difference, or other pairs.")
-        for ci, comp in enumerate(spec.components):
-            def report(done, total, ci=ci, comp=comp):
-                progress((ci + done / total) / len(spec.components), f"activation patching {comp}")
-
+        steps = len(spec.components) * len(spec.methods)
+        step = 0
+        for comp in spec.components:
             if comp == "resid_pre":
                 source = {f"blocks.{layer}.hook_resid_pre": other.inputs[layer] for layer in other.inputs}
             else:
                 source = source_activations(bridge, source_tokens, comp)
-            sweep = activation_patch_sweep(runner, source, comp, metric, progress=report)
-            values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
-            rows.append(_tidy(values, sweep.axes, "activation", comp))
+            for method in spec.methods:
+                def report(done, total, step=step, comp=comp, method=method):
+                    progress((step + done / total) / steps, f"{method} {comp}")
+
+                if method == "activation":
+                    sweep = activation_patch_sweep(runner, source, comp, metric, progress=report)
+                    values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
+                    axes = sweep.axes
+                else:
+                    rules = None if method == "atp" else LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
+                    with torch.enable_grad():
+                        scores = attribution_scores(bridge, base_tokens, source, [comp],
+                                                    lambda logits: metric.raw(logits).mean(), rules)[comp]
+                    # the first-order estimate of the patched mean metric, reported like activation patching
+                    values = metric.finish(base_m + scores.float().sum(-1)).cpu()
+                    axes = ("layer",) + ACTIVATIONS[comp][1]
+                    report(1, 1)
+                rows.append(_tidy(values, axes, method, comp))
+                step += 1
     table = pd.concat(rows, ignore_index=True)
     tokens = pd.DataFrame({"pos": range(clean.shape[1]), "token_id": clean[0].tolist(),
                            "token": [handle.tokenizer.decode([t]) for t in clean[0].tolist()]})
@@ -209,7 +232,39 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
             "direction": spec.direction, "base_metric": base_m, "source_metric": source_m,
             "clean_metric": base_m if spec.direction == "noise" else source_m,
             "corrupted_metric": source_m if spec.direction == "noise" else base_m}
-    return Result(table=table, meta=meta, extra={"tokens": tokens})
+    extra = {"tokens": tokens}
+    if "activation" in spec.methods and len(spec.methods) > 1:
+        extra["faithfulness"] = faithfulness(table, spec.top_k)
+    return Result(table=table, meta=meta, extra=extra)
+
+
+def faithfulness(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
+    """Each estimator against activation patching, per component: Pearson, Spearman, top-k overlap.
+
+    The top-k overlap compares the k nodes with the largest |effect| under each method."""
+    from scipy.stats import pearsonr, spearmanr
+
+    key = ["component", "layer", "pos", "head", "dest_pos"]
+    truth = table[table["method"] == "activation"]
+    out = []
+    for method in sorted(set(table["method"]) - {"activation"}):
+        est = table[table["method"] == method]
+        both = truth.merge(est, on=key, suffixes=("_act", "_est"))
+        for comp, g in both.groupby("component", sort=False):
+            g = g.dropna(subset=["value_act", "value_est"])
+            k = min(top_k, len(g))
+            row = {"method": method, "component": comp, "n_nodes": len(g), "top_k": k}
+            if len(g) >= 3 and g["value_act"].std() > 0 and g["value_est"].std() > 0:
+                row["pearson"] = float(pearsonr(g["value_act"], g["value_est"])[0])
+                row["spearman"] = float(spearmanr(g["value_act"], g["value_est"])[0])
+            else:
+                row["pearson"] = row["spearman"] = float("nan")
+            top_act = set(g["value_act"].abs().nlargest(k).index)
+            top_est = set(g["value_est"].abs().nlargest(k).index)
+            row["top_k_overlap"] = len(top_act & top_est) / k if k else float("nan")
+            out.append(row)
+    return pd.DataFrame(out, columns=["method", "component", "n_nodes", "top_k", "pearson", "spearman",
+                                      "top_k_overlap"])
 
 
 def _tidy(values: torch.Tensor, axes: tuple[str, ...], method: str, component: str) -> pd.DataFrame:

@@ -32,7 +32,7 @@ def store(tmp_path):
 
 
 def _grid(table, component, shape_axes):
-    sub = table[table["component"] == component].sort_values(list(shape_axes))
+    sub = table[(table["component"] == component) & (table["method"] == "activation")].sort_values(list(shape_axes))
     sizes = [sub[a].max() + 1 for a in shape_axes]
     return torch.tensor(sub["value"].to_numpy(), dtype=torch.float32).reshape(*[int(s) for s in sizes])
 
@@ -69,7 +69,7 @@ def _tl_reference(handle, pairs, component, direction, metric_name):
 
 @pytest.mark.parametrize("component", list(TL))
 def test_equals_transformer_lens_on_the_default_model(store, component):
-    out = run(PatchingSpec(n_pairs=6, components=(component,), metric="logit_diff"), store=store)
+    out = run(PatchingSpec(n_pairs=6, components=(component,), metric="logit_diff", methods=("activation",)), store=store)
     pairs = json.loads(out.spec.pairs)
     ours = _grid(out.result.table, component, AXES[component])
     ref = _tl_reference(load_model("default"), pairs, component, "denoise", "logit_diff")
@@ -80,7 +80,8 @@ def test_equals_transformer_lens_on_the_default_model(store, component):
 @pytest.mark.parametrize("metric", ["answer_prob", "kl"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_directions_and_metrics_equal_transformer_lens(store, metric, direction):
-    out = run(PatchingSpec(n_pairs=4, components=("resid_pre", "z_all_pos"), metric=metric, direction=direction),
+    out = run(PatchingSpec(n_pairs=4, components=("resid_pre", "z_all_pos"), metric=metric, direction=direction,
+                           methods=("activation",)),
               store=store)
     pairs = json.loads(out.spec.pairs)
     for comp in ("resid_pre", "z_all_pos"):
@@ -89,8 +90,9 @@ def test_directions_and_metrics_equal_transformer_lens(store, metric, direction)
 
 
 def test_normalised_logit_difference(store):
-    raw = run(PatchingSpec(n_pairs=8, components=("resid_pre",), metric="logit_diff"), store=store)
-    norm = run(PatchingSpec(n_pairs=8, components=("resid_pre",)), store=store)
+    raw = run(PatchingSpec(n_pairs=8, components=("resid_pre",), metric="logit_diff", methods=("activation",)),
+              store=store)
+    norm = run(PatchingSpec(n_pairs=8, components=("resid_pre",), methods=("activation",)), store=store)
     m = norm.result.meta
     assert m["clean_metric"] > 2 > m["corrupted_metric"]
     expect = (raw.result.table["value"] - m["corrupted_metric"]) / (m["clean_metric"] - m["corrupted_metric"])
@@ -98,7 +100,8 @@ def test_normalised_logit_difference(store):
                           atol=1e-5)
     # analytic anchors: the final residual at the final position carries the whole clean answer (1), and at
     # layer 0 a position whose token is the same in both prompts changes nothing (0)
-    post = run(PatchingSpec(n_pairs=8, components=("resid_post", "resid_pre")), store=store).result.table
+    post = run(PatchingSpec(n_pairs=8, components=("resid_post", "resid_pre"), methods=("activation",)),
+               store=store).result.table
     last = post[(post["component"] == "resid_post") & (post["layer"] == post["layer"].max())]
     assert last.sort_values("pos")["value"].iloc[-1] == pytest.approx(1.0, abs=1e-4)
     pairs = json.loads(norm.spec.pairs)
@@ -124,7 +127,7 @@ def test_equals_transformer_lens_on_three_architectures(tiny_dirs, store, compon
               "answer": " Frank", "wrong": " Emma"}]
     for arch, folder in tiny_dirs.items():
         out = run(PatchingSpec(model=str(folder), pairs=json.dumps(pairs), components=(component,),
-                               metric="logit_diff"), store=store)
+                               metric="logit_diff", methods=("activation",)), store=store)
         ref = _tl_reference(load_model(str(folder)), json.loads(out.spec.pairs), component, "denoise", "logit_diff")
         ours = _grid(out.result.table, component, AXES[component])
         assert ours.shape == ref.shape, arch

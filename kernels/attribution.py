@@ -1,0 +1,178 @@
+"""Attribution patching (AtP) and relevance patching (RelP): every node of a component type from 2 forwards and
+1 backward.
+
+    score(n) = sum over features of (a_source(n) - a_base(n)) * dM/da(n)        gradient taken on the base run
+
+AtP uses the plain gradient. RelP replaces local gradients by LRP propagation coefficients, set with
+"detach tricks" in forward hooks so that forward values are unchanged (each rule returns
+`value.detach() + (expr - expr.detach())`: the value of the original, the gradient of expr):
+
+    LN rule        LayerNorm / RMSNorm (every block norm and the final norm): the scale is a constant
+    identity rule  elementwise activations: act(x) -> x * (act(x) / x).detach()
+    half rule      the product of a gated MLP act(g) * u: each factor f -> f/2 + (f/2).detach()
+    AH rule        (optional) attention softmax: the pattern is a constant, so no gradient reaches q or k;
+                   q, k and pattern scores are then unavailable (NaN), not zero
+
+The rules are chosen per call, never fixed when the model loads.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .patching import ACTIVATIONS, hook_name
+
+
+@dataclass(frozen=True)
+class LRPRules:
+    ln: bool = True
+    identity: bool = True
+    half: bool = True
+    attention: bool = False  # the AH rule
+
+    @staticmethod
+    def none() -> "LRPRules":
+        return LRPRules(ln=False, identity=False, half=False, attention=False)
+
+
+def _keep_value(value: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
+    """The forward value of `value`, the gradient of `expr`."""
+    return value.detach() + (expr - expr.detach())
+
+
+def _stabilise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return torch.where(x >= 0, x.clamp(min=eps), x.clamp(max=-eps))
+
+
+def lrp_hooks(bridge, rules: LRPRules) -> list[tuple[str, Callable]]:
+    """Forward hooks that implement the chosen rules on this bridge."""
+    hooks: list[tuple[str, Callable]] = []
+    n_layers = bridge.cfg.n_layers
+    names = set(bridge.hook_dict)
+    gated = bool(getattr(bridge.cfg, "gated_mlp", False))
+    from transformers.activations import ACT2FN
+
+    act_fn = ACT2FN[str(getattr(bridge.cfg, "act_fn", "gelu_new"))]
+
+    if rules.ln:
+        def const_scale(scale, hook):
+            return scale.detach()
+
+        for layer in range(n_layers):
+            for ln in ("ln1", "ln2"):
+                name = f"blocks.{layer}.{ln}.hook_scale"
+                if name in names:
+                    hooks.append((name, const_scale))
+        if "ln_final.hook_scale" in names:
+            hooks.append(("ln_final.hook_scale", const_scale))
+
+    if rules.identity or (gated and rules.half):
+        for layer in range(n_layers):
+            saved: dict[str, torch.Tensor] = {}
+            pre, post = f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"
+            lin = f"blocks.{layer}.mlp.hook_pre_linear"
+
+            def save(name):
+                def hook(act, hook, name=name, saved=saved):
+                    saved[name] = act
+                    return act
+                return hook
+
+            def rule(act, hook, saved=saved):
+                g = saved.pop("pre")
+                a_val = act_fn(g.detach())  # act(g), exactly as the model computed it
+                if rules.identity:
+                    a = g * (a_val / _stabilise(g.detach())).detach()
+                else:
+                    a = act_fn(g)
+                if not gated:
+                    return _keep_value(act, a)
+                u = saved.pop("lin")
+                expr = (a / 2 + (a / 2).detach()) * (u / 2 + (u / 2).detach()) if rules.half else a * u
+                return _keep_value(act, expr)
+
+            hooks += [(pre, save("pre")), (post, rule)]
+            if gated:
+                hooks.append((lin, save("lin")))
+
+    if rules.attention:
+        def const_pattern(pattern, hook):
+            return pattern.detach()
+
+        hooks += [(f"blocks.{layer}.attn.hook_pattern", const_pattern) for layer in range(n_layers)]
+    return hooks
+
+
+def _reduce(product: torch.Tensor, activation: str) -> torch.Tensor:
+    """Sum an elementwise (delta * grad) [B, ...] over the features each node of `activation` owns."""
+    kind = ACTIVATIONS[activation][1]
+    if activation.startswith("pattern"):  # [B, H, q, k]
+        return product.sum((2, 3)) if kind == ("head",) else product.sum(3)  # [B, H] or [B, H, q]
+    if kind == ("pos",):  # [B, P, d]
+        return product.sum(-1)
+    if kind == ("head",):  # [B, P, H, dh]
+        return product.sum((1, 3))
+    return product.sum(-1)  # [B, P, H]
+
+
+def attribution_scores(
+    bridge,
+    base_tokens: torch.Tensor,
+    source: dict[str, torch.Tensor],
+    activations: Sequence[str],
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    rules: LRPRules | None = None,
+) -> dict[str, torch.Tensor]:
+    """AtP (rules=None) or RelP scores for every node of each activation type: {activation: [layer, ..., B]}.
+
+    `source` holds the other run's activations for every hook of the requested types; `metric` maps the base
+    run's final-position logits [B, d_vocab] to a scalar (e.g. the mean logit difference)."""
+    n_layers = bridge.cfg.n_layers
+    rules = rules or LRPRules.none()
+    wanted = {hook_name(a, layer) for a in activations for layer in range(n_layers)}
+    saved: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):  # hook.name is the canonical name, not the alias we asked for
+        def keep(act, hook):
+            if act.requires_grad:
+                act.retain_grad()
+                saved[name] = act
+            return act
+        return keep
+
+    def grad_from_here(act, hook):  # weights stay frozen: the graph starts at the first block's input
+        return act.detach().requires_grad_(True)
+
+    # the LRP hooks go first so that saved activations are the ones downstream computation uses
+    hooks = [("blocks.0.hook_resid_pre", grad_from_here)] + lrp_hooks(bridge, rules) + [
+        (name, keeper(name)) for name in sorted(wanted)]
+    params = [p for p in bridge.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=hooks), warnings.catch_warnings():
+            # the LN rule edits hook_scale on purpose; the bridge warns that RMSNorm then rounds differently
+            warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
+            logits = bridge(base_tokens, return_type="logits")[:, -1]
+            value = metric(logits)
+            value.backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    out = {}
+    for a in activations:
+        per_layer = []
+        for layer in range(n_layers):
+            name = hook_name(a, layer)
+            act = saved.get(name)
+            if act is None or act.grad is None:  # e.g. q/k/pattern under the AH rule: no gradient reaches them
+                shape = _reduce(source[name], a).shape
+                per_layer.append(torch.full(shape, float("nan"), device=base_tokens.device))
+                continue
+            per_layer.append(_reduce((source[name] - act.detach()) * act.grad, a).detach())
+        stacked = torch.stack(per_layer)  # [layer, B, ...]
+        out[a] = stacked.movedim(1, -1)  # [layer, ..., B]
+    return out
