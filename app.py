@@ -95,6 +95,7 @@ def sidebar() -> ModelChoice | None:
 st.session_state["model_choice"] = sidebar()
 page = st.navigation([
     st.Page("pages/model.py", title="Model", icon=":material/neurology:", default=True),
+    st.Page("pages/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
     st.Page("pages/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

@@ -51,7 +51,7 @@ class PatchingSpec(Spec):
                                   "attribution patching, relevance patching", choices=METHODS, max_len=len(METHODS))
     relp_rules: tuple[str, ...] = _f(("ln", "identity", "half"), "LRP rules for RelP (attention = the AH rule)",
                                      choices=RELP_RULES, max_len=len(RELP_RULES))
-    top_k: int = _f(10, "top-k overlap in the faithfulness report", min=1, max=1000)
+    overlap_k: int = _f(10, "k of the top-k overlap in the faithfulness report", min=1, max=1000)
     metric: str = _f("logit_diff_normalized", "metric at the final position", choices=METRICS)
     direction: str = _f("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
                         choices=DIRECTIONS)
@@ -234,7 +234,7 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
             "corrupted_metric": source_m if spec.direction == "noise" else base_m}
     extra = {"tokens": tokens}
     if "activation" in spec.methods and len(spec.methods) > 1:
-        extra["faithfulness"] = faithfulness(table, spec.top_k)
+        extra["faithfulness"] = faithfulness(table, spec.overlap_k)
     return Result(table=table, meta=meta, extra=extra)
 
 

@@ -41,11 +41,15 @@ def query() -> dict[str, str]:
     return qp
 
 
-def sync_url(params: dict[str, object], drop: tuple[str, ...] = ()) -> None:
-    """Make the URL hold exactly these page params (besides the model params set by the sidebar)."""
+MODEL_KEYS = ("model", "revision", "dtype", "device")
+
+
+def sync_url(params: dict[str, object]) -> None:
+    """Make the URL hold exactly these page params besides the sidebar's model params (a page switch leaves
+    no other page's state behind)."""
     qp = st.query_params
-    for k in drop:
-        if k in qp and k not in params:
+    for k in list(qp.keys()):
+        if k not in params and k not in MODEL_KEYS:
             del qp[k]
     for k, v in params.items():
         v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)

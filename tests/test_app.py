@@ -23,12 +23,15 @@ def own_store(tmp_path, monkeypatch):
 
 def _run(page: str | None = None, **query) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
+    if page:  # the app starts on the Model page; another page's link state is set when switching to it
+        at.run()
+        at.query_params.clear()
+        for k, v in query.items():
+            at.query_params[k] = v
+        return at.switch_page(page).run()
     for k, v in query.items():
         at.query_params[k] = v
-    at.run()
-    if page:
-        at.switch_page(page).run()
-    return at
+    return at.run()
 
 
 def _predictions(at):
@@ -128,3 +131,30 @@ def test_findings_page_lists_saved_findings(own_store):
 def test_findings_page_when_empty():
     at = _run(page="pages/findings.py")
     assert not at.exception and any("No findings yet" in i.value for i in at.info)
+
+
+def test_patching_page_runs_all_methods_and_reopens_from_the_store(own_store):
+    at = _run(page="pages/patching.py")
+    assert not at.exception and not at.error
+    faith = [d.value for d in at.dataframe if "pearson" in d.value.columns][0]
+    assert set(faith["method"]) == {"atp", "relp"}
+    assert _qp(at, "methods") == "activation,atp,relp" and _qp(at, "view_method") == "activation"
+    assert "prompt" not in at.query_params  # no other page's state in this page's link
+    link = {k: _qp(at, k) for k in at.query_params}
+    again = _run(page="pages/patching.py", **link)
+    assert not again.exception
+    assert any("from the store" in c.value for c in again.caption)
+    assert Store(own_store).count("runs") == 2  # the Model page's first view, and the patching run
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("[{", "not valid JSON"),
+    ('[{"clean": "The capital of France is", "corrupted": "The capital of the big France is", '
+     '"answer": " Paris", "wrong": " Rome"}]', "patching needs equal lengths"),
+    ('[{"clean": "The capital of France is", "corrupted": "The capital of Japan is", '
+     '"answer": " Paris and more", "wrong": " Rome"}]', "not one"),
+])
+def test_patching_page_bad_pairs(own_store, pairs, message):
+    at = _run(page="pages/patching.py", pairs=pairs)
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
