@@ -3,7 +3,9 @@
     spec = PatchingSpec(dataset="ioi", n_pairs=8, components=("resid_pre", "z_all_pos"))
     outcome = run(spec)          # tidy table: method, component, layer, pos, head, dest_pos, value
 
-Estimators: activation patching (the ground truth; batched kernels in kernels/patching.py). Metrics are read
+Estimators: activation patching (the ground truth; batched kernels in kernels/patching.py), attribution
+patching (AtP), relevance patching (RelP, LRP rules in the backward pass) and layer integrated gradients
+(Captum) on the same hook points (kernels/attribution.py). Metrics are read
 at the final position: logit difference between the answer and the wrong answer (raw, or normalised so the
 unpatched base run is 0 and the other run is 1), the answer's probability, and the KL divergence from the clean
 run's next-token distribution.
@@ -20,7 +22,7 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from kernels.attribution import LRPRules, attribution_scores
+from kernels.attribution import LRPRules, attribution_scores, integrated_gradients
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
 from .errors import WorkbenchError
@@ -30,7 +32,7 @@ from .specs import Spec, _f
 COMPONENTS = tuple(ACTIVATIONS)
 METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
 DIRECTIONS = ("denoise", "noise")
-METHODS = ("activation", "atp", "relp")
+METHODS = ("activation", "atp", "relp", "ig")
 RELP_RULES = ("ln", "identity", "half", "attention")
 MAX_PAIRS = 256
 
@@ -48,9 +50,10 @@ class PatchingSpec(Spec):
     components: tuple[str, ...] = _f(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
                                      "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
     methods: tuple[str, ...] = _f(("activation", "atp", "relp"), "estimators: activation patching (ground truth), "
-                                  "attribution patching, relevance patching", choices=METHODS, max_len=len(METHODS))
+                                  "attribution patching, relevance patching, ig: integrated gradients", choices=METHODS, max_len=len(METHODS))
     relp_rules: tuple[str, ...] = _f(("ln", "identity", "half"), "LRP rules for RelP (attention = the AH rule)",
                                      choices=RELP_RULES, max_len=len(RELP_RULES))
+    ig_steps: int = _f(16, "integration steps for integrated gradients", min=2, max=256)
     overlap_k: int = _f(10, "k of the top-k overlap in the faithfulness report", min=1, max=1000)
     metric: str = _f("logit_diff_normalized", "metric at the final position", choices=METRICS)
     direction: str = _f("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
@@ -215,10 +218,15 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
                     values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
                     axes = sweep.axes
                 else:
-                    rules = None if method == "atp" else LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
-                    with torch.enable_grad():
-                        scores = attribution_scores(bridge, base_tokens, source, [comp],
-                                                    lambda logits: metric.raw(logits).mean(), rules)[comp]
+                    if method == "ig":
+                        scores = integrated_gradients(bridge, base_tokens, source_tokens, [comp],
+                                                      lambda logits: metric.raw(logits) / len(pairs),
+                                                      n_steps=spec.ig_steps)[comp]
+                    else:
+                        rules = None if method == "atp" else LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
+                        with torch.enable_grad():
+                            scores = attribution_scores(bridge, base_tokens, source, [comp],
+                                                        lambda logits: metric.raw(logits).mean(), rules)[comp]
                     # the first-order estimate of the patched mean metric, reported like activation patching
                     values = metric.finish(base_m + scores.float().sum(-1)).cpu()
                     axes = ("layer",) + ACTIVATIONS[comp][1]

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .patching import ACTIVATIONS, hook_name
+from .patching import ACTIVATIONS, axis_sizes, hook_name
 
 
 @dataclass(frozen=True)
@@ -175,4 +175,48 @@ def attribution_scores(
             per_layer.append(_reduce((source[name] - act.detach()) * act.grad, a).detach())
         stacked = torch.stack(per_layer)  # [layer, B, ...]
         out[a] = stacked.movedim(1, -1)  # [layer, ..., B]
+    return out
+
+
+def integrated_gradients(
+    bridge,
+    base_tokens: torch.Tensor,
+    source_tokens: torch.Tensor,
+    activations: Sequence[str],
+    metric_rows: Callable[[torch.Tensor], torch.Tensor],
+    n_steps: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Layer integrated gradients (Captum) on the same hook points: {activation: [layer, ..., B]}.
+
+    For each hook, the activation moves on a straight line from the source run's value to the base run's while
+    everything else is the base run's; the attribution is (a_source - a_base) times the mean gradient along it,
+    in the sign convention of `attribution_scores`. `metric_rows` maps final-position logits [rows, d_vocab],
+    rows laid out (step, prompt), to [rows]."""
+    from captum.attr import LayerIntegratedGradients
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        return metric_rows(bridge(tokens, return_type="logits")[:, -1])
+
+    out: dict[str, torch.Tensor] = {}
+    params = [p for p in bridge.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for a in activations:
+            per_layer = []
+            for layer in range(bridge.cfg.n_layers):
+                module = bridge.hook_dict[hook_name(a, layer)]
+                lig = LayerIntegratedGradients(forward, module)
+                with torch.enable_grad():
+                    attr = lig.attribute(inputs=base_tokens, baselines=source_tokens, n_steps=n_steps,
+                                         internal_batch_size=base_tokens.shape[0] * n_steps)
+                attr = -attr.detach()  # Captum integrates source -> base; flip the sign
+                if not a.startswith(("resid", "attn_out", "mlp_out", "pattern")) and attr.dim() == 3:
+                    heads = axis_sizes(bridge, a, attr.shape[1])["head"]  # the hook saw [B, P, heads * d_head]
+                    attr = attr.view(*attr.shape[:2], heads, -1)
+                per_layer.append(_reduce(attr, a))
+            out[a] = torch.stack(per_layer).movedim(1, -1)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return out

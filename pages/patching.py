@@ -45,7 +45,8 @@ with st.form("patching"):
     components = st.multiselect("Components", COMPONENTS, default=list(url.components))
     methods = st.multiselect("Methods", METHODS, default=list(url.methods),
                              format_func={"activation": "activation patching", "atp": "attribution patching (AtP)",
-                                          "relp": "relevance patching (RelP)"}.get)
+                                          "relp": "relevance patching (RelP)",
+                                          "ig": "integrated gradients (Captum)"}.get)
     c3, c4, c5 = st.columns(3)
     metric = c3.selectbox("Metric", METRICS, index=METRICS.index(url.metric))
     direction = c4.selectbox("Direction", DIRECTIONS, index=DIRECTIONS.index(url.direction),

@@ -111,3 +111,30 @@ def test_all_methods_run_on_three_architectures(tiny_dirs, store):
         assert t["value"].notna().all(), arch
         f = out.result.extra["faithfulness"]
         assert len(f) == 6, arch
+
+
+def test_integrated_gradients_is_complete(default_handle):
+    """IG's completeness: per layer, the attributions over all positions add up to the effect of patching the
+    whole layer's activation (all positions at once), computed here with a plain hook."""
+    from kernels.attribution import integrated_gradients
+
+    clean, corr, io, s = _ioi(4)
+    bridge, metric = default_handle.bridge, _ld(io, s)
+    ig = integrated_gradients(bridge, corr, clean, ["attn_out"], metric, n_steps=64)["attn_out"]  # [layer, pos, B]
+    src = source_activations(bridge, clean, "attn_out")
+    with torch.no_grad():
+        base = metric(bridge(corr)[:, -1])
+        for layer in range(default_handle.summary.n_layers):
+            name = f"blocks.{layer}.hook_attn_out"
+            with bridge.hooks(fwd_hooks=[(name, lambda act, hook, v=src[name]: v.clone())]):
+                patched = metric(bridge(corr)[:, -1])
+            effect = patched - base  # [B]
+            total = ig[layer].sum(0)  # [B]
+            assert torch.allclose(total, effect, atol=0.02 * effect.abs().max().item() + 1e-3), layer
+
+
+def test_integrated_gradients_through_the_pipeline(store):
+    out = run(PatchingSpec(n_pairs=8, components=("z_all_pos", "mlp_out"), methods=("activation", "ig"),
+                           ig_steps=16), store=store)
+    f = out.result.extra["faithfulness"].set_index(["method", "component"])
+    assert f.loc[("ig", "z_all_pos"), "pearson"] > 0.9 and f.loc[("ig", "mlp_out"), "pearson"] > 0.8
