@@ -1,4 +1,5 @@
-"""Activation patching sweeps: ours (kernels/patching.py) and TransformerLens 4.3's `patching`, side by side.
+"""Activation patching sweeps: ours (kernels/patching.py) and TransformerLens 4.3's `patching`, side by side;
+and RelP for every component type against one forward + backward.
 
     python benchmarks/patching_cpu.py [--pairs 8] [--repeats 3]
 
@@ -24,7 +25,8 @@ from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
 from analysis.models import DATA_DIR  # noqa: E402
-from kernels.patching import BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
+from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
+from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
 
 SWEEPS = {"resid_pre": tl.get_act_patch_resid_pre, "z_by_pos": tl.get_act_patch_attn_head_out_by_pos}
 
@@ -83,6 +85,38 @@ def main() -> None:
         n = results["ours"].numel()
         print(f"{name:10s} {n:5d} patches: ours {times['ours']:.3f} s, TransformerLens {times['TransformerLens']:.3f} s"
               f" -> {times['TransformerLens'] / times['ours']:.1f}x faster; max abs diff {diff:.1e}")
+
+    # RelP for all component types at once vs one plain forward + backward
+    comps = [a for a in ACTIVATIONS if a.endswith(("_by_pos",)) or a in ("resid_pre", "resid_post", "attn_out",
+                                                                           "mlp_out")]
+    src = {}
+    for a in comps:
+        src.update(source_activations(bridge, clean, a))
+
+    def relp():
+        return attribution_scores(bridge, corr, src, comps, lambda lg: ld_rows(lg).mean(), LRPRules())
+
+    def fwd_bwd():
+        emb = {}
+
+        def leaf(act, hook):
+            emb["x"] = act.detach().requires_grad_(True)
+            return emb["x"]
+
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
+            ld_rows(bridge(corr)[:, -1]).mean().backward()
+
+    t = {}
+    for label, fn in (("relp", relp), ("fwd+bwd", fwd_bwd)):
+        fn()
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        t[label] = statistics.median(ts)
+    print(f"RelP, all {len(comps)} component types ({', '.join(comps)}): {t['relp']:.3f} s = "
+          f"{t['relp'] / t['fwd+bwd']:.1f}x one forward + backward ({t['fwd+bwd']:.3f} s)")
 
 
 if __name__ == "__main__":
