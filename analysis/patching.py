@@ -214,7 +214,8 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
                     progress((step + done / total) / steps, f"{method} {comp}")
 
                 if method == "activation":
-                    sweep = activation_patch_sweep(runner, source, comp, metric, progress=report)
+                    sweep = activation_patch_sweep(runner, source, comp, metric, progress=report,
+                                                   source_tokens=source_tokens)
                     values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
                     axes = sweep.axes
                 else:

@@ -65,7 +65,7 @@ def main() -> None:
 
         def ours():
             runner = BlockRunner(bridge, corr)  # one forward of the corrupted run, then the sweep
-            return activation_patch_sweep(runner, source, name, ld_rows).values.mean(-1)
+            return activation_patch_sweep(runner, source, name, ld_rows, source_tokens=clean).values.mean(-1)
 
         def theirs():
             with torch.no_grad():

@@ -85,6 +85,7 @@ class BlockRunner:
         from transformers.cache_utils import Cache
 
         self.bridge = bridge
+        self.tokens = tokens
         self.n_pos = tokens.shape[-1]
         n_rows = tokens.shape[0]
         self._calls: dict[int, tuple[tuple, dict]] = {}
@@ -163,8 +164,13 @@ def activation_patch_sweep(
     layers: Sequence[int] | None = None,
     chunk_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source_tokens: torch.Tensor | None = None,
 ) -> SweepResult:
     """Patch source activations into the base run (the runner's tokens) at every index of `activation`.
+
+    With `source_tokens`, patches that cannot change anything are not run: under causal attention an
+    activation at position p depends only on tokens 0..p, so where both runs share that prefix (and, for the
+    first block's input, the token itself) the patch is the identity and its value is the base run's.
 
     `source` maps hook names to the other run's [B, ...] activations (see `source_activations`). `metric`
     takes final-position logits [rows, d_vocab] of rows laid out (patch, prompt) and returns [rows]. Returns
@@ -182,13 +188,32 @@ def activation_patch_sweep(
     out = torch.empty((len(layers), *[sizes[a] for a in axes[1:]], B), device=first.device)
     total = len(layers) * len(per_layer)
     done = 0
+    pos_axis = next((i for i, a in enumerate(axes[1:]) if a in ("pos", "dest_pos")), None)
+    if source_tokens is not None and pos_axis is not None:
+        equal = (runner.tokens == source_tokens).all(0)  # [P]: same token in every pair
+        same_prefix = equal.int().cumprod(0).bool().tolist()
+        same_token = equal.tolist()
+        base_value = metric(runner.final_logits)  # [B]
+    else:
+        same_prefix = same_token = None
     for li, layer in enumerate(layers):
         name = hook_name(activation, layer)
         src = source[name]
         start = runner.inputs[layer]  # [B, P, d]: the base run's residual entering this block
         patches_per_chunk = max(1, chunk // B)
-        for c0 in range(0, len(per_layer), patches_per_chunk):
-            idxs = per_layer[c0:c0 + patches_per_chunk]
+        todo = per_layer
+        if same_prefix is not None:
+            def noop(ix, layer=layer):
+                p = ix[pos_axis]
+                return same_prefix[p] or (activation == "resid_pre" and layer == 0 and same_token[p])
+
+            skipped = [ix for ix in per_layer if noop(ix)]
+            for ix in skipped:
+                out[(li, *ix)] = base_value
+            todo = [ix for ix in per_layer if not noop(ix)]
+            done += len(skipped)
+        for c0 in range(0, len(todo), patches_per_chunk):
+            idxs = todo[c0:c0 + patches_per_chunk]
             n = len(idxs)
             resid = start.repeat(n, 1, 1)  # rows ordered (patch, prompt)
 
