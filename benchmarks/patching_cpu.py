@@ -12,9 +12,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +22,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
+from timing import median_seconds  # noqa: E402
 from analysis.models import DATA_DIR  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
@@ -71,16 +70,9 @@ def main() -> None:
             with torch.no_grad():
                 return tl_fn(bridge, corr, clean_cache, ld_batch)
 
-        times = {}
-        results = {}
+        times, results = {}, {}
         for label, fn in (("ours", ours), ("TransformerLens", theirs)):
-            results[label] = fn()  # warm-up
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            times[label] = statistics.median(ts)
+            times[label], _, results[label] = median_seconds(fn, args.repeats)
         diff = (results["ours"] - results["TransformerLens"]).abs().max().item()
         n = results["ours"].numel()
         print(f"{name:10s} {n:5d} patches: ours {times['ours']:.3f} s, TransformerLens {times['TransformerLens']:.3f} s"
@@ -106,15 +98,7 @@ def main() -> None:
         with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
             ld_rows(bridge(corr)[:, -1]).mean().backward()
 
-    t = {}
-    for label, fn in (("relp", relp), ("fwd+bwd", fwd_bwd)):
-        fn()
-        ts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        t[label] = statistics.median(ts)
+    t = {label: median_seconds(fn, args.repeats)[0] for label, fn in (("relp", relp), ("fwd+bwd", fwd_bwd))}
     print(f"RelP, all {len(comps)} component types ({', '.join(comps)}): {t['relp']:.3f} s = "
           f"{t['relp'] / t['fwd+bwd']:.1f}x one forward + backward ({t['fwd+bwd']:.3f} s)")
 

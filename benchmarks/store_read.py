@@ -15,7 +15,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +24,7 @@ from analysis.figures import model_view_figures  # noqa: E402
 from analysis.runs import REGISTRY, run  # noqa: E402
 from analysis.specs import ModelViewSpec  # noqa: E402
 from analysis.store import Store  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -53,15 +53,8 @@ def main() -> None:
             for fig in model_view_figures(result, layer=3, head=1).values():
                 fig.to_json()
 
-        timings = {}
-        for name, fn in [("reopen from store", reopen), ("recompute (no store)", recompute)]:
-            fn()  # warm up
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            timings[name] = ts
+        timings = {name: median_seconds(fn, args.repeats)[1]
+                   for name, fn in [("reopen from store", reopen), ("recompute (no store)", recompute)]}
         n_att = len(first.result.extra["attention"])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}")

@@ -25,6 +25,28 @@ class ModelChoice:
     device: str
 
 
+def require_model() -> ModelChoice:
+    """The sidebar's model, or a hint and a stop when there is none."""
+    model = choice()
+    if model is None:
+        st.info("Pick a model in the sidebar.")
+        st.stop()
+    return model
+
+
+def spec_from_link(spec_cls, fields: tuple[str, ...], defaults: dict | None = None):
+    """(query dict, spec) from this page's URL fields, `defaults` under them (but no default text under a link's
+    token ids: those replay what ran). A link that does not validate gets a message and the defaults."""
+    defaults = defaults or {}
+    try:
+        qp = query()
+        data = {k: qp[k] for k in fields if k in qp}
+        return qp, spec_cls.from_dict(data if "token_ids" in data else {**defaults, **data})
+    except WorkbenchError as e:
+        st.error(f"This link's settings are not valid: {e}")
+        return {}, spec_cls(**defaults)
+
+
 def store():
     return get_store()
 

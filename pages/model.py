@@ -10,23 +10,14 @@ from analysis.figures import attention_heatmap, predictions_bar
 from analysis.runs import run
 from analysis.settings import review_mode
 from analysis.specs import ModelViewSpec
-from pages.common import choice, downloads, progress_bar, query, save_finding, share_link, spec_params, status_line, store, sync_url
+from pages.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link, spec_params,
+                          status_line, store, sync_url)
 
 DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"
 
 st.title("Model")
-model = choice()
-if model is None:
-    st.info("Pick a model in the sidebar.")
-    st.stop()
-
-try:
-    qp = query()
-    url = ModelViewSpec.from_dict({k: qp[k] for k in ("prompt", "token_ids", "top_k") if k in qp}
-                                  | ({} if "prompt" in qp or "token_ids" in qp else {"prompt": DEFAULT_PROMPT}))
-except WorkbenchError as e:
-    st.error(f"This link's settings are not valid: {e}")
-    qp, url = {}, ModelViewSpec(prompt=DEFAULT_PROMPT)
+model = require_model()
+qp, url = spec_from_link(ModelViewSpec, ("prompt", "token_ids", "top_k"), {"prompt": DEFAULT_PROMPT})
 
 prompt = st.text_area("Prompt", value=url.prompt, key="prompt", max_chars=20_000)
 top_k = st.slider("Top-k predictions", 1, 100, url.top_k, key="top_k")

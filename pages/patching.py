@@ -10,8 +10,8 @@ from analysis.figures import comparison_scatter, patching_heatmap
 from analysis.patching import COMPONENTS, DIRECTIONS, METHODS, METRICS, PatchingSpec
 from analysis.runs import run
 from analysis.settings import review_mode
-from pages.common import (choice, downloads, progress_bar, query, save_finding, share_link, spec_params, status_line,
-                          store, sync_url)
+from pages.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
+                          spec_params, status_line, store, sync_url)
 
 EXAMPLE_PAIRS = """[
   {"clean": "Then, John and Mary went to the store. John gave a ring to",
@@ -23,17 +23,8 @@ FIELDS = ("dataset", "n_pairs", "pairs", "components", "methods", "relp_rules", 
 st.title("Patching")
 st.caption("Which components carry the behaviour? Activation patching is the ground truth; attribution (AtP) and "
            "relevance patching (RelP) estimate it from 2 forwards and 1 backward.")
-model = choice()
-if model is None:
-    st.info("Pick a model in the sidebar.")
-    st.stop()
-
-try:
-    qp = query()
-    url = PatchingSpec.from_dict({k: qp[k] for k in FIELDS if k in qp})
-except WorkbenchError as e:
-    st.error(f"This link's settings are not valid: {e}")
-    qp, url = {}, PatchingSpec()
+model = require_model()
+qp, url = spec_from_link(PatchingSpec, FIELDS)
 
 with st.form("patching"):
     source = st.radio("Prompt pairs", ["Shipped IOI pairs", "My pairs (JSON)"], horizontal=True,
