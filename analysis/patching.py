@@ -42,7 +42,7 @@ class PatchingSpec(Spec):
     """Patching sweeps over prompt pairs: the shipped IOI pairs, or pairs given as JSON."""
 
     analysis: ClassVar[str] = "patching"
-    title: ClassVar[str] = "Patching: activation patching sweeps"
+    title: ClassVar[str] = "Patching: activation, attribution and relevance patching, integrated gradients"
     dataset: str = _f("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
     n_pairs: int = _f(8, "how many shipped pairs (all of one token length)", min=1, max=MAX_PAIRS)
     pairs: str = _f("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '

@@ -239,3 +239,15 @@ def test_findings_export_together(store):
     table = pd.read_csv(__import__("io").BytesIO(csv))
     assert set(table["title"]) == {"Capital <b>recall</b>", "Second"}
     assert table.set_index("title").loc["Capital <b>recall</b>", "runs"] == out.key
+
+
+def test_cli_patching_writes_the_tidy_table(tmp_path):
+    out = _cli("patching", "--n-pairs", "2", "--components", "resid_pre,z_all_pos", "--methods", "activation,relp",
+               "--store", str(tmp_path / "p.duckdb"), "--csv", str(tmp_path / "p.csv"), "--html", str(tmp_path / "p.html"))
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert list(table.columns) == ["method", "component", "layer", "pos", "head", "dest_pos", "value"]
+    assert len(table) == 2 * (6 * 16 + 6 * 4)  # two methods x (resid_pre layer x pos + z layer x head)
+    assert "Plotly" in (tmp_path / "p.html").read_text()
+    bad = _cli("patching", "--components", "resid_mid", "--store", str(tmp_path / "p.duckdb"))
+    assert bad.returncode == 2 and "must be one of" in bad.stderr
