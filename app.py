@@ -1,7 +1,7 @@
 """The interpretability workbench: `streamlit run app.py`.
 
 The sidebar picks the model (the shipped default model, one of its training checkpoints, a Hugging Face id or a
-local folder), the device and the dtype; the pages under pages/ show analyses of it. All state lives in the URL
+local folder), the device and the dtype; the pages under views/ show analyses of it. All state lives in the URL
 (?model=...&dtype=...&prompt=...&token_ids=...), so a copied link opens the same view, from the store.
 
 WORKBENCH_REVIEW_MODE=1 turns the app into a viewer of stored results and findings: nothing loads or computes.
@@ -16,7 +16,7 @@ from analysis import DEFAULT_MODEL, WorkbenchError, load_model
 from analysis.models import DEVICES, DTYPES, list_checkpoints
 from analysis.settings import allow_local_folders, allow_remote_code, review_mode
 from analysis.specs import Spec
-from pages.common import ModelChoice, query, store
+from views.common import ModelChoice, query, store
 
 st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
 
@@ -94,8 +94,8 @@ def sidebar() -> ModelChoice | None:
 
 st.session_state["model_choice"] = sidebar()
 page = st.navigation([
-    st.Page("pages/model.py", title="Model", icon=":material/neurology:", default=True),
-    st.Page("pages/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
-    st.Page("pages/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
+    st.Page("views/model.py", title="Model", icon=":material/neurology:", default=True),
+    st.Page("views/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
+    st.Page("views/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

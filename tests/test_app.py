@@ -121,7 +121,7 @@ def test_review_mode_browses_stored_and_refuses_to_compute(monkeypatch):
 def test_findings_page_lists_saved_findings(own_store):
     Store(own_store).add_finding("IOI works", notes="<b>not bold</b>", author="ada", runs=[],
                                  links=["http://localhost:8501/?model=default", "javascript:alert(1)"])
-    at = _run(page="pages/findings.py")
+    at = _run(page="views/findings.py")
     assert not at.exception
     assert at.title[0].value == "Findings"
     assert any(s.value == "IOI works" for s in at.subheader)
@@ -129,19 +129,19 @@ def test_findings_page_lists_saved_findings(own_store):
 
 
 def test_findings_page_when_empty():
-    at = _run(page="pages/findings.py")
+    at = _run(page="views/findings.py")
     assert not at.exception and any("No findings yet" in i.value for i in at.info)
 
 
 def test_patching_page_runs_all_methods_and_reopens_from_the_store(own_store):
-    at = _run(page="pages/patching.py")
+    at = _run(page="views/patching.py")
     assert not at.exception and not at.error
     faith = [d.value for d in at.dataframe if "pearson" in d.value.columns][0]
     assert set(faith["method"]) == {"atp", "relp"}
     assert _qp(at, "methods") == "activation,atp,relp" and _qp(at, "view_method") == "activation"
     assert "prompt" not in at.query_params  # no other page's state in this page's link
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="pages/patching.py", **link)
+    again = _run(page="views/patching.py", **link)
     assert not again.exception
     assert any("from the store" in c.value for c in again.caption)
     assert Store(own_store).count("runs") == 2  # the Model page's first view, and the patching run
@@ -155,6 +155,6 @@ def test_patching_page_runs_all_methods_and_reopens_from_the_store(own_store):
      '"answer": " Paris and more", "wrong": " Rome"}]', "not one"),
 ])
 def test_patching_page_bad_pairs(own_store, pairs, message):
-    at = _run(page="pages/patching.py", pairs=pairs)
+    at = _run(page="views/patching.py", pairs=pairs)
     assert not at.exception
     assert any(message in e.value for e in at.error), [e.value for e in at.error]

@@ -81,3 +81,23 @@ def test_app_renders_in_a_real_browser(server, tmp_path):
             assert "model=default" in page.url
         finally:
             browser.close()
+
+
+def test_deep_link_to_a_page_runs_through_the_app(server):
+    """A copied link to /patching opens that page inside the app (sidebar and model picker included), not the
+    page script on its own."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server}/patching?n_pairs=2&components=resid_pre&methods=activation,relp")
+            page.get_by_text("Faithfulness: each estimator").wait_for(timeout=120_000)
+            assert page.locator("[data-testid='stException']").count() == 0
+            assert page.locator("[data-testid='stSidebar']").get_by_text("Dtype").count() >= 1
+            assert "Pick a model" not in page.inner_text("body")
+        finally:
+            browser.close()

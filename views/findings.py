@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.export import findings_report
-from pages.common import store
+from views.common import store
 
 st.title("Findings")
 df = store().findings()

@@ -10,7 +10,7 @@ from analysis.figures import comparison_scatter, patching_heatmap
 from analysis.patching import COMPONENTS, DIRECTIONS, METHODS, METRICS, PatchingSpec
 from analysis.runs import run
 from analysis.settings import review_mode
-from pages.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
+from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
                           spec_params, status_line, store, sync_url)
 
 EXAMPLE_PAIRS = """[

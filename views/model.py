@@ -10,7 +10,7 @@ from analysis.figures import attention_heatmap, predictions_bar
 from analysis.runs import run
 from analysis.settings import review_mode
 from analysis.specs import ModelViewSpec
-from pages.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link, spec_params,
+from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link, spec_params,
                           status_line, store, sync_url)
 
 DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"
