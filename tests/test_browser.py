@@ -96,8 +96,9 @@ def test_deep_link_to_a_page_runs_through_the_app(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{server}/patching?n_pairs=2&components=resid_pre&methods=activation,relp")
             page.get_by_text("Faithfulness: each estimator").wait_for(timeout=120_000)
+            # the sidebar's model picker is part of the page (it may still be re-rendering: wait for it)
+            page.locator("[data-testid='stSidebar']").get_by_text("Dtype").first.wait_for(timeout=60_000)
             assert page.locator("[data-testid='stException']").count() == 0
-            assert page.locator("[data-testid='stSidebar']").get_by_text("Dtype").count() >= 1
             assert "Pick a model" not in page.inner_text("body")
         finally:
             browser.close()
