@@ -52,7 +52,9 @@ def server(tmp_path_factory):
             proc.kill()
 
 
-def test_app_renders_in_a_real_browser(server, tmp_path):
+@pytest.fixture()
+def page():
+    """A fresh page in Debian's Chromium, with the flags this machine's closed network needs."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "chromium must be installed in CI"
@@ -61,44 +63,37 @@ def test_app_renders_in_a_real_browser(server, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{server}/?prompt=The+capital+of+France+is&k=5")
-            page.get_by_text("Next-token predictions").wait_for(timeout=90_000)
-            page.get_by_text("Attention pattern").wait_for(timeout=30_000)
-            page.wait_for_timeout(1500)
-            shot = tmp_path / "model-page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            if os.environ.get("WORKBENCH_SCREENSHOT"):  # keep it to look at
-                shutil.copy(shot, os.environ["WORKBENCH_SCREENSHOT"])
-            assert page.locator("[data-testid='stException']").count() == 0
-            body = page.inner_text("body")
-            assert "Traceback" not in body
-            page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
-            assert "Paris" in page.content()  # the prediction bar chart (plotly SVG) names the answer
-            # the sidebar model picker is there and the URL carries the model
-            assert page.locator("[data-testid='stSidebar']").get_by_text("Dtype").count() >= 1
-            assert "model=default" in page.url
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
         finally:
             browser.close()
 
 
-def test_deep_link_to_a_page_runs_through_the_app(server):
+def test_app_renders_in_a_real_browser(server, page, tmp_path):
+    page.goto(f"{server}/?prompt=The+capital+of+France+is&k=5")
+    page.get_by_text("Next-token predictions").wait_for(timeout=90_000)
+    page.get_by_text("Attention pattern").wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)
+    shot = tmp_path / "model-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("WORKBENCH_SCREENSHOT"):  # keep it to look at
+        shutil.copy(shot, os.environ["WORKBENCH_SCREENSHOT"])
+    assert page.locator("[data-testid='stException']").count() == 0
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    assert "Paris" in page.content()  # the prediction bar chart (plotly SVG) names the answer
+    # the sidebar model picker is there and the URL carries the model
+    assert page.locator("[data-testid='stSidebar']").get_by_text("Dtype").count() >= 1
+    assert "model=default" in page.url
+
+
+def test_deep_link_to_a_page_runs_through_the_app(server, page):
     """A copied link to /patching opens that page inside the app (sidebar and model picker included), not the
     page script on its own."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{server}/patching?n_pairs=2&components=resid_pre&methods=activation,relp")
-            page.get_by_text("Faithfulness: each estimator").wait_for(timeout=120_000)
-            # the sidebar's model picker is part of the page (it may still be re-rendering: wait for it)
-            page.locator("[data-testid='stSidebar']").get_by_text("Dtype").first.wait_for(timeout=60_000)
-            assert page.locator("[data-testid='stException']").count() == 0
-            assert "Pick a model" not in page.inner_text("body")
-        finally:
-            browser.close()
+    page.goto(f"{server}/patching?n_pairs=2&components=resid_pre&methods=activation,relp")
+    page.get_by_text("Faithfulness: each estimator").wait_for(timeout=120_000)
+    # the sidebar's model picker is part of the page (it may still be re-rendering: wait for it)
+    page.locator("[data-testid='stSidebar']").get_by_text("Dtype").first.wait_for(timeout=60_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert "Pick a model" not in page.inner_text("body")
