@@ -28,6 +28,7 @@ from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, s
 from .errors import WorkbenchError
 from .models import DATA_DIR, ModelHandle
 from .specs import Spec, _f
+from .store import Result
 
 COMPONENTS = tuple(ACTIVATIONS)
 METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
@@ -178,9 +179,7 @@ class Metric:
         return (mean_values - self.base_value) / (self.other_value - self.base_value)
 
 
-def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> "Result":
-    from .store import Result
-
+def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> Result:
     pairs = json.loads(spec.pairs)
     dev = handle.device
     clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)  # [B, P]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from analysis import load_model
 from analysis.models import DATA_DIR
 from analysis.patching import PatchingSpec
 from analysis.runs import run
