@@ -113,7 +113,7 @@ def test_normalised_logit_difference(store):
 
 
 @pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "z_by_pos", "k_all_pos", "v_by_pos",
-                                       "pattern_by_pos"])
+                                       "pattern_all_pos", "pattern_by_pos"])
 def test_equals_transformer_lens_on_three_architectures(tiny_dirs, store, component):
     if component not in TL:
         TL[component] = getattr(tl_patching, {"k_all_pos": "get_act_patch_attn_head_k_all_pos",
@@ -162,3 +162,66 @@ def test_bad_specs():
         PatchingSpec.from_dict({"pairs": "[{"})
     with pytest.raises(WorkbenchError, match="at most 256"):
         PatchingSpec.from_dict({"n_pairs": "1000"})
+
+
+def test_plan_chunks_is_optimal_and_covers_every_patch():
+    """The chunk planner against a brute force over every way of cutting the sorted patches into runs."""
+    import itertools
+    import random
+
+    from kernels.patching import plan_chunks
+
+    rng = random.Random(0)
+    for trial in range(60):
+        n_pos, B, cap = rng.randint(2, 6), rng.randint(1, 4), rng.randint(1, 5)
+        overhead = rng.choice([0.0, 5.0, 40.0, 500.0])
+        items = [(p, (p, h)) for p in sorted(rng.sample(range(n_pos), rng.randint(1, n_pos)))
+                 for h in range(rng.randint(1, 2))]
+        chunks = plan_chunks(items, B, cap, n_pos, overhead)
+        assert [ix for _, c in chunks for ix in c] == [ix for _, ix in items]
+        assert all(1 <= len(c) <= cap and p0 == min(ix[0] for ix in c) for p0, c in chunks)
+
+        def cost(chs):
+            return sum(overhead + len(c) * B * (n_pos - p0) for p0, c in chs)
+
+        best = float("inf")
+        for cuts in itertools.product([0, 1], repeat=len(items) - 1):
+            runs, cur = [], [items[0][1]]
+            for (_, ix), c in zip(items[1:], cuts):
+                if c:
+                    runs.append(cur)
+                    cur = []
+                cur.append(ix)
+            runs.append(cur)
+            if all(len(r) <= cap for r in runs):
+                best = min(best, cost([(r[0][0], r) for r in runs]))
+        assert cost(chunks) == pytest.approx(best), trial
+
+
+@pytest.mark.parametrize("component", ["resid_pre", "resid_post", "z_all_pos", "q_by_pos", "k_by_pos",
+                                       "pattern_all_pos", "pattern_by_pos"])
+def test_suffix_runs_equal_full_runs(default_handle, tiny_dirs, component):
+    """Patches that run positions p0.. over the base run's cached keys/values give what full-length runs give,
+    on the default model and the three architectures, whichever way the patches are grouped into forwards."""
+    from kernels.patching import BlockRunner, activation_patch_sweep, source_activations
+
+    for handle in [default_handle] + [load_model(str(f)) for f in tiny_dirs.values()]:
+        torch.manual_seed(0)
+        vocab = min(handle.bridge.cfg.d_vocab, 1000)
+        clean = torch.randint(0, vocab, (3, 9))
+        corr = clean.clone()
+        corr[:, 3] = torch.randint(0, vocab, (3,))
+        corr[:, 6] = torch.randint(0, vocab, (3,))
+        runner = BlockRunner(handle.bridge, corr)
+        assert runner.suffix_ok, handle.name
+        src = source_activations(handle.bridge, clean, component)
+
+        def metric(logits):
+            return logits[:, 7] - logits[:, 11]
+
+        full = activation_patch_sweep(runner, src, component, metric, suffix=False, source_tokens=clean).values
+        for chunk_rows in (3, 12, 10_000):
+            fast = activation_patch_sweep(runner, src, component, metric, chunk_rows=chunk_rows,
+                                          source_tokens=clean).values
+            assert (fast - full).abs().max().item() < 1e-4, (handle.name, chunk_rows)
+        assert full.std() > 1e-3  # the patches do something
