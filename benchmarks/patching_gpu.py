@@ -28,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 try:  # the store is not used here; a GPU machine without duckdb can still import analysis.patching
     import duckdb  # noqa: F401  (only whether it imports)
 except ImportError:
-    sys.modules["duckdb"] = types.ModuleType("duckdb")
+    import importlib.machinery
+
+    stub = types.ModuleType("duckdb")
+    stub.__spec__ = importlib.machinery.ModuleSpec("duckdb", None)
+    sys.modules["duckdb"] = stub
 
 import torch  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
@@ -209,14 +213,14 @@ def main() -> None:
                 if name == "z_by_pos" and not full:
                     continue
                 t_o, t_t, diff, scale, _ = sweep_vs_tl(bridge, clean, corr, ans, wrong, name, args.repeats, device,
-                                                       tl_repeats=2 if name == "resid_pre" else 0)
+                                                       tl_repeats=3 if name == "resid_pre" else 0)
                 n = cfg.n_layers * 20 * (cfg.n_heads if name == "z_by_pos" else 1)
                 print(f"{dtype:9s} {name:9s} {n:5d} patches: ours {t_o * 1e3:8.1f} ms, TransformerLens "
                       f"{t_t * 1e3:9.1f} ms -> {t_t / t_o:6.1f}x faster; max abs diff {diff:.1e} "
                       f"(values up to {scale:.2f})")
             if full:
                 c2, k2, a2, w2 = make_pairs(cfg.d_vocab, 8, 20, device, corrupt_all=True)
-                t_o, t_t, diff, scale, _ = sweep_vs_tl(bridge, c2, k2, a2, w2, "resid_pre", args.repeats, device, 2)
+                t_o, t_t, diff, scale, _ = sweep_vs_tl(bridge, c2, k2, a2, w2, "resid_pre", args.repeats, device, 3)
                 print(f"{dtype:9s} resid_pre, every position corrupted: ours {t_o * 1e3:8.1f} ms, TransformerLens "
                       f"{t_t * 1e3:9.1f} ms -> {t_t / t_o:6.1f}x faster; max abs diff {diff:.1e}")
             t_relp, t_fb = relp_vs_fwd_bwd(bridge, clean, corr, ans, wrong, args.repeats, device)

@@ -356,9 +356,15 @@ def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave
 
         return patch
 
+    last = len(bridge.blocks) - 1
+    # The metric reads the final position only, so the last block's MLP runs there alone (its input cut to the
+    # last position; the block's residual add broadcasts, and positions before are never read). Not when the
+    # patch itself sits on that MLP's output.
+    last_mlp_name = f"blocks.{last}.ln2.hook_in"
+    cut_last_mlp = last_mlp_name in bridge.hook_dict and not (activation == "mlp_out" and last in by_layer)
     x = None
     for i in range(min(by_layer), len(bridge.blocks)):
-        hooks = []
+        hooks = [(last_mlp_name, _last_position)] if (i == last and cut_last_mlp) else []
         if i in by_layer:
             n_new = sum(len(idxs) for _, idxs in by_layer[i])
             new = runner.inputs[i][:, p0:].repeat(n_new, 1, 1)  # rows (patch, prompt), positions p0..
@@ -366,13 +372,17 @@ def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave
             if activation == "resid_pre":  # the patch is the block's input itself
                 x = patcher(i)(x)
             else:
-                hooks = [(hook_name(activation, i), patcher(i))]
+                hooks.append((hook_name(activation, i), patcher(i)))
         if hooks:
             with bridge.hooks(fwd_hooks=hooks):
                 x = runner.run(x, i, i + 1, start_pos=p0)
         else:
             x = runner.run(x, i, i + 1, start_pos=p0)
     return metric(runner.logits(x))
+
+
+def _last_position(act, hook=None):
+    return act[:, -1:]
 
 
 def _select_shifted(activation: str, ix: tuple[int, ...], p0: int):
@@ -392,14 +402,20 @@ def _select_shifted(activation: str, ix: tuple[int, ...], p0: int):
     return (slice(None), ix[0] - p0, ix[1]), frm
 
 
-def _forward_overhead_rows(bridge, n_pos: int) -> float:
+def _forward_overhead_rows(bridge, n_pos: int, gpu_overlap: float = 0.3) -> float:
     """The fixed cost of one more forward (Python and hook dispatch, ~1.5 ms a block), in row-positions of
-    compute: how many rows x positions a forward must save before splitting a chunk pays."""
+    compute: how many rows x positions a forward must save before splitting a chunk pays.
+
+    On a GPU the dispatch of one forward overlaps the kernels of the forward before, so only a fraction
+    (`gpu_overlap`) of it counts while the sweep is compute-bound."""
     cfg = bridge.cfg
     d, d_mlp = cfg.d_model, getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
     flops = 2 * (4 * d * d + 3 * d * d_mlp) + 4 * n_pos * d  # per row-position per block
-    device = next(iter(bridge.parameters())).device
-    throughput = 5e13 if device.type == "cuda" else 5e10  # FLOP/s, rough
+    param = next(iter(bridge.parameters()))
+    if param.device.type == "cuda":  # rough dense throughput, FLOP/s
+        throughput = (3e13 if param.dtype == torch.float32 else 1.5e14) * gpu_overlap
+    else:
+        throughput = 5e10
     return 1.5e-3 * throughput / flops
 
 
