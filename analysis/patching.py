@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from kernels.attribution import LRPRules, attribution_scores, integrated_gradients
-from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
+from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, is_parallel, source_activations
 
 from .errors import WorkbenchError
 from .models import DATA_DIR, ModelHandle
@@ -72,6 +72,10 @@ class PatchingSpec(Spec):
 
     def resolve(self, handle: ModelHandle) -> "PatchingSpec":
         """Token ids for every pair (a link replays from them); checks lengths and single-token answers."""
+        if "resid_mid" in self.components and is_parallel(handle.bridge):
+            raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
+                                 "no residual stream between them: resid_mid does not exist.",
+                                 hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
         pairs = _parse_pairs(self.pairs) if self.pairs else _shipped_pairs(self.dataset, self.n_pairs)
         resolved = [_resolve_pair(handle, i, p) for i, p in enumerate(pairs)]
         lengths = {len(p["clean_ids"]) for p in resolved}

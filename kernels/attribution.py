@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .patching import ACTIVATIONS, axis_sizes, hook_name
+from .patching import ACTIVATIONS, axis_sizes, hook_name, hook_point
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,16 @@ def attribution_scores(
     run's final-position logits [B, d_vocab] to a scalar (e.g. the mean logit difference)."""
     n_layers = bridge.cfg.n_layers
     rules = rules or LRPRules.none()
-    wanted = {hook_name(a, layer) for a in activations for layer in range(n_layers)}
+    wanted = {hook_point(a, layer) for a in activations for layer in range(n_layers)}
+    if "resid_mid" in activations:  # its base value is resid_pre + attn_out
+        wanted |= {hook_point("resid_pre", layer) for layer in range(n_layers)}
     saved: dict[str, torch.Tensor] = {}
 
     def keeper(name: str):  # hook.name is the canonical name, not the alias we asked for
         def keep(act, hook):
             if act.requires_grad:
                 act.retain_grad()
-                saved[name] = act
+            saved[name] = act
             return act
         return keep
 
@@ -167,12 +169,15 @@ def attribution_scores(
         per_layer = []
         for layer in range(n_layers):
             name = hook_name(a, layer)
-            act = saved.get(name)
+            act = saved.get(hook_point(a, layer))
             if act is None or act.grad is None:  # e.g. q/k/pattern under the AH rule: no gradient reaches them
                 shape = _reduce(source[name], a).shape
                 per_layer.append(torch.full(shape, float("nan"), device=base_tokens.device))
                 continue
-            per_layer.append(_reduce((source[name] - act.detach()) * act.grad, a).detach())
+            base_value = act.detach()
+            if a == "resid_mid":  # the gradient at attn_out is the gradient at resid_mid = resid_pre + attn_out
+                base_value = saved[hook_point("resid_pre", layer)].detach() + base_value
+            per_layer.append(_reduce((source[name] - base_value) * act.grad, a).detach())
         stacked = torch.stack(per_layer)  # [layer, B, ...]
         out[a] = stacked.movedim(1, -1)  # [layer, ..., B]
     return out
@@ -203,6 +208,9 @@ def integrated_gradients(
         p.requires_grad_(False)
     try:
         for a in activations:
+            if a == "resid_mid":
+                out[a] = _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps)
+                continue
             per_layer = []
             for layer in range(bridge.cfg.n_layers):
                 module = bridge.hook_dict[hook_name(a, layer)]
@@ -220,3 +228,34 @@ def integrated_gradients(
         for p in params:
             p.requires_grad_(True)
     return out
+
+
+def _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps) -> torch.Tensor:
+    """Integrated gradients at resid_mid: the residual between attention and MLP moves on a straight line from
+    the source run's value to the base run's (set through attn_out = resid_mid - resid_pre, as the patches are);
+    Captum's IntegratedGradients over that one activation. [layer, pos, B]"""
+    from captum.attr import IntegratedGradients
+
+    from .patching import source_activations
+
+    B = base_tokens.shape[0]
+    with torch.no_grad():
+        pre = source_activations(bridge, base_tokens, "resid_pre")
+        attn = source_activations(bridge, base_tokens, "attn_out")
+        src_mid = source_activations(bridge, source_tokens, "resid_mid")
+    per_layer = []
+    for layer in range(bridge.cfg.n_layers):
+        point = hook_point("resid_mid", layer)
+        base_attn = attn[hook_name("attn_out", layer)]
+        target_attn = src_mid[hook_name("resid_mid", layer)] - pre[hook_name("resid_pre", layer)]
+
+        def forward(attn_values: torch.Tensor, point=point) -> torch.Tensor:
+            k = attn_values.shape[0] // B
+            with bridge.hooks(fwd_hooks=[(point, lambda act, hook: attn_values)]):
+                return metric_rows(bridge(base_tokens.repeat(k, 1), return_type="logits")[:, -1])
+
+        with torch.enable_grad():
+            attr = IntegratedGradients(forward).attribute(base_attn, baselines=target_attn, n_steps=n_steps,
+                                                          internal_batch_size=B * n_steps)
+        per_layer.append(-attr.detach().sum(-1))  # Captum integrates source -> base; flip the sign. [B, P]
+    return torch.stack(per_layer).movedim(1, -1)

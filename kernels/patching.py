@@ -9,9 +9,13 @@ run's cached keys and values for positions 0..p0-1 (a key/value prefix, through 
 Patches are grouped into forwards by position so that the rows saved outweigh the cost of one more forward.
 Only the final position's residual goes through the final norm and the unembedding.
 
-resid_mid is left out on purpose: on the bridge `blocks.{l}.hook_resid_mid` is an alias of `ln2.hook_in`, so
-editing it changes the MLP's input but not the residual stream the MLP output is added to (TransformerLens's
-own `get_act_patch_resid_mid` on a bridge patches the same way).
+resid_mid, the residual stream between attention and MLP, is patched through the attention output: on the
+bridge `blocks.{l}.hook_resid_mid` is an alias of `ln2.hook_in`, so an edit there changes the MLP's input but
+not the residual stream the MLP output is added to. Here resid_mid = resid_pre + attn_out, so setting
+attn_out := source resid_mid - base resid_pre at the patched position sets the true residual stream, as
+TransformerLens's `get_act_patch_resid_mid` does (sequential blocks only: a model whose attention and MLP run in
+parallel has no resid_mid). Source dicts key it as `blocks.{l}.hook_resid_mid`; `hook_point` says where it is
+applied.
 
 Conventions (the same as `transformer_lens.patching`):
 - the *base* run is the run being patched, the *source* cache supplies the patched-in activations; TL's
@@ -33,6 +37,7 @@ from transformers.cache_utils import Cache, DynamicCache
 # activation name -> (hook name template, index axes after "layer", setter kind)
 ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", ("pos",)),
+    "resid_mid": ("blocks.{l}.hook_resid_mid", ("pos",)),  # applied at hook_attn_out (see the module notes)
     "resid_post": ("blocks.{l}.hook_resid_post", ("pos",)),
     "attn_out": ("blocks.{l}.hook_attn_out", ("pos",)),
     "mlp_out": ("blocks.{l}.hook_mlp_out", ("pos",)),
@@ -50,7 +55,20 @@ ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def hook_name(activation: str, layer: int) -> str:
+    """The name a source dict keys this activation by."""
     return ACTIVATIONS[activation][0].format(l=layer)
+
+
+def hook_point(activation: str, layer: int) -> str:
+    """The hook a patch or a gradient of this activation is taken at."""
+    if activation == "resid_mid":
+        return f"blocks.{layer}.hook_attn_out"
+    return hook_name(activation, layer)
+
+
+def is_parallel(bridge) -> bool:
+    """Attention and MLP read the same residual (GPT-J, NeoX with use_parallel_residual, ...)."""
+    return bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
 
 
 def index_axes(activation: str) -> tuple[str, ...]:
@@ -286,6 +304,9 @@ def activation_patch_sweep(
         first_diff = min(P - 1, sum(same_prefix))
         if pos_axis is not None:
             base_value = metric(runner.final_logits)  # [B]
+    if activation == "resid_mid":  # the value to set attn_out to: source resid_mid - the base run's resid_pre
+        source = {hook_name(activation, layer): source[hook_name(activation, layer)] - runner.inputs[layer]
+                  for layer in layers}
     use_suffix = suffix and runner.suffix_ok
     overhead = _forward_overhead_rows(bridge, P) if use_suffix else 0.0
     chunks = []  # (layer index in `layers`, p0, patch indices)
@@ -372,7 +393,7 @@ def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave
             if activation == "resid_pre":  # the patch is the block's input itself
                 x = patcher(i)(x)
             else:
-                hooks.append((hook_name(activation, i), patcher(i)))
+                hooks.append((hook_point(activation, i), patcher(i)))
         if hooks:
             with bridge.hooks(fwd_hooks=hooks):
                 x = runner.run(x, i, i + 1, start_pos=p0)
@@ -463,6 +484,13 @@ def source_activations(bridge, tokens: torch.Tensor, activation: str) -> dict[st
     if activation == "resid_pre":
         runner = BlockRunner(bridge, tokens)
         return {hook_name(activation, layer): runner.inputs[layer] for layer in range(n_layers)}
+    if activation == "resid_mid":
+        if is_parallel(bridge):
+            raise ValueError("resid_mid does not exist where attention and MLP run in parallel")
+        pre = source_activations(bridge, tokens, "resid_pre")
+        attn = source_activations(bridge, tokens, "attn_out")
+        return {hook_name(activation, layer): pre[hook_name("resid_pre", layer)] + attn[hook_name("attn_out", layer)]
+                for layer in range(n_layers)}
     names = {hook_name(activation, layer) for layer in range(n_layers)}
     with torch.no_grad():
         _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)

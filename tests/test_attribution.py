@@ -47,7 +47,8 @@ def test_lrp_rules_leave_the_forward_pass_unchanged(tiny_handle, default_handle)
         assert (ref - got).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("component", ["resid_pre", "attn_out", "mlp_out", "z_by_pos", "v_all_pos", "pattern_by_pos"])
+@pytest.mark.parametrize("component", ["resid_pre", "resid_mid", "attn_out", "mlp_out", "z_by_pos", "v_all_pos",
+                                       "pattern_by_pos"])
 def test_atp_is_the_first_order_term_of_activation_patching(default_handle, component):
     """Patch in base + eps * delta: exact patching changes the metric by eps * AtP + O(eps^2)."""
     clean, corr, io, s = _ioi(4)
@@ -137,3 +138,18 @@ def test_integrated_gradients_through_the_pipeline(store):
                            ig_steps=16), store=store)
     f = out.result.extra["faithfulness"].set_index(["method", "component"])
     assert f.loc[("ig", "z_all_pos"), "pearson"] > 0.9 and f.loc[("ig", "mlp_out"), "pearson"] > 0.8
+
+
+def test_integrated_gradients_at_resid_mid_add_up_to_the_whole_source_run(default_handle):
+    """Setting resid_mid at every position of any layer to the source run's makes the rest of the network the
+    source run's, so by completeness each layer's resid_mid attributions add up to metric(source) - metric(base)."""
+    from kernels.attribution import integrated_gradients
+
+    clean, corr, io, s = _ioi(4)
+    bridge, metric = default_handle.bridge, _ld(io, s)
+    ig = integrated_gradients(bridge, corr, clean, ["resid_mid"], metric, n_steps=64)["resid_mid"]  # [L, P, B]
+    with torch.no_grad():
+        effect = metric(bridge(clean)[:, -1]) - metric(bridge(corr)[:, -1])  # [B]
+    assert ig.shape == (default_handle.summary.n_layers, clean.shape[1], 4)
+    for layer in range(ig.shape[0]):
+        assert torch.allclose(ig[layer].sum(0), effect, atol=0.02 * effect.abs().max().item()), layer

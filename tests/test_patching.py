@@ -14,6 +14,7 @@ from analysis.store import Store
 
 TL = {
     "resid_pre": tl_patching.get_act_patch_resid_pre,
+    "resid_mid": tl_patching.get_act_patch_resid_mid,
     "attn_out": tl_patching.get_act_patch_attn_out,
     "mlp_out": tl_patching.get_act_patch_mlp_out,
     "z_all_pos": tl_patching.get_act_patch_attn_head_out_all_pos,
@@ -225,3 +226,80 @@ def test_suffix_runs_equal_full_runs(default_handle, tiny_dirs, component):
                                           source_tokens=clean).values
             assert (fast - full).abs().max().item() < 1e-4, (handle.name, chunk_rows)
         assert full.std() > 1e-3  # the patches do something
+
+
+def _hf_resid_mid_reference(folder, clean, corr, answer, wrong):
+    """Brute force with plain transformers (no bridge, no kernels): for every (layer, pos), run the corrupted
+    prompt with the attention block's output at that position replaced so that the residual stream after
+    attention equals the clean run's there. Returns the mean logit difference [layer, pos]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    attn = [blk.attn if hasattr(blk, "attn") else blk.self_attn for blk in layers]
+
+    def run_capture(tokens):
+        outs = {}
+        hs = [a.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o[0].detach()))
+              for k, a in enumerate(attn)]
+        try:
+            res = model(tokens, output_hidden_states=True)
+        finally:
+            for h in hs:
+                h.remove()
+        return res.hidden_states, outs
+
+    def metric(logits):
+        last = logits[:, -1]
+        return (last.gather(1, answer[:, None]) - last.gather(1, wrong[:, None])).mean()
+
+    with torch.no_grad():
+        clean_h, clean_attn = run_capture(clean)
+        corr_h, _ = run_capture(corr)
+        out = torch.zeros(len(layers), clean.shape[1])
+        for layer in range(len(layers)):
+            clean_mid = clean_h[layer] + clean_attn[layer]  # hidden_states[l] enters block l
+            for pos in range(clean.shape[1]):
+                def hook(m, i, o, pos=pos, layer=layer):
+                    a = o[0].clone()
+                    a[:, pos] = clean_mid[:, pos] - corr_h[layer][:, pos]
+                    return (a,) + tuple(o[1:])
+
+                h = attn[layer].register_forward_hook(hook)
+                try:
+                    out[layer, pos] = metric(model(corr).logits)
+                finally:
+                    h.remove()
+    return out
+
+
+def test_resid_mid_is_the_true_residual_stream_between_attention_and_mlp(tiny_dirs, store):
+    """resid_mid against a brute-force loop in plain transformers, on the default model (GPT-2) and the tiny
+    GPT-2 and Llama models; refused with a clear message on the parallel-block NeoX model."""
+    from analysis.models import DEFAULT_MODEL_DIR
+
+    pairs = [{"clean": "Then, John and Mary went to the store. John gave a ring to",
+              "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
+              "answer": " Mary", "wrong": " John"},
+             {"clean": "Then, Emma and Frank went to the park. Emma gave a ball to",
+              "corrupted": "Then, Oscar and Julia went to the park. Henry gave a ball to",
+              "answer": " Frank", "wrong": " Emma"}]
+    for name, folder in [("default", DEFAULT_MODEL_DIR), ("gpt2", tiny_dirs["gpt2"]), ("llama", tiny_dirs["llama"])]:
+        out = run(PatchingSpec(model="default" if name == "default" else str(folder), pairs=json.dumps(pairs),
+                               components=("resid_mid",), metric="logit_diff", methods=("activation",)), store=store)
+        got = json.loads(out.spec.pairs)
+        t = lambda k: torch.tensor([p[k] for p in got])  # noqa: E731
+        ref = _hf_resid_mid_reference(folder, t("clean_ids"), t("corrupted_ids"), t("answer_id"), t("wrong_id"))
+        ours = _grid(out.result.table, "resid_mid", ("layer", "pos"))
+        assert (ours - ref).abs().max().item() <= 1e-4, name
+        assert ref.std() > 1e-3, name
+        # TransformerLens's own resid_mid sweep agrees (a hook on the bridge's hook_resid_mid alone would not:
+        # it is ln2's input, and the edit never reaches the residual stream)
+        tl = _tl_reference(load_model("default" if name == "default" else str(folder)), got, "resid_mid",
+                           "denoise", "logit_diff")
+        assert (tl - ours).abs().max().item() <= 1e-4, name
+    n = store.count()
+    with pytest.raises(WorkbenchError, match="resid_mid does not exist"):
+        run(PatchingSpec(model=str(tiny_dirs["neox"]), pairs=json.dumps(pairs), components=("resid_mid",)),
+            store=store)
+    assert store.count() == n
