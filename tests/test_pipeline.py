@@ -249,5 +249,5 @@ def test_cli_patching_writes_the_tidy_table(tmp_path):
     assert list(table.columns) == ["method", "component", "layer", "pos", "head", "dest_pos", "value"]
     assert len(table) == 2 * (6 * 16 + 6 * 4)  # two methods x (resid_pre layer x pos + z layer x head)
     assert "Plotly" in (tmp_path / "p.html").read_text()
-    bad = _cli("patching", "--components", "resid_mid", "--store", str(tmp_path / "p.duckdb"))
+    bad = _cli("patching", "--components", "resid_middle", "--store", str(tmp_path / "p.duckdb"))
     assert bad.returncode == 2 and "must be one of" in bad.stderr
