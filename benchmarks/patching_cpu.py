@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import forward_backward, median_seconds  # noqa: E402
 from analysis.models import DATA_DIR  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
@@ -90,14 +90,7 @@ def main() -> None:
         return attribution_scores(bridge, corr, src, comps, lambda lg: ld_rows(lg).mean(), LRPRules())
 
     def fwd_bwd():
-        emb = {}
-
-        def leaf(act, hook):
-            emb["x"] = act.detach().requires_grad_(True)
-            return emb["x"]
-
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
-            ld_rows(bridge(corr)[:, -1]).mean().backward()
+        forward_backward(bridge, corr, ld_rows)
 
     t = {label: median_seconds(fn, args.repeats)[0] for label, fn in (("relp", relp), ("fwd+bwd", fwd_bwd))}
     print(f"RelP, all {len(comps)} component types ({', '.join(comps)}): {t['relp']:.3f} s = "

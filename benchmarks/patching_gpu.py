@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's sweeps draw progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:  # the store is not used here; a GPU machine without duckdb can still import analysis.patching
     import duckdb  # noqa: F401  (only whether it imports)
 except ImportError:
@@ -41,6 +42,7 @@ from analysis import load_model  # noqa: E402
 from analysis.models import DEFAULT_MODEL_DIR  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores, integrated_gradients  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
+from timing import forward_backward  # noqa: E402
 
 TL_SWEEPS = {"resid_pre": tl.get_act_patch_resid_pre, "z_by_pos": tl.get_act_patch_attn_head_out_by_pos}
 RELP_TYPES = ["resid_pre", "resid_post", "attn_out", "mlp_out", "z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos",
@@ -142,14 +144,7 @@ def relp_vs_fwd_bwd(bridge, clean, corr, ans, wrong, repeats, device):
             return attribution_scores(bridge, corr, src, RELP_TYPES, lambda lg: rows(lg).mean(), LRPRules())
 
     def fwd_bwd():
-        emb = {}
-
-        def leaf(act, hook):
-            emb["x"] = act.detach().requires_grad_(True)
-            return emb["x"]
-
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
-            rows(bridge(corr)[:, -1]).mean().backward()
+        forward_backward(bridge, corr, rows)
 
     t_relp, _ = timed(relp, repeats, device)
     t_fb, _ = timed(fwd_bwd, repeats, device)

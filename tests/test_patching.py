@@ -27,6 +27,15 @@ TL = {
 }
 
 
+# two IOI-style pairs as text, tokenised by each model's own tokenizer
+TEXT_PAIRS = [{"clean": "Then, John and Mary went to the store. John gave a ring to",
+               "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
+               "answer": " Mary", "wrong": " John"},
+              {"clean": "Then, Emma and Frank went to the park. Emma gave a ball to",
+               "corrupted": "Then, Oscar and Julia went to the park. Henry gave a ball to",
+               "answer": " Frank", "wrong": " Emma"}]
+
+
 @pytest.fixture()
 def store(tmp_path):
     return Store(tmp_path / "s.duckdb")
@@ -120,12 +129,7 @@ def test_equals_transformer_lens_on_three_architectures(tiny_dirs, store, compon
         TL[component] = getattr(tl_patching, {"k_all_pos": "get_act_patch_attn_head_k_all_pos",
                                               "v_by_pos": "get_act_patch_attn_head_v_by_pos"}[component])
         AXES[component] = {"k_all_pos": ("layer", "head"), "v_by_pos": ("layer", "pos", "head")}[component]
-    pairs = [{"clean": "Then, John and Mary went to the store. John gave a ring to",
-              "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
-              "answer": " Mary", "wrong": " John"},
-             {"clean": "Then, Emma and Frank went to the park. Emma gave a ball to",
-              "corrupted": "Then, Oscar and Julia went to the park. Henry gave a ball to",
-              "answer": " Frank", "wrong": " Emma"}]
+    pairs = TEXT_PAIRS
     for arch, folder in tiny_dirs.items():
         out = run(PatchingSpec(model=str(folder), pairs=json.dumps(pairs), components=(component,),
                                metric="logit_diff", methods=("activation",)), store=store)
@@ -278,12 +282,7 @@ def test_resid_mid_is_the_true_residual_stream_between_attention_and_mlp(tiny_di
     GPT-2 and Llama models; refused with a clear message on the parallel-block NeoX model."""
     from analysis.models import DEFAULT_MODEL_DIR
 
-    pairs = [{"clean": "Then, John and Mary went to the store. John gave a ring to",
-              "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
-              "answer": " Mary", "wrong": " John"},
-             {"clean": "Then, Emma and Frank went to the park. Emma gave a ball to",
-              "corrupted": "Then, Oscar and Julia went to the park. Henry gave a ball to",
-              "answer": " Frank", "wrong": " Emma"}]
+    pairs = TEXT_PAIRS
     for name, folder in [("default", DEFAULT_MODEL_DIR), ("gpt2", tiny_dirs["gpt2"]), ("llama", tiny_dirs["llama"])]:
         out = run(PatchingSpec(model="default" if name == "default" else str(folder), pairs=json.dumps(pairs),
                                components=("resid_mid",), metric="logit_diff", methods=("activation",)), store=store)
