@@ -86,14 +86,14 @@ def resolve_tokens(spec: Spec, handle: ModelHandle) -> Spec:
     """Fill in token ids from the prompt (or check given ids against the model)."""
     from .model_view import check_token_ids, encode
 
-    if hasattr(spec, "resolve"):
-        return spec.resolve(handle)
-    if not isinstance(spec, PromptSpec):
-        return spec
-    if spec.token_ids:
-        check_token_ids(handle, list(spec.token_ids))
-        return spec
-    return spec.replace(token_ids=tuple(encode(handle, spec.prompt)))
+    if isinstance(spec, PromptSpec):
+        if spec.token_ids:
+            check_token_ids(handle, list(spec.token_ids))
+        else:
+            spec = spec.replace(token_ids=tuple(encode(handle, spec.prompt)))
+    if hasattr(spec, "resolve"):  # the analysis's own ids (prompt pairs, target tokens)
+        spec = spec.resolve(handle)
+    return spec
 
 
 def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_compute: bool = True,
@@ -158,7 +158,10 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 # ----------------------------------------------------------------------------------------------------------
 from . import patching as _patching  # noqa: E402
 
+from . import lens as _lens  # noqa: E402
+
 register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
+register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)
 def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:

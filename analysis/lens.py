@@ -1,0 +1,155 @@
+"""The logit lens: every layer's residual decoded as a next-token distribution.
+
+For each site (resid_pre, resid_mid, resid_post) of every layer and every position: the final norm is recomputed
+on that residual (not the final layer's cached scale, which flattens early layers), then the unembedding with its
+bias. Reported per cell: entropy, KL from the model's final distribution, the top-k tokens, and the probability
+and rank of the model's own final prediction at that position and of any target tokens the user names. The
+statistics run through `kernels.lens`, which never holds a layers x positions x vocab tensor.
+
+    spec = LensSpec(prompt="The capital of France is", targets=(" Paris",))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pandas as pd
+import torch
+
+from kernels.lens import lens_stats
+from kernels.patching import is_parallel
+
+from .errors import WorkbenchError
+from .models import ModelHandle
+from .specs import PromptSpec, _f
+from .store import Result
+
+SITES = ("resid_pre", "resid_mid", "resid_post")
+MAX_TARGETS = 8
+
+
+@dataclass(frozen=True)
+class LensSpec(PromptSpec):
+    """Logit lens over one prompt."""
+
+    analysis: ClassVar[str] = "lens"
+    title: ClassVar[str] = "Logit lens: each layer's residual decoded through the final norm and unembedding"
+    sites: tuple[str, ...] = _f(SITES, "residual sites to decode", choices=SITES, max_len=len(SITES))
+    targets: tuple[str, ...] = _f((), "target tokens (text, one token each, e.g. ' Paris') tracked at every cell",
+                                  max_len=MAX_TARGETS)
+    target_ids: tuple[int, ...] = _f((), "target token ids; replace `targets` when given", min=0,
+                                     max_len=MAX_TARGETS)
+    top_k: int = _f(5, "top tokens kept per cell", min=1, max=20)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.sites:
+            raise WorkbenchError("Pick at least one residual site.")
+
+    def resolve(self, handle: ModelHandle) -> "LensSpec":
+        """Target token ids (a link replays from them): each target must be exactly one token."""
+        from .model_view import check_token_ids
+
+        if self.target_ids:
+            check_token_ids(handle, list(self.target_ids))
+            return self
+        ids = []
+        for text in self.targets:
+            toks = handle.tokenizer.encode(text, add_special_tokens=False)
+            if len(toks) != 1:
+                pieces = [handle.tokenizer.decode([t]) for t in toks]
+                raise WorkbenchError(f"The target {text!r} is {len(toks)} tokens ({pieces}), not one.",
+                                     hint="Targets must be single tokens; mind the leading space (' Paris').")
+            ids.append(toks[0])
+        return self.replace(target_ids=tuple(ids))
+
+
+def residual_rows(handle: ModelHandle, ids: list[int], sites: tuple[str, ...]):
+    """Residuals [rows, d] for every (site, layer), the final residual [P, d] and the model's logits [P, V].
+
+    resid_mid is resid_pre + attn_out (the stream between attention and MLP); a model whose attention and MLP
+    run in parallel has none, and it is left out."""
+    bridge = handle.bridge
+    L = bridge.cfg.n_layers
+    names = {f"blocks.{layer}.hook_resid_pre" for layer in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
+    if "resid_mid" in sites and not is_parallel(bridge):
+        names |= {f"blocks.{layer}.hook_attn_out" for layer in range(L)}
+    tokens = torch.tensor([ids], device=handle.device)
+    with handle.lock, torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    final = cache[f"blocks.{L - 1}.hook_resid_post"][0]
+    keys, rows = [], []
+    for site in sites:
+        if site == "resid_mid" and is_parallel(bridge):
+            continue
+        for layer in range(L):
+            pre = cache[f"blocks.{layer}.hook_resid_pre"][0]
+            if site == "resid_pre":
+                h = pre
+            elif site == "resid_mid":
+                h = pre + cache[f"blocks.{layer}.hook_attn_out"][0]
+            else:
+                h = cache[f"blocks.{layer + 1}.hook_resid_pre"][0] if layer + 1 < L else final
+            keys.append((site, layer))
+            rows.append(h)
+    return keys, torch.cat(rows), final, logits[0]
+
+
+def compute(handle: ModelHandle, spec: LensSpec, progress) -> Result:
+    from .model_view import token_strings, tokenize
+
+    ids = list(spec.token_ids)
+    bridge = handle.bridge
+    progress(0.1, "residuals")
+    keys, h, final, logits = residual_rows(handle, ids, spec.sites)
+    P = len(ids)
+    if not keys:
+        raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel, so it has no resid_mid.",
+                             hint="Pick resid_pre or resid_post.")
+    progress(0.3, "lens statistics")
+    with handle.lock, torch.no_grad():
+        x = bridge.ln_final(h)  # the final norm recomputed on each residual
+        ref = bridge.ln_final(final)
+        model_top = logits.float().argmax(-1)  # [P]: the model's own prediction at each position
+        targets = torch.cat([model_top[:, None], torch.tensor(spec.target_ids, dtype=torch.long,
+                                                               device=model_top.device).expand(P, -1)], 1)
+        n_rows = len(keys)
+        pos = torch.arange(P, device=x.device).repeat(n_rows)
+        st = lens_stats(x, bridge.W_U, bridge.b_U, ref=ref, ref_index=pos, targets=targets.repeat(n_rows, 1),
+                        k=spec.top_k)
+    progress(0.8, "tables")
+    site_col = [s for s, _ in keys for _ in range(P)]
+    layer_col = [layer for _, layer in keys for _ in range(P)]
+    pos_col = list(range(P)) * n_rows
+    tok = token_strings(handle, ids)
+    top_ids = st.top_ids.cpu()
+    top_p = st.top_logprob.exp().cpu()
+    t_lp = st.target_logprob.exp().cpu()
+    t_rank = st.target_rank.cpu()
+    seen = sorted(set(top_ids.reshape(-1).tolist()) | set(model_top.tolist()) | set(spec.target_ids))
+    names = dict(zip(seen, token_strings(handle, seen)))
+    table = pd.DataFrame({
+        "site": site_col, "layer": layer_col, "pos": pos_col, "token": [tok[p] for p in pos_col],
+        "entropy": st.entropy.cpu().numpy(), "kl_to_final": st.kl.cpu().clamp(min=0).numpy(),
+        "top_token": [names[i] for i in top_ids[:, 0].tolist()], "top_prob": top_p[:, 0].numpy(),
+        "final_token": [names[i] for i in model_top.tolist()] * n_rows,
+        "final_prob": t_lp[:, 0].numpy(), "final_rank": t_rank[:, 0].numpy(),
+    })
+    k = top_ids.shape[1]
+    top = pd.DataFrame({
+        "site": [s for s in site_col for _ in range(k)], "layer": [v for v in layer_col for _ in range(k)],
+        "pos": [v for v in pos_col for _ in range(k)], "rank": list(range(k)) * len(site_col),
+        "token_id": top_ids.reshape(-1).numpy(), "token": [names[i] for i in top_ids.reshape(-1).tolist()],
+        "prob": top_p.reshape(-1).numpy()})
+    extra = {"tokens": tokenize(handle, ids), "top": top}
+    if spec.target_ids:
+        T = len(spec.target_ids)
+        extra["targets"] = pd.DataFrame({
+            "site": [s for s in site_col for _ in range(T)], "layer": [v for v in layer_col for _ in range(T)],
+            "pos": [v for v in pos_col for _ in range(T)],
+            "target": [names[t] for t in spec.target_ids] * len(site_col),
+            "target_id": list(spec.target_ids) * len(site_col),
+            "prob": t_lp[:, 1:].reshape(-1).numpy(), "rank": t_rank[:, 1:].reshape(-1).numpy()})
+    meta = {"n_tokens": P, "n_layers": bridge.cfg.n_layers, "sites": [s for s in spec.sites if
+                                                                      any(k[0] == s for k in keys)]}
+    return Result(table=table, meta=meta, extra=extra)

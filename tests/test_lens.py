@@ -1,0 +1,63 @@
+"""Lens statistics: the blocked kernel against the full-tensor computation, and the lens at the last layer against
+the model's own output on the default model and the three test architectures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.lens import lens_stats, naive_lens_stats
+
+
+@pytest.mark.parametrize("vocab_block, row_block", [(7, 1), (128, 5), (1000, 64), (333, None)])
+def test_blocked_statistics_equal_the_full_tensor(vocab_block, row_block):
+    torch.manual_seed(0)
+    N, d, V = 40, 16, 1000
+    x, W, b = torch.randn(N, d) * 2, torch.randn(d, V), torch.randn(V)
+    ref, ref_index = torch.randn(6, d) * 2, torch.randint(0, 6, (N,))
+    targets = torch.randint(0, V, (N, 3))
+    got = lens_stats(x, W, b, ref=ref, ref_index=ref_index, targets=targets, k=7, vocab_block=vocab_block,
+                     row_block=row_block)
+    want = naive_lens_stats(x, W, b, ref=ref, ref_index=ref_index, targets=targets, k=7)
+    for field in ("lse", "entropy", "kl", "target_logprob", "top_logprob"):
+        assert torch.allclose(getattr(got, field), getattr(want, field), atol=1e-4, rtol=1e-5), field
+    assert torch.equal(got.target_rank, want.target_rank)
+    assert torch.equal(got.top_ids, want.top_ids)
+    assert (want.kl >= -1e-5).all() and want.entropy.max() <= torch.log(torch.tensor(float(V))) + 1e-4
+
+
+def test_analytic_values():
+    """Uniform logits: entropy log V, every rank 0 ties broken as 'strictly above' (rank 0), KL to itself 0;
+    a one-hot-like row: entropy ~0, the hot token's rank 0 and log-probability ~0."""
+    V, d = 50, 4
+    W = torch.zeros(d, V)
+    b = torch.zeros(V)
+    x = torch.randn(3, d)
+    st = lens_stats(x, W, b, ref=x, ref_index=torch.arange(3), targets=torch.tensor([[0], [5], [49]]),
+                    vocab_block=16)
+    assert torch.allclose(st.entropy, torch.full((3,), torch.log(torch.tensor(50.0)).item()), atol=1e-5)
+    assert torch.allclose(st.kl, torch.zeros(3), atol=1e-6) and (st.target_rank == 0).all()
+    b_hot = torch.zeros(V)
+    b_hot[17] = 60.0
+    hot = lens_stats(x, W, b_hot, targets=torch.tensor([[17], [3], [17]]), vocab_block=16)
+    assert hot.entropy.max() < 1e-6 and hot.target_rank[0, 0] == 0 and hot.target_rank[1, 0] == 1
+    assert hot.target_logprob[0, 0].abs() < 1e-6 and (hot.top_ids[:, 0] == 17).all()
+
+
+def test_lens_at_the_last_layer_is_the_models_output(default_handle, tiny_dirs):
+    from analysis import load_model
+
+    for handle in [default_handle] + [load_model(str(f)) for f in tiny_dirs.values()]:
+        bridge = handle.bridge
+        L = bridge.cfg.n_layers
+        tokens = torch.tensor([[0, 343, 12, 543, 270, 558, 300, 22, 91, 15]])
+        name = f"blocks.{L - 1}.hook_resid_post"
+        with torch.no_grad():
+            logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
+            x = bridge.ln_final(cache[name][0])  # the final norm recomputed on the last residual
+            st = lens_stats(x, bridge.W_U, bridge.b_U, vocab_block=100)
+        model_logp = logits[0].float().log_softmax(-1)
+        lens_logp_top = st.top_logprob
+        assert torch.allclose(lens_logp_top, model_logp.topk(5, -1).values, atol=1e-5), handle.name
+        kl = (model_logp.exp() * (model_logp - (x.float() @ bridge.W_U.float() + bridge.b_U.float())
+                                  .log_softmax(-1))).sum(-1)
+        assert kl.max().item() < 1e-5, handle.name
