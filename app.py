@@ -96,6 +96,7 @@ st.session_state["model_choice"] = sidebar()
 page = st.navigation([
     st.Page("views/model.py", title="Model", icon=":material/neurology:", default=True),
     st.Page("views/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
+    st.Page("views/lens.py", title="Lens", icon=":material/layers:", url_path="lens"),
     st.Page("views/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

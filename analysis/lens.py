@@ -33,6 +33,7 @@ class LensSpec(PromptSpec):
     """Logit lens over one prompt."""
 
     analysis: ClassVar[str] = "lens"
+    display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids", "targets": "target_ids"}
     title: ClassVar[str] = "Logit lens: each layer's residual decoded through the final norm and unembedding"
     sites: tuple[str, ...] = _f(SITES, "residual sites to decode", choices=SITES, max_len=len(SITES))
     targets: tuple[str, ...] = _f((), "target tokens (text, one token each, e.g. ' Paris') tracked at every cell",

@@ -74,8 +74,9 @@ def spec_from_dict(data: dict) -> Spec:
 
 def run_key(fingerprint: str, spec: Spec, version: str) -> str:
     payload = spec.to_dict()
-    if isinstance(spec, PromptSpec) and spec.token_ids:
-        payload.pop("prompt")  # display only: the ids are what ran
+    for text, ids in getattr(spec, "display_only", {}).items():
+        if getattr(spec, ids):
+            payload.pop(text)  # display only: the ids are what ran
     payload.pop("model"), payload.pop("revision")  # the fingerprint already names the weights
     blob = json.dumps({"analysis": spec.analysis, "version": version, "fingerprint": fingerprint,
                        "spec": payload}, sort_keys=True)

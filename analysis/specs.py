@@ -114,7 +114,10 @@ def _coerce(name: str, value: Any, typ, meta: dict) -> Any:
                 raise ValueError("NUL character")
         elif origin is tuple:
             (inner, *_rest) = typing.get_args(typ)
-            if isinstance(value, str):
+            if isinstance(value, str) and inner is str and "choices" not in meta:
+                # free text items (e.g. target tokens ' Paris'): split on commas only, spaces are part of them
+                value = [v for v in value.split(",") if v.strip()]
+            elif isinstance(value, str):
                 value = [v for v in re.split(r"[,\s]+", value.strip()) if v] if value.strip() else []
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
@@ -145,6 +148,8 @@ class PromptSpec(Spec):
     """A spec over one prompt. `token_ids` is canonical: a link replays from it, so it cannot drift when a
     tokenizer changes; `prompt` is kept for display and is tokenized only when no ids are given."""
 
+    # text fields that only label what ran once their token ids are known (left out of the run key then)
+    display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids"}
     prompt: str = _f("", "the prompt text", max_len=20_000)
     token_ids: tuple[int, ...] = _f((), "token ids (with BOS); replaces the prompt's tokenization when given",
                                     min=0, max_len=MAX_TOKENS)

@@ -158,3 +158,17 @@ def test_patching_page_bad_pairs(own_store, pairs, message):
     at = _run(page="views/patching.py", pairs=pairs)
     assert not at.exception
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_lens_page_runs_links_and_reopens_from_the_store(own_store):
+    at = _run(page="views/lens.py", prompt="The capital of France is", targets=" Paris")
+    assert not at.exception and not at.error
+    assert len(at.get("plotly_chart")) == 2  # the lens heatmap and the KL-by-layer curves
+    assert _qp(at, "targets") == " Paris" and _qp(at, "target_ids")  # the link keeps the space and the id
+    assert "pairs" not in at.query_params
+    link = {k: _qp(at, k) for k in at.query_params}
+    again = _run(page="views/lens.py", **link)
+    assert not again.exception and not again.error
+    assert any("from the store" in c.value for c in again.caption)
+    bad = _run(page="views/lens.py", prompt="The capital of France is", targets=" Parisian stuff")
+    assert not bad.exception and any("not one" in e.value for e in bad.error)

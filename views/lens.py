@@ -1,0 +1,86 @@
+"""Lens page: every layer's residual decoded as a next-token distribution (the logit lens), with entropy, KL from
+the model's final distribution and the probability of chosen target tokens. Everything runs through the
+pipeline (spec -> store or compute) and lives in the URL."""
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import WorkbenchError
+from analysis.figures import LENS_COLOURS, lens_heatmap, lens_kl_by_layer
+from analysis.lens import SITES, LensSpec
+from analysis.runs import run
+from analysis.settings import review_mode
+from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
+                          spec_params, status_line, store, sync_url)
+
+DEFAULT_PROMPT = "The capital of France is"
+FIELDS = ("prompt", "token_ids", "sites", "targets", "target_ids", "top_k")
+
+st.title("Lens")
+st.caption("Each layer's residual through the final norm (recomputed on that residual) and the unembedding: "
+           "where does the prediction form?")
+model = require_model()
+qp, url = spec_from_link(LensSpec, FIELDS, {"prompt": DEFAULT_PROMPT})
+
+with st.form("lens"):
+    prompt = st.text_area("Prompt", value=url.prompt, max_chars=20_000)
+    c1, c2, c3 = st.columns([2, 2, 1])
+    targets_text = c1.text_input("Target tokens (comma-separated, with their leading spaces)",
+                                 value=",".join(url.targets), help="Each must be one token, e.g. ' Paris'.")
+    sites = c2.multiselect("Residual sites", SITES, default=list(url.sites))
+    top_k = c3.number_input("Top-k", 1, 20, url.top_k)
+    st.form_submit_button("Run")
+
+targets = tuple(t for t in targets_text.split(",") if t.strip())
+same_prompt = prompt == url.prompt
+progress = progress_bar()
+try:
+    spec = LensSpec(model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
+                    token_ids=url.token_ids if same_prompt else (), sites=tuple(sites), targets=targets,
+                    target_ids=url.target_ids if targets == url.targets else (), top_k=int(top_k))
+    spec = LensSpec.from_dict(spec.to_dict())  # the same validation as a link or the CLI
+    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
+except WorkbenchError as e:
+    progress(1.0, "")
+    st.error(str(e))
+    st.stop()
+
+result = outcome.result
+table, tokens = result.table, result.extra["tokens"]
+done_sites = result.meta["sites"]
+v1, v2 = st.columns(2)
+site = v1.selectbox("Show site", done_sites, key="view_site",
+                    index=done_sites.index(qp["view_site"]) if qp.get("view_site") in done_sites else
+                    (done_sites.index("resid_post") if "resid_post" in done_sites else 0))
+colours = list(LENS_COLOURS)
+colour = v2.selectbox("Colour by", colours, key="view_colour", format_func=lambda c: LENS_COLOURS[c][0],
+                      index=colours.index(qp["view_colour"]) if qp.get("view_colour") in colours else 0)
+heat = lens_heatmap(table, tokens, site, colour)
+st.plotly_chart(heat, width="stretch")
+kl = lens_kl_by_layer(table)
+st.plotly_chart(kl, width="stretch")
+figures = {"lens": heat, "kl": kl}
+
+if "targets" in result.extra:
+    st.subheader("Target tokens")
+    tg = result.extra["targets"]
+    last = tg[(tg["site"] == site) & (tg["pos"] == tg["pos"].max())]
+    st.dataframe(last.pivot(index="layer", columns="target", values="prob"), width="stretch")
+    st.caption("Probability at the last position, per layer.")
+
+st.subheader("Top tokens at one cell")
+c1, c2 = st.columns(2)
+n_layers, n_pos = int(result.meta["n_layers"]), int(result.meta["n_tokens"])
+layer = c1.number_input("Layer", 0, n_layers - 1, n_layers - 1, key="cell_layer")
+pos = c2.number_input("Position", 0, n_pos - 1, n_pos - 1, key="cell_pos")
+top = result.extra["top"]
+st.dataframe(top[(top["site"] == site) & (top["layer"] == layer) & (top["pos"] == pos)]
+             [["rank", "token", "token_id", "prob"]], hide_index=True, width="stretch")
+
+sync_url({**spec_params(outcome.spec), "view_site": site, "view_colour": colour})
+link = share_link()
+st.subheader("Share and export")
+st.code(link, language=None)
+status_line(outcome)
+downloads(outcome, figures, f"Lens: {prompt[:60]}", link)
+save_finding(outcome, link)
