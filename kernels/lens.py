@@ -47,9 +47,9 @@ def lens_stats(
     ref_index: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     k: int = 5,
-    vocab_block: int = 8192,
+    vocab_block: int | None = None,
     row_block: int | None = None,
-    budget_bytes: int = 64 * 2**20,
+    budget_bytes: int | None = None,
 ) -> LensStats:
     """Statistics of softmax(x W_U + b_U) for normalised rows x [N, d], in blocks.
 
@@ -58,6 +58,9 @@ def lens_stats(
     reported. Each block holds at most `budget_bytes` of float32 logits (rows x vocabulary)."""
     N, V = x.shape[0], W_U.shape[1]
     dev = x.device
+    # CPU: blocks that stay in cache. GPU: fewer, larger blocks (each block is ~15 kernel launches).
+    vocab_block = vocab_block or (16384 if dev.type == "cuda" else 8192)
+    budget_bytes = budget_bytes or (256 * 2**20 if dev.type == "cuda" else 64 * 2**20)
     x = x.float()
     vocab_block = min(vocab_block, V)
     if row_block is None:  # a block's temporaries: ~4 float32 [rows, vocab_block] tensors, one bool per target
