@@ -134,3 +134,30 @@ def status_line(outcome: RunOutcome) -> None:
     rec = outcome.record
     how = "from the store" if outcome.hit else f"computed in {rec.duration_s or 0:.2f} s"
     st.caption(f"Run `{outcome.key}` · {how}" + (" · review mode" if review_mode() else ""))
+
+
+def run_or_stop(make_spec, model: ModelChoice) -> RunOutcome:
+    """Build the spec (`make_spec()`), validate it as a link or the CLI would, and run it through the store with
+    a progress bar; a bad input gets its message and the page stops there (nothing is stored)."""
+    from analysis.runs import run
+
+    progress = progress_bar()
+    try:
+        spec = make_spec()
+        spec = type(spec).from_dict(spec.to_dict())  # the same validation as a link or the CLI
+        return run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
+    except WorkbenchError as e:
+        progress(1.0, "")  # take the bar away
+        st.error(str(e))
+        st.stop()
+
+
+def share_and_export(outcome: RunOutcome, params: dict, figures: dict, title: str) -> None:
+    """Write the page's state to the URL, then the link, the run's status, downloads and "save as a finding"."""
+    sync_url(params)
+    link = share_link()
+    st.subheader("Share and export")
+    st.code(link, language=None)
+    status_line(outcome)
+    downloads(outcome, figures, title, link)
+    save_finding(outcome, link)

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import WorkbenchError
 from analysis.figures import LENS_COLOURS, lens_heatmap, lens_kl_by_layer
 from analysis.lens import SITES, LensSpec
-from analysis.runs import run
-from analysis.settings import review_mode
-from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
-                          spec_params, status_line, store, sync_url)
+from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 DEFAULT_PROMPT = "The capital of France is"
 FIELDS = ("prompt", "token_ids", "sites", "targets", "target_ids", "top_k")
@@ -33,17 +29,10 @@ with st.form("lens"):
 
 targets = tuple(t for t in targets_text.split(",") if t.strip())
 same_prompt = prompt == url.prompt
-progress = progress_bar()
-try:
-    spec = LensSpec(model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
-                    token_ids=url.token_ids if same_prompt else (), sites=tuple(sites), targets=targets,
-                    target_ids=url.target_ids if targets == url.targets else (), top_k=int(top_k))
-    spec = LensSpec.from_dict(spec.to_dict())  # the same validation as a link or the CLI
-    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
-except WorkbenchError as e:
-    progress(1.0, "")
-    st.error(str(e))
-    st.stop()
+outcome = run_or_stop(lambda: LensSpec(
+    model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
+    token_ids=url.token_ids if same_prompt else (), sites=tuple(sites), targets=targets,
+    target_ids=url.target_ids if targets == url.targets else (), top_k=int(top_k)), model)
 
 result = outcome.result
 table, tokens = result.table, result.extra["tokens"]
@@ -77,10 +66,5 @@ top = result.extra["top"]
 st.dataframe(top[(top["site"] == site) & (top["layer"] == layer) & (top["pos"] == pos)]
              [["rank", "token", "token_id", "prob"]], hide_index=True, width="stretch")
 
-sync_url({**spec_params(outcome.spec), "view_site": site, "view_colour": colour})
-link = share_link()
-st.subheader("Share and export")
-st.code(link, language=None)
-status_line(outcome)
-downloads(outcome, figures, f"Lens: {prompt[:60]}", link)
-save_finding(outcome, link)
+share_and_export(outcome, {**spec_params(outcome.spec), "view_site": site, "view_colour": colour}, figures,
+                 f"Lens: {prompt[:60]}")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import WorkbenchError
 from analysis.figures import attention_heatmap, predictions_bar
-from analysis.runs import run
-from analysis.settings import review_mode
 from analysis.specs import ModelViewSpec
-from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link, spec_params,
-                          status_line, store, sync_url)
+from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"
 
@@ -23,16 +19,8 @@ prompt = st.text_area("Prompt", value=url.prompt, key="prompt", max_chars=20_000
 top_k = st.slider("Top-k predictions", 1, 100, url.top_k, key="top_k")
 # the link's token ids replay exactly what ran, as long as the prompt is the one the link came with
 ids = url.token_ids if prompt == url.prompt else ()
-progress = progress_bar()
-try:
-    spec = ModelViewSpec(model=model.model, revision=model.revision, dtype=model.dtype, prompt=prompt,
-                         token_ids=ids, top_k=top_k)
-    spec.validate()
-    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
-except WorkbenchError as e:
-    progress(1.0, "")  # take the bar away
-    st.error(str(e))
-    st.stop()
+outcome = run_or_stop(lambda: ModelViewSpec(model=model.model, revision=model.revision, dtype=model.dtype,
+                                             prompt=prompt, token_ids=ids, top_k=top_k), model)
 
 result, summary = outcome.result, outcome.result.meta.get("model_summary", {})
 tokens = result.extra["tokens"]
@@ -76,10 +64,5 @@ head = c2.number_input("Head", 0, n_heads - 1, _view_int("head", n_heads), key="
 heat = attention_heatmap(result.extra["attention"], tokens, int(layer), int(head))
 st.plotly_chart(heat, width="stretch")
 
-sync_url({**spec_params(outcome.spec), "layer": int(layer), "head": int(head)})
-link = share_link()
-st.subheader("Share and export")
-st.code(link, language=None)
-status_line(outcome)
-downloads(outcome, {"predictions": bars, "attention": heat}, f"Model view: {prompt[:60]}", link)
-save_finding(outcome, link)
+share_and_export(outcome, {**spec_params(outcome.spec), "layer": int(layer), "head": int(head)},
+                 {"predictions": bars, "attention": heat}, f"Model view: {prompt[:60]}")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import WorkbenchError
 from analysis.figures import comparison_scatter, patching_heatmap
 from analysis.patching import COMPONENTS, DIRECTIONS, METHODS, METRICS, PatchingSpec
-from analysis.runs import run
-from analysis.settings import review_mode
-from views.common import (downloads, progress_bar, require_model, save_finding, share_link, spec_from_link,
-                          spec_params, status_line, store, sync_url)
+from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 EXAMPLE_PAIRS = """[
   {"clean": "Then, John and Mary went to the store. John gave a ring to",
@@ -46,21 +42,18 @@ with st.form("patching"):
                           help="No gradient through the softmax: q, k and pattern scores become unavailable.")
     st.form_submit_button("Run")
 
-progress = progress_bar()
-try:
-    spec = PatchingSpec(
+
+def make_spec() -> PatchingSpec:
+    return PatchingSpec(
         model=model.model, revision=model.revision, dtype=model.dtype,
         dataset="" if source.startswith("My") else "ioi", n_pairs=int(n_pairs),
         pairs=pairs_text if source.startswith("My") else "", components=tuple(components), methods=tuple(methods),
         relp_rules=("ln", "identity", "half") + (("attention",) if ah_rule else ()), metric=metric,
         direction=direction, overlap_k=url.overlap_k)
-    spec = PatchingSpec.from_dict(spec.to_dict())  # the same validation as a link or the CLI
-    outcome = run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
-except WorkbenchError as e:
-    progress(1.0, "")
-    st.error(str(e))
-    st.stop()
 
+
+outcome = run_or_stop(make_spec, model)
+spec = outcome.spec
 result = outcome.result
 table, tokens, meta = result.table, result.extra["tokens"], result.meta
 st.caption(f"{meta['n_pairs']} pairs of {meta['n_tokens']} tokens · {meta['metric']} · clean {meta['clean_metric']:.3f}"
@@ -94,11 +87,6 @@ labels = dict(zip(tokens["pos"], tokens["token"]))
 top = top.assign(token=[repr(labels.get(int(p), "")) if pd.notna(p) else "" for p in top["pos"]])
 st.dataframe(top.drop(columns=["method"]), hide_index=True, width="stretch")
 
-sync_url({**spec_params(outcome.spec if source.startswith("My") else spec),
-          "view_method": view_method, "view_component": view_component})
-link = share_link()
-st.subheader("Share and export")
-st.code(link, language=None)
-status_line(outcome)
-downloads(outcome, figures, f"Patching: {', '.join(spec.components)}", link)
-save_finding(outcome, link)
+share_and_export(outcome, {**spec_params(outcome.spec if source.startswith("My") else make_spec()),
+                           "view_method": view_method, "view_component": view_component},
+                 figures, f"Patching: {', '.join(spec.components)}")
