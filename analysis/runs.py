@@ -159,10 +159,12 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 # ----------------------------------------------------------------------------------------------------------
 from . import patching as _patching  # noqa: E402
 
+from . import entropy as _entropy  # noqa: E402
 from . import lens as _lens  # noqa: E402
 
 register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
 register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
+register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)
 def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:

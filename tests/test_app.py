@@ -172,3 +172,16 @@ def test_lens_page_runs_links_and_reopens_from_the_store(own_store):
     assert any("from the store" in c.value for c in again.caption)
     bad = _run(page="views/lens.py", prompt="The capital of France is", targets=" Parisian stuff")
     assert not bad.exception and any("not one" in e.value for e in bad.error)
+
+
+def test_entropy_page_tracks_the_shipped_checkpoints(own_store):
+    at = _run(page="views/entropy.py")
+    assert not at.exception and not at.error
+    assert len(at.get("plotly_chart")) == 3  # heads heatmap, predictive heatmap, curves over training
+    summary = [d.value for d in at.dataframe if "collapsed_heads" in d.value.columns][0]
+    assert list(summary["step"]) == [100, 250, 500, 1000, 2000, 3000, 4000]
+    assert _qp(at, "view_step") == "4000"
+    link = {k: _qp(at, k) for k in at.query_params}
+    again = _run(page="views/entropy.py", **{**link, "view_step": "1000"})
+    assert not again.exception and any("from the store" in c.value for c in again.caption)
+    assert any("step 1000" in c.value for c in again.caption)
