@@ -160,11 +160,13 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 from . import patching as _patching  # noqa: E402
 
 from . import entropy as _entropy  # noqa: E402
+from . import infoplane as _infoplane  # noqa: E402
 from . import lens as _lens  # noqa: E402
 
 register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
 register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
 register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
+register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)
 def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:

@@ -185,3 +185,10 @@ def test_entropy_page_tracks_the_shipped_checkpoints(own_store):
     again = _run(page="views/entropy.py", **{**link, "view_step": "1000"})
     assert not again.exception and any("from the store" in c.value for c in again.caption)
     assert any("step 1000" in c.value for c in again.caption)
+
+
+def test_information_plane_page_says_what_it_measures(own_store):
+    at = _run(page="views/infoplane.py", n_samples="100", checkpoints="default")
+    assert not at.exception and not at.error
+    assert any("not Shannon information" in w.value for w in at.warning)
+    assert len(at.get("plotly_chart")) == 1 and _qp(at, "view_estimator") == "renyi"

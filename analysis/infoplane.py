@@ -1,0 +1,172 @@
+"""The information plane: per layer, how much a representation keeps of the input and of a target, over training.
+
+A sample of token positions is drawn from text (the default model's concept sentences, or text the user gives);
+at each position T_l is the residual after block l, X the input embedding (the residual entering block 0) and Y
+the target (the next token, or the sentence's concept label). Per layer and model:
+
+- matrix-based Rényi entropy S(T) and the mutual informations I(X; T), I(T; Y) (Gaussian kernels with the median
+  width for X and T, a label kernel for Y), `kernels.information`;
+- diffusion spectral entropy of T and its conditional ("diffusion spectral mutual information") versions:
+  S_D(T) - sum_c p(c) S_D(T | c), conditioning on the input token for X and on the target for Y.
+
+For a deterministic network the true I(X; T) is constant or infinite: these numbers measure how representations
+cluster (geometry), not Shannon information. Options: normalise each residual to unit length, drop position 0
+(whose residual norm dwarfs the others), the sample size and its seed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernels.information import (diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information,
+                                 renyi_entropy)
+
+from .entropy import _series
+from .errors import WorkbenchError
+from .models import DATA_DIR, ModelHandle, load_model
+from .specs import Spec, _f
+from .store import Result
+
+CONCEPTS = ("sentiment", "tense", "number", "topic")
+TARGETS = ("next_token",) + CONCEPTS
+CAVEAT = ("For a deterministic network the true mutual information between input and representation is constant "
+          "or infinite; these estimates measure how tightly the representations cluster (their geometry), not "
+          "Shannon information.")
+
+
+@dataclass(frozen=True)
+class InfoPlaneSpec(Spec):
+    """Information-plane estimates per layer over sampled token representations, over checkpoints."""
+
+    analysis: ClassVar[str] = "infoplane"
+    title: ClassVar[str] = "Information plane: entropy and mutual information of each layer, over training"
+    dataset: str = _f("concepts", "concepts: the shipped concept sentences; text: the text given",
+                      choices=("concepts", "text"))
+    text: str = _f("", "text to sample from (one sentence or passage per line) when dataset is 'text'",
+                   max_len=200_000)
+    target: str = _f("next_token", "Y: the next token, or a concept label of the shipped sentences", choices=TARGETS)
+    n_samples: int = _f(1000, "token positions sampled", min=50, max=4000)
+    alpha: float = _f(1.01, "Rényi order (1.01: close to Shannon)", min=0.1, max=10.0)
+    diffusion_t: int = _f(1, "diffusion time of the spectral entropy", min=1, max=64)
+    normalize: bool = _f(True, "scale every residual to unit length")
+    drop_first: bool = _f(True, "leave out position 0")
+    seed: int = _f(0, "sampling seed", min=0, max=2**31 - 1)
+    checkpoints: tuple[str, ...] = _f((), "models to track in training order (as on the Entropy page); empty: the "
+                                          "default model's shipped checkpoints, or the model alone", max_len=32)
+
+    def validate(self) -> None:
+        if self.dataset == "text" and not self.text.strip():
+            raise WorkbenchError("Give some text to sample from, or pick the shipped concept sentences.")
+        if self.dataset == "text" and self.target != "next_token":
+            raise WorkbenchError(f"Concept labels ({self.target}) exist only for the shipped concept sentences.",
+                                 hint="Use next_token as the target for your own text.")
+
+
+def _sequences(handle: ModelHandle, spec: InfoPlaneSpec) -> tuple[list[list[int]], list[str | None]]:
+    if spec.dataset == "concepts":
+        rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "concepts.jsonl").read_text().splitlines()]
+        return [r["ids"] for r in rows], [r[spec.target] if spec.target in CONCEPTS else None for r in rows]
+    from .model_view import encode
+
+    seqs = [encode(handle, line) for line in spec.text.splitlines() if line.strip()]
+    return [s[: handle.summary.n_ctx] for s in seqs], [None] * len(seqs)
+
+
+def _sample(seqs, labels, spec: InfoPlaneSpec):
+    """(sequence index, position, input token, target) for the sampled positions."""
+    cand = []
+    for i, s in enumerate(seqs):
+        last = len(s) - 1 if spec.target == "next_token" else len(s)  # the next token must exist
+        for p in range(1 if spec.drop_first else 0, last):
+            y = s[p + 1] if spec.target == "next_token" else labels[i]
+            cand.append((i, p, s[p], y))
+    if len(cand) < 50:
+        raise WorkbenchError(f"The text has only {len(cand)} usable token positions; at least 50 are needed.",
+                             hint="Give more text.")
+    rng = np.random.default_rng(spec.seed)
+    pick = rng.choice(len(cand), size=min(spec.n_samples, len(cand)), replace=False)
+    return [cand[k] for k in sorted(pick)]
+
+
+def representations(handle: ModelHandle, seqs, sample, normalize: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """X [N, d] (the input embedding) and T_l [N, d] per layer at the sampled positions."""
+    bridge = handle.bridge
+    L = bridge.cfg.n_layers
+    names = {"blocks.0.hook_resid_pre"} | {f"blocks.{layer}.hook_resid_post" for layer in range(L)}
+    by_seq: dict[int, list[int]] = {}
+    for k, (i, p, _, _) in enumerate(sample):
+        by_seq.setdefault(i, []).append(k)
+    d = bridge.cfg.d_model
+    X = torch.empty(len(sample), d)
+    T = [torch.empty(len(sample), d) for _ in range(L)]
+    by_len: dict[int, list[int]] = {}
+    for i in by_seq:
+        by_len.setdefault(len(seqs[i]), []).append(i)
+    with handle.lock, torch.no_grad():
+        for length, group in by_len.items():
+            for c in range(0, len(group), 64):
+                idx = group[c:c + 64]
+                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
+                _, cache = bridge.run_with_cache(toks, names_filter=lambda n: n in names)
+                for row, i in enumerate(idx):
+                    ks = by_seq[i]
+                    pos = [sample[k][1] for k in ks]
+                    X[ks] = cache["blocks.0.hook_resid_pre"][row, pos].float().cpu()
+                    for layer in range(L):
+                        T[layer][ks] = cache[f"blocks.{layer}.hook_resid_post"][row, pos].float().cpu()
+    if normalize:
+        X = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        T = [t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12) for t in T]
+    return X, T
+
+
+def _conditional_dse(G: torch.Tensor, groups: np.ndarray, t: int) -> float:
+    """sum_c p(c) S_D(G restricted to class c)."""
+    total, n = 0.0, len(groups)
+    for c in np.unique(groups):
+        m = np.flatnonzero(groups == c)
+        if len(m) > 1:
+            total += len(m) / n * diffusion_spectral_entropy(G[np.ix_(m, m)], t)
+    return total
+
+
+def compute(handle: ModelHandle, spec: InfoPlaneSpec, progress) -> Result:
+    seqs, labels = _sequences(handle, spec)
+    sample = _sample(seqs, labels, spec)
+    x_tok = np.array([s[2] for s in sample])
+    y_vals = [s[3] for s in sample]
+    y_codes = np.unique(np.array([str(v) for v in y_vals]), return_inverse=True)[1]
+    Ky = label_gram(torch.tensor(y_codes))
+    series = _series(spec)
+    rows, models = [], []
+    for m_i, (step, name, rev) in enumerate(series):
+        progress(m_i / len(series), f"model {m_i + 1} of {len(series)} (step {step})")
+        h = handle if (name == spec.model and (rev or "") == (spec.revision or "")) else \
+            load_model(name, revision=rev, device=handle.device, dtype=spec.dtype)
+        if h.summary.d_vocab != handle.summary.d_vocab:
+            raise WorkbenchError(f"{name} has a vocabulary of {h.summary.d_vocab} tokens, the model "
+                                 f"{handle.summary.d_vocab}: they are not checkpoints of one model.")
+        X, T = representations(h, seqs, sample, spec.normalize)
+        Kx = gaussian_gram(X)
+        s_y = renyi_entropy(Ky, spec.alpha)
+        for layer, t in enumerate(T):
+            Kt = gaussian_gram(t)
+            s_t = renyi_entropy(Kt, spec.alpha)
+            dse = diffusion_spectral_entropy(Kt, spec.diffusion_t)
+            rows.append({"step": step, "layer": layer, "estimator": "renyi", "entropy": s_t,
+                         "i_xt": mutual_information(Kx, Kt, spec.alpha), "i_ty": mutual_information(Kt, Ky, spec.alpha),
+                         "h_y": s_y})
+            rows.append({"step": step, "layer": layer, "estimator": "dse", "entropy": dse,
+                         "i_xt": dse - _conditional_dse(Kt, x_tok, spec.diffusion_t),
+                         "i_ty": dse - _conditional_dse(Kt, y_codes, spec.diffusion_t), "h_y": np.nan})
+        models.append({"step": step, "model": name, "revision": rev or "", "fingerprint": h.fingerprint})
+    progress(1.0, "done")
+    table = pd.DataFrame(rows)
+    meta = {"n_samples": len(sample), "target": spec.target, "steps": [m["step"] for m in models],
+            "caveat": CAVEAT}
+    return Result(table=table, meta=meta, extra={"models": pd.DataFrame(models)})
