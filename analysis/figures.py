@@ -136,9 +136,9 @@ LENS_COLOURS = {"final_prob": ("probability of the model's final prediction", "V
 
 
 def lens_heatmap(table: pd.DataFrame, tokens: pd.DataFrame, site: str = "resid_post",
-                 colour: str = "final_prob") -> go.Figure:
+                 colour: str = "final_prob", lens: str = "logit") -> go.Figure:
     """Layer x position, coloured by `colour`, the lens's top token written in each cell."""
-    sub = table[table["site"] == site]
+    sub = table[(table["site"] == site) & (table["lens"] == lens)]
     n_layers, n_pos = int(sub["layer"].max()) + 1, len(tokens)
     z = np.full((n_layers, n_pos), np.nan)
     text = np.full((n_layers, n_pos), "", dtype=object)
@@ -154,7 +154,7 @@ def lens_heatmap(table: pd.DataFrame, tokens: pd.DataFrame, site: str = "resid_p
                       colorbar_title=colour, customdata=custom,
                       hovertemplate="%{y} · %{x}<br>top: %{text}<br>" + colour + " %{z:.4f}<br>final prediction "
                                     "%{customdata[0]!r}: p = %{customdata[1]:.4f}<extra></extra>")
-    return go.Figure(heat, layout=dict(title=f"Logit lens · {site} · {title}", height=max(300, 34 * n_layers),
+    return go.Figure(heat, layout=dict(title=f"{lens.capitalize()} lens · {site} · {title}", height=max(300, 34 * n_layers),
                                        margin=_MARGIN, xaxis=dict(tickangle=-60), yaxis=dict(autorange="reversed")))
 
 
@@ -170,10 +170,12 @@ def lens_kl_by_layer(table: pd.DataFrame) -> go.Figure:
                                         height=360, margin=_MARGIN, xaxis_title="layer", yaxis_title="nats"))
 
 
-def lens_figures(result: Result, site: str | None = None, colour: str = "final_prob") -> dict[str, go.Figure]:
+def lens_figures(result: Result, site: str | None = None, colour: str = "final_prob",
+                 lens: str | None = None) -> dict[str, go.Figure]:
     t = result.table
     site = site or ("resid_post" if (t["site"] == "resid_post").any() else t["site"].iloc[0])
-    return {"lens": lens_heatmap(t, result.extra["tokens"], site, colour), "kl": lens_kl_by_layer(t)}
+    lens = lens or t["lens"].iloc[0]
+    return {"lens": lens_heatmap(t, result.extra["tokens"], site, colour, lens), "kl": lens_kl_by_layer(t)}
 
 
 FIGURES["lens"] = lens_figures

@@ -25,6 +25,7 @@ from .specs import PromptSpec, _f
 from .store import Result
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
+LENSES = ("logit", "tuned")
 MAX_TARGETS = 8
 
 
@@ -41,11 +42,15 @@ class LensSpec(PromptSpec):
     target_ids: tuple[int, ...] = _f((), "target token ids; replace `targets` when given", min=0,
                                      max_len=MAX_TARGETS)
     top_k: int = _f(5, "top tokens kept per cell", min=1, max=20)
+    lenses: tuple[str, ...] = _f(("logit",), "logit: the logit lens; tuned: the tuned lens (trained once per model "
+                                             "with the default settings and stored)", choices=LENSES, max_len=2)
 
     def validate(self) -> None:
         super().validate()
         if not self.sites:
             raise WorkbenchError("Pick at least one residual site.")
+        if not self.lenses:
+            raise WorkbenchError("Pick at least one lens.")
 
     def resolve(self, handle: ModelHandle) -> "LensSpec":
         """Target token ids (a link replays from them): each target must be exactly one token."""
@@ -96,8 +101,53 @@ def residual_rows(handle: ModelHandle, ids: list[int], sites: tuple[str, ...]):
     return keys, torch.cat(rows), final, logits[0]
 
 
-def compute(handle: ModelHandle, spec: LensSpec, progress) -> Result:
-    from .model_view import token_strings, tokenize
+def _lens_tables(handle, spec, keys, x, ref, model_top, lens_name):
+    """Statistics and tidy tables for normalised rows x [len(keys) * P, d] of one lens."""
+    from .model_view import token_strings
+
+    bridge = handle.bridge
+    P = ref.shape[0]
+    n_rows = len(keys)
+    pos = torch.arange(P, device=x.device).repeat(n_rows)
+    targets = torch.cat([model_top[:, None], torch.tensor(spec.target_ids, dtype=torch.long,
+                                                           device=model_top.device).expand(P, -1)], 1)
+    with handle.lock, torch.no_grad():
+        st = lens_stats(x, bridge.W_U, bridge.b_U, ref=ref, ref_index=pos, targets=targets.repeat(n_rows, 1),
+                        k=spec.top_k)
+    site_col = [s for s, _ in keys for _ in range(P)]
+    layer_col = [layer for _, layer in keys for _ in range(P)]
+    pos_col = list(range(P)) * n_rows
+    tok = token_strings(handle, list(spec.token_ids))
+    top_ids, top_p = st.top_ids.cpu(), st.top_logprob.exp().cpu()
+    t_p, t_rank = st.target_logprob.exp().cpu(), st.target_rank.cpu()
+    seen = sorted(set(top_ids.reshape(-1).tolist()) | set(model_top.tolist()) | set(spec.target_ids))
+    names = dict(zip(seen, token_strings(handle, seen)))
+    table = pd.DataFrame({
+        "lens": lens_name, "site": site_col, "layer": layer_col, "pos": pos_col, "token": [tok[p] for p in pos_col],
+        "entropy": st.entropy.cpu().numpy(), "kl_to_final": st.kl.cpu().clamp(min=0).numpy(),
+        "top_token": [names[i] for i in top_ids[:, 0].tolist()], "top_prob": top_p[:, 0].numpy(),
+        "final_token": [names[i] for i in model_top.tolist()] * n_rows,
+        "final_prob": t_p[:, 0].numpy(), "final_rank": t_rank[:, 0].numpy()})
+    k = top_ids.shape[1]
+    top = pd.DataFrame({
+        "lens": lens_name, "site": [s for s in site_col for _ in range(k)],
+        "layer": [v for v in layer_col for _ in range(k)], "pos": [v for v in pos_col for _ in range(k)],
+        "rank": list(range(k)) * len(site_col), "token_id": top_ids.reshape(-1).numpy(),
+        "token": [names[i] for i in top_ids.reshape(-1).tolist()], "prob": top_p.reshape(-1).numpy()})
+    targets_t = None
+    if spec.target_ids:
+        T = len(spec.target_ids)
+        targets_t = pd.DataFrame({
+            "lens": lens_name, "site": [s for s in site_col for _ in range(T)],
+            "layer": [v for v in layer_col for _ in range(T)], "pos": [v for v in pos_col for _ in range(T)],
+            "target": [names[t] for t in spec.target_ids] * len(site_col),
+            "target_id": list(spec.target_ids) * len(site_col),
+            "prob": t_p[:, 1:].reshape(-1).numpy(), "rank": t_rank[:, 1:].reshape(-1).numpy()})
+    return table, top, targets_t
+
+
+def compute(handle: ModelHandle, spec: LensSpec, progress, store=None) -> Result:
+    from .model_view import tokenize
 
     ids = list(spec.token_ids)
     bridge = handle.bridge
@@ -107,50 +157,41 @@ def compute(handle: ModelHandle, spec: LensSpec, progress) -> Result:
     if not keys:
         raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel, so it has no resid_mid.",
                              hint="Pick resid_pre or resid_post.")
-    progress(0.3, "lens statistics")
     with handle.lock, torch.no_grad():
-        x = bridge.ln_final(h)  # the final norm recomputed on each residual
         ref = bridge.ln_final(final)
-        model_top = logits.float().argmax(-1)  # [P]: the model's own prediction at each position
-        targets = torch.cat([model_top[:, None], torch.tensor(spec.target_ids, dtype=torch.long,
-                                                               device=model_top.device).expand(P, -1)], 1)
-        n_rows = len(keys)
-        pos = torch.arange(P, device=x.device).repeat(n_rows)
-        st = lens_stats(x, bridge.W_U, bridge.b_U, ref=ref, ref_index=pos, targets=targets.repeat(n_rows, 1),
-                        k=spec.top_k)
-    progress(0.8, "tables")
-    site_col = [s for s, _ in keys for _ in range(P)]
-    layer_col = [layer for _, layer in keys for _ in range(P)]
-    pos_col = list(range(P)) * n_rows
-    tok = token_strings(handle, ids)
-    top_ids = st.top_ids.cpu()
-    top_p = st.top_logprob.exp().cpu()
-    t_lp = st.target_logprob.exp().cpu()
-    t_rank = st.target_rank.cpu()
-    seen = sorted(set(top_ids.reshape(-1).tolist()) | set(model_top.tolist()) | set(spec.target_ids))
-    names = dict(zip(seen, token_strings(handle, seen)))
-    table = pd.DataFrame({
-        "site": site_col, "layer": layer_col, "pos": pos_col, "token": [tok[p] for p in pos_col],
-        "entropy": st.entropy.cpu().numpy(), "kl_to_final": st.kl.cpu().clamp(min=0).numpy(),
-        "top_token": [names[i] for i in top_ids[:, 0].tolist()], "top_prob": top_p[:, 0].numpy(),
-        "final_token": [names[i] for i in model_top.tolist()] * n_rows,
-        "final_prob": t_lp[:, 0].numpy(), "final_rank": t_rank[:, 0].numpy(),
-    })
-    k = top_ids.shape[1]
-    top = pd.DataFrame({
-        "site": [s for s in site_col for _ in range(k)], "layer": [v for v in layer_col for _ in range(k)],
-        "pos": [v for v in pos_col for _ in range(k)], "rank": list(range(k)) * len(site_col),
-        "token_id": top_ids.reshape(-1).numpy(), "token": [names[i] for i in top_ids.reshape(-1).tolist()],
-        "prob": top_p.reshape(-1).numpy()})
-    extra = {"tokens": tokenize(handle, ids), "top": top}
-    if spec.target_ids:
-        T = len(spec.target_ids)
-        extra["targets"] = pd.DataFrame({
-            "site": [s for s in site_col for _ in range(T)], "layer": [v for v in layer_col for _ in range(T)],
-            "pos": [v for v in pos_col for _ in range(T)],
-            "target": [names[t] for t in spec.target_ids] * len(site_col),
-            "target_id": list(spec.target_ids) * len(site_col),
-            "prob": t_lp[:, 1:].reshape(-1).numpy(), "rank": t_rank[:, 1:].reshape(-1).numpy()})
-    meta = {"n_tokens": P, "n_layers": bridge.cfg.n_layers, "sites": [s for s in spec.sites if
-                                                                      any(k[0] == s for k in keys)]}
+    model_top = logits.float().argmax(-1)  # [P]: the model's own prediction at each position
+    tables, tops, targets, extra_meta = [], [], [], {}
+    for lens_name in spec.lenses:
+        progress(0.3, f"{lens_name} lens")
+        lens_keys, rows = keys, h
+        if lens_name == "tuned":
+            from .runs import run
+            from .tuned_lens import TunedLensSpec, Translators, translate
+
+            trained = run(TunedLensSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype), store=store,
+                          device=handle.device)
+            extra_meta["tuned_lens_run"] = trained.key
+            translators = Translators.from_frame(trained.result.extra["translators"]).to(h.device)
+            with torch.no_grad():
+                moved, ok = translate(translators, keys, h, P, bridge.cfg.n_layers)
+            keep = [i for i, good in enumerate(ok) if good]
+            if not keep:
+                continue
+            lens_keys = [keys[i] for i in keep]
+            rows = torch.cat([moved[i * P:(i + 1) * P] for i in keep])
+        with handle.lock, torch.no_grad():
+            x = bridge.ln_final(rows)  # the final norm recomputed on each residual
+        t, tp, tg = _lens_tables(handle, spec, lens_keys, x, ref, model_top, lens_name)
+        tables.append(t)
+        tops.append(tp)
+        if tg is not None:
+            targets.append(tg)
+    progress(0.9, "tables")
+    table = pd.concat(tables, ignore_index=True)
+    extra = {"tokens": tokenize(handle, ids), "top": pd.concat(tops, ignore_index=True)}
+    if targets:
+        extra["targets"] = pd.concat(targets, ignore_index=True)
+    meta = {"n_tokens": P, "n_layers": bridge.cfg.n_layers,
+            "sites": [s for s in spec.sites if any(k[0] == s for k in keys)], "lenses": list(spec.lenses),
+            **extra_meta}
     return Result(table=table, meta=meta, extra=extra)

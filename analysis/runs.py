@@ -124,7 +124,12 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
     store.count_miss()
     log.info("computing %s %s", spec.analysis, key)
     t0 = time.perf_counter()
-    result = analysis.compute(handle, spec, progress)
+    import inspect
+
+    if "store" in inspect.signature(analysis.compute).parameters:  # an analysis built on another stored one
+        result = analysis.compute(handle, spec, progress, store=store)
+    else:
+        result = analysis.compute(handle, spec, progress)
     result.meta.setdefault("model_summary", handle.summary.as_dict())
     record = RunRecord(key=key, analysis=spec.analysis, spec=spec.to_dict(), model=spec.model,
                        fingerprint=handle.fingerprint, version=analysis.version, author=author,
@@ -162,8 +167,10 @@ from . import patching as _patching  # noqa: E402
 from . import entropy as _entropy  # noqa: E402
 from . import infoplane as _infoplane  # noqa: E402
 from . import lens as _lens  # noqa: E402
+from . import tuned_lens as _tuned_lens  # noqa: E402
 
 register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
+register(_tuned_lens.TunedLensSpec, version="1", description=_tuned_lens.TunedLensSpec.title)(_tuned_lens.compute)
 register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
 register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
 register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)

@@ -161,7 +161,7 @@ def test_patching_page_bad_pairs(own_store, pairs, message):
 
 
 def test_lens_page_runs_links_and_reopens_from_the_store(own_store):
-    at = _run(page="views/lens.py", prompt="The capital of France is", targets=" Paris")
+    at = _run(page="views/lens.py", prompt="The capital of France is", targets=" Paris", lenses="logit,tuned")
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 2  # the lens heatmap and the KL-by-layer curves
     assert _qp(at, "targets") == " Paris" and _qp(at, "target_ids")  # the link keeps the space and the id

@@ -131,3 +131,42 @@ def test_target_tokens_keep_their_leading_space_through_a_link():
 
     spec = LensSpec.from_dict({"prompt": "x", "targets": " Paris, Rome", "sites": "resid_pre, resid_post"})
     assert spec.targets == (" Paris", " Rome") and spec.sites == ("resid_pre", "resid_post")
+
+
+def test_untrained_tuned_lens_is_the_logit_lens_and_training_beats_it(tmp_path):
+    from analysis.runs import run
+    from analysis.store import Store
+    from analysis.tuned_lens import TunedLensSpec
+
+    store = Store(tmp_path / "s.duckdb")
+    untrained = run(TunedLensSpec(steps=0, max_tokens=2048), store=store).result.table
+    assert (untrained["tuned_lens_kl"] - untrained["logit_lens_kl"]).abs().max() < 1e-6
+    trained = run(TunedLensSpec(), store=store)
+    t = trained.result.table
+    L = len(t)
+    assert (t["tuned_lens_kl"][: L - 1] < t["logit_lens_kl"][: L - 1]).all()
+    assert t["tuned_lens_kl"][0] < 0.2 * t["logit_lens_kl"][0]  # held-out KL, 17 nats -> ~0.3 at the embedding
+    assert trained.result.meta["n_eval_tokens"] > 100
+
+
+def test_tuned_lens_beside_the_logit_lens_is_stored_once_per_model(tiny_dirs, tmp_path):
+    from analysis.lens import LensSpec
+    from analysis.runs import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    first = run(LensSpec(prompt="The capital of France is", lenses=("logit", "tuned")), store=store)
+    t = first.result.table
+    assert set(t["lens"]) == {"logit", "tuned"}
+    tuned = t[t["lens"] == "tuned"]
+    assert set(tuned["site"]) == {"resid_pre", "resid_post"}  # no translator for resid_mid
+    last = tuned[(tuned["site"] == "resid_post") & (tuned["layer"] == tuned["layer"].max())]
+    assert last["kl_to_final"].max() < 1e-5  # the last layer needs no translation
+    early = t[(t["site"] == "resid_pre") & (t["layer"] <= 2)].groupby("lens")["kl_to_final"].mean()
+    assert early["tuned"] < early["logit"]
+    n_tuned = len(store.runs("tuned_lens"))
+    run(LensSpec(prompt="The capital of Japan is", lenses=("tuned",)), store=store)
+    assert len(store.runs("tuned_lens")) == n_tuned == 1
+    for folder in tiny_dirs.values():  # the three architectures
+        out = run(LensSpec(model=str(folder), prompt="The capital of France is", lenses=("tuned",)), store=store)
+        assert out.result.table["kl_to_final"].notna().all()
