@@ -1,4 +1,4 @@
-"""The logit lens: every layer's residual decoded as a next-token distribution.
+"""The logit lens (and the tuned lens beside it): every layer's residual decoded as a next-token distribution.
 
 For each site (resid_pre, resid_mid, resid_post) of every layer and every position: the final norm is recomputed
 on that residual (not the final layer's cached scale, which flattens early layers), then the unembedding with its
@@ -35,7 +35,7 @@ class LensSpec(PromptSpec):
 
     analysis: ClassVar[str] = "lens"
     display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids", "targets": "target_ids"}
-    title: ClassVar[str] = "Logit lens: each layer's residual decoded through the final norm and unembedding"
+    title: ClassVar[str] = "Lens: each layer's residual decoded (logit lens, tuned lens) as a next-token distribution"
     sites: tuple[str, ...] = _f(SITES, "residual sites to decode", choices=SITES, max_len=len(SITES))
     targets: tuple[str, ...] = _f((), "target tokens (text, one token each, e.g. ' Paris') tracked at every cell",
                                   max_len=MAX_TARGETS)

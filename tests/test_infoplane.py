@@ -24,6 +24,10 @@ def test_information_plane_over_the_shipped_checkpoints(tmp_path):
     last = renyi[renyi["layer"] == 5].set_index("step")["i_ty"]
     assert last[4000] > last[100] + 0.1
     assert "not Shannon information" in out.result.meta["caveat"]
+    from analysis.figures import FIGURES
+
+    plane = FIGURES["infoplane"](out.result)["plane"]  # one trajectory per layer, a marker per checkpoint
+    assert len(plane.data) == 6 and all(len(tr.x) == 7 for tr in plane.data)
 
 
 def test_information_plane_on_three_architectures(tiny_dirs, tmp_path):
