@@ -63,6 +63,20 @@ def _series(spec: EntropySpec) -> list[tuple[int, str, str | None]]:
     return [(0, spec.model, spec.revision or None)]
 
 
+def series_models(handle: ModelHandle, spec, series, progress):
+    """(step, handle) for each model of the series, in order; the run's own model is not loaded twice, and every
+    model must share the run's vocabulary (the token ids are the run's)."""
+    for i, (step, name, rev) in enumerate(series):
+        progress(i / len(series), f"model {i + 1} of {len(series)} (step {step})")
+        h = handle if (name == spec.model and (rev or "") == (spec.revision or "")) else \
+            load_model(name, revision=rev, device=handle.device, dtype=spec.dtype)
+        if h.summary.d_vocab != handle.summary.d_vocab:
+            raise WorkbenchError(f"{name} has a vocabulary of {h.summary.d_vocab} tokens, the model "
+                                 f"{handle.summary.d_vocab}: they are not checkpoints of one model.",
+                                 hint="Track checkpoints that share one tokenizer.")
+        yield step, h
+
+
 def model_entropy(handle: ModelHandle, ids: list[int]) -> tuple[pd.DataFrame, np.ndarray]:
     """(heads table: layer, head, entropy, norm_entropy; predictive entropy [layer, pos] from the lens)."""
     from .lens import residual_rows
@@ -91,14 +105,7 @@ def compute(handle: ModelHandle, spec: EntropySpec, progress) -> Result:
     ids = list(spec.token_ids)
     series = _series(spec)
     heads, tokens_rows, models = [], [], []
-    for i, (step, name, rev) in enumerate(series):
-        progress(i / len(series), f"model {i + 1} of {len(series)} (step {step})")
-        h = handle if (name == spec.model and (rev or "") == (spec.revision or "")) else \
-            load_model(name, revision=rev, device=handle.device, dtype=spec.dtype)
-        if h.summary.d_vocab != handle.summary.d_vocab:
-            raise WorkbenchError(f"{name} has a vocabulary of {h.summary.d_vocab} tokens, the model "
-                                 f"{handle.summary.d_vocab}: they are not checkpoints of one model.",
-                                 hint="Track checkpoints that share one tokenizer.")
+    for step, h in series_models(handle, spec, series, progress):
         hd, pred = model_entropy(h, ids)
         hd.insert(0, "step", step)
         hd["collapsed"] = hd["norm_entropy"] < spec.collapse_below
@@ -109,7 +116,7 @@ def compute(handle: ModelHandle, spec: EntropySpec, progress) -> Result:
         tokens_rows.append(pd.DataFrame({"step": step, "layer": np.repeat(np.arange(L), P),
                                          "pos": np.tile(np.arange(P), L), "entropy": pred.reshape(-1),
                                          "forking": np.tile(final >= fork_cut, L) & (final.std() > 0)}))
-        models.append({"step": step, "model": name, "revision": rev or "", "fingerprint": h.fingerprint})
+        models.append({"step": step, "model": h.name, "revision": h.revision or "", "fingerprint": h.fingerprint})
     heads_t = pd.concat(heads, ignore_index=True)
     tok_t = pd.concat(tokens_rows, ignore_index=True)
     tok_df = tokenize(handle, ids)

@@ -26,9 +26,9 @@ import torch
 from kernels.information import (diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information,
                                  renyi_entropy)
 
-from .entropy import _series
+from .entropy import _series, series_models
 from .errors import WorkbenchError
-from .models import DATA_DIR, ModelHandle, load_model
+from .models import DATA_DIR, ModelHandle
 from .specs import Spec, _f
 from .store import Result
 
@@ -144,13 +144,7 @@ def compute(handle: ModelHandle, spec: InfoPlaneSpec, progress) -> Result:
     Ky = label_gram(torch.tensor(y_codes))
     series = _series(spec)
     rows, models = [], []
-    for m_i, (step, name, rev) in enumerate(series):
-        progress(m_i / len(series), f"model {m_i + 1} of {len(series)} (step {step})")
-        h = handle if (name == spec.model and (rev or "") == (spec.revision or "")) else \
-            load_model(name, revision=rev, device=handle.device, dtype=spec.dtype)
-        if h.summary.d_vocab != handle.summary.d_vocab:
-            raise WorkbenchError(f"{name} has a vocabulary of {h.summary.d_vocab} tokens, the model "
-                                 f"{handle.summary.d_vocab}: they are not checkpoints of one model.")
+    for step, h in series_models(handle, spec, series, progress):
         X, T = representations(h, seqs, sample, spec.normalize)
         Kx = gaussian_gram(X)
         s_y = renyi_entropy(Ky, spec.alpha)
@@ -164,7 +158,7 @@ def compute(handle: ModelHandle, spec: InfoPlaneSpec, progress) -> Result:
             rows.append({"step": step, "layer": layer, "estimator": "dse", "entropy": dse,
                          "i_xt": dse - _conditional_dse(Kt, x_tok, spec.diffusion_t),
                          "i_ty": dse - _conditional_dse(Kt, y_codes, spec.diffusion_t), "h_y": np.nan})
-        models.append({"step": step, "model": name, "revision": rev or "", "fingerprint": h.fingerprint})
+        models.append({"step": step, "model": h.name, "revision": h.revision or "", "fingerprint": h.fingerprint})
     progress(1.0, "done")
     table = pd.DataFrame(rows)
     meta = {"n_samples": len(sample), "target": spec.target, "steps": [m["step"] for m in models],
