@@ -164,6 +164,7 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 # ----------------------------------------------------------------------------------------------------------
 from . import patching as _patching  # noqa: E402
 
+from . import concepts as _concepts  # noqa: E402
 from . import entropy as _entropy  # noqa: E402
 from . import infoplane as _infoplane  # noqa: E402
 from . import lens as _lens  # noqa: E402
@@ -173,6 +174,9 @@ register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec
 register(_tuned_lens.TunedLensSpec, version="1", description=_tuned_lens.TunedLensSpec.title)(_tuned_lens.compute)
 register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
 register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
+register(_concepts.ConceptActivationsSpec, version="1",
+         description=_concepts.ConceptActivationsSpec.title)(_concepts.compute_activations)
+register(_concepts.ProbeSpec, version="1", description=_concepts.ProbeSpec.title)(_concepts.compute_probes)
 register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)
