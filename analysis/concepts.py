@@ -44,22 +44,19 @@ def _sentences(max_n: int) -> list[dict]:
 
 def concept_activations(handle: ModelHandle, seqs: list[list[int]], position: str) -> np.ndarray:
     """[N, L + 1, d] float32: the embedding (index 0) and the residual after each block."""
+    from .model_view import cache_in_batches
+
     bridge = handle.bridge
     L, d = bridge.cfg.n_layers, bridge.cfg.d_model
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(L)]
     out = np.zeros((len(seqs), L + 1, d), dtype=np.float32)
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_len.setdefault(len(s), []).append(i)
-    with handle.lock, torch.no_grad():
-        for group in by_len.values():
-            for c in range(0, len(group), 64):
-                idx = group[c:c + 64]
-                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
-                _, cache = bridge.run_with_cache(toks, names_filter=lambda n: n in set(names))
-                acts = torch.stack([cache[n] for n in names], 1).float()  # [b, L + 1, P, d]
-                pooled = acts[:, :, -1] if position == "last" else acts[:, :, 1:].mean(2)
-                out[idx] = pooled.cpu().numpy()
+
+    def pool(idx, cache):
+        acts = torch.stack([cache[n] for n in names], 1).float()  # [b, L + 1, P, d]
+        pooled = acts[:, :, -1] if position == "last" else acts[:, :, 1:].mean(2)
+        out[idx] = pooled.cpu().numpy()
+
+    cache_in_batches(handle, seqs, names, pool)
     return out
 
 

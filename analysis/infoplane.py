@@ -95,6 +95,8 @@ def _sample(seqs, labels, spec: InfoPlaneSpec):
 
 def representations(handle: ModelHandle, seqs, sample, normalize: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """X [N, d] (the input embedding) and T_l [N, d] per layer at the sampled positions."""
+    from .model_view import cache_in_batches
+
     bridge = handle.bridge
     L = bridge.cfg.n_layers
     names = {"blocks.0.hook_resid_pre"} | {f"blocks.{layer}.hook_resid_post" for layer in range(L)}
@@ -104,21 +106,16 @@ def representations(handle: ModelHandle, seqs, sample, normalize: bool) -> tuple
     d = bridge.cfg.d_model
     X = torch.empty(len(sample), d)
     T = [torch.empty(len(sample), d) for _ in range(L)]
-    by_len: dict[int, list[int]] = {}
-    for i in by_seq:
-        by_len.setdefault(len(seqs[i]), []).append(i)
-    with handle.lock, torch.no_grad():
-        for length, group in by_len.items():
-            for c in range(0, len(group), 64):
-                idx = group[c:c + 64]
-                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
-                _, cache = bridge.run_with_cache(toks, names_filter=lambda n: n in names)
-                for row, i in enumerate(idx):
-                    ks = by_seq[i]
-                    pos = [sample[k][1] for k in ks]
-                    X[ks] = cache["blocks.0.hook_resid_pre"][row, pos].float().cpu()
-                    for layer in range(L):
-                        T[layer][ks] = cache[f"blocks.{layer}.hook_resid_post"][row, pos].float().cpu()
+
+    def gather(idx, cache):
+        for row, i in enumerate(idx):
+            ks = by_seq[i]
+            pos = [sample[k][1] for k in ks]
+            X[ks] = cache["blocks.0.hook_resid_pre"][row, pos].float().cpu()
+            for layer in range(L):
+                T[layer][ks] = cache[f"blocks.{layer}.hook_resid_post"][row, pos].float().cpu()
+
+    cache_in_batches(handle, seqs, names, gather, indices=list(by_seq))
     if normalize:
         X = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         T = [t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12) for t in T]

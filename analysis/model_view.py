@@ -13,6 +13,23 @@ from .models import ModelHandle
 MAX_PROMPT_CHARS = 20_000
 
 
+def cache_in_batches(handle: ModelHandle, seqs: list[list[int]], names, visit, indices=None,
+                     batch: int = 64) -> None:
+    """Run the sequences (those at `indices`, default all) in batches of one length each, caching the hooks in
+    `names`, and call visit(batch indices, cache) for each batch, with the model's lock held."""
+    names = set(names)
+    by_len: dict[int, list[int]] = {}
+    for i in (range(len(seqs)) if indices is None else indices):
+        by_len.setdefault(len(seqs[i]), []).append(i)
+    with handle.lock, torch.no_grad():
+        for group in by_len.values():
+            for c in range(0, len(group), batch):
+                idx = group[c:c + batch]
+                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
+                _, cache = handle.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
+                visit(idx, cache)
+
+
 def encode(handle: ModelHandle, prompt: str) -> list[int]:
     """Token ids of a prompt, with the model's BOS token in front as TransformerLens adds it."""
     if not isinstance(prompt, str) or not prompt.strip():

@@ -65,6 +65,8 @@ def _training_sequences(handle: ModelHandle, spec: TunedLensSpec) -> list[list[i
 
 def hidden_states(handle: ModelHandle, seqs: list[list[int]], max_tokens: int):
     """(hidden states [N, L, d] entering each block, final residual [N, d]) for up to max_tokens tokens."""
+    from .model_view import cache_in_batches
+
     bridge = handle.bridge
     L = bridge.cfg.n_layers
     names = {f"blocks.{layer}.hook_resid_pre" for layer in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
@@ -74,18 +76,14 @@ def hidden_states(handle: ModelHandle, seqs: list[list[int]], max_tokens: int):
             break
         kept.append(s)
         total += len(s)
-    by_len: dict[int, list[list[int]]] = {}
-    for s in kept:  # sequences of one length run as one batch
-        by_len.setdefault(len(s), []).append(s)
     hs, finals = [], []
-    with handle.lock, torch.no_grad():
-        for group in by_len.values():
-            for c in range(0, len(group), 64):
-                toks = torch.tensor(group[c:c + 64], device=handle.device)
-                _, cache = bridge.run_with_cache(toks, names_filter=lambda n: n in names)
-                hs.append(torch.stack([cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(L)], 2)
-                          .float().reshape(-1, L, bridge.cfg.d_model))
-                finals.append(cache[f"blocks.{L - 1}.hook_resid_post"].float().reshape(-1, bridge.cfg.d_model))
+
+    def keep(idx, cache):
+        hs.append(torch.stack([cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(L)], 2)
+                  .float().reshape(-1, L, bridge.cfg.d_model))
+        finals.append(cache[f"blocks.{L - 1}.hook_resid_post"].float().reshape(-1, bridge.cfg.d_model))
+
+    cache_in_batches(handle, kept, names, keep)  # sequences of one length run as one batch
     if not hs:
         raise WorkbenchError("There is no text to train on.")
     return torch.cat(hs)[:max_tokens], torch.cat(finals)[:max_tokens]
