@@ -1,16 +1,19 @@
 """Concept activations and linear probes (concept activation vectors).
 
-Activations: for each labelled sentence, the residual after every block (and the embedding, "layer -1") at one
-position (the last token, or the mean over tokens after BOS), gathered in batches of sentences of one length and
-stored as their own run, so probes, the bottleneck and the atlas reuse them.
+Activations: for each labelled text (the shipped sentences or a user's CSV, `concept_data`), the residual after
+every block (and the embedding, "layer -1") at one position (the last token, or the mean over tokens after BOS),
+gathered in batches of texts of one length and stored as their own run, so probes, the bottleneck, the
+interventions and the atlas reuse them. `drop_last` cuts that many final tokens from every text, to read a
+behaviour mid-sentence (the bottleneck's default reads the place noun the model picks after "... near the").
 
-Probes: one logistic-regression probe (scikit-learn) per concept per layer on a stratified train/test split;
-held-out accuracy, the same probe trained on shuffled labels (the control task: what a probe of this capacity
-gets from nothing) and selectivity = accuracy - control accuracy.
+Probes: one logistic-regression probe (scikit-learn) per concept per layer on one train/test split shared by all
+concepts; held-out accuracy, the same probe trained on shuffled labels (the control task: what a probe of this
+capacity gets from nothing) and selectivity = accuracy - control accuracy. Each probe's direction is kept in
+activation space (one row per class; a binary concept has one row, pointing to its second class in sorted order):
+the concept score of an activation x is the signed distance (w . x + b) / |w| to the probe's boundary.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,28 +21,44 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import concept_data
 from .errors import WorkbenchError
-from .models import DATA_DIR, ModelHandle
+from .models import ModelHandle
 from .specs import Spec, _f
 from .store import Result
 
 POSITIONS = ("last", "mean")
-SHIPPED_CONCEPTS = ("sentiment", "tense", "number", "topic")
+SHIPPED_CONCEPTS = concept_data.SHIPPED_CONCEPTS
 
 
 @dataclass(frozen=True)
 class ConceptActivationsSpec(Spec):
-    """Residual activations of the shipped concept sentences, per layer, at one position."""
+    """Residual activations of concept-labelled texts, per layer, at one position."""
 
     analysis: ClassVar[str] = "concept_activations"
-    title: ClassVar[str] = "Concept activations: the residual after every layer for each labelled sentence"
+    title: ClassVar[str] = "Concept activations: the residual after every layer for each labelled text"
+    dataset: str = _f("shipped", "'shipped' (the default model's sentences) or the id of an uploaded concept CSV",
+                      max_len=64)
     position: str = _f("last", "last: the last token; mean: the mean over tokens after BOS", choices=POSITIONS)
-    max_sentences: int = _f(2000, "sentences used", min=20, max=20_000)
+    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    drop_last: int = _f(0, "final tokens cut from every text before it is run", min=0, max=64)
 
 
-def _sentences(max_n: int) -> list[dict]:
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "concepts.jsonl").read_text().splitlines()]
-    return rows[:max_n]
+def texts_and_labels(spec, store) -> pd.DataFrame:
+    return concept_data.load(spec.dataset, store).iloc[:spec.max_sentences].reset_index(drop=True)
+
+
+def encode_texts(handle: ModelHandle, texts, drop_last: int = 0) -> list[list[int]]:
+    from .model_view import encode
+
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = encode(handle, text)
+        if len(ids) - drop_last < 2:
+            raise WorkbenchError(f"Text {i + 1} ({text[:40]!r}) has {len(ids) - 1} tokens; dropping {drop_last} "
+                                 "leaves none.", hint="Lower 'drop last' or use longer texts.")
+        seqs.append(ids[:len(ids) - drop_last])
+    return seqs
 
 
 def concept_activations(handle: ModelHandle, seqs: list[list[int]], position: str) -> np.ndarray:
@@ -60,18 +79,18 @@ def concept_activations(handle: ModelHandle, seqs: list[list[int]], position: st
     return out
 
 
-def compute_activations(handle: ModelHandle, spec: ConceptActivationsSpec, progress) -> Result:
-    rows = _sentences(spec.max_sentences)
-    if any(max(r["ids"]) >= handle.summary.d_vocab for r in rows):
-        raise WorkbenchError("The shipped concept sentences are in the default model's tokenizer, which this "
-                             "model does not share.")
+def compute_activations(handle: ModelHandle, spec: ConceptActivationsSpec, progress, store=None) -> Result:
+    labels = texts_and_labels(spec, store)
+    progress(0.05, "tokenizing")
+    seqs = encode_texts(handle, labels["text"], spec.drop_last)
     progress(0.1, "activations")
-    acts = concept_activations(handle, [r["ids"] for r in rows], spec.position)
+    acts = concept_activations(handle, seqs, spec.position)
     N, Lp1, d = acts.shape
     table = pd.DataFrame({"sentence": np.repeat(np.arange(N), Lp1), "layer": np.tile(np.arange(-1, Lp1 - 1), N)})
     table["activation"] = list(acts.reshape(N * Lp1, d))
-    labels = pd.DataFrame([{k: r[k] for k in ("id", "text", *SHIPPED_CONCEPTS)} for r in rows])
-    return Result(table=table, meta={"n_sentences": N, "n_layers": Lp1 - 1, "d_model": d},
+    labels = labels.assign(n_tokens=[len(s) for s in seqs])
+    return Result(table=table, meta={"n_sentences": N, "n_layers": Lp1 - 1, "d_model": d,
+                                     "concepts": concept_data.concept_columns(labels.drop(columns="n_tokens"))},
                   extra={"labels": labels})
 
 
@@ -82,62 +101,139 @@ def activations_array(result: Result) -> np.ndarray:
     return np.stack(t["activation"].to_numpy()).reshape(N, Lp1, -1).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class ProbeSpec(Spec):
-    """Linear probes per concept per layer, with a control task."""
+def activations_run(spec, handle: ModelHandle, store):
+    """The stored (or computed) activations a concept analysis builds on."""
+    from .runs import run
 
-    analysis: ClassVar[str] = "probes"
-    title: ClassVar[str] = "Concept probes: held-out accuracy per layer, control task and selectivity"
-    concepts: tuple[str, ...] = _f(SHIPPED_CONCEPTS, "concepts to probe", choices=SHIPPED_CONCEPTS,
-                                   max_len=len(SHIPPED_CONCEPTS))
-    position: str = _f("last", "token position of the activations", choices=POSITIONS)
-    test_fraction: float = _f(0.2, "held-out fraction", min=0.05, max=0.5)
-    C: float = _f(1.0, "inverse L2 regularisation of the logistic regression", min=1e-4, max=1e4)
-    seed: int = _f(0, "split and control-label seed", min=0, max=2**31 - 1)
-
-    def validate(self) -> None:
-        if not self.concepts:
-            raise WorkbenchError("Pick at least one concept.")
+    return run(ConceptActivationsSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
+                                      dataset=spec.dataset, position=spec.position,
+                                      max_sentences=spec.max_sentences, drop_last=getattr(spec, "drop_last", 0)),
+               store=store, device=handle.device)
 
 
-def _probe(X_tr, y_tr, X_te, y_te, C: float, seed: int):
+def pick_concepts(requested, available: list[str]) -> list[str]:
+    if not requested:
+        return list(available)
+    unknown = [c for c in requested if c not in available]
+    if unknown:
+        raise WorkbenchError(f"No concept {', '.join(map(repr, unknown))} in this dataset.",
+                             hint=f"Its concepts: {', '.join(available)}.")
+    return list(requested)
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One train/test split of n texts, shared by every concept (so concept scores of held-out texts come from
+    probes that never saw them)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+@dataclass
+class Probe:
+    accuracy: float
+    classes: np.ndarray  # all classes, sorted
+    rows: list[str]  # the class each direction row points to
+    weight: np.ndarray  # [k, d] in activation space
+    bias: np.ndarray  # [k]
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """[N, k] signed distances to the boundary, in activation units."""
+        return (X @ self.weight.T + self.bias) / np.linalg.norm(self.weight, axis=1)
+
+
+def fit_probe(X_tr, y_tr, X_te, y_te, C: float, seed: int) -> Probe:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(X_tr)
     clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
     clf.fit(scaler.transform(X_tr), y_tr)
-    return float((clf.predict(scaler.transform(X_te)) == y_te).mean()), clf, scaler
+    acc = float((clf.predict(scaler.transform(X_te)) == y_te).mean())
+    w = clf.coef_ / scaler.scale_  # back to activation space: w . (x - mu) / sigma + b
+    b = clf.intercept_ - w @ scaler.mean_
+    rows = [str(clf.classes_[1])] if len(clf.classes_) == 2 else [str(c) for c in clf.classes_]
+    return Probe(acc, clf.classes_, rows, w.astype(np.float64), b.astype(np.float64))
+
+
+@dataclass(frozen=True)
+class ProbeSpec(Spec):
+    """Linear probes per concept per layer, with a control task."""
+
+    analysis: ClassVar[str] = "probes"
+    title: ClassVar[str] = "Concept probes: held-out accuracy per layer, control task and selectivity"
+    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    concepts: tuple[str, ...] = _f((), "concepts to probe (empty: all of the dataset's)", max_len=32)
+    position: str = _f("last", "token position of the activations", choices=POSITIONS)
+    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    drop_last: int = _f(0, "final tokens cut from every text", min=0, max=64)
+    test_fraction: float = _f(0.2, "held-out fraction", min=0.05, max=0.5)
+    C: float = _f(1.0, "inverse L2 regularisation of the logistic regression", min=1e-4, max=1e4)
+    seed: int = _f(0, "split and control-label seed", min=0, max=2**31 - 1)
 
 
 def compute_probes(handle: ModelHandle, spec: ProbeSpec, progress, store=None) -> Result:
-    from sklearn.model_selection import train_test_split
-
-    from .runs import run
-
-    acts_run = run(ConceptActivationsSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
-                                          position=spec.position), store=store, device=handle.device)
+    acts_run = activations_run(spec, handle, store)
     acts = activations_array(acts_run.result)
     labels = acts_run.result.extra["labels"]
+    concepts = pick_concepts(spec.concepts, acts_run.result.meta["concepts"])
     N, Lp1, _ = acts.shape
+    tr, te = split(N, spec.test_fraction, spec.seed)
     rng = np.random.default_rng(spec.seed)
-    rows = []
-    steps = len(spec.concepts) * Lp1
-    for ci, concept in enumerate(spec.concepts):
+    rows, directions = [], []
+    steps = len(concepts) * Lp1
+    for ci, concept in enumerate(concepts):
         y = labels[concept].astype(str).to_numpy()
-        classes, counts = np.unique(y, return_counts=True)
-        chance = counts.max() / counts.sum()
-        tr, te = train_test_split(np.arange(N), test_size=spec.test_fraction, random_state=spec.seed, stratify=y)
+        _, counts = np.unique(y[te], return_counts=True)
+        chance = counts.max() / counts.sum()  # of the majority class on the held-out texts
         y_control = rng.permutation(y)  # the control task: labels that carry no information
         for li in range(Lp1):
             progress((ci * Lp1 + li) / steps, f"{concept}, layer {li - 1}")
             X = acts[:, li]
-            acc, _, _ = _probe(X[tr], y[tr], X[te], y[te], spec.C, spec.seed)
-            ctrl, _, _ = _probe(X[tr], y_control[tr], X[te], y_control[te], spec.C, spec.seed)
-            rows.append({"concept": concept, "layer": li - 1, "accuracy": acc, "control_accuracy": ctrl,
-                         "selectivity": acc - ctrl, "chance": chance, "n_classes": len(classes)})
+            probe = fit_probe(X[tr], y[tr], X[te], y[te], spec.C, spec.seed)
+            ctrl = fit_probe(X[tr], y_control[tr], X[te], y_control[te], spec.C, spec.seed).accuracy
+            rows.append({"concept": concept, "layer": li - 1, "accuracy": probe.accuracy, "control_accuracy": ctrl,
+                         "selectivity": probe.accuracy - ctrl, "chance": chance,
+                         "n_classes": len(probe.classes)})
+            for k, cls in enumerate(probe.rows):
+                against = str(probe.classes[0]) if len(probe.classes) == 2 else ""
+                directions.append({"concept": concept, "layer": li - 1, "class": cls, "against": against,
+                                   "weight": probe.weight[k].astype(np.float32), "bias": float(probe.bias[k])})
     table = pd.DataFrame(rows)
-    best = table.loc[table.groupby("concept")["accuracy"].idxmax(), ["concept", "layer", "accuracy",
-                                                                        "control_accuracy", "selectivity"]]
-    return Result(table=table, meta={"n_sentences": N, "activations_run": acts_run.key},
-                  extra={"best": best.reset_index(drop=True)})
+    best = table.loc[table.groupby("concept", sort=False)["accuracy"].idxmax(),
+                     ["concept", "layer", "accuracy", "control_accuracy", "selectivity"]]
+    return Result(table=table, meta={"n_sentences": N, "n_train": len(tr), "n_test": len(te),
+                                     "activations_run": acts_run.key},
+                  extra={"best": best.reset_index(drop=True), "directions": pd.DataFrame(directions)})
+
+
+def probes_run(spec, handle: ModelHandle, store, concepts=()):
+    """The stored (or computed) probes a concept analysis builds on, over the same texts and split."""
+    from .runs import run
+
+    return run(ProbeSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype, dataset=spec.dataset,
+                         concepts=tuple(concepts), position=spec.position, max_sentences=spec.max_sentences,
+                         drop_last=getattr(spec, "drop_last", 0), test_fraction=getattr(spec, "test_fraction", 0.2),
+                         seed=getattr(spec, "seed", 0)), store=store, device=handle.device)
+
+
+def direction(probes: Result, concept: str, layer: int, cls: str | None = None) -> tuple[np.ndarray, float, str]:
+    """A probe's direction (activation space, not normalised), bias and class from a stored probes result."""
+    d = probes.extra["directions"]
+    d = d[(d["concept"] == concept) & (d["layer"] == layer)]
+    if d.empty:
+        raise WorkbenchError(f"No probe for {concept!r} at layer {layer}.")
+    if cls:
+        if len(d) == 1 and cls == d.iloc[0]["against"]:  # a binary concept: toward its other class
+            return -np.asarray(d.iloc[0]["weight"], dtype=np.float64), -float(d.iloc[0]["bias"]), cls
+        if cls not in set(d["class"]):
+            known = sorted(set(d["class"]) | set(d["against"]) - {""})
+            raise WorkbenchError(f"{concept!r} has no class {cls!r}.", hint=f"Its classes: {', '.join(known)}.")
+        d = d[d["class"] == cls]
+    row = d.iloc[0]
+    return np.asarray(row["weight"], dtype=np.float64), float(row["bias"]), str(row["class"])
+
+
+def best_layer(probes: Result, concept: str) -> int:
+    t = probes.table[probes.table["concept"] == concept]
+    return int(t.loc[t["accuracy"].idxmax(), "layer"])

@@ -264,3 +264,136 @@ def info_plane_figures(result: Result, estimator: str = "renyi") -> dict[str, go
 
 
 FIGURES["infoplane"] = info_plane_figures
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Concepts: probes, bottleneck, interventions, TCAV, atlas
+# ----------------------------------------------------------------------------------------------------------
+def probe_accuracy(table: pd.DataFrame) -> go.Figure:
+    """Held-out probe accuracy by layer per concept (solid), the control task (dotted) and chance (grey)."""
+    traces = []
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, (concept, g) in enumerate(table.groupby("concept", sort=False)):
+        c = palette[i % len(palette)]
+        g = g.sort_values("layer")
+        traces.append(go.Scatter(x=g["layer"], y=g["accuracy"], mode="lines+markers", name=concept,
+                                 line=dict(color=c), legendgroup=concept,
+                                 customdata=g[["control_accuracy", "selectivity"]].to_numpy(),
+                                 hovertemplate=f"{concept}<br>layer %{{x}}<br>accuracy %{{y:.3f}}<br>control "
+                                               "%{customdata[0]:.3f}<br>selectivity %{customdata[1]:.3f}"
+                                               "<extra></extra>"))
+        traces.append(go.Scatter(x=g["layer"], y=g["control_accuracy"], mode="lines", name=f"{concept} control",
+                                 line=dict(color=c, dash="dot"), legendgroup=concept, showlegend=False,
+                                 hovertemplate=f"{concept} control task<br>layer %{{x}}<br>%{{y:.3f}}<extra></extra>"))
+    return go.Figure(traces, layout=dict(title="Probe accuracy by layer (dotted: control task, shuffled labels)",
+                                         height=420, margin=_MARGIN, xaxis_title="layer (-1: embedding)",
+                                         yaxis=dict(title="held-out accuracy", range=[0, 1.02])))
+
+
+def probe_figures(result: Result) -> dict[str, go.Figure]:
+    return {"accuracy": probe_accuracy(result.table)}
+
+
+FIGURES["probes"] = probe_figures
+
+
+def bottleneck_weights(table: pd.DataFrame) -> go.Figure:
+    """The head's weight per concept score (rows) and behaviour class (columns)."""
+    grid = table.pivot(index="feature", columns="behaviour", values="weight")
+    z = grid.to_numpy()
+    lim = float(np.abs(z).max()) or 1.0
+    heat = go.Heatmap(z=z, x=list(grid.columns), y=list(grid.index), colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+                      colorbar=dict(title="weight"),
+                      hovertemplate="%{y}<br>→ %{x}<br>weight %{z:.3f}<extra></extra>")
+    return go.Figure(heat, layout=dict(title="Bottleneck weights (standardised concept scores; 0 = pruned)",
+                                       height=max(260, 40 * len(grid) + 120), margin=_MARGIN))
+
+
+def bottleneck_summary(summary: pd.DataFrame) -> go.Figure:
+    bar = go.Bar(x=summary["accuracy"], y=summary["head"], orientation="h",
+                 customdata=summary[["completeness", "features"]].to_numpy(),
+                 hovertemplate="%{y}<br>accuracy %{x:.3f}<br>completeness %{customdata[0]:.3f}<br>"
+                               "%{customdata[1]} features<extra></extra>")
+    return go.Figure(bar, layout=dict(title="Held-out accuracy of each head", height=280, margin=_MARGIN,
+                                      xaxis=dict(title="accuracy", range=[0, 1.02])))
+
+
+def bottleneck_figures(result: Result) -> dict[str, go.Figure]:
+    return {"weights": bottleneck_weights(result.table), "heads": bottleneck_summary(result.extra["summary"])}
+
+
+FIGURES["bottleneck"] = bottleneck_figures
+
+
+def dose_response(table: pd.DataFrame, groups: pd.DataFrame, toward: str = "") -> go.Figure:
+    """Probability of each tracked token (thin) and of each group (thick) against the amount pushed."""
+    traces = []
+    colours = {"up": "#2ca02c", "down": "#d62728"}
+    for group, label in (("up", "expected to rise"), ("down", "expected to fall")):
+        traces.append(go.Scatter(x=groups["amount"], y=groups[group], mode="lines+markers", name=f"{label} (sum)",
+                                 line=dict(color=colours[group], width=4),
+                                 hovertemplate=f"{label}<br>amount %{{x}}<br>total probability %{{y:.4f}}"
+                                               "<extra></extra>"))
+        for token, g in table[table["group"] == group].groupby("token", sort=False):
+            traces.append(go.Scatter(x=g["amount"], y=g["prob"], mode="lines", name=repr(token),
+                                     line=dict(color=colours[group], width=1), opacity=0.5,
+                                     hovertemplate=f"{token!r}<br>amount %{{x}}<br>probability %{{y:.4f}}"
+                                                   "<extra></extra>"))
+    return go.Figure(traces, layout=dict(title=f"Dose-response: pushing toward {toward!r}" if toward else
+                                         "Dose-response", height=420, margin=_MARGIN,
+                                         xaxis_title="amount (fractions of the mean residual norm)",
+                                         yaxis_title="probability at the last position"))
+
+
+def intervention_figures(result: Result) -> dict[str, go.Figure]:
+    return {"dose_response": dose_response(result.table, result.extra["groups"], result.meta.get("toward", ""))}
+
+
+FIGURES["intervention"] = intervention_figures
+
+
+def tcav_scores(table: pd.DataFrame, draws: pd.DataFrame, name: str = "") -> go.Figure:
+    traces = []
+    for kind, colour in (("concept", "#1f77b4"), ("random", "#7f7f7f")):
+        d = draws[draws["set"] == kind]
+        traces.append(go.Box(x=d["layer"], y=d["tcav"], name=name if kind == "concept" and name else kind,
+                             marker_color=colour, boxpoints="all", jitter=0.3,
+                             hovertemplate="layer %{x}<br>TCAV %{y:.3f}<extra></extra>"))
+    stars = table[table["significant"]]
+    traces.append(go.Scatter(x=stars["layer"], y=[1.05] * len(stars), mode="text", text=["*"] * len(stars),
+                             name="p < 0.05 (Bonferroni)", textfont=dict(size=20)))
+    return go.Figure(traces, layout=dict(title="TCAV scores per layer against random concepts", boxmode="group",
+                                         height=420, margin=_MARGIN, xaxis_title="layer (-1: embedding)",
+                                         yaxis=dict(title="fraction of inputs with a positive derivative",
+                                                    range=[0, 1.1])))
+
+
+def tcav_figures(result: Result) -> dict[str, go.Figure]:
+    m = result.meta
+    return {"tcav": tcav_scores(result.table, result.extra["draws"], f"{m.get('concept')}={m.get('value')}")}
+
+
+FIGURES["tcav"] = tcav_figures
+
+
+def atlas_scatter(table: pd.DataFrame, colour: str | None = None) -> go.Figure:
+    """The 2-d map, one trace per class of the colouring concept; hover shows the token and its text."""
+    colour = colour if colour in table.columns else None
+    groups = table.groupby(colour, sort=True) if colour else [("points", table)]
+    traces = []
+    for value, g in groups:
+        traces.append(go.Scattergl(x=g["x"], y=g["y"], mode="markers", name=str(value), marker=dict(size=4),
+                                   customdata=np.stack([g["token"].astype(str), g["text"].astype(str)], 1),
+                                   hovertemplate="%{customdata[0]}<br>%{customdata[1]}<extra>" + str(value) +
+                                                 "</extra>"))
+    return go.Figure(traces, layout=dict(title=f"Activation atlas ({len(table):,} points)" +
+                                         (f", coloured by {colour}" if colour else ""), height=560, margin=_MARGIN,
+                                         xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False)))
+
+
+def atlas_figures(result: Result, colour: str | None = None) -> dict[str, go.Figure]:
+    labels = [c for c in result.table.columns if c not in ("x", "y", "text_index", "position", "text", "token")]
+    return {"atlas": atlas_scatter(result.table, colour or (labels[0] if labels else None))}
+
+
+FIGURES["atlas"] = atlas_figures

@@ -30,6 +30,33 @@ def cache_in_batches(handle: ModelHandle, seqs: list[list[int]], names, visit, i
                 visit(idx, cache)
 
 
+def last_logits(handle: ModelHandle, seqs: list[list[int]], batch: int = 64) -> torch.Tensor:
+    """[N, vocab] float32 logits at the last position of each sequence (run in batches of one length)."""
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(len(s), []).append(i)
+    out = torch.zeros(len(seqs), handle.summary.d_vocab)
+    with handle.lock, torch.no_grad():
+        for group in by_len.values():
+            for c in range(0, len(group), batch):
+                idx = group[c:c + batch]
+                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
+                out[idx] = handle.bridge(toks)[:, -1].float().cpu()
+    return out
+
+
+def single_token_ids(handle: ModelHandle, tokens, what: str = "token") -> list[int]:
+    """One id per token string (leading spaces count); a string that is not one token is refused."""
+    ids = []
+    for t in tokens:
+        enc = handle.tokenizer.encode(t, add_special_tokens=False)
+        if len(enc) != 1:
+            raise WorkbenchError(f"The {what} {t!r} is {len(enc)} tokens for this model; each must be one token.",
+                                 hint="Leading spaces matter: ' Paris' and 'Paris' are different tokens.")
+        ids.append(enc[0])
+    return ids
+
+
 def encode(handle: ModelHandle, prompt: str) -> list[int]:
     """Token ids of a prompt, with the model's BOS token in front as TransformerLens adds it."""
     if not isinstance(prompt, str) or not prompt.strip():

@@ -164,19 +164,29 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
 # ----------------------------------------------------------------------------------------------------------
 from . import patching as _patching  # noqa: E402
 
+from . import atlas as _atlas  # noqa: E402
+from . import bottleneck as _bottleneck  # noqa: E402
 from . import concepts as _concepts  # noqa: E402
 from . import entropy as _entropy  # noqa: E402
 from . import infoplane as _infoplane  # noqa: E402
+from . import intervention as _intervention  # noqa: E402
 from . import lens as _lens  # noqa: E402
+from . import tcav as _tcav  # noqa: E402
 from . import tuned_lens as _tuned_lens  # noqa: E402
 
 register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
 register(_tuned_lens.TunedLensSpec, version="1", description=_tuned_lens.TunedLensSpec.title)(_tuned_lens.compute)
 register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
 register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
-register(_concepts.ConceptActivationsSpec, version="1",
+register(_concepts.ConceptActivationsSpec, version="2",
          description=_concepts.ConceptActivationsSpec.title)(_concepts.compute_activations)
-register(_concepts.ProbeSpec, version="1", description=_concepts.ProbeSpec.title)(_concepts.compute_probes)
+register(_concepts.ProbeSpec, version="2", description=_concepts.ProbeSpec.title)(_concepts.compute_probes)
+register(_bottleneck.BottleneckSpec, version="1", description=_bottleneck.BottleneckSpec.title)(
+    _bottleneck.compute)
+register(_intervention.InterventionSpec, version="1", description=_intervention.InterventionSpec.title)(
+    _intervention.compute)
+register(_tcav.TCAVSpec, version="1", description=_tcav.TCAVSpec.title)(_tcav.compute)
+register(_atlas.AtlasSpec, version="1", description=_atlas.AtlasSpec.title)(_atlas.compute)
 register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)

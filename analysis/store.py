@@ -15,6 +15,7 @@ Tables are stored as Parquet bytes (never pickle): each result table is one BLOB
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from .errors import WorkbenchError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a released step; add a new one.
 MIGRATIONS: list[list[str]] = [
@@ -59,9 +60,14 @@ MIGRATIONS: list[list[str]] = [
             model VARCHAR NOT NULL, revision VARCHAR NOT NULL, dtype VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL,
             summary VARCHAR NOT NULL, updated TIMESTAMP NOT NULL, PRIMARY KEY (model, revision, dtype))""",
     ],
+    [  # 2 -> 3: datasets users bring (concept CSVs), content-addressed so a link naming one replays it
+        """CREATE TABLE IF NOT EXISTS datasets (
+            id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, kind VARCHAR NOT NULL, n_rows BIGINT NOT NULL,
+            columns VARCHAR NOT NULL, parquet BLOB NOT NULL, author VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
-TABLES = ("runs", "results", "findings", "models")
+TABLES = ("runs", "results", "findings", "models", "datasets")
 _NOW = "now()::TIMESTAMP"
 
 
@@ -343,6 +349,34 @@ class Store:
             f"INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, {_NOW})",
             [fid, title, notes or "", author or "", json.dumps(list(runs or [])), json.dumps(list(links or []))]))
         return fid
+
+    # -- datasets ---------------------------------------------------------------------------------------------
+    def put_dataset(self, df: pd.DataFrame, *, name: str, kind: str, author: str = "") -> str:
+        """Keep a user's dataset (already validated); its id is a hash of its content, so the same data gets the
+        same id on every machine and a second upload changes nothing."""
+        canonical = df.to_json(orient="split", index=False)
+        ds_id = hashlib.sha256(f"{kind}\n{canonical}".encode()).hexdigest()[:16]
+        blob = _to_parquet(df)
+
+        def write(con):
+            con.execute("INSERT OR IGNORE INTO datasets (id, name, kind, n_rows, columns, parquet, author, created) "
+                        f"VALUES (?, ?, ?, ?, ?, ?, ?, {_NOW})",
+                        [ds_id, name, kind, len(df), json.dumps(list(df.columns)), blob, author])
+
+        self._transaction(write)
+        return ds_id
+
+    def get_dataset(self, ds_id: str) -> pd.DataFrame | None:
+        row = self._read(lambda con: con.execute("SELECT parquet FROM datasets WHERE id = ?", [ds_id]).fetchone())
+        return None if row is None else _from_parquet(row[0])
+
+    def datasets(self, kind: str | None = None) -> pd.DataFrame:
+        sql = "SELECT id, name, kind, n_rows, columns, author, created FROM datasets"
+        args = []
+        if kind:
+            sql += " WHERE kind = ?"
+            args = [kind]
+        return self._read(lambda con: con.execute(sql + " ORDER BY created DESC", args).df())
 
     def findings(self) -> pd.DataFrame:
         df = self._read(lambda con: con.execute(

@@ -1,0 +1,106 @@
+"""The activation atlas: a 2-d map (UMAP, or PCA as the fast option) of activations at one layer.
+
+Points are texts (their last-token or mean activation, from the stored concept activations) or tokens (every
+token after BOS of every text, sampled down to `max_points`). Each point keeps its text, token and concept labels,
+so the map can be coloured by any concept and hovering shows what the point is. The embedding is a stored run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+
+from kernels.atlas import pca_2d, umap_2d
+
+from . import concept_data
+from .concepts import POSITIONS, activations_array, activations_run, encode_texts
+from .errors import WorkbenchError
+from .models import ModelHandle
+from .specs import Spec, _f
+from .store import Result
+
+
+@dataclass(frozen=True)
+class AtlasSpec(Spec):
+    """A UMAP or PCA map of the activations at one layer, with each point's text, token and labels."""
+
+    analysis: ClassVar[str] = "atlas"
+    title: ClassVar[str] = "Activation atlas: a 2-d map of one layer's activations, coloured by concept"
+    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    layer: int = _f(-2, "residual after block `layer`; -1 the embedding; -2 the last block", min=-2, max=1024)
+    unit: str = _f("token", "token: every token of every text; text: one point per text", choices=("token", "text"))
+    position: str = _f("last", "for text points: the last token, or the mean over tokens", choices=POSITIONS)
+    method: str = _f("umap", "umap, or pca (fast, linear)", choices=("umap", "pca"))
+    max_points: int = _f(5000, "points kept (sampled when there are more)", min=50, max=50_000)
+    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    n_neighbors: int = _f(15, "UMAP neighbours", min=2, max=200)
+    min_dist: float = _f(0.1, "UMAP minimum distance", min=0.0, max=1.0)
+    seed: int = _f(0, "sampling and UMAP seed", min=0, max=2**31 - 1)
+
+
+def token_activations(handle: ModelHandle, seqs: list[list[int]], layer: int):
+    """Every token after BOS: ([n, d] float32, text index, position)."""
+    from .model_view import cache_in_batches
+
+    name = "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
+    parts: dict[int, np.ndarray] = {}
+
+    def visit(idx, cache):
+        acts = cache[name][:, 1:].float().cpu().numpy()
+        for j, i in enumerate(idx):
+            parts[i] = acts[j]
+
+    cache_in_batches(handle, seqs, [name], visit)
+    X = np.concatenate([parts[i] for i in range(len(seqs))])
+    text = np.concatenate([np.full(len(s) - 1, i) for i, s in enumerate(seqs)])
+    pos = np.concatenate([np.arange(1, len(s)) for s in seqs])
+    return X, text, pos
+
+
+def compute(handle: ModelHandle, spec: AtlasSpec, progress, store=None) -> Result:
+    n_layers = handle.summary.n_layers
+    if spec.layer >= n_layers:
+        raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "
+                             f"{n_layers - 1}.")
+    layer = n_layers - 1 if spec.layer == -2 else spec.layer
+    rng = np.random.default_rng(spec.seed)
+    progress(0.05, "activations")
+    if spec.unit == "text":
+        acts = activations_run(spec, handle, store).result
+        labels = acts.extra["labels"]
+        X = activations_array(acts)[:, layer + 1]
+        text_idx, pos = np.arange(len(X)), (labels["n_tokens"].to_numpy() - 1 if spec.position == "last"
+                                            else np.full(len(X), -1))
+    else:
+        labels = concept_data.load(spec.dataset, store).iloc[:spec.max_sentences].reset_index(drop=True)
+        seqs = encode_texts(handle, labels["text"])
+        X, text_idx, pos = token_activations(handle, seqs, layer)
+    if len(X) > spec.max_points:
+        keep = np.sort(rng.choice(len(X), spec.max_points, replace=False))
+        X, text_idx, pos = X[keep], text_idx[keep], pos[keep]
+    if len(X) < 3:
+        raise WorkbenchError("The atlas needs at least three points.")
+    progress(0.4, f"{spec.method} of {len(X):,} points")
+    t0 = time.perf_counter()
+    if spec.method == "umap":
+        xy, info = umap_2d(X, spec.n_neighbors, spec.min_dist, spec.seed)
+    else:
+        xy, info = pca_2d(X)
+    seconds = time.perf_counter() - t0
+    table = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "text_index": text_idx, "position": pos})
+    table["text"] = labels["text"].to_numpy()[text_idx]
+    if spec.unit == "token":
+        tok = handle.tokenizer
+        table["token"] = [tok.decode([seqs[t][p]]) for t, p in zip(text_idx, pos)]
+    else:
+        table["token"] = "(last token)" if spec.position == "last" else "(mean over tokens)"
+    for c in concept_data.concept_columns(labels.drop(columns=["n_tokens"], errors="ignore")):
+        table[c] = labels[c].astype(str).to_numpy()[text_idx]
+    return Result(table=table, meta={"layer": layer, "n_points": len(table), "embed_seconds": seconds,
+                                     "method": spec.method, **info})
+
+
+

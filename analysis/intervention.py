@@ -1,0 +1,129 @@
+"""Concept interventions: push the residual stream along a concept direction and watch the output move.
+
+The direction is a probe's (`concepts.Probe`, toward one class of the concept) at a chosen layer, as a unit
+vector u in activation space. An amount a adds a * r * u to the residual after block `layer` (the embedding for
+-1) at every position after BOS or at the last one, where r is the mean norm of that residual over the dataset's
+texts: amounts are fractions of a typical residual, whatever the model's scale. (The spread of the concept score
+itself is no unit: a standardised probe leans on low-variance dimensions, along which the texts hardly differ.) All amounts run in one batched forward; for each, the top tokens at the last position and the
+probabilities of two groups of tracked tokens (e.g. positive and negative words): the dose-response curve.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import concept_data
+from .concepts import POSITIONS, activations_array, direction, probes_run
+from .errors import WorkbenchError
+from .models import ModelHandle
+from .specs import PromptSpec, _f
+from .store import Result
+
+POSITIVE = (" lovely", " great", " delightful", " excellent", " wonderful", " pleasant")
+NEGATIVE = (" dreadful", " horrible", " disappointing", " terrible", " boring", " awful")
+AMOUNTS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+@dataclass(frozen=True)
+class InterventionSpec(PromptSpec):
+    """Move the residual along a concept direction by several amounts; the model's output at each."""
+
+    analysis: ClassVar[str] = "intervention"
+    title: ClassVar[str] = "Concept intervention: the model's output as the residual moves along a concept"
+    display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids"}
+    prompt: str = _f("The weather is very", "the prompt text", max_len=20_000)
+    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV (the probes' texts)", max_len=64)
+    concept: str = _f("sentiment", "the concept to push along", max_len=128)
+    toward: str = _f("", "the class the direction points to (empty: the probe's own: the second class of a "
+                         "binary concept in sorted order, the first of a multi-class one)", max_len=128)
+    layer: int = _f(-2, "residual pushed: after block `layer`, -1 the embedding, -2 the last block (where "
+                        "pushes act on the output most directly)", min=-2, max=1024)
+    where: str = _f("all", "all: every position after BOS; last: the last position only", choices=("all", "last"))
+    amounts: tuple[float, ...] = _f(AMOUNTS, "amounts, as fractions of the layer's mean residual norm",
+                                    min=-1000.0, max=1000.0, max_len=64)
+    tokens_up: tuple[str, ...] = _f(POSITIVE, "tracked tokens expected to rise (one token each)", max_len=64)
+    tokens_down: tuple[str, ...] = _f(NEGATIVE, "tracked tokens expected to fall (one token each)", max_len=64)
+    top_k: int = _f(10, "top tokens kept per amount", min=1, max=100)
+    position: str = _f("mean", "token position of the probes' activations", choices=POSITIONS)
+    max_sentences: int = _f(2000, "texts the probes use", min=20, max=concept_data.MAX_ROWS)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.amounts:
+            raise WorkbenchError("Give at least one amount.")
+
+    def resolve(self, handle: ModelHandle):
+        return self  # tracked tokens are checked at run time (their ids depend on the model)
+
+
+def push_hook_name(layer: int) -> str:
+    return "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
+
+
+def pushed_logits(handle: ModelHandle, ids: list[int], layer: int, vector: torch.Tensor, amounts, where: str):
+    """[A, vocab] float32 logits at the last position with amounts[a] * vector added at the layer's residual."""
+    A = len(amounts)
+    toks = torch.tensor([ids] * A, device=handle.device)
+    shift = torch.tensor(amounts, dtype=torch.float32, device=handle.device)[:, None] * vector.to(handle.device)
+
+    def hook(resid, hook):
+        resid = resid.clone()
+        d = shift.to(resid.dtype)[:, None, :]
+        if where == "all":
+            resid[:, 1:] += d
+        else:
+            resid[:, -1:] += d
+        return resid
+
+    with handle.lock, torch.no_grad():
+        logits = handle.bridge.run_with_hooks(toks, fwd_hooks=[(push_hook_name(layer), hook)])
+    return logits[:, -1].float().cpu()
+
+
+def compute(handle: ModelHandle, spec: InterventionSpec, progress, store=None) -> Result:
+    from .model_view import single_token_ids
+
+    ids = list(spec.token_ids)
+    if len(ids) < 2:
+        raise WorkbenchError("The prompt has no token after BOS to push.")
+    up = single_token_ids(handle, spec.tokens_up, "tracked token")
+    down = single_token_ids(handle, spec.tokens_down, "tracked token")
+    n_layers = handle.summary.n_layers
+    if spec.layer >= n_layers:
+        raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "
+                             f"{n_layers - 1}.")
+    progress(0.0, "probes")
+    probes = probes_run(spec, handle, store, (spec.concept,)).result
+    layer = n_layers - 1 if spec.layer == -2 else spec.layer
+    w, _, cls = direction(probes, spec.concept, layer, spec.toward or None)
+    norm = float(np.linalg.norm(w))
+    acts = activations_array(store.get(probes.meta["activations_run"]))[:, layer + 1].astype(np.float64)
+    scale = float(np.linalg.norm(acts, axis=1).mean())
+    unit = torch.tensor(w / norm, dtype=torch.float32)
+    progress(0.5, "pushed forwards")
+    amounts = [float(a) for a in spec.amounts]
+    logits = pushed_logits(handle, ids, layer, unit * scale, amounts, spec.where)
+    probs = logits.softmax(-1)
+    tok = handle.tokenizer
+    rows = []
+    for a, amount in enumerate(amounts):
+        for group, tids, texts in (("up", up, spec.tokens_up), ("down", down, spec.tokens_down)):
+            for t, text in zip(tids, texts):
+                rows.append({"amount": amount, "group": group, "token": text, "token_id": t,
+                             "prob": float(probs[a, t]), "logit": float(logits[a, t])})
+    table = pd.DataFrame(rows)
+    groups = table.groupby(["amount", "group"], sort=False)["prob"].sum().unstack("group").reset_index()
+    groups["log_odds"] = np.log(groups["up"]) - np.log(groups["down"])
+    top_p, top_i = probs.topk(spec.top_k, -1)
+    top = pd.DataFrame([{"amount": amounts[a], "rank": r + 1, "token": tok.decode([int(top_i[a, r])]),
+                         "token_id": int(top_i[a, r]), "prob": float(top_p[a, r])}
+                        for a in range(len(amounts)) for r in range(spec.top_k)])
+    return Result(table=table, meta={"layer": layer, "toward": cls, "residual_norm": scale,
+                                     "probe_accuracy": float(probes.table.query(
+                                         "concept == @spec.concept and layer == @layer")["accuracy"].iloc[0]),
+                                     "concept": spec.concept, "where": spec.where},
+                  extra={"groups": groups, "top": top})

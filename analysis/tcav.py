@@ -1,0 +1,193 @@
+"""TCAV (testing with concept activation vectors) through `captum.concept`.
+
+The model is wrapped so that each chosen layer exposes one module whose output is the residual after that block
+at the last token ([batch, d_model]; TCAV needs a fixed-size activation per text, and texts differ in length).
+Concept examples: the texts of one class of a concept; random concepts: as many texts drawn at random from the
+whole dataset. For each layer, captum trains a CAV (our classifier: an L2 logistic regression with a fixed seed, so
+runs repeat) for the concept against each of `n_random` random concepts, and for one random concept against the
+same others (the null). The TCAV score of a CAV is the fraction of input texts whose directional derivative of
+the target (a token's logit at the last position) along the CAV is positive. The concept's scores are compared
+with the null's by a two-sided t-test (the TCAV paper's test): a concept whose scores do not differ from random
+ones' (p >= 0.05 after a Bonferroni correction over the layers tested) is not shown to matter, whatever its mean
+score; a CAV whose held-out accuracy is near chance has no concept to test either.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import concept_data
+from .concepts import encode_texts, pick_concepts
+from .errors import WorkbenchError
+from .models import ModelHandle
+from .specs import Spec, _f
+from .store import Result
+
+
+class LastTokenModel(nn.Module):
+    """bridge(ids) -> logits at the last position, with `point_{l}` modules carrying the residual after block l
+    (the embedding for -1) at the last token, so captum can read and differentiate it."""
+
+    def __init__(self, bridge, layers):
+        super().__init__()
+        self.bridge = bridge
+        self.layers = list(layers)
+        self.points = nn.ModuleDict({f"point_{layer}".replace("-", "m"): nn.Identity() for layer in self.layers})
+
+    @staticmethod
+    def point_name(layer: int) -> str:
+        return "points." + f"point_{layer}".replace("-", "m")
+
+    def forward(self, ids):
+        hooks = []
+        for layer in self.layers:
+            point = self.points[f"point_{layer}".replace("-", "m")]
+
+            def hook(resid, hook, point=point):
+                return torch.cat([resid[:, :-1], point(resid[:, -1])[:, None]], 1)
+
+            name = "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
+            hooks.append((name, hook))
+        return self.bridge.run_with_hooks(ids, fwd_hooks=hooks)[:, -1]
+
+
+def _classifier(seed: int):
+    from captum.concept._utils.classifier import Classifier
+    from sklearn.linear_model import LogisticRegression
+
+    class SeededLogistic(Classifier):
+        """captum's Classifier interface over scikit-learn's logistic regression (deterministic for a seed)."""
+
+        def __init__(self):
+            self.clf = None
+
+        def train_and_eval(self, dataloader, test_split_ratio: float = 0.33, **kwargs):
+            xs, ys = zip(*[(x, y) for x, y in dataloader])
+            X, y = torch.cat(xs).float().cpu().numpy(), torch.cat(ys).cpu().numpy()
+            perm = np.random.default_rng(seed).permutation(len(y))
+            n_test = int(test_split_ratio * len(y))
+            te, tr = perm[:n_test], perm[n_test:]
+            self.clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(X[tr], y[tr])
+            return {"accs": torch.tensor(float((self.clf.predict(X[te]) == y[te]).mean()) if n_test else float("nan"))}
+
+        def weights(self):
+            w = torch.tensor(self.clf.coef_, dtype=torch.float32)
+            return torch.stack([-w[0], w[0]]) if w.shape[0] == 1 else w
+
+        def classes(self):
+            return [int(c) for c in self.clf.classes_]
+
+    return SeededLogistic()
+
+
+@dataclass(frozen=True)
+class TCAVSpec(Spec):
+    """TCAV scores of one concept class for a target token, per layer, with a t-test against random concepts."""
+
+    analysis: ClassVar[str] = "tcav"
+    title: ClassVar[str] = "TCAV: how much a concept moves a token's logit, tested against random concepts"
+    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    concept: str = _f("topic", "the concept", max_len=128)
+    value: str = _f("weather", "the class of the concept whose examples form the concept set", max_len=128)
+    target: str = _f(" coast", "the token whose logit at the last position is explained (one token)", max_len=64)
+    layers: tuple[int, ...] = _f((), "layers (residual after block l; -1 the embedding); empty: all", min=-1,
+                                 max=1024, max_len=64)
+    drop_last: int = _f(2, "final tokens cut from every text (2 on the shipped sentences: they end '... near the')",
+                        min=0, max=64)
+    n_examples: int = _f(50, "texts per concept set (the concept's and each random one)", min=10, max=1000)
+    n_random: int = _f(10, "random concepts to test against", min=2, max=50)
+    n_inputs: int = _f(200, "input texts whose directional derivatives are counted", min=10, max=5000)
+    seed: int = _f(0, "sampling and classifier seed", min=0, max=2**31 - 1)
+
+
+def _batches(seqs: list[list[int]], idx, device) -> list[torch.Tensor]:
+    by_len: dict[int, list[int]] = {}
+    for i in idx:
+        by_len.setdefault(len(seqs[i]), []).append(i)
+    return [torch.tensor([seqs[i] for i in g], device=device) for g in by_len.values()]
+
+
+def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result:
+    from captum.concept import TCAV, Concept
+    from scipy import stats
+
+    from .model_view import single_token_ids
+
+    data = concept_data.load(spec.dataset, store)
+    (concept,) = pick_concepts((spec.concept,), concept_data.concept_columns(data))
+    labels = data[concept].astype(str).to_numpy()
+    if spec.value not in set(labels):
+        raise WorkbenchError(f"{concept!r} has no class {spec.value!r}.",
+                             hint=f"Its classes: {', '.join(sorted(set(labels)))}.")
+    (target,) = single_token_ids(handle, (spec.target,), "target")
+    n_layers = handle.summary.n_layers
+    layers = list(spec.layers) or list(range(-1, n_layers))
+    if max(layers) >= n_layers:
+        raise WorkbenchError(f"layer {max(layers)} does not exist: the model has layers -1 (embedding) to "
+                             f"{n_layers - 1}.")
+    rng = np.random.default_rng(spec.seed)
+    pos = np.flatnonzero(labels == spec.value)
+    if len(pos) < spec.n_examples:
+        raise WorkbenchError(f"{concept} = {spec.value!r} has {len(pos)} texts; the concept set needs "
+                             f"{spec.n_examples}.", hint="Lower 'examples per set'.")
+    N = len(labels)
+    concept_idx = rng.choice(pos, spec.n_examples, replace=False)
+    random_idx = [rng.choice(N, spec.n_examples, replace=False) for _ in range(spec.n_random + 1)]
+    input_idx = rng.choice(N, min(spec.n_inputs, N), replace=False)
+    needed = sorted(set(concept_idx) | set(input_idx) | {int(i) for r in random_idx for i in r})
+    progress(0.05, "tokenizing")
+    seqs = dict(zip(needed, encode_texts(handle, data["text"].iloc[needed], spec.drop_last)))
+
+    dev = handle.device
+    cset = Concept(0, f"{concept}={spec.value}", _batches(seqs, concept_idx, dev))
+    randoms = [Concept(i + 1, f"random{i}", _batches(seqs, r, dev)) for i, r in enumerate(random_idx)]
+    null, others = randoms[0], randoms[1:]
+    sets = [[cset, r] for r in others] + [[null, r] for r in others]
+    wrapper = LastTokenModel(handle.bridge, layers)
+    names = [LastTokenModel.point_name(layer) for layer in layers]
+    inputs = _batches(seqs, input_idx, dev)
+    scores = np.zeros((2, len(others), len(layers)))
+    magnitude = np.zeros((2, len(others), len(layers)))
+    n_seen = 0
+    progress(0.1, "CAVs and directional derivatives")
+    with handle.lock, torch.enable_grad(), tempfile.TemporaryDirectory() as tmp:
+        tcav = TCAV(wrapper, names, model_id="m", classifier=_classifier(spec.seed), save_path=tmp)
+        for bi, batch in enumerate(inputs):
+            out = tcav.interpret(batch, sets, target=target)
+            for s, exp in enumerate(sets):
+                key = "-".join(str(c.id) for c in exp)
+                for li, name in enumerate(names):
+                    kind, r = divmod(s, len(others))
+                    scores[kind, r, li] += float(out[key][name]["sign_count"][0]) * len(batch)
+                    magnitude[kind, r, li] += float(out[key][name]["magnitude"][0]) * len(batch)
+            n_seen += len(batch)
+            progress(0.1 + 0.9 * (bi + 1) / len(inputs), f"inputs {n_seen}/{len(input_idx)}")
+        accs = np.array([[float(tcav.cavs["-".join(str(c.id) for c in exp)][name].stats["accs"])
+                          for name in names] for exp in sets])
+    scores /= n_seen
+    magnitude /= n_seen
+    rows, draws = [], []
+    for li, layer in enumerate(layers):
+        c, r = scores[0, :, li], scores[1, :, li]
+        if np.allclose(c, c[0]) and np.allclose(r, r[0]) and np.isclose(c[0], r[0]):
+            p = 1.0
+        else:
+            p = float(stats.ttest_ind(c, r, equal_var=False).pvalue)
+        p_adj = min(1.0, p * len(layers))  # Bonferroni over the layers tested
+        rows.append({"layer": layer, "tcav_mean": float(c.mean()), "tcav_std": float(c.std(ddof=1)),
+                     "random_mean": float(r.mean()), "random_std": float(r.std(ddof=1)), "p_value": p,
+                     "p_bonferroni": p_adj, "significant": bool(p_adj < 0.05), "cav_accuracy": float(accs[:len(others), li].mean())})
+        for kind, name in ((0, "concept"), (1, "random")):
+            for k in range(len(others)):
+                draws.append({"layer": layer, "set": name, "draw": k, "tcav": float(scores[kind, k, li]),
+                              "magnitude": float(magnitude[kind, k, li]),
+                              "cav_accuracy": float(accs[kind * len(others) + k, li])})
+    return Result(table=pd.DataFrame(rows), meta={"concept": concept, "value": spec.value, "target": spec.target,
+                                                  "target_id": int(target), "n_inputs": n_seen},
+                  extra={"draws": pd.DataFrame(draws)})
