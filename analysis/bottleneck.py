@@ -88,9 +88,9 @@ def compute(handle: ModelHandle, spec: BottleneckSpec, progress, store=None) -> 
     if spec.target != "next_token" and spec.target not in available:
         raise WorkbenchError(f"target must be 'next_token' or a label column ({', '.join(available)}), not "
                              f"{spec.target!r}.")
-    concepts = pick_concepts(spec.concepts, [c for c in available if c != spec.target])
-    if spec.target in concepts:
+    if spec.target in spec.concepts:
         raise WorkbenchError(f"{spec.target!r} is the target; it cannot also be a concept of the bottleneck.")
+    concepts = pick_concepts(spec.concepts, [c for c in available if c != spec.target])
     n_layers = handle.summary.n_layers
     if spec.layer >= n_layers:
         raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "

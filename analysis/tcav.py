@@ -170,6 +170,13 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
             progress(0.1 + 0.9 * (bi + 1) / len(inputs), f"inputs {n_seen}/{len(input_idx)}")
         accs = np.array([[float(tcav.cavs["-".join(str(c.id) for c in exp)][name].stats["accs"])
                           for name in names] for exp in sets])
+        cavs = []  # the concept's CAVs (toward the concept), so the scores can be checked and reused
+        for k, exp in enumerate(sets[:len(others)]):
+            for li, name in enumerate(names):
+                st = tcav.cavs["-".join(str(c.id) for c in exp)][name].stats
+                row = list(st["classes"]).index(0)
+                cavs.append({"layer": layers[li], "draw": k,
+                             "weight": st["weights"][row].float().cpu().numpy().astype(np.float32)})
     scores /= n_seen
     magnitude /= n_seen
     rows, draws = [], []
@@ -189,5 +196,6 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
                               "magnitude": float(magnitude[kind, k, li]),
                               "cav_accuracy": float(accs[kind * len(others) + k, li])})
     return Result(table=pd.DataFrame(rows), meta={"concept": concept, "value": spec.value, "target": spec.target,
-                                                  "target_id": int(target), "n_inputs": n_seen},
-                  extra={"draws": pd.DataFrame(draws)})
+                                                  "target_id": int(target), "n_inputs": n_seen,
+                                                  "inputs": [int(i) for i in input_idx]},
+                  extra={"draws": pd.DataFrame(draws), "cavs": pd.DataFrame(cavs)})

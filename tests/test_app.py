@@ -192,3 +192,28 @@ def test_information_plane_page_says_what_it_measures(own_store):
     assert not at.exception and not at.error
     assert any("not Shannon information" in w.value for w in at.warning)
     assert len(at.get("plotly_chart")) == 1 and _qp(at, "view_estimator") == "renyi"
+
+
+@pytest.mark.parametrize("section, query, charts", [
+    ("probes", {"max_sentences": "200"}, 1),
+    ("bottleneck", {"max_sentences": "200", "n_random": "2"}, 2),
+    ("intervention", {"max_sentences": "200"}, 1),
+    ("tcav", {"n_inputs": "20", "n_random": "3", "n_examples": "20", "layers": "2,4"}, 1),
+    ("atlas", {"method": "pca", "max_points": "500", "max_sentences": "100"}, 1),
+])
+def test_concepts_page_sections_run_link_and_reopen_from_the_store(own_store, section, query, charts):
+    at = _run(page="views/concepts.py", section=section, **query)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) == charts
+    assert _qp(at, "section") == section and _qp(at, "dataset") == "shipped"
+    link = {k: _qp(at, k) for k in at.query_params}
+    again = _run(page="views/concepts.py", **link)
+    assert not again.exception and not again.error
+    assert any("from the store" in c.value for c in again.caption)
+
+
+def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
+    at = _run(page="views/concepts.py", section="probes", dataset="0123456789abcdef")
+    assert not at.exception
+    assert any("not in this store" in e.value for e in at.error)
+    assert Store(own_store).count("runs") == 1  # only the Model page's first view
