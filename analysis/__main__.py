@@ -4,6 +4,7 @@
     python -m analysis model --spec specs.json          # one spec, or a JSON list of specs (a batch)
     python -m analysis runs                             # what the store holds
     python -m analysis export-parquet FOLDER | import-parquet FOLDER | import-store FILE
+    python -m analysis add-concepts FILE.csv            # prints the id to pass as --dataset
 
 Every analysis command takes the spec's fields as flags (see `python -m analysis ANALYSIS --help`), writes its
 result to the store (WORKBENCH_STORE, or --store), and optionally to CSV / Parquet / HTML.
@@ -60,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--analysis")
     for name, help_ in [("export-parquet", "write the whole store to a folder of Parquet files"),
                         ("import-parquet", "bring in a folder written by export-parquet"),
-                        ("import-store", "bring in every run of another store file")]:
+                        ("import-store", "bring in every run of another store file"),
+                        ("add-concepts", "validate a concept CSV (text + one column per concept), keep it in the "
+                                         "store and print its dataset id")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("path", type=Path)
         p.add_argument("--store", type=Path)
@@ -118,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "import-store":
             print(json.dumps(store.import_store(args.path)))
+            return 0
+        if args.command == "add-concepts":
+            from .concept_data import save_concepts_csv
+
+            try:
+                data = args.path.read_bytes()
+            except OSError as e:
+                raise WorkbenchError(f"Cannot read {args.path}: {e.strerror}.") from e
+            print(save_concepts_csv(store, data, name=args.path.name))
             return 0
         analysis = REGISTRY[args.command]
         specs = _specs_from_args(args, analysis)

@@ -4,8 +4,8 @@ The model is wrapped so that each chosen layer exposes one module whose output i
 at the last token ([batch, d_model]; TCAV needs a fixed-size activation per text, and texts differ in length).
 Concept examples: the texts of one class of a concept; random concepts: as many texts drawn at random from the
 whole dataset. For each layer, captum trains a CAV (our classifier: an L2 logistic regression with a fixed seed, so
-runs repeat) for the concept against each of `n_random` random concepts, and for one random concept against the
-same others (the null). The TCAV score of a CAV is the fraction of input texts whose directional derivative of
+runs repeat) for the concept against each of `n_random` random concepts, and for as many other random concepts against
+the same counterparts (the null). The TCAV score of a CAV is the fraction of input texts whose directional derivative of
 the target (a token's logit at the last position) along the CAV is positive. The concept's scores are compared
 with the null's by a two-sided t-test (the TCAV paper's test): a concept whose scores do not differ from random
 ones' (p >= 0.05 after a Bonferroni correction over the layers tested) is not shown to matter, whatever its mean
@@ -138,7 +138,7 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
                              f"{spec.n_examples}.", hint="Lower 'examples per set'.")
     N = len(labels)
     concept_idx = rng.choice(pos, spec.n_examples, replace=False)
-    random_idx = [rng.choice(N, spec.n_examples, replace=False) for _ in range(spec.n_random + 1)]
+    random_idx = [rng.choice(N, spec.n_examples, replace=False) for _ in range(2 * spec.n_random)]
     input_idx = rng.choice(N, min(spec.n_inputs, N), replace=False)
     needed = sorted(set(concept_idx) | set(input_idx) | {int(i) for r in random_idx for i in r})
     progress(0.05, "tokenizing")
@@ -147,8 +147,10 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
     dev = handle.device
     cset = Concept(0, f"{concept}={spec.value}", _batches(seqs, concept_idx, dev))
     randoms = [Concept(i + 1, f"random{i}", _batches(seqs, r, dev)) for i, r in enumerate(random_idx)]
-    null, others = randoms[0], randoms[1:]
-    sets = [[cset, r] for r in others] + [[null, r] for r in others]
+    others, nulls = randoms[:spec.n_random], randoms[spec.n_random:]
+    # the null: a different random "concept" against each counterpart, so the null scores are as independent of
+    # each other as the concept's are (one shared null concept would make them look more certain than they are)
+    sets = [[cset, r] for r in others] + [[n, r] for n, r in zip(nulls, others)]
     wrapper = LastTokenModel(handle.bridge, layers)
     names = [LastTokenModel.point_name(layer) for layer in layers]
     inputs = _batches(seqs, input_idx, dev)

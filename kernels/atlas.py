@@ -13,6 +13,7 @@ UMAP's cost on a small machine is mostly numba compiling its kernels: ~20 s to i
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -33,7 +34,12 @@ def _umap():
     global _ready
     with _lock:
         if not _ready:
-            os.environ.setdefault("NUMBA_CACHE_DIR", str(_numba_cache_dir()))
+            if "NUMBA_CACHE_DIR" not in os.environ:
+                os.environ["NUMBA_CACHE_DIR"] = str(_numba_cache_dir())
+                if "numba" in sys.modules:  # numba reads its settings when imported: make it read them again
+                    from numba.core import config
+
+                    config.reload_config()
             import umap.layouts
             import umap.spectral
             import umap.umap_

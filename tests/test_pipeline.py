@@ -251,3 +251,20 @@ def test_cli_patching_writes_the_tidy_table(tmp_path):
     assert "Plotly" in (tmp_path / "p.html").read_text()
     bad = _cli("patching", "--components", "resid_middle", "--store", str(tmp_path / "p.duckdb"))
     assert bad.returncode == 2 and "must be one of" in bad.stderr
+
+
+def test_cli_adds_a_concept_csv_and_probes_it(tmp_path):
+    from analysis.concept_data import shipped
+
+    db = tmp_path / "c.duckdb"
+    shipped().iloc[:100][["text", "tense"]].to_csv(tmp_path / "tense.csv", index=False)
+    out = _cli("add-concepts", str(tmp_path / "tense.csv"), "--store", str(db))
+    assert out.returncode == 0, out.stderr
+    ds = out.stdout.strip()
+    assert len(ds) == 16
+    probe = _cli("probes", "--dataset", ds, "--max-sentences", "100", "--store", str(db), "--csv", str(tmp_path / "p.csv"))
+    assert probe.returncode == 0, probe.stderr
+    assert set(pd.read_csv(tmp_path / "p.csv")["concept"]) == {"tense"}
+    (tmp_path / "bad.csv").write_text("words,tense\na,past\n")
+    bad = _cli("add-concepts", str(tmp_path / "bad.csv"), "--store", str(db))
+    assert bad.returncode == 2 and "no 'text' column" in bad.stderr and "Traceback" not in bad.stderr

@@ -22,6 +22,17 @@ SECTIONS = {"probes": "Probes", "bottleneck": "Bottleneck", "intervention": "Int
             "atlas": "Atlas"}
 
 
+@st.cache_resource(show_spinner=False)
+def _warm_umap() -> bool:
+    """Once per server process: compile (or load from numba's cache) umap's kernels in a background thread, while
+    the user works on other sections; the first atlas is then no slower than later ones."""
+    from kernels.atlas import warm_up_in_background
+
+    if not review_mode():
+        warm_up_in_background()
+    return True
+
+
 def _csv(items) -> tuple[str, ...]:
     return tuple(t for t in items.split(",") if t.strip())
 
@@ -62,6 +73,7 @@ if link_dataset not in names:
     names[link_dataset] = f"{link_dataset} (not in this store)"
 ids = list(names)
 dataset = st.selectbox("Concept data", ids, index=ids.index(link_dataset), format_func=names.get, key="dataset")
+_warm_umap()
 section_ids = list(SECTIONS)
 section = st.radio("Section", section_ids, horizontal=True, format_func=SECTIONS.get, key="section",
                    index=section_ids.index(qp["section"]) if qp.get("section") in section_ids else 0)
@@ -186,11 +198,6 @@ elif section == "tcav":
     figures, title = {"tcav": fig}, f"TCAV: {m['concept']}={m['value']} → {m['target']!r}"
 
 else:
-    from kernels.atlas import warm_up_in_background
-
-    if "umap_warm" not in st.session_state:  # compile (or load) umap's kernels while the user sets things up
-        st.session_state["umap_warm"] = True
-        warm_up_in_background()
     qp, url = spec_from_link(AtlasSpec, ("layer", "unit", "position", "method", "max_points", "n_neighbors",
                                          "min_dist", "seed", "max_sentences"))
     with st.form("atlas"):
