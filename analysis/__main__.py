@@ -5,6 +5,7 @@
     python -m analysis runs                             # what the store holds
     python -m analysis export-parquet FOLDER | import-parquet FOLDER | import-store FILE
     python -m analysis add-concepts FILE.csv            # prints the id to pass as --dataset
+    python -m analysis warm-up                          # compile umap's kernels once per machine
 
 Every analysis command takes the spec's fields as flags (see `python -m analysis ANALYSIS --help`), writes its
 result to the store (WORKBENCH_STORE, or --store), and optionally to CSV / Parquet / HTML.
@@ -62,10 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in [("export-parquet", "write the whole store to a folder of Parquet files"),
                         ("import-parquet", "bring in a folder written by export-parquet"),
                         ("import-store", "bring in every run of another store file"),
+                        ("warm-up", "compile umap's kernels into numba's persistent cache (once per machine, ~35 s; "
+                                    "later atlases skip it)"),
                         ("add-concepts", "validate a concept CSV (text + one column per concept), keep it in the "
                                          "store and print its dataset id")]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("path", type=Path)
+        if name != "warm-up":
+            p.add_argument("path", type=Path)
         p.add_argument("--store", type=Path)
     return ap
 
@@ -121,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "import-store":
             print(json.dumps(store.import_store(args.path)))
+            return 0
+        if args.command == "warm-up":
+            import time
+
+            from kernels.atlas import warm_up
+
+            t0 = time.perf_counter()
+            warm_up()
+            print(f"umap ready in {time.perf_counter() - t0:.1f} s")
             return 0
         if args.command == "add-concepts":
             from .concept_data import save_concepts_csv
