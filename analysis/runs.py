@@ -171,6 +171,7 @@ from . import entropy as _entropy  # noqa: E402
 from . import infoplane as _infoplane  # noqa: E402
 from . import intervention as _intervention  # noqa: E402
 from . import lens as _lens  # noqa: E402
+from . import quant as _quant  # noqa: E402
 from . import tcav as _tcav  # noqa: E402
 from . import tuned_lens as _tuned_lens  # noqa: E402
 
@@ -187,6 +188,10 @@ register(_intervention.InterventionSpec, version="1", description=_intervention.
     _intervention.compute)
 register(_tcav.TCAVSpec, version="1", description=_tcav.TCAVSpec.title)(_tcav.compute)
 register(_atlas.AtlasSpec, version="1", description=_atlas.AtlasSpec.title)(_atlas.compute)
+register(_quant.QuantSensitivitySpec, version="1", description=_quant.QuantSensitivitySpec.title)(
+    _quant.compute_sensitivity)
+register(_quant.QuantAllocationSpec, version="1", description=_quant.QuantAllocationSpec.title)(
+    _quant.compute_allocation)
 register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)
 
 @register(ModelViewSpec, version="1", description=ModelViewSpec.title)

@@ -169,12 +169,15 @@ def test_import_store_file_and_parquet_folder(tmp_path):
     batch.put(_run("b1"), _result(seed=1))
     batch.remember_model("default", "", "float32", "f" * 32, {"n_layers": 6})
     batch.add_finding("from the batch")
+    ds = batch.put_dataset(pd.DataFrame({"text": ["a", "b"], "mood": ["x", "y"]}), name="m.csv", kind="concepts")
     app = Store(tmp_path / "app.duckdb")
     app.put(_run("a1"), _result(seed=2))
     added = app.import_store(tmp_path / "batch.duckdb")
-    assert added == {"runs": 1, "results": 2, "findings": 1, "models": 1}
+    assert added == {"runs": 1, "results": 2, "findings": 1, "models": 1, "datasets": 1}
     assert app.get("b1").meta["seed"] == 1 and app.get("a1").meta["seed"] == 2
-    assert app.import_store(tmp_path / "batch.duckdb") == {"runs": 0, "results": 0, "findings": 0, "models": 0}
+    assert list(app.get_dataset(ds)["mood"]) == ["x", "y"]  # an uploaded dataset travels with the runs
+    assert app.import_store(tmp_path / "batch.duckdb") == {"runs": 0, "results": 0, "findings": 0, "models": 0,
+                                                           "datasets": 0}
 
     batch.put(_run("b2"), _result(seed=3))
     batch.export_parquet(tmp_path / "export")

@@ -1,0 +1,463 @@
+"""Quantization sensitivity: which weight matrices tolerate fewer bits, measured and predicted (HAWQ-V2).
+
+Evaluation set: text the model writes itself (sequences sampled from BOS at temperature 1 with a seed), so
+damage is measured on the distribution the model knows. Units of weights (`weight_units`): every 2-d weight of the
+model once (tied embedding/unembedding counted once; views of one matrix, such as the bridge's q/k/v split of
+GPT-2's c_attn, belong to that matrix), with its layer and type.
+
+Measured (`QuantSensitivitySpec`): each unit quantized alone (and each layer, and each matrix type across layers;
+and the residual entering each block, per token), in every format; mean per-token KL(full || quantized), change of
+the next-token loss and top-1 agreement with the full model. Sweeps start at the first block a unit touches: the
+residual entering it is the full model's, recorded once (kernels.patching.BlockRunner), so earlier blocks are not
+recomputed; the unembedding alone needs only the final norm and projection.
+
+Predicted: per unit, the Hessian trace of the loss by Hutchinson's estimator (Rademacher v, Hv by double
+backprop; one sample per unit per backprop), divided by the number of parameters, with its standard error, drawing
+samples until every unit's standard error is within `tol` of its trace (of a tenth of the mean |trace| for
+traces near zero, which no sample size pins down relatively), or `max_samples`. Sensitivity
+Omega = (Tr(H)/n) * ||Q(W) - W||^2, and its Spearman rank correlation with the measured KL per format.
+
+Allocation (`QuantAllocationSpec`, built on a stored sensitivity run): units sorted by trace; every non-decreasing
+assignment of the chosen formats (more sensitive => at least as many bits) is scored by size and total Omega; the
+Pareto frontier, the best assignment under a size budget (average bits per weight), and that assignment measured
+(all units quantized at once) beside the uniform assignments.
+
+The second-order model assumes a minimum (zero gradient) and a positive semi-definite Hessian; on text a language
+model is not at a minimum and cross-entropy Hessians are indefinite, so a trace can come out negative. Negative
+traces are reported as they are and count as zero sensitivity in the allocation.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weight, parse_format
+
+from .errors import WorkbenchError
+from .models import ModelHandle
+from .specs import Spec, _f
+from .store import Result
+
+TYPES = ("embed", "pos_embed", "attn_in", "attn_out", "mlp_in", "mlp_out", "unembed", "other")
+DEFAULT_ACT_FORMATS = ("int8-channel", "int4-channel", "fp8_e4m3-channel")
+ALLOC_FORMATS = ("int8-channel", "int4-g128", "int3-g128", "int2-g128")
+MAX_ASSIGNMENTS = 2_000_000
+
+
+@dataclass
+class Unit:
+    name: str
+    layer: int  # -1: before the blocks (embeddings); n_layers: after them (unembedding)
+    type: str
+    weight: torch.nn.Parameter  # the matrix quantized (views of it follow)
+    out_dim: int
+    grads: list = field(default_factory=list)  # the parameters autograd sees for it (it, or its views)
+
+    @property
+    def n(self) -> int:
+        return self.weight.numel()
+
+
+def _clean(name: str) -> str:
+    return name.replace("._original_component", "").replace("_original_component.", "")
+
+
+def _type(name: str, module) -> str:
+    n = name.lower()
+    last = n.rsplit(".", 2)[-2] if n.endswith(".weight") else n
+    if isinstance(module, torch.nn.Embedding) or last in ("wte", "embed_tokens", "embed_in", "wpe"):
+        return "pos_embed" if last == "wpe" or "position" in last else "embed"
+    if last in ("lm_head", "embed_out", "unembed"):
+        return "unembed"
+    if "attn" in n or "attention" in n:
+        if last in ("o", "o_proj", "dense", "c_proj", "out_proj"):
+            return "attn_out"
+        return "attn_in"
+    if "mlp" in n:
+        if last in ("c_proj", "down_proj", "dense_4h_to_h", "fc_out", "out", "fc2"):
+            return "mlp_out"
+        return "mlp_in"
+    return "other"
+
+
+def weight_units(handle: ModelHandle) -> list[Unit]:
+    """Every 2-d weight once, with its layer, type and output axis; views of one storage are one unit."""
+    hf = handle.bridge.original_model
+    modules = dict(hf.named_modules())
+    n_layers = handle.summary.n_layers
+    by_storage: dict[int, list[tuple[str, torch.nn.Parameter, object]]] = {}
+    for name, p in hf.named_parameters():  # tied parameters appear once
+        if p.dim() != 2:
+            continue
+        by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p, modules[name.rsplit(".", 1)[0]]))
+    units = []
+    for group in by_storage.values():
+        name, p, module = max(group, key=lambda t: t[1].numel())
+        if any(q.numel() == p.numel() and q is not p for _, q, _ in group):
+            raise WorkbenchError(f"Two parameters share the storage of {_clean(name)}; cannot tell which to count.")
+        clean = _clean(name)
+        kind = _type(clean, module)
+        m = re.search(r"\.(?:h|layers|layer|blocks)\.(\d+)\.", clean)
+        layer = int(m.group(1)) if m else (n_layers if kind == "unembed" else -1)
+        out_dim = 1 if type(module).__name__ == "Conv1D" else 0
+        units.append(Unit(clean, layer, kind, p, out_dim, [q for _, q, _ in group]))
+    order = {t: i for i, t in enumerate(TYPES)}
+    return sorted(units, key=lambda u: (u.layer, order[u.type], u.name))
+
+
+def model_text(handle: ModelHandle, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    """[n_seqs, seq_len] token ids the model samples itself from BOS (temperature 1, seeded)."""
+    bos = handle.tokenizer.bos_token_id
+    if bos is None:
+        bos = handle.tokenizer.eos_token_id or 0
+    gen = torch.Generator().manual_seed(seed)
+    toks = torch.full((n_seqs, 1), bos, dtype=torch.long, device=handle.device)
+    with torch.no_grad():
+        for _ in range(seq_len - 1):
+            probs = handle.bridge(toks)[:, -1].float().softmax(-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=gen).to(handle.device)
+            toks = torch.cat([toks, nxt], 1)
+    return toks
+
+
+class Damage:
+    """KL(full || quantized) per token, the change of the next-token loss and top-1 agreement."""
+
+    def __init__(self, tokens: torch.Tensor, full_logits: torch.Tensor):
+        self.tokens = tokens
+        self.logp = full_logits.float().log_softmax(-1)
+        self.p = self.logp.exp()
+        self.top = self.logp.argmax(-1)
+        self.loss = self._loss(self.logp)
+
+    def _loss(self, logp: torch.Tensor) -> float:
+        return float(-logp[:, :-1].gather(-1, self.tokens[:, 1:, None]).mean())
+
+    def __call__(self, logits: torch.Tensor) -> dict[str, float]:
+        logq = logits.float().log_softmax(-1)
+        kl = (self.p * (self.logp - logq)).sum(-1)
+        return {"kl": float(kl.mean()), "delta_loss": self._loss(logq) - self.loss,
+                "top1_agreement": float((logq.argmax(-1) == self.top).float().mean())}
+
+
+class QuantRunner:
+    """Logits of the evaluation set with some units' weights (or the residual entering a block) quantized,
+    recomputing only from the first block they touch."""
+
+    def __init__(self, handle: ModelHandle, tokens: torch.Tensor):
+        from kernels.patching import BlockRunner
+
+        self.handle = handle
+        self.bridge = handle.bridge
+        self.tokens = tokens
+        self.n_layers = handle.summary.n_layers
+        self.runner = BlockRunner(self.bridge, tokens)
+        with torch.no_grad():
+            self.final_resid = self.runner.run(self.runner.inputs[self.n_layers - 1], self.n_layers - 1)
+            self.full_logits = self._logits(self.final_resid)
+
+    def _logits(self, final_resid):
+        return self.runner.logits(final_resid, positions=torch.arange(self.tokens.shape[1]))
+
+    def logits(self, units: list[Unit], fmt: dict[int, str] | str | None = None, act_layer: int | None = None,
+               act_fmt: str | None = None) -> torch.Tensor:
+        """Logits with `units` quantized (all in `fmt`, or unit index -> format) and/or the residual entering
+        block `act_layer` quantized per token in `act_fmt`. Weights are restored before returning."""
+        saved = []
+        try:
+            with torch.no_grad():
+                for i, u in enumerate(units):
+                    f = fmt if isinstance(fmt, str) else fmt[i]
+                    saved.append((u.weight, u.weight.detach().clone()))
+
+                    u.weight.copy_(fake_quant_weight(u.weight, f, u.out_dim))
+                start = min([u.layer for u in units] + ([act_layer] if act_layer is not None else []))
+                if start < 0:
+                    return self.bridge(self.tokens)
+                if start >= self.n_layers:  # the unembedding alone
+                    return self._logits(self.final_resid)
+                x = self.runner.inputs[start]
+                if act_layer is not None and act_layer == start:
+                    x = fake_quant_activation(x, act_fmt)
+                return self._logits(self.runner.run(x, start))
+        finally:
+            with torch.no_grad():
+                for p, old in saved:
+                    p.copy_(old)
+
+
+def hutchinson(handle: ModelHandle, tokens: torch.Tensor, units: list[Unit], tol: float, min_samples: int,
+               max_samples: int, seed: int, progress=None) -> pd.DataFrame:
+    """Per unit: Tr(H)/n of the mean next-token loss, its standard error and the samples drawn."""
+    params = [p for u in units for p in u.grads]
+    owner = [i for i, u in enumerate(units) for _ in u.grads]
+    gen = torch.Generator().manual_seed(seed)
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = handle.bridge(tokens)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                     tokens[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            live = [j for j, g in enumerate(grads) if g is not None]
+            samples: list[list[float]] = [[] for _ in units]
+            for k in range(max_samples):
+                vs = [(torch.randint(0, 2, params[j].shape, generator=gen) * 2 - 1).to(params[j]) for j in live]
+                hv = torch.autograd.grad([grads[j] for j in live], [params[j] for j in live], grad_outputs=vs,
+                                         retain_graph=True, allow_unused=True)
+                per_unit = [0.0] * len(units)
+                for j, v, h in zip(live, vs, hv):
+                    if h is not None:
+                        per_unit[owner[j]] += float((v * h).sum())
+                for i, s in enumerate(per_unit):
+                    samples[i].append(s)
+                n = k + 1
+                if progress:
+                    progress(n / max_samples, f"Hutchinson sample {n}")
+                if n >= min_samples:
+                    arr = np.asarray(samples)
+                    mean, se = arr.mean(1), arr.std(1, ddof=1) / math.sqrt(n)
+                    # within tol of its own trace, or (a trace near zero) of a tenth of the mean |trace|
+                    if np.all(se <= tol * np.maximum(np.abs(mean), 0.1 * np.abs(mean).mean())):
+                        break
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    arr = np.asarray(samples)
+    n = arr.shape[1]
+    rows = []
+    for i, u in enumerate(units):
+        mean, se = float(arr[i].mean()), float(arr[i].std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        rows.append({"unit": u.name, "layer": u.layer, "type": u.type, "n_params": u.n, "trace": mean,
+                     "trace_se": se, "trace_per_param": mean / u.n, "trace_per_param_se": se / u.n, "samples": n})
+    return pd.DataFrame(rows)
+
+
+def _check_formats(formats, what="format") -> tuple[str, ...]:
+    out = []
+    for f in formats:
+        try:
+            out.append(parse_format(f).name)
+        except ValueError as e:
+            raise WorkbenchError(f"Unknown {what}: {e}") from e
+    if not out:
+        raise WorkbenchError(f"Pick at least one {what}.")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class QuantSensitivitySpec(Spec):
+    """Quantize each weight matrix, layer and matrix type (and each block's input) alone; measure and predict."""
+
+    analysis: ClassVar[str] = "quant_sensitivity"
+    title: ClassVar[str] = "Quantization sensitivity: measured damage per matrix and format, and HAWQ-V2's prediction"
+    formats: tuple[str, ...] = _f(WEIGHT_FORMATS, "weight formats swept", max_len=64)
+    activation_formats: tuple[str, ...] = _f(DEFAULT_ACT_FORMATS, "formats for the residual entering each block, "
+                                             "per token (empty: none)", max_len=16)
+    units: tuple[str, ...] = _f(("matrix", "layer", "type"), "what is quantized at a time",
+                                choices=("matrix", "layer", "type"), max_len=3)
+    n_seqs: int = _f(16, "sequences of the model's own text", min=1, max=512)
+    seq_len: int = _f(64, "tokens per sequence (with BOS)", min=4, max=2048)
+    tol: float = _f(0.1, "Hutchinson: stop when every standard error is within this fraction of its trace",
+                    min=1e-4, max=1.0)
+    min_samples: int = _f(8, "Hutchinson: samples drawn at least", min=2, max=10_000)
+    max_samples: int = _f(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
+    seed: int = _f(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
+
+    def validate(self) -> None:
+        _check_formats(self.formats)
+        if self.activation_formats:
+            _check_formats(self.activation_formats, "activation format")
+        if self.min_samples > self.max_samples:
+            raise WorkbenchError("min_samples is larger than max_samples.")
+
+
+def compute_sensitivity(handle: ModelHandle, spec: QuantSensitivitySpec, progress) -> Result:
+    from scipy.stats import spearmanr
+
+    from kernels.quant import sq_error
+
+    formats = _check_formats(spec.formats)
+    progress(0.0, "the model's own text")
+    tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
+    units = weight_units(handle)
+    rows = []
+    with handle.lock:
+        qr = QuantRunner(handle, tokens)
+        damage = Damage(tokens, qr.full_logits)
+        groups: list[tuple[str, str, int, str, list[Unit]]] = []
+        if "matrix" in spec.units:
+            groups += [("matrix", u.name, u.layer, u.type, [u]) for u in units]
+        if "layer" in spec.units:
+            for layer in range(handle.summary.n_layers):
+                us = [u for u in units if u.layer == layer]
+                if us:
+                    groups.append(("layer", f"layer {layer}", layer, "all", us))
+        if "type" in spec.units:
+            for t in TYPES:
+                us = [u for u in units if u.type == t]
+                if us:
+                    groups.append(("type", t, min(u.layer for u in us), t, us))
+        steps = len(groups) * len(formats) + handle.summary.n_layers * len(spec.activation_formats)
+        done = 0
+        for kind, name, layer, typ, us in groups:
+            n = sum(u.n for u in us)
+            for f in formats:
+                fmt = parse_format(f)
+                bits = sum(fmt.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else
+                                               tuple(u.weight.shape[::-1])) * u.n for u in us) / n
+                m = damage(qr.logits(us, f))
+                sq = sum(sq_error(u.weight, f, u.out_dim) for u in us) if kind == "matrix" else float("nan")
+                rows.append({"unit_kind": kind, "unit": name, "layer": layer, "type": typ, "format": f,
+                             "n_params": n, "bits": bits, "sq_error": sq, **m})
+                done += 1
+                progress(0.05 + 0.55 * done / steps, f"{name}, {f}")
+        for layer in range(handle.summary.n_layers):
+            for f in spec.activation_formats:
+                m = damage(qr.logits([], None, act_layer=layer, act_fmt=f))
+                rows.append({"unit_kind": "activation", "unit": f"resid_pre {layer}", "layer": layer,
+                             "type": "activation", "format": f, "n_params": 0,
+                             "bits": float(parse_format(f).bits), "sq_error": float("nan"), **m})
+                done += 1
+                progress(0.05 + 0.55 * done / steps, f"resid_pre {layer}, {f}")
+        del qr
+        progress(0.6, "Hessian traces")
+        traces = hutchinson(handle, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
+                            progress=lambda frac, what: progress(0.6 + 0.38 * frac, what))
+    sweep = pd.DataFrame(rows)
+    mats = sweep[sweep["unit_kind"] == "matrix"].merge(traces[["unit", "trace_per_param"]], on="unit")
+    mats["omega"] = mats["trace_per_param"] * mats["sq_error"]
+    corr = []
+    for f, g in mats.groupby("format", sort=False):
+        rho = spearmanr(g["omega"], g["kl"]).statistic if g["kl"].nunique() > 1 else float("nan")
+        corr.append({"format": f, "spearman": float(rho), "n_units": len(g)})
+    return Result(table=sweep, meta={"n_tokens": int(tokens.numel()), "full_loss": damage.loss,
+                                     "hutchinson_samples": int(traces["samples"].iloc[0]),
+                                     "n_units": len(units), "n_params": int(sum(u.n for u in units)),
+                                     "negative_traces": int((traces["trace"] < 0).sum())},
+                  extra={"traces": traces, "omega": mats[["unit", "layer", "type", "format", "omega", "kl",
+                                                          "trace_per_param", "sq_error"]],
+                         "correlation": pd.DataFrame(corr),
+                         "tokens": pd.DataFrame({"seq": np.repeat(np.arange(tokens.shape[0]), tokens.shape[1]),
+                                                 "token_id": tokens.cpu().reshape(-1).numpy()})})
+
+
+@dataclass(frozen=True)
+class QuantAllocationSpec(Spec):
+    """Mixed-precision assignment under a size budget from HAWQ-V2's sensitivities, then measured."""
+
+    analysis: ClassVar[str] = "quant_allocation"
+    title: ClassVar[str] = "Bit allocation: the Pareto frontier of size against predicted damage, and the pick measured"
+    formats: tuple[str, ...] = _f(ALLOC_FORMATS, "formats to assign (any order; sorted by bits)", max_len=8)
+    budget_bits: float = _f(4.5, "size budget: average bits per weight over the quantized matrices", min=1.0,
+                            max=32.0)
+    n_seqs: int = _f(16, "as the sensitivity run", min=1, max=512)
+    seq_len: int = _f(64, "as the sensitivity run", min=4, max=2048)
+    tol: float = _f(0.1, "as the sensitivity run", min=1e-4, max=1.0)
+    min_samples: int = _f(8, "as the sensitivity run", min=2, max=10_000)
+    max_samples: int = _f(100, "as the sensitivity run", min=2, max=10_000)
+    seed: int = _f(0, "as the sensitivity run", min=0, max=2**31 - 1)
+
+    def validate(self) -> None:
+        _check_formats(self.formats)
+
+
+def monotone_assignments(m: int, k: int):
+    """All splits of m units (sorted most sensitive first) into k consecutive runs, as the run boundaries
+    [n_assign, k + 1] (level 0 = the most bits)."""
+    n = math.comb(m + k - 1, k - 1)
+    if n > MAX_ASSIGNMENTS:
+        raise WorkbenchError(f"{m} matrices x {k} formats give {n:,} assignments to score; at most "
+                             f"{MAX_ASSIGNMENTS:,}.", hint="Assign fewer formats.")
+    cuts = np.array(list(itertools.combinations_with_replacement(range(m + 1), k - 1)), dtype=np.int64)
+    cuts = cuts.reshape(-1, k - 1)
+    return np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m, np.int64)], 1)
+
+
+def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress, store=None) -> Result:
+    from kernels.quant import sq_error
+
+    from .runs import run
+
+    fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
+                  key=lambda f: -f.bits)
+    sens = run(QuantSensitivitySpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
+                                    formats=tuple(f.name for f in fmts), activation_formats=(), units=("matrix",),
+                                    n_seqs=spec.n_seqs, seq_len=spec.seq_len, tol=spec.tol,
+                                    min_samples=spec.min_samples, max_samples=spec.max_samples, seed=spec.seed),
+               store=store, device=handle.device)
+    traces = sens.result.extra["traces"].set_index("unit")
+    units = weight_units(handle)
+    tpp = np.array([max(float(traces.loc[u.name, "trace_per_param"]), 0.0) for u in units])
+    order = np.argsort(-tpp, kind="stable")  # most sensitive first
+    units = [units[i] for i in order]
+    tpp = tpp[order]
+    n = np.array([u.n for u in units], dtype=np.float64)
+    progress(0.3, "sensitivities per format")
+    omega = np.array([[tpp[i] * sq_error(u.weight, f.name, u.out_dim) for f in fmts] for i, u in enumerate(units)])
+    bits = np.array([[f.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else tuple(u.weight.shape[::-1]))
+                      for f in fmts] for u in units])
+    bounds = monotone_assignments(len(units), len(fmts))
+    cum_omega = np.vstack([np.zeros(len(fmts)), np.cumsum(omega, 0)])  # [m + 1, k]
+    cum_bits = np.vstack([np.zeros(len(fmts)), np.cumsum(bits * n[:, None], 0)])
+    k = np.arange(len(fmts))
+    total_omega = (cum_omega[bounds[:, 1:], k] - cum_omega[bounds[:, :-1], k]).sum(1)
+    size_bits = (cum_bits[bounds[:, 1:], k] - cum_bits[bounds[:, :-1], k]).sum(1)
+    avg_bits = size_bits / n.sum()
+    # the Pareto frontier: no other assignment is at most as large and has less total Omega
+    idx = np.lexsort((total_omega, avg_bits))
+    frontier, best = [], np.inf
+    for i in idx:
+        if total_omega[i] < best - 1e-15:
+            frontier.append(i)
+            best = total_omega[i]
+    frontier = np.array(frontier)
+    within = np.flatnonzero(avg_bits <= spec.budget_bits + 1e-9)
+    if not len(within):
+        raise WorkbenchError(f"No assignment fits {spec.budget_bits} bits per weight: the smallest format alone "
+                             f"takes {avg_bits.min():.3f}.", hint="Raise the budget or add a smaller format.")
+    pick = within[np.argmin(total_omega[within])]
+
+    def assignment(i):
+        level = np.repeat(k, np.diff(bounds[i]))
+        return {j: fmts[level[j]].name for j in range(len(units))}
+
+    progress(0.6, "measuring the chosen assignment")
+    tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
+    measured = []
+    with handle.lock:
+        qr = QuantRunner(handle, tokens)
+        damage = Damage(tokens, qr.full_logits)
+        candidates = [("chosen", pick)] + [(f"all {f.name}", None) for f in fmts]
+        for label, i in candidates:
+            if i is None:
+                f = label[4:]
+                a = {j: f for j in range(len(units))}
+                pred = float(sum(omega[j, [x.name for x in fmts].index(f)] for j in range(len(units))))
+                size = float(sum(bits[j, [x.name for x in fmts].index(f)] * n[j] for j in range(len(units))) / n.sum())
+            else:
+                a = assignment(i)
+                pred, size = float(total_omega[i]), float(avg_bits[i])
+            measured.append({"assignment": label, "avg_bits": size, "predicted_omega": pred,
+                             **damage(qr.logits(units, a))})
+    chosen = assignment(pick)
+    table = pd.DataFrame([{"unit": u.name, "layer": u.layer, "type": u.type, "n_params": u.n,
+                           "trace_per_param": float(tpp[j]), "format": chosen[j],
+                           "bits": float(bits[j, [f.name for f in fmts].index(chosen[j])]),
+                           "omega": float(omega[j, [f.name for f in fmts].index(chosen[j])])}
+                          for j, u in enumerate(units)])
+    pareto = pd.DataFrame({"avg_bits": avg_bits[frontier], "total_omega": total_omega[frontier],
+                           "chosen": frontier == pick})
+    return Result(table=table, meta={"budget_bits": spec.budget_bits, "chosen_avg_bits": float(avg_bits[pick]),
+                                     "chosen_omega": float(total_omega[pick]), "n_assignments": int(len(bounds)),
+                                     "formats": [f.name for f in fmts], "sensitivity_run": sens.key},
+                  extra={"pareto": pareto, "measured": pd.DataFrame(measured)})
