@@ -97,8 +97,24 @@ def weight_units(handle: ModelHandle) -> list[Unit]:
         if p.dim() != 2:
             continue
         by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p, modules[name.rsplit(".", 1)[0]]))
+    # only weights the forward uses: the bridge can keep an unused copy beside the one it runs (NeoX's fused qkv)
+    params = [p for group in by_storage.values() for _, p, _ in group]
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            bos = handle.tokenizer.bos_token_id or 0
+            out = handle.bridge(torch.tensor([[bos, bos, bos]], device=handle.device))
+            grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    used = {id(p) for p, g in zip(params, grads) if g is not None}
     units = []
     for group in by_storage.values():
+        if not any(id(p) in used for _, p, _ in group):
+            continue
         name, p, module = max(group, key=lambda t: t[1].numel())
         if any(q.numel() == p.numel() and q is not p for _, q, _ in group):
             raise WorkbenchError(f"Two parameters share the storage of {_clean(name)}; cannot tell which to count.")
@@ -107,7 +123,7 @@ def weight_units(handle: ModelHandle) -> list[Unit]:
         m = re.search(r"\.(?:h|layers|layer|blocks)\.(\d+)\.", clean)
         layer = int(m.group(1)) if m else (n_layers if kind == "unembed" else -1)
         out_dim = 1 if type(module).__name__ == "Conv1D" else 0
-        units.append(Unit(clean, layer, kind, p, out_dim, [q for _, q, _ in group]))
+        units.append(Unit(clean, layer, kind, p, out_dim, [q for _, q, _ in group if id(q) in used]))
     order = {t: i for i, t in enumerate(TYPES)}
     return sorted(units, key=lambda u: (u.layer, order[u.type], u.name))
 
@@ -176,8 +192,9 @@ class QuantRunner:
                 for i, u in enumerate(units):
                     f = fmt if isinstance(fmt, str) else fmt[i]
                     saved.append((u.weight, u.weight.detach().clone()))
-
                     u.weight.copy_(fake_quant_weight(u.weight, f, u.out_dim))
+                if not units and act_layer is None:
+                    return self.full_logits
                 start = min([u.layer for u in units] + ([act_layer] if act_layer is not None else []))
                 if start < 0:
                     return self.bridge(self.tokens)
