@@ -100,6 +100,7 @@ page = st.navigation([
     st.Page("views/entropy.py", title="Entropy", icon=":material/scatter_plot:", url_path="entropy"),
     st.Page("views/infoplane.py", title="Information plane", icon=":material/timeline:", url_path="infoplane"),
     st.Page("views/concepts.py", title="Concepts", icon=":material/category:", url_path="concepts"),
+    st.Page("views/quant.py", title="Quantization", icon=":material/compress:", url_path="quant"),
     st.Page("views/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

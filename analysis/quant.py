@@ -240,7 +240,7 @@ def hutchinson(handle: ModelHandle, tokens: torch.Tensor, units: list[Unit], tol
                 n = k + 1
                 if progress:
                     progress(n / max_samples, f"Hutchinson sample {n}")
-                if n >= min_samples:
+                if n >= min(min_samples, max_samples):
                     arr = np.asarray(samples)
                     mean, se = arr.mean(1), arr.std(1, ddof=1) / math.sqrt(n)
                     # within tol of its own trace, or (a trace near zero) of a tenth of the mean |trace|
@@ -286,7 +286,7 @@ class QuantSensitivitySpec(Spec):
     seq_len: int = _f(64, "tokens per sequence (with BOS)", min=4, max=2048)
     tol: float = _f(0.1, "Hutchinson: stop when every standard error is within this fraction of its trace",
                     min=1e-4, max=1.0)
-    min_samples: int = _f(8, "Hutchinson: samples drawn at least", min=2, max=10_000)
+    min_samples: int = _f(8, "Hutchinson: samples drawn at least (capped by max_samples)", min=2, max=10_000)
     max_samples: int = _f(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
     seed: int = _f(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
 
@@ -294,70 +294,83 @@ class QuantSensitivitySpec(Spec):
         _check_formats(self.formats)
         if self.activation_formats:
             _check_formats(self.activation_formats, "activation format")
-        if self.min_samples > self.max_samples:
-            raise WorkbenchError("min_samples is larger than max_samples.")
+
+
+def unit_groups(handle: ModelHandle, units: list[Unit], kinds) -> list[tuple[str, str, int, str, list[Unit]]]:
+    """(kind, name, layer, type, units) for each matrix, layer and matrix type asked for."""
+    groups = []
+    if "matrix" in kinds:
+        groups += [("matrix", u.name, u.layer, u.type, [u]) for u in units]
+    if "layer" in kinds:
+        for layer in range(handle.summary.n_layers):
+            us = [u for u in units if u.layer == layer]
+            if us:
+                groups.append(("layer", f"layer {layer}", layer, "all", us))
+    if "type" in kinds:
+        for t in TYPES:
+            us = [u for u in units if u.type == t]
+            if us:
+                groups.append(("type", t, min(u.layer for u in us), t, us))
+    return groups
+
+
+def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, activation_formats=(),
+                  progress=None) -> tuple[pd.DataFrame, float]:
+    """Damage of each group alone in each format, and of each block's input in each activation format; also
+    the full-precision loss. Call with the model's lock held."""
+    from kernels.quant import sq_error
+
+    qr = QuantRunner(handle, tokens)
+    damage = Damage(tokens, qr.full_logits)
+    rows = []
+    steps = len(groups) * len(formats) + handle.summary.n_layers * len(activation_formats)
+    done = 0
+    for kind, name, layer, typ, us in groups:
+        n = sum(u.n for u in us)
+        for f in formats:
+            fmt = parse_format(f)
+            bits = sum(fmt.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else
+                                           tuple(u.weight.shape[::-1])) * u.n for u in us) / n
+            m = damage(qr.logits(us, f))
+            sq = sum(sq_error(u.weight, f, u.out_dim) for u in us) if kind == "matrix" else float("nan")
+            rows.append({"unit_kind": kind, "unit": name, "layer": layer, "type": typ, "format": f,
+                         "n_params": n, "bits": bits, "sq_error": sq, **m})
+            done += 1
+            if progress:
+                progress(done / steps, f"{name}, {f}")
+    for layer in range(handle.summary.n_layers):
+        for f in activation_formats:
+            m = damage(qr.logits([], None, act_layer=layer, act_fmt=f))
+            rows.append({"unit_kind": "activation", "unit": f"resid_pre {layer}", "layer": layer,
+                         "type": "activation", "format": f, "n_params": 0,
+                         "bits": float(parse_format(f).bits), "sq_error": float("nan"), **m})
+            done += 1
+            if progress:
+                progress(done / steps, f"resid_pre {layer}, {f}")
+    return pd.DataFrame(rows), damage.loss
 
 
 def compute_sensitivity(handle: ModelHandle, spec: QuantSensitivitySpec, progress) -> Result:
     from scipy.stats import spearmanr
 
-    from kernels.quant import sq_error
-
     formats = _check_formats(spec.formats)
     progress(0.0, "the model's own text")
     tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
     units = weight_units(handle)
-    rows = []
     with handle.lock:
-        qr = QuantRunner(handle, tokens)
-        damage = Damage(tokens, qr.full_logits)
-        groups: list[tuple[str, str, int, str, list[Unit]]] = []
-        if "matrix" in spec.units:
-            groups += [("matrix", u.name, u.layer, u.type, [u]) for u in units]
-        if "layer" in spec.units:
-            for layer in range(handle.summary.n_layers):
-                us = [u for u in units if u.layer == layer]
-                if us:
-                    groups.append(("layer", f"layer {layer}", layer, "all", us))
-        if "type" in spec.units:
-            for t in TYPES:
-                us = [u for u in units if u.type == t]
-                if us:
-                    groups.append(("type", t, min(u.layer for u in us), t, us))
-        steps = len(groups) * len(formats) + handle.summary.n_layers * len(spec.activation_formats)
-        done = 0
-        for kind, name, layer, typ, us in groups:
-            n = sum(u.n for u in us)
-            for f in formats:
-                fmt = parse_format(f)
-                bits = sum(fmt.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else
-                                               tuple(u.weight.shape[::-1])) * u.n for u in us) / n
-                m = damage(qr.logits(us, f))
-                sq = sum(sq_error(u.weight, f, u.out_dim) for u in us) if kind == "matrix" else float("nan")
-                rows.append({"unit_kind": kind, "unit": name, "layer": layer, "type": typ, "format": f,
-                             "n_params": n, "bits": bits, "sq_error": sq, **m})
-                done += 1
-                progress(0.05 + 0.55 * done / steps, f"{name}, {f}")
-        for layer in range(handle.summary.n_layers):
-            for f in spec.activation_formats:
-                m = damage(qr.logits([], None, act_layer=layer, act_fmt=f))
-                rows.append({"unit_kind": "activation", "unit": f"resid_pre {layer}", "layer": layer,
-                             "type": "activation", "format": f, "n_params": 0,
-                             "bits": float(parse_format(f).bits), "sq_error": float("nan"), **m})
-                done += 1
-                progress(0.05 + 0.55 * done / steps, f"resid_pre {layer}, {f}")
-        del qr
+        sweep, full_loss = measure_sweep(handle, tokens, unit_groups(handle, units, spec.units), formats,
+                                         spec.activation_formats,
+                                         progress=lambda frac, what: progress(0.05 + 0.55 * frac, what))
         progress(0.6, "Hessian traces")
         traces = hutchinson(handle, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
                             progress=lambda frac, what: progress(0.6 + 0.38 * frac, what))
-    sweep = pd.DataFrame(rows)
     mats = sweep[sweep["unit_kind"] == "matrix"].merge(traces[["unit", "trace_per_param"]], on="unit")
     mats["omega"] = mats["trace_per_param"] * mats["sq_error"]
     corr = []
     for f, g in mats.groupby("format", sort=False):
         rho = spearmanr(g["omega"], g["kl"]).statistic if g["kl"].nunique() > 1 else float("nan")
         corr.append({"format": f, "spearman": float(rho), "n_units": len(g)})
-    return Result(table=sweep, meta={"n_tokens": int(tokens.numel()), "full_loss": damage.loss,
+    return Result(table=sweep, meta={"n_tokens": int(tokens.numel()), "full_loss": full_loss,
                                      "hutchinson_samples": int(traces["samples"].iloc[0]),
                                      "n_units": len(units), "n_params": int(sum(u.n for u in units)),
                                      "negative_traces": int((traces["trace"] < 0).sum())},

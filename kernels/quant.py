@@ -76,7 +76,7 @@ def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
     """|v| (already scaled, >= 0) to the nearest E2M1 magnitude, ties to the even mantissa, saturating at 6."""
     grid = torch.tensor(E2M1, dtype=v.dtype, device=v.device)
     mids = torch.tensor(_E2M1_MIDS, dtype=v.dtype, device=v.device)
-    idx = torch.bucketize(v, mids)  # v == mids[i] -> i (the lower neighbour)
+    idx = torch.bucketize(v.contiguous(), mids)  # v == mids[i] -> i (the lower neighbour)
     tie = (idx < len(_E2M1_MIDS)) & (v == mids[idx.clamp(max=len(_E2M1_MIDS) - 1)])
     odd_lower = idx % 2 == 1  # grid[1], grid[3], grid[5], grid[7] have mantissa 1
     idx = torch.where(tie & odd_lower, idx + 1, idx)

@@ -217,3 +217,18 @@ def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
     assert not at.exception
     assert any("not in this store" in e.value for e in at.error)
     assert Store(own_store).count("runs") == 1  # only the Model page's first view
+
+
+def test_quantization_page_runs_links_and_reopens_from_the_store(own_store):
+    query = dict(formats="int8-channel,int4-channel,mxfp4", n_seqs="4", seq_len="16", max_samples="6",
+                 budget_bits="5")
+    at = _run(page="views/quant.py", **query)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) == 3  # heatmap, predicted vs measured, Pareto
+    assert _qp(at, "budget_bits") == "5.0" and _qp(at, "view_kind") == "layer"
+    link = {k: _qp(at, k) for k in at.query_params}
+    again = _run(page="views/quant.py", **link)
+    assert not again.exception and not again.error
+    assert sum("from the store" in c.value for c in again.caption) >= 1
+    bad = _run(page="views/quant.py", **{**query, "budget_bits": "1.2"})
+    assert not bad.exception and any("No assignment fits" in e.value for e in bad.error)

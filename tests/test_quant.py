@@ -233,9 +233,9 @@ def test_quantization_runs_on_three_architectures(tiny_dirs, tmp_path):
 
 
 def test_bad_quantization_requests_are_refused():
-    from analysis.quant import QuantSensitivitySpec
+    from analysis.quant import QuantAllocationSpec, QuantSensitivitySpec
 
     with pytest.raises(WorkbenchError, match="Unknown format"):
         QuantSensitivitySpec.from_dict({"formats": "int4-g7"})
-    with pytest.raises(WorkbenchError, match="min_samples"):
-        QuantSensitivitySpec.from_dict({"min_samples": 50, "max_samples": 10})
+    with pytest.raises(WorkbenchError, match="budget_bits must be at least"):
+        QuantAllocationSpec.from_dict({"budget_bits": 0.5})
