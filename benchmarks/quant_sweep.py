@@ -66,8 +66,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--peer-evals", type=int, default=120, help="evaluations of the naive loop timed")
     ap.add_argument("--hutchinson-samples", type=int, default=20)
+    ap.add_argument("--formats", default=",".join(WEIGHT_FORMATS), help="comma-separated (default: all 27)")
     args = ap.parse_args()
     dev = args.device
+    formats = tuple(f for f in args.formats.split(",") if f)
     gpu = torch.cuda.get_device_name(0) if dev == "cuda" else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
           f"{', ' + gpu if gpu else ''}; threads {torch.get_num_threads()}")
@@ -79,13 +81,13 @@ def main() -> None:
             tokens = torch.randint(0, 1245, tokens.shape, generator=torch.Generator().manual_seed(0)).to(dev)
         units = weight_units(handle)
         groups = unit_groups(handle, units, ("matrix",))
-        print(f"{name}: {len(units)} matrices, {sum(u.n for u in units):,} parameters, {len(WEIGHT_FORMATS)} formats, "
-              f"{tokens.numel()} tokens -> {len(groups) * len(WEIGHT_FORMATS)} evaluations")
+        print(f"{name}: {len(units)} matrices, {sum(u.n for u in units):,} parameters, {len(formats)} formats, "
+              f"{tokens.numel()} tokens -> {len(groups) * len(formats)} evaluations")
 
         with handle.lock:
             sync(dev)
             t0 = time.perf_counter()
-            sweep, _ = measure_sweep(handle, tokens, groups, WEIGHT_FORMATS)
+            sweep, _ = measure_sweep(handle, tokens, groups, formats)
             sync(dev)
             ours = time.perf_counter() - t0
         n_evals = len(sweep)
@@ -99,7 +101,7 @@ def main() -> None:
                 for n, p in hf.named_parameters() if p.dim() == 2]
         with torch.no_grad():
             damage = Damage(tokens, hf(tokens).logits)
-            pairs = [(m, f) for m in mats for f in WEIGHT_FORMATS][::max(1, (len(mats) * len(WEIGHT_FORMATS))
+            pairs = [(m, f) for m in mats for f in formats][::max(1, (len(mats) * len(formats))
                                                                           // args.peer_evals)][:args.peer_evals]
             sync(dev)
             t0 = time.perf_counter()
