@@ -13,35 +13,34 @@ from .models import ModelHandle
 MAX_PROMPT_CHARS = 20_000
 
 
+def same_length_batches(seqs: list[list[int]], indices=None, batch: int = 64):
+    """Yield (indices, token tensor) batches of sequences of one length each (those at `indices`, default all)."""
+    by_len: dict[int, list[int]] = {}
+    for i in (range(len(seqs)) if indices is None else indices):
+        by_len.setdefault(len(seqs[i]), []).append(int(i))
+    for group in by_len.values():
+        for c in range(0, len(group), batch):
+            idx = group[c:c + batch]
+            yield idx, torch.tensor([seqs[i] for i in idx])
+
+
 def cache_in_batches(handle: ModelHandle, seqs: list[list[int]], names, visit, indices=None,
                      batch: int = 64) -> None:
     """Run the sequences (those at `indices`, default all) in batches of one length each, caching the hooks in
     `names`, and call visit(batch indices, cache) for each batch, with the model's lock held."""
     names = set(names)
-    by_len: dict[int, list[int]] = {}
-    for i in (range(len(seqs)) if indices is None else indices):
-        by_len.setdefault(len(seqs[i]), []).append(i)
     with handle.lock, torch.no_grad():
-        for group in by_len.values():
-            for c in range(0, len(group), batch):
-                idx = group[c:c + batch]
-                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
-                _, cache = handle.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
-                visit(idx, cache)
+        for idx, toks in same_length_batches(seqs, indices, batch):
+            _, cache = handle.bridge.run_with_cache(toks.to(handle.device), names_filter=lambda n: n in names)
+            visit(idx, cache)
 
 
 def last_logits(handle: ModelHandle, seqs: list[list[int]], batch: int = 64) -> torch.Tensor:
     """[N, vocab] float32 logits at the last position of each sequence (run in batches of one length)."""
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_len.setdefault(len(s), []).append(i)
     out = torch.zeros(len(seqs), handle.summary.d_vocab)
     with handle.lock, torch.no_grad():
-        for group in by_len.values():
-            for c in range(0, len(group), batch):
-                idx = group[c:c + batch]
-                toks = torch.tensor([seqs[i] for i in idx], device=handle.device)
-                out[idx] = handle.bridge(toks)[:, -1].float().cpu()
+        for idx, toks in same_length_batches(seqs, batch=batch):
+            out[idx] = handle.bridge(toks.to(handle.device))[:, -1].float().cpu()
     return out
 
 

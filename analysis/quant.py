@@ -414,8 +414,6 @@ def monotone_assignments(m: int, k: int):
 
 
 def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress, store=None) -> Result:
-    from kernels.quant import sq_error
-
     from .runs import run
 
     fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
@@ -432,8 +430,8 @@ def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress,
     units = [units[i] for i in order]
     tpp = tpp[order]
     n = np.array([u.n for u in units], dtype=np.float64)
-    progress(0.3, "sensitivities per format")
-    omega = np.array([[tpp[i] * sq_error(u.weight, f.name, u.out_dim) for f in fmts] for i, u in enumerate(units)])
+    sq = sens.result.extra["omega"].set_index(["unit", "format"])["sq_error"]  # ||Q(W) - W||^2, measured there
+    omega = np.array([[tpp[i] * float(sq[(u.name, f.name)]) for f in fmts] for i, u in enumerate(units)])
     bits = np.array([[f.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else tuple(u.weight.shape[::-1]))
                       for f in fmts] for u in units])
     bounds = monotone_assignments(len(units), len(fmts))

@@ -106,11 +106,11 @@ class TCAVSpec(Spec):
     seed: int = _f(0, "sampling and classifier seed", min=0, max=2**31 - 1)
 
 
-def _batches(seqs: list[list[int]], idx, device) -> list[torch.Tensor]:
-    by_len: dict[int, list[int]] = {}
-    for i in idx:
-        by_len.setdefault(len(seqs[i]), []).append(i)
-    return [torch.tensor([seqs[i] for i in g], device=device) for g in by_len.values()]
+def _batches(seqs: dict[int, list[int]], idx, device) -> list[torch.Tensor]:
+    """Texts of one length per batch (captum flattens each batch's activations)."""
+    from .model_view import same_length_batches
+
+    return [toks.to(device) for _, toks in same_length_batches(seqs, idx, batch=10**9)]
 
 
 def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import WorkbenchError
 from analysis.figures import pareto_plot, quant_heatmap, quant_scatter
 from analysis.quant import ALLOC_FORMATS, QuantAllocationSpec, QuantSensitivitySpec
 from kernels.quant import WEIGHT_FORMATS
-from views.common import query, require_model, run_or_stop, share_and_export, spec_from_link, spec_params
+from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 FIELDS = ("formats", "activation_formats", "units", "n_seqs", "seq_len", "tol", "min_samples", "max_samples", "seed")
 METRICS = {"kl": "KL to full precision", "delta_loss": "Δ loss", "top1_agreement": "top-1 agreement"}
@@ -27,10 +26,6 @@ st.title("Quantization")
 st.caption("Which matrices tolerate fewer bits: measured on the model's own text, predicted by the Hessian trace "
            "(HAWQ-V2), and a mixed-precision assignment under a size budget.")
 model = require_model()
-try:
-    qp = query()
-except WorkbenchError:
-    qp = {}
 qp, url = spec_from_link(QuantSensitivitySpec, FIELDS)
 
 with st.form("quant"):
