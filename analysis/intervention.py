@@ -56,9 +56,6 @@ class InterventionSpec(PromptSpec):
         if not self.amounts:
             raise WorkbenchError("Give at least one amount.")
 
-    def resolve(self, handle: ModelHandle):
-        return self  # tracked tokens are checked at run time (their ids depend on the model)
-
 
 def push_hook_name(layer: int) -> str:
     return "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"

@@ -183,16 +183,20 @@ class QuantRunner:
         return self.runner.logits(final_resid, positions=torch.arange(self.tokens.shape[1]))
 
     def logits(self, units: list[Unit], fmt: dict[int, str] | str | None = None, act_layer: int | None = None,
-               act_fmt: str | None = None) -> torch.Tensor:
+               act_fmt: str | None = None, sq_errors: list | None = None) -> torch.Tensor:
         """Logits with `units` quantized (all in `fmt`, or unit index -> format) and/or the residual entering
-        block `act_layer` quantized per token in `act_fmt`. Weights are restored before returning."""
+        block `act_layer` quantized per token in `act_fmt`; ||Q(W) - W||^2 of each unit is appended to
+        `sq_errors` when given. Weights are restored before returning."""
         saved = []
         try:
             with torch.no_grad():
                 for i, u in enumerate(units):
                     f = fmt if isinstance(fmt, str) else fmt[i]
-                    saved.append((u.weight, u.weight.detach().clone()))
-                    u.weight.copy_(fake_quant_weight(u.weight, f, u.out_dim))
+                    old = u.weight.detach().clone()
+                    saved.append((u.weight, old))
+                    u.weight.copy_(fake_quant_weight(old, f, u.out_dim))
+                    if sq_errors is not None:
+                        sq_errors.append(float((u.weight.float() - old.float()).pow(2).sum()))
                 if not units and act_layer is None:
                     return self.full_logits
                 start = min([u.layer for u in units] + ([act_layer] if act_layer is not None else []))
@@ -318,8 +322,6 @@ def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, ac
                   progress=None) -> tuple[pd.DataFrame, float]:
     """Damage of each group alone in each format, and of each block's input in each activation format; also
     the full-precision loss. Call with the model's lock held."""
-    from kernels.quant import sq_error
-
     qr = QuantRunner(handle, tokens)
     damage = Damage(tokens, qr.full_logits)
     rows = []
@@ -331,8 +333,9 @@ def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, ac
             fmt = parse_format(f)
             bits = sum(fmt.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else
                                            tuple(u.weight.shape[::-1])) * u.n for u in us) / n
-            m = damage(qr.logits(us, f))
-            sq = sum(sq_error(u.weight, f, u.out_dim) for u in us) if kind == "matrix" else float("nan")
+            errors: list[float] = []
+            m = damage(qr.logits(us, f, sq_errors=errors))
+            sq = sum(errors) if kind == "matrix" else float("nan")
             rows.append({"unit_kind": kind, "unit": name, "layer": layer, "type": typ, "format": f,
                          "n_params": n, "bits": bits, "sq_error": sq, **m})
             done += 1
@@ -455,34 +458,28 @@ def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress,
                              f"takes {avg_bits.min():.3f}.", hint="Raise the budget or add a smaller format.")
     pick = within[np.argmin(total_omega[within])]
 
-    def assignment(i):
-        level = np.repeat(k, np.diff(bounds[i]))
-        return {j: fmts[level[j]].name for j in range(len(units))}
+    def levels(i) -> np.ndarray:  # format index per unit (most sensitive first) for assignment i
+        return np.repeat(k, np.diff(bounds[i]))
 
+    size_of = (bits * n[:, None]).sum(0) / n.sum()  # each format alone
+    candidates = [("chosen", levels(pick), float(total_omega[pick]), float(avg_bits[pick]))]
+    candidates += [(f"all {f.name}", np.full(len(units), j), float(omega[:, j].sum()), float(size_of[j]))
+                   for j, f in enumerate(fmts)]
     progress(0.6, "measuring the chosen assignment")
     tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
     measured = []
     with handle.lock:
         qr = QuantRunner(handle, tokens)
         damage = Damage(tokens, qr.full_logits)
-        candidates = [("chosen", pick)] + [(f"all {f.name}", None) for f in fmts]
-        for label, i in candidates:
-            if i is None:
-                f = label[4:]
-                a = {j: f for j in range(len(units))}
-                pred = float(sum(omega[j, [x.name for x in fmts].index(f)] for j in range(len(units))))
-                size = float(sum(bits[j, [x.name for x in fmts].index(f)] * n[j] for j in range(len(units))) / n.sum())
-            else:
-                a = assignment(i)
-                pred, size = float(total_omega[i]), float(avg_bits[i])
+        for label, lv, pred, size in candidates:
             measured.append({"assignment": label, "avg_bits": size, "predicted_omega": pred,
-                             **damage(qr.logits(units, a))})
-    chosen = assignment(pick)
-    table = pd.DataFrame([{"unit": u.name, "layer": u.layer, "type": u.type, "n_params": u.n,
-                           "trace_per_param": float(tpp[j]), "format": chosen[j],
-                           "bits": float(bits[j, [f.name for f in fmts].index(chosen[j])]),
-                           "omega": float(omega[j, [f.name for f in fmts].index(chosen[j])])}
-                          for j, u in enumerate(units)])
+                             **damage(qr.logits(units, {j: fmts[lv[j]].name for j in range(len(units))}))})
+    chosen = levels(pick)
+    rows = np.arange(len(units))
+    table = pd.DataFrame({"unit": [u.name for u in units], "layer": [u.layer for u in units],
+                          "type": [u.type for u in units], "n_params": [u.n for u in units],
+                          "trace_per_param": tpp, "format": [fmts[c].name for c in chosen],
+                          "bits": bits[rows, chosen], "omega": omega[rows, chosen]})
     pareto = pd.DataFrame({"avg_bits": avg_bits[frontier], "total_omega": total_omega[frontier],
                            "chosen": frontier == pick})
     return Result(table=table, meta={"budget_bits": spec.budget_bits, "chosen_avg_bits": float(avg_bits[pick]),

@@ -42,9 +42,12 @@ class Analysis:
 REGISTRY: dict[str, Analysis] = {}
 
 
-def register(spec_cls: type[Spec], version: str, description: str):
+def register(spec_cls: type[Spec], version: str, description: str | None = None):
+    """Register an analysis; its description defaults to the spec's title."""
+
     def deco(fn):
-        REGISTRY[spec_cls.analysis] = Analysis(spec_cls.analysis, spec_cls, fn, version, description)
+        REGISTRY[spec_cls.analysis] = Analysis(spec_cls.analysis, spec_cls, fn, version,
+                                               description or spec_cls.title)
         return fn
 
     return deco
@@ -175,26 +178,21 @@ from . import quant as _quant  # noqa: E402
 from . import tcav as _tcav  # noqa: E402
 from . import tuned_lens as _tuned_lens  # noqa: E402
 
-register(_patching.PatchingSpec, version="1", description=_patching.PatchingSpec.title)(_patching.compute)
-register(_tuned_lens.TunedLensSpec, version="1", description=_tuned_lens.TunedLensSpec.title)(_tuned_lens.compute)
-register(_lens.LensSpec, version="1", description=_lens.LensSpec.title)(_lens.compute)
-register(_entropy.EntropySpec, version="1", description=_entropy.EntropySpec.title)(_entropy.compute)
-register(_concepts.ConceptActivationsSpec, version="2",
-         description=_concepts.ConceptActivationsSpec.title)(_concepts.compute_activations)
-register(_concepts.ProbeSpec, version="2", description=_concepts.ProbeSpec.title)(_concepts.compute_probes)
-register(_bottleneck.BottleneckSpec, version="1", description=_bottleneck.BottleneckSpec.title)(
-    _bottleneck.compute)
-register(_intervention.InterventionSpec, version="1", description=_intervention.InterventionSpec.title)(
-    _intervention.compute)
-register(_tcav.TCAVSpec, version="1", description=_tcav.TCAVSpec.title)(_tcav.compute)
-register(_atlas.AtlasSpec, version="1", description=_atlas.AtlasSpec.title)(_atlas.compute)
-register(_quant.QuantSensitivitySpec, version="1", description=_quant.QuantSensitivitySpec.title)(
-    _quant.compute_sensitivity)
-register(_quant.QuantAllocationSpec, version="1", description=_quant.QuantAllocationSpec.title)(
-    _quant.compute_allocation)
-register(_infoplane.InfoPlaneSpec, version="1", description=_infoplane.InfoPlaneSpec.title)(_infoplane.compute)
+register(_patching.PatchingSpec, version="1")(_patching.compute)
+register(_tuned_lens.TunedLensSpec, version="1")(_tuned_lens.compute)
+register(_lens.LensSpec, version="1")(_lens.compute)
+register(_entropy.EntropySpec, version="1")(_entropy.compute)
+register(_concepts.ConceptActivationsSpec, version="2")(_concepts.compute_activations)
+register(_concepts.ProbeSpec, version="2")(_concepts.compute_probes)
+register(_bottleneck.BottleneckSpec, version="1")(_bottleneck.compute)
+register(_intervention.InterventionSpec, version="1")(_intervention.compute)
+register(_tcav.TCAVSpec, version="1")(_tcav.compute)
+register(_atlas.AtlasSpec, version="1")(_atlas.compute)
+register(_quant.QuantSensitivitySpec, version="1")(_quant.compute_sensitivity)
+register(_quant.QuantAllocationSpec, version="1")(_quant.compute_allocation)
+register(_infoplane.InfoPlaneSpec, version="1")(_infoplane.compute)
 
-@register(ModelViewSpec, version="1", description=ModelViewSpec.title)
+@register(ModelViewSpec, version="1")
 def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:
     from .model_view import attention_patterns, next_token_predictions, tokenize
 
