@@ -18,10 +18,13 @@ import json
 import sys
 import typing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import WorkbenchError
-from .runs import REGISTRY, RunOutcome, get_store, run
 from .store import Store
+
+if TYPE_CHECKING:
+    from .runner import RunOutcome
 
 
 def _add_spec_flags(p: argparse.ArgumentParser, spec_cls) -> None:
@@ -42,11 +45,13 @@ def _add_spec_flags(p: argparse.ArgumentParser, spec_cls) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .registry import REGISTRY  # imported here: a bad WORKBENCH_ANALYSES is a message, not a traceback
+
     ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, a in sorted(REGISTRY.items()):
-        p = sub.add_parser(name, help=a.description, description=f"{a.description} (analysis version {a.version})")
+        p = sub.add_parser(name, help=a.title, description=f"{a.title} (analysis version {a.version})")
         _add_spec_flags(p, a.spec_cls)
         p.add_argument("--spec", type=Path, help="a JSON file: one spec object, or a list of them (a batch); "
                                                  "flags given here override its fields")
@@ -88,12 +93,12 @@ def _specs_from_args(args, analysis) -> list:
             else analysis.spec_cls.from_dict(item) for item in items]
 
 
-def _write_outputs(args, outcomes: list[RunOutcome]) -> None:
+def _write_outputs(args, outcomes: list["RunOutcome"]) -> None:
     import pandas as pd
 
     from .export import html_report, item_from_result
 
-    def table(o: RunOutcome):
+    def table(o: "RunOutcome"):
         return o.result.table.assign(run_key=o.key) if len(outcomes) > 1 else o.result.table
 
     if args.csv:
@@ -109,8 +114,16 @@ def _write_outputs(args, outcomes: list[RunOutcome]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    args = _parser().parse_args(argv)
     try:
+        parser = _parser()
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    try:
+        from .registry import REGISTRY
+        from .runner import get_store, run
+
         store = Store(args.store) if args.store else get_store()
         if args.command == "runs":
             df = store.runs(args.analysis)

@@ -9,13 +9,13 @@ store; `dataset=shipped` is the default model's 2,000 sentences.
 from __future__ import annotations
 
 import io
-import json
 import re
+from typing import Callable
 
 import pandas as pd
 
 from .errors import WorkbenchError
-from .models import DATA_DIR
+from .tasks import task_rows
 
 SHIPPED = "shipped"
 SHIPPED_CONCEPTS = ("sentiment", "tense", "number", "topic")
@@ -32,7 +32,7 @@ _ID = re.compile(r"[0-9a-f]{16}")
 
 
 def shipped() -> pd.DataFrame:
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "concepts.jsonl").read_text().splitlines()]
+    rows = task_rows("concepts")
     return pd.DataFrame([{"text": r["text"], **{c: r[c] for c in SHIPPED_CONCEPTS}} for r in rows])
 
 
@@ -106,14 +106,15 @@ def save_concepts_csv(store, data: bytes | str, *, name: str = "upload.csv", aut
     return store.put_dataset(df, name=name, kind=KIND, author=author)
 
 
-def load(dataset: str, store=None) -> pd.DataFrame:
-    """The concept frame (`text` + concept columns) named by a spec's `dataset` field."""
+def load(dataset: str, get_stored: Callable[[str], pd.DataFrame | None] | None = None) -> pd.DataFrame:
+    """The concept frame (`text` + concept columns) named by a spec's `dataset` field; `get_stored(id)` reads an
+    upload (the runner passes the store's reader: an analysis never opens the store)."""
     if dataset == SHIPPED:
         return shipped()
     if not _ID.fullmatch(dataset):
         raise WorkbenchError(f"dataset must be 'shipped' or the 16-character id of an uploaded CSV, not "
                              f"{dataset[:40]!r}.")
-    df = store.get_dataset(dataset) if store is not None else None
+    df = get_stored(dataset) if get_stored is not None else None
     if df is None:
         raise WorkbenchError(f"The concept dataset {dataset} is not in this store.",
                              hint="Upload the CSV on the Concepts page (or import the store it was uploaded to).")
@@ -122,3 +123,14 @@ def load(dataset: str, store=None) -> pd.DataFrame:
 
 def concept_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c != "text"]
+
+
+def pick_concepts(requested, available: list[str]) -> list[str]:
+    """The requested concepts (all available ones when none are), each checked to exist."""
+    if not requested:
+        return list(available)
+    unknown = [c for c in requested if c not in available]
+    if unknown:
+        raise WorkbenchError(f"No concept {', '.join(map(repr, unknown))} in this dataset.",
+                             hint=f"Its concepts: {', '.join(available)}.")
+    return list(requested)

@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 import pandas as pd
 import plotly.graph_objects as go
 
-from .store import Result, Store
+from .registry import REGISTRY
+from .result import Result
+from .store import Store
 
 
 def to_csv(df: pd.DataFrame) -> bytes:
@@ -46,11 +48,9 @@ class ReportItem:
 
 def item_from_result(title: str, analysis: str, key: str, spec: dict, result: Result, *, notes: str = "",
                      link: str = "", figures: dict[str, go.Figure] | None = None) -> ReportItem:
-    from .figures import FIGURES
-
     if figures is None:
-        make = FIGURES.get(analysis)
-        figures = make(result) if make else {}
+        entry = REGISTRY.get(analysis)
+        figures = entry.figures(result) if entry is not None and entry.figures is not None else {}
     return ReportItem(title=title, analysis=analysis, run_key=key, spec=spec,
                       model_summary=result.meta.get("model_summary", {}), figures=figures, table=result.table,
                       notes=notes, link=link, meta={k: v for k, v in result.meta.items() if k != "model_summary"})

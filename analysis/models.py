@@ -127,6 +127,24 @@ def resolve_dtype(dtype: str | None) -> str:
     return dtype
 
 
+def checkpoint_series(model: str, revision: str, checkpoints) -> list[tuple[int, str, str | None]]:
+    """(step, model name, revision) in training order: the given checkpoint entries (folders, hub ids,
+    id@revision; the step read from a "step-N" in the name, else the entry's position), or for the default model
+    its shipped checkpoints and the final model, or the model alone."""
+    if checkpoints:
+        out = []
+        for i, entry in enumerate(checkpoints):
+            name, _, rev = entry.partition("@")
+            m = re.search(r"step[-_]?(\d+)", entry)
+            out.append((int(m.group(1)) if m else i, name.strip(), rev.strip() or None))
+        return out
+    if model == DEFAULT_MODEL and not revision:
+        final_step = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text()).get("final_step", 0)
+        return [(step, str(path), None) for step, path in list_checkpoints()] + [(int(final_step), DEFAULT_MODEL,
+                                                                                  None)]
+    return [(0, model, revision or None)]
+
+
 def list_checkpoints(model_dir: Path | None = None) -> list[tuple[int, Path]]:
     """The default model's intermediate training checkpoints as (step, folder), in training order."""
     root = CHECKPOINTS_DIR if model_dir is None else Path(model_dir)
@@ -421,7 +439,8 @@ def _describe(bridge, config, n_params: int, req: _Request, name: str) -> ModelS
         n_heads=n_heads, n_kv_heads=n_kv, d_model=int(c.d_model), d_head=int(c.d_head),
         d_mlp=int(c.d_mlp) if getattr(c, "d_mlp", None) else None, d_vocab=int(c.d_vocab), n_ctx=int(c.n_ctx),
         norm=norm, mlp=mlp, attention=attention, positions=positions,
-        block="parallel attention + MLP" if getattr(c, "parallel_attn_mlp", False) else "sequential", device=req.device, dtype=req.dtype,
+        block="parallel attention + MLP" if getattr(c, "parallel_attn_mlp", False) else "sequential",
+        device=req.device, dtype=req.dtype,
     )
 
 

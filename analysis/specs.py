@@ -24,7 +24,8 @@ from .models import DEFAULT_MODEL, DTYPES
 MAX_TOKENS = 4096
 
 
-def _f(default, help: str, **meta):
+def param(default, help: str, **meta):
+    """A spec field: its default, one line of help, and metadata (min, max, max_len, choices)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default")
     return field(default=default, metadata={"help": help, **meta})
@@ -36,9 +37,9 @@ class Spec:
 
     analysis: ClassVar[str] = ""
     title: ClassVar[str] = ""
-    model: str = _f(DEFAULT_MODEL, "model: 'default', a Hugging Face id or a local folder", max_len=1024)
-    revision: str = _f("", "hub revision (branch, tag or commit); empty for the default", max_len=128)
-    dtype: str = _f("float32", "weights dtype", choices=tuple(DTYPES))
+    model: str = param(DEFAULT_MODEL, "model: 'default', a Hugging Face id or a local folder", max_len=1024)
+    revision: str = param("", "hub revision (branch, tag or commit); empty for the default", max_len=128)
+    dtype: str = param("float32", "weights dtype", choices=tuple(DTYPES))
 
     # -- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class Spec:
         values = {}
         for name, f in known.items():
             if name in data:
-                values[name] = _coerce(name, data[name], hints[name], f.metadata)
+                values[name] = coerce(name, data[name], hints[name], f.metadata)
         spec = cls(**values)
         spec.validate()
         return spec
@@ -83,8 +84,13 @@ class Spec:
     def validate(self) -> None:
         """Cross-field checks; subclasses extend it. Field-level checks happen in from_dict."""
 
+    def resolve(self, model) -> "Spec":
+        """This spec with what depends on the model filled in (token ids of pairs or targets), checked against
+        it; the runner calls it before deriving the run key. Only the tokenizer and the config may be read."""
+        return self
 
-def _coerce(name: str, value: Any, typ, meta: dict) -> Any:
+
+def coerce(name: str, value: Any, typ, meta: dict) -> Any:
     """Turn a JSON, URL or CLI value into the field's type and check its bounds."""
     origin = typing.get_origin(typ)
     try:
@@ -123,7 +129,7 @@ def _coerce(name: str, value: Any, typ, meta: dict) -> Any:
                 raise ValueError(value)
             if len(value) > meta.get("max_len", MAX_TOKENS):
                 raise WorkbenchError(f"{name} has {len(value)} items; at most {meta.get('max_len', MAX_TOKENS)}.")
-            value = tuple(_coerce(name, v, inner, {k: v2 for k, v2 in meta.items() if k != "max_len"})
+            value = tuple(coerce(name, v, inner, {k: v2 for k, v2 in meta.items() if k != "max_len"})
                           for v in value)
             return value
         else:
@@ -150,19 +156,10 @@ class PromptSpec(Spec):
 
     # text fields that only label what ran once their token ids are known (left out of the run key then)
     display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids"}
-    prompt: str = _f("", "the prompt text", max_len=20_000)
-    token_ids: tuple[int, ...] = _f((), "token ids (with BOS); replaces the prompt's tokenization when given",
+    prompt: str = param("", "the prompt text", max_len=20_000)
+    token_ids: tuple[int, ...] = param((), "token ids (with BOS); replaces the prompt's tokenization when given",
                                     min=0, max_len=MAX_TOKENS)
 
     def validate(self) -> None:
         if not self.prompt.strip() and not self.token_ids:
             raise WorkbenchError("The prompt is empty.", hint="Type some text to run the model on.")
-
-
-@dataclass(frozen=True)
-class ModelViewSpec(PromptSpec):
-    """The Model page: tokenization, top-k next-token predictions and every head's attention pattern."""
-
-    analysis: ClassVar[str] = "model"
-    title: ClassVar[str] = "Model view: tokens, next-token predictions, attention patterns"
-    top_k: int = _f(10, "how many next-token predictions to keep", min=1, max=100)

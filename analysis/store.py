@@ -23,12 +23,11 @@ import random
 import shutil
 import tempfile
 import threading
-import uuid
 import time
-from dataclasses import dataclass, field
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import duckdb
 import pandas as pd
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import WorkbenchError
+from .result import Result, RunRecord
 
 SCHEMA_VERSION = 3
 
@@ -79,32 +79,6 @@ def default_store_path() -> Path:
     return base / "interp-workbench" / "store.duckdb"
 
 
-@dataclass
-class Result:
-    """A tidy result: the main long-format table, optional named side tables, and a small metadata dict."""
-
-    table: pd.DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        return {"main": self.table, **self.extra}
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    key: str
-    analysis: str
-    spec: dict
-    model: str
-    fingerprint: str
-    version: str
-    author: str = ""
-    created: datetime | None = None
-    duration_s: float | None = None
-    status: str = "done"
-
-
 def _to_parquet(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
@@ -129,9 +103,10 @@ def _retryable(e: Exception) -> bool:
 class Store:
     """The DuckDB result store. Safe to share between threads and to use from several processes at once."""
 
-    def __init__(self, path: str | Path | None = None, *, timeout_s: float = 60.0):
+    def __init__(self, path: str | Path | None = None, *, timeout_s: float | None = None):
         self.path = Path(path) if path is not None else default_store_path()
-        self.timeout_s = timeout_s
+        # how long to wait for another process's hold on the file (WORKBENCH_STORE_TIMEOUT_S, default 60 s)
+        self.timeout_s = float(os.environ.get("WORKBENCH_STORE_TIMEOUT_S", 60)) if timeout_s is None else timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.hits = 0  # counters for the "hit or computed" log (per Store object)
         self.misses = 0
@@ -141,18 +116,27 @@ class Store:
         self._migrate()
 
     # -- connections ------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _retry(self, attempt, what: str):
+        """attempt() until it succeeds, retrying with jittered backoff while another process holds the file or
+        another thread's transaction conflicts; past the deadline, a WorkbenchError that says so."""
         deadline, delay = time.monotonic() + self.timeout_s, 0.005
         while True:
             try:
-                con = duckdb.connect(str(self.path))
-                break
+                return attempt()
             except duckdb.Error as e:
-                if not _retryable(e) or time.monotonic() > deadline:
-                    raise WorkbenchError(f"Cannot open the result store {self.path}: {e}") from e
+                if not _retryable(e):
+                    raise WorkbenchError(f"The result store {self.path} could not {what}: {e}") from e
+                if time.monotonic() > deadline:
+                    raise WorkbenchError(
+                        f"The result store {self.path} is busy: another process has held it for over "
+                        f"{self.timeout_s:g} s.", hint="Wait for the other job (a batch run, another app) to finish, "
+                                                      "or point WORKBENCH_STORE at another file.") from e
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.25)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._retry(lambda: duckdb.connect(str(self.path)), "be opened")
         try:
             yield con
         finally:
@@ -184,24 +168,19 @@ class Store:
 
     def _transaction(self, fn):
         """Run fn(con) in one transaction, retrying the whole of it on lock or write conflicts."""
-        deadline, delay = time.monotonic() + self.timeout_s, 0.005
-        while True:
-            try:
-                with self._connection() as con:
-                    con.execute("BEGIN TRANSACTION")
-                    try:
-                        out = fn(con)
-                        con.execute("COMMIT")
-                        return out
-                    except BaseException:
-                        with contextlib.suppress(duckdb.Error):
-                            con.execute("ROLLBACK")
-                        raise
-            except duckdb.Error as e:
-                if not _retryable(e) or time.monotonic() > deadline:
+        def attempt():
+            with self._connection() as con:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    out = fn(con)
+                    con.execute("COMMIT")
+                    return out
+                except BaseException:
+                    with contextlib.suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
                     raise
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 0.25)
+
+        return self._retry(attempt, "complete a transaction")
 
     def _read(self, fn):
         return self._transaction(fn)

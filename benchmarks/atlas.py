@@ -35,12 +35,13 @@ def child(which: str, points: int) -> None:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from analysis.atlas import AtlasSpec, token_activations
-    from analysis.concepts import encode_texts
+    from analysis.analyses.atlas.compute import AtlasSpec, token_activations
     from analysis.concept_data import shipped
     from analysis.models import load_model
-    from analysis.runs import run
+    from analysis.runner import run
+    from analysis.session import ModelSession
     from analysis.store import Store
+    from analysis.tokens import encode_texts
 
     handle = load_model("default")
     out = {}
@@ -55,7 +56,8 @@ def child(which: str, points: int) -> None:
     else:
         t0 = time.perf_counter()
         seqs = encode_texts(handle, shipped()["text"])
-        X, _, _ = token_activations(handle, seqs, handle.summary.n_layers - 1)
+        with ModelSession(handle) as session:
+            X, _, _ = token_activations(session, seqs, handle.summary.n_layers - 1)
         X = X[np.sort(np.random.default_rng(0).choice(len(X), points, replace=False))]
         t_acts = time.perf_counter() - t0
         import umap  # imported here, as the first use in a notebook would

@@ -20,10 +20,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's sweeps draw prog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from timing import forward_backward, median_seconds  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
-from timing import forward_backward, median_seconds  # noqa: E402
 from analysis.models import DATA_DIR  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402

@@ -19,30 +19,20 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's sweeps draw progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:  # the store is not used here; a GPU machine without duckdb can still import analysis.patching
-    import duckdb  # noqa: F401  (only whether it imports)
-except ImportError:
-    import importlib.machinery
-
-    stub = types.ModuleType("duckdb")
-    stub.__spec__ = importlib.machinery.ModuleSpec("duckdb", None)
-    sys.modules["duckdb"] = stub
-
 import torch  # noqa: E402
+from timing import forward_backward  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
 from analysis.models import DEFAULT_MODEL_DIR  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores, integrated_gradients  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
-from timing import forward_backward  # noqa: E402
 
 TL_SWEEPS = {"resid_pre": tl.get_act_patch_resid_pre, "z_by_pos": tl.get_act_patch_attn_head_out_by_pos}
 RELP_TYPES = ["resid_pre", "resid_post", "attn_out", "mlp_out", "z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos",
@@ -155,8 +145,10 @@ def default_model_cuda_check(device: str) -> None:
     """Every method on the default model on `device` against the same on cpu (float32)."""
     import json
 
+    from analysis.analyses.patching.compute import compute
+    from analysis.analyses.patching.spec import PatchingSpec
     from analysis.models import DATA_DIR
-    from analysis.patching import PatchingSpec, compute
+    from analysis.session import ModelSession
 
     rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "ioi.jsonl").read_text().splitlines()]
     n = len(rows[0]["clean_ids"])
@@ -169,7 +161,8 @@ def default_model_cuda_check(device: str) -> None:
     for dev in ("cpu", device):
         handle = load_model("default", device=dev)
         t0 = time.perf_counter()
-        tables[dev] = compute(handle, spec, lambda *a: None).table
+        with ModelSession(handle) as session:
+            tables[dev] = compute(session, spec.resolve(handle), {}, lambda *a: None).table
         print(f"  default model, {dev}: all {len(comps)} component types x 4 methods in "
               f"{time.perf_counter() - t0:.1f} s")
     a, b = tables["cpu"], tables[device]

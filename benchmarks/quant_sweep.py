@@ -24,21 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-try:  # the store is not used here; a GPU machine without duckdb can still import the analysis
-    import duckdb  # noqa: F401  (only whether it imports)
-except ImportError:
-    import importlib.machinery
-    import types
-
-    stub = types.ModuleType("duckdb")
-    stub.__spec__ = importlib.machinery.ModuleSpec("duckdb", None)
-    sys.modules["duckdb"] = stub
-
 import torch  # noqa: E402
 
+from analysis.analyses.quant.compute import Damage, hutchinson, measure_sweep, model_text, unit_groups, weight_units  # noqa: E402
 from analysis.models import load_model  # noqa: E402
-from analysis.quant import (Damage, hutchinson, measure_sweep, model_text, unit_groups,  # noqa: E402
-                            weight_units)
+from analysis.session import ModelSession  # noqa: E402
 from kernels.quant import WEIGHT_FORMATS, fake_quant_weight  # noqa: E402
 
 
@@ -76,20 +66,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         name = str(gpt2_small_random(Path(tmp) / "g")) if args.model == "gpt2-small-random" else args.model
         handle = load_model(name, device=dev, dtype=args.dtype)
-        tokens = model_text(handle, 16, 64, seed=0)
+        session = ModelSession(handle).__enter__()  # held for the whole benchmark (one process, one user)
+        tokens = model_text(session, 16, 64, seed=0)
         if args.model == "gpt2-small-random":  # a random model's own text is noise; keep the vocabulary small
             tokens = torch.randint(0, 1245, tokens.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-        units = weight_units(handle)
-        groups = unit_groups(handle, units, ("matrix",))
+        units = weight_units(session)
+        groups = unit_groups(session, units, ("matrix",))
         print(f"{name}: {len(units)} matrices, {sum(u.n for u in units):,} parameters, {len(formats)} formats, "
               f"{tokens.numel()} tokens -> {len(groups) * len(formats)} evaluations")
 
-        with handle.lock:
-            sync(dev)
-            t0 = time.perf_counter()
-            sweep, _ = measure_sweep(handle, tokens, groups, formats)
-            sync(dev)
-            ours = time.perf_counter() - t0
+        sync(dev)
+        t0 = time.perf_counter()
+        sweep, _ = measure_sweep(session, tokens, groups, formats)
+        sync(dev)
+        ours = time.perf_counter() - t0
         n_evals = len(sweep)
         print(f"ours: full sweep {ours:.1f} s ({1000 * ours / n_evals:.1f} ms per evaluation)")
 
@@ -126,13 +116,12 @@ def main() -> None:
         if diffs:
             print(f"max |KL ours - KL naive| over {len(diffs)} shared evaluations: {max(diffs):.2e}")
 
-        with handle.lock:
-            sync(dev)
-            t0 = time.perf_counter()
-            tr = hutchinson(handle, tokens, units, tol=1e-9, min_samples=args.hutchinson_samples,
-                            max_samples=args.hutchinson_samples, seed=0)
-            sync(dev)
-            ht = time.perf_counter() - t0
+        sync(dev)
+        t0 = time.perf_counter()
+        tr = hutchinson(session, tokens, units, tol=1e-9, min_samples=args.hutchinson_samples,
+                        max_samples=args.hutchinson_samples, seed=0)
+        sync(dev)
+        ht = time.perf_counter() - t0
         print(f"Hutchinson: {args.hutchinson_samples} samples of all {len(units)} matrices in {ht:.1f} s "
               f"({ht / args.hutchinson_samples:.2f} s per sample); median relative standard error "
               f"{(tr['trace_se'] / tr['trace'].abs()).median():.3f}")

@@ -20,11 +20,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.figures import model_view_figures  # noqa: E402
-from analysis.runs import REGISTRY, run  # noqa: E402
-from analysis.specs import ModelViewSpec  # noqa: E402
-from analysis.store import Store  # noqa: E402
 from timing import median_seconds  # noqa: E402
+
+from analysis.analyses.model_view.figures import figures as model_view_figures  # noqa: E402
+from analysis.analyses.model_view.spec import ModelViewSpec  # noqa: E402
+from analysis.registry import REGISTRY  # noqa: E402
+from analysis.runner import run  # noqa: E402
+from analysis.session import ModelSession  # noqa: E402
+from analysis.store import Store  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +52,8 @@ def main() -> None:
             from analysis.models import load_model
 
             handle = load_model(spec.model)
-            result = REGISTRY["model"].compute(handle, first.spec, lambda f, w: None)
+            with ModelSession(handle) as session:
+                result = REGISTRY["model"].compute(session, first.spec, {}, lambda f, w: None)
             for fig in model_view_figures(result, layer=3, head=1).values():
                 fig.to_json()
 

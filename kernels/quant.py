@@ -140,10 +140,14 @@ def fake_quant_activation(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
     return fake_quant_2d(x.reshape(-1, shape[-1]), fmt).reshape(shape)
 
 
+def squared_error(q: torch.Tensor, w: torch.Tensor) -> float:
+    """||q - w||^2, summed in float32 (q a quantized copy of w)."""
+    return float((q.detach().float() - w.detach().float()).pow(2).sum())
+
+
 def sq_error(w: torch.Tensor, fmt: Format | str, out_dim: int = 0) -> float:
     """||Q(W) - W||^2."""
-    w = w.detach()
-    return float((fake_quant_weight(w, fmt, out_dim).float() - w.float()).pow(2).sum())
+    return squared_error(fake_quant_weight(w.detach(), fmt, out_dim), w)
 
 
 WEIGHT_FORMATS = tuple([f"int{b}-{g}" for b in (8, 4, 3, 2) for g in ("tensor", "channel", "g32", "g64", "g128")]

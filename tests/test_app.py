@@ -14,7 +14,7 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 @pytest.fixture(autouse=True)
 def own_store(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "app.duckdb"))
-    from analysis.runs import get_store
+    from analysis.runner import get_store
 
     get_store.cache_clear()
     yield Path(tmp_path / "app.duckdb")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from analysis.analyses.patching.spec import PatchingSpec
 from analysis.models import DATA_DIR
-from analysis.patching import PatchingSpec
-from analysis.runs import run
+from analysis.runner import run
 from analysis.store import Store
 from kernels.attribution import LRPRules, attribution_scores, lrp_hooks
 from kernels.patching import BlockRunner, activation_patch_sweep, source_activations

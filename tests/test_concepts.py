@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.analyses.concepts.compute import ConceptActivationsSpec, ProbeSpec, activations_array
 from analysis.concept_data import MIN_PER_CLASS, parse_concepts_csv, save_concepts_csv, shipped
-from analysis.concepts import ConceptActivationsSpec, ProbeSpec, activations_array
 from analysis.errors import WorkbenchError
 from analysis.models import DATA_DIR
-from analysis.runs import run
+from analysis.runner import run
 from analysis.store import Store
 
 
@@ -107,7 +107,7 @@ def test_uploaded_csv_is_content_addressed_and_probed(tmp_path):
 
 
 def test_bottleneck_explains_a_label_through_its_concept_and_reports_leakage(tmp_path):
-    from analysis.bottleneck import BottleneckSpec
+    from analysis.analyses.bottleneck.compute import BottleneckSpec
 
     store = Store(tmp_path / "s.duckdb")
     df = shipped().iloc[:600].copy()
@@ -129,7 +129,7 @@ def test_bottleneck_explains_a_label_through_its_concept_and_reports_leakage(tmp
 def test_bottleneck_next_token_behaviour_is_the_models_own_choice(default_handle, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from analysis.bottleneck import PLACE_NOUNS, BottleneckSpec
+    from analysis.analyses.bottleneck.compute import PLACE_NOUNS, BottleneckSpec
     from analysis.models import DEFAULT_MODEL_DIR
 
     store = Store(tmp_path / "s.duckdb")
@@ -150,7 +150,7 @@ def test_bottleneck_next_token_behaviour_is_the_models_own_choice(default_handle
 
 
 def test_pushing_along_sentiment_moves_positive_and_negative_words_monotonically(default_handle, tmp_path):
-    from analysis.intervention import InterventionSpec
+    from analysis.analyses.intervention.compute import InterventionSpec
 
     store = Store(tmp_path / "s.duckdb")
     for prompt in ("The weather is very", "The concert was very"):
@@ -168,14 +168,14 @@ def test_intervention_equals_a_hook_on_the_plain_transformers_model(default_hand
     """Independent check: the same vector added to the output of the plain transformers block."""
     from transformers import AutoModelForCausalLM
 
-    from analysis.concepts import direction, probes_run
-    from analysis.intervention import InterventionSpec
+    from analysis.analyses.concepts.compute import direction, probes_spec
+    from analysis.analyses.intervention.compute import InterventionSpec
     from analysis.models import DEFAULT_MODEL_DIR
 
     store = Store(tmp_path / "s.duckdb")
     spec = InterventionSpec(prompt="The weather is very", layer=2, amounts=(-1.0, 0.0, 1.5), max_sentences=300)
     out = run(spec, store=store)
-    probes = probes_run(out.spec, default_handle, store, ("sentiment",)).result
+    probes = run(probes_spec(out.spec, ("sentiment",)), store=store).result
     w, _, _ = direction(probes, "sentiment", 2, "positive")
     vec = torch.tensor(w / np.linalg.norm(w) * out.result.meta["residual_norm"], dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).eval()
@@ -198,7 +198,7 @@ def test_intervention_equals_a_hook_on_the_plain_transformers_model(default_hand
 
 
 def test_tcav_scores_equal_directional_derivatives_by_autograd(default_handle, tmp_path):
-    from analysis.tcav import TCAVSpec
+    from analysis.analyses.tcav.compute import TCAVSpec
 
     store = Store(tmp_path / "s.duckdb")
     out = run(TCAVSpec(layers=(2, 4), n_examples=30, n_random=4, n_inputs=40), store=store)
@@ -235,7 +235,7 @@ def test_tcav_scores_equal_directional_derivatives_by_autograd(default_handle, t
 def test_atlas_pca_equals_scikit_learn_and_umap_is_deterministic(default_handle, tmp_path):
     from sklearn.decomposition import PCA
 
-    from analysis.atlas import AtlasSpec
+    from analysis.analyses.atlas.compute import AtlasSpec
 
     store = Store(tmp_path / "s.duckdb")
     out = run(AtlasSpec(method="pca", layer=3, max_sentences=50, max_points=100_00), store=store)
@@ -262,10 +262,10 @@ def test_atlas_pca_equals_scikit_learn_and_umap_is_deterministic(default_handle,
 
 
 def test_concept_analyses_run_on_three_architectures(tiny_dirs, tmp_path):
-    from analysis.atlas import AtlasSpec
-    from analysis.bottleneck import BottleneckSpec
-    from analysis.intervention import InterventionSpec
-    from analysis.tcav import TCAVSpec
+    from analysis.analyses.atlas.compute import AtlasSpec
+    from analysis.analyses.bottleneck.compute import BottleneckSpec
+    from analysis.analyses.intervention.compute import InterventionSpec
+    from analysis.analyses.tcav.compute import TCAVSpec
 
     store = Store(tmp_path / "s.duckdb")
     for folder in tiny_dirs.values():
@@ -283,8 +283,8 @@ def test_concept_analyses_run_on_three_architectures(tiny_dirs, tmp_path):
 
 
 def test_bad_concept_requests_are_refused_with_a_message(tmp_path):
-    from analysis.intervention import InterventionSpec
-    from analysis.tcav import TCAVSpec
+    from analysis.analyses.intervention.compute import InterventionSpec
+    from analysis.analyses.tcav.compute import TCAVSpec
 
     store = Store(tmp_path / "s.duckdb")
     with pytest.raises(WorkbenchError, match="no class 'happy'"):

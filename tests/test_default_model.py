@@ -173,7 +173,7 @@ def test_build_script_is_seeded_and_reproducible(tmp_path):
 @pytest.mark.parametrize("name", ["ioi", "induction", "facts", "concepts"])
 def test_task_token_ids_match_the_tokenizer(default_handle, name):
     """Stored token ids are what the shipped tokenizer gives for the stored text (links replay from ids)."""
-    from analysis.model_view import encode
+    from analysis.tokens import encode
 
     for r in _jsonl(name)[:50]:
         if name == "ioi":

@@ -37,8 +37,8 @@ def test_attention_entropy_analytic_and_brute_force():
 def test_entropy_over_the_default_models_checkpoints(tmp_path):
     """Out of the box: the six shipped checkpoints and the final model. Attention sharpens as the model learns
     IOI and induction (heads collapse), and its predictions grow more certain."""
-    from analysis.entropy import EntropySpec
-    from analysis.runs import run
+    from analysis.analyses.entropy.compute import EntropySpec
+    from analysis.runner import run
     from analysis.store import Store
 
     out = run(EntropySpec(prompt="Then, John and Mary went to the store. John gave a ring to"),
@@ -61,8 +61,8 @@ def test_entropy_over_the_default_models_checkpoints(tmp_path):
 
 def test_entropy_runs_on_three_architectures_and_refuses_mixed_vocabularies(tiny_dirs, tmp_path):
     from analysis import WorkbenchError
-    from analysis.entropy import EntropySpec
-    from analysis.runs import run
+    from analysis.analyses.entropy.compute import EntropySpec
+    from analysis.runner import run
     from analysis.store import Store
 
     store = Store(tmp_path / "s.duckdb")

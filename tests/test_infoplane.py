@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from analysis import WorkbenchError
-from analysis.infoplane import InfoPlaneSpec
-from analysis.runs import run
+from analysis.analyses.infoplane.compute import InfoPlaneSpec
+from analysis.runner import run
 from analysis.store import Store
 
 
@@ -24,9 +24,9 @@ def test_information_plane_over_the_shipped_checkpoints(tmp_path):
     last = renyi[renyi["layer"] == 5].set_index("step")["i_ty"]
     assert last[4000] > last[100] + 0.1
     assert "not Shannon information" in out.result.meta["caveat"]
-    from analysis.figures import FIGURES
+    from analysis.registry import REGISTRY
 
-    plane = FIGURES["infoplane"](out.result)["plane"]  # one trajectory per layer, a marker per checkpoint
+    plane = REGISTRY["infoplane"].figures(out.result)["plane"]  # one trajectory per layer, a marker per checkpoint
     assert len(plane.data) == 6 and all(len(tr.x) == 7 for tr in plane.data)
 
 

@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from kernels.information import (diffusion_spectral_entropy, gaussian_gram, joint_entropy, label_gram,
-                                 mutual_information, renyi_entropy)
+from kernels.information import (
+    diffusion_spectral_entropy,
+    gaussian_gram,
+    joint_entropy,
+    label_gram,
+    mutual_information,
+    renyi_entropy,
+)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.01, 2.0, 0.5])

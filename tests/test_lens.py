@@ -66,8 +66,8 @@ def test_lens_at_the_last_layer_is_the_models_output(default_handle, tiny_dirs):
 def test_logit_lens_analysis_on_three_architectures(default_handle, tiny_dirs, tmp_path):
     """Through the pipeline: the last layer's resid_post is the model's output (KL < 1e-5); every cell is a
     distribution; the targets' probabilities agree with the top-k table; resid_mid is left out on NeoX."""
-    from analysis.lens import LensSpec
-    from analysis.runs import run
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.runner import run
     from analysis.store import Store
 
     store = Store(tmp_path / "s.duckdb")
@@ -93,8 +93,8 @@ def test_logit_lens_analysis_on_three_architectures(default_handle, tiny_dirs, t
 def test_the_default_model_forms_its_answer_in_late_layers(tmp_path):
     """On a fact the default model knows, the capital's probability at the last position rises through the
     layers and the early layers are far from the final distribution."""
-    from analysis.lens import LensSpec
-    from analysis.runs import run
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.runner import run
     from analysis.store import Store
 
     out = run(LensSpec(prompt="The capital of France is", targets=(" Paris",), sites=("resid_post",)),
@@ -114,8 +114,8 @@ def test_the_default_model_forms_its_answer_in_late_layers(tmp_path):
 ])
 def test_bad_lens_input_gets_a_message_and_stores_nothing(tmp_path, fields, message):
     from analysis import WorkbenchError
-    from analysis.lens import LensSpec
-    from analysis.runs import run
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.runner import run
     from analysis.store import Store
 
     store = Store(tmp_path / "s.duckdb")
@@ -127,16 +127,16 @@ def test_bad_lens_input_gets_a_message_and_stores_nothing(tmp_path, fields, mess
 
 
 def test_target_tokens_keep_their_leading_space_through_a_link():
-    from analysis.lens import LensSpec
+    from analysis.analyses.lens.spec import LensSpec
 
     spec = LensSpec.from_dict({"prompt": "x", "targets": " Paris, Rome", "sites": "resid_pre, resid_post"})
     assert spec.targets == (" Paris", " Rome") and spec.sites == ("resid_pre", "resid_post")
 
 
 def test_untrained_tuned_lens_is_the_logit_lens_and_training_beats_it(tmp_path):
-    from analysis.runs import run
+    from analysis.analyses.tuned_lens.compute import TunedLensSpec
+    from analysis.runner import run
     from analysis.store import Store
-    from analysis.tuned_lens import TunedLensSpec
 
     store = Store(tmp_path / "s.duckdb")
     untrained = run(TunedLensSpec(steps=0, max_tokens=2048), store=store).result.table
@@ -150,8 +150,8 @@ def test_untrained_tuned_lens_is_the_logit_lens_and_training_beats_it(tmp_path):
 
 
 def test_tuned_lens_beside_the_logit_lens_is_stored_once_per_model(tiny_dirs, tmp_path):
-    from analysis.lens import LensSpec
-    from analysis.runs import run
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.runner import run
     from analysis.store import Store
 
     store = Store(tmp_path / "s.duckdb")

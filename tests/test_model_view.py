@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from analysis import WorkbenchError
-from analysis.model_view import attention_patterns, check_token_ids, encode, next_token_predictions, tokenize
+from analysis.analyses.model_view.compute import attention_patterns, next_token_predictions
+from analysis.tokens import check_token_ids, encode, tokenize
 
 PROMPT = "Then, John and Mary went to the store. John gave a ring to"
 

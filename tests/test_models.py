@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_model
 
 from analysis import WorkbenchError, load_model
-from analysis.model_view import encode, next_token_predictions
+from analysis.analyses.model_view.compute import next_token_predictions
 from analysis.models import DEFAULT_MODEL_DIR, MODEL_CACHE, ModelCache, list_checkpoints
-from tiny_models import save_tiny_model
+from analysis.tokens import encode
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from analysis import WorkbenchError, load_model
-from analysis.patching import PatchingSpec
-from analysis.runs import run
+from analysis.analyses.patching.spec import PatchingSpec
+from analysis.runner import run
 from analysis.store import Store
 
 TL = {

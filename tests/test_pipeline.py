@@ -1,6 +1,7 @@
 """Specs, the run pipeline (hit / miss / review mode), URL round trips, export and the command line."""
 from __future__ import annotations
 
+import dataclasses
 import html as htmllib
 import json
 import re
@@ -12,9 +13,9 @@ import pandas as pd
 import pytest
 
 from analysis import WorkbenchError
+from analysis.analyses.model_view.spec import ModelViewSpec
 from analysis.export import html_report, item_from_result
-from analysis.runs import REGISTRY, run, run_key, spec_from_dict
-from analysis.specs import ModelViewSpec
+from analysis.runner import REGISTRY, run, run_key, spec_from_dict
 from analysis.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,8 +66,7 @@ def test_second_run_is_a_hit_and_computes_nothing(store, monkeypatch):
     assert not first.hit and store.misses == 1
     calls = []
     analysis = REGISTRY["model"]
-    monkeypatch.setitem(REGISTRY, "model", analysis.__class__(
-        analysis.name, analysis.spec_cls, lambda *a: calls.append(a), analysis.version, analysis.description))
+    monkeypatch.setitem(REGISTRY, "model", dataclasses.replace(analysis, compute=lambda *a: calls.append(a)))
     second = run(ModelViewSpec(prompt=PROMPT, top_k=5), store=store)
     assert second.hit and calls == [] and store.hits == 1
     assert second.key == first.key
@@ -102,8 +102,7 @@ def test_failed_computation_stores_nothing(store, monkeypatch):
     def boom(*a):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setitem(REGISTRY, "model", analysis.__class__(
-        analysis.name, analysis.spec_cls, boom, analysis.version, analysis.description))
+    monkeypatch.setitem(REGISTRY, "model", dataclasses.replace(analysis, compute=boom))
     with pytest.raises(RuntimeError):
         run(ModelViewSpec(prompt=PROMPT), store=store)
     assert store.count("runs") == 0 and store.count("results") == 0
@@ -111,7 +110,7 @@ def test_failed_computation_stores_nothing(store, monkeypatch):
 
 def test_review_mode_serves_stored_results_and_refuses_to_compute(store, monkeypatch):
     stored = run(ModelViewSpec(prompt=PROMPT, top_k=5), store=store)
-    import analysis.runs as runs_mod
+    import analysis.runner as runs_mod
 
     def no_loading(*a, **k):
         raise AssertionError("review mode must not load a model")

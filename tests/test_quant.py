@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from analysis.errors import WorkbenchError
-from analysis.runs import run
+from analysis.runner import run
 from analysis.store import Store
-from kernels.quant import (WEIGHT_FORMATS, fake_quant_2d, fake_quant_activation, fake_quant_weight, parse_format,
-                           sq_error)
+from kernels.quant import (
+    WEIGHT_FORMATS,
+    fake_quant_2d,
+    fake_quant_activation,
+    fake_quant_weight,
+    parse_format,
+    sq_error,
+)
 
 
 def test_integer_grids_by_hand():
@@ -98,7 +104,7 @@ def test_orientation_activations_and_bit_counts():
 
 def test_weight_units_count_tied_weights_once_and_only_used_ones(default_handle, tiny_dirs):
     from analysis import load_model
-    from analysis.quant import weight_units
+    from analysis.analyses.quant.compute import weight_units
 
     units = weight_units(default_handle)
     hf = default_handle.bridge.original_model
@@ -113,8 +119,8 @@ def test_weight_units_count_tied_weights_once_and_only_used_ones(default_handle,
 def test_sweep_from_the_first_touched_block_equals_a_plain_transformers_forward(default_handle):
     from transformers import AutoModelForCausalLM
 
+    from analysis.analyses.quant.compute import Damage, QuantRunner, model_text, weight_units
     from analysis.models import DEFAULT_MODEL_DIR
-    from analysis.quant import Damage, QuantRunner, model_text, weight_units
 
     tokens = model_text(default_handle, 4, 24, seed=5)
     units = {u.name: u for u in weight_units(default_handle)}
@@ -144,7 +150,7 @@ def test_hutchinson_trace_matches_the_exact_hessian_trace(tiny_dirs):
     from torch.func import functional_call
 
     from analysis import load_model
-    from analysis.quant import hutchinson, model_text, weight_units
+    from analysis.analyses.quant.compute import hutchinson, model_text, weight_units
 
     handle = load_model(str(tiny_dirs["gpt2"]))
     tokens = model_text(handle, 2, 12, seed=0)
@@ -168,7 +174,7 @@ def test_hutchinson_trace_matches_the_exact_hessian_trace(tiny_dirs):
 
 
 def test_int8_damage_is_far_below_int4_on_the_default_model(tmp_path):
-    from analysis.quant import QuantSensitivitySpec
+    from analysis.analyses.quant.compute import QuantSensitivitySpec
 
     out = run(QuantSensitivitySpec(formats=("int8-channel", "int4-channel"), activation_formats=("int8-channel",),
                                    units=("matrix", "layer"), n_seqs=8, seq_len=32, max_samples=12),
@@ -186,7 +192,7 @@ def test_int8_damage_is_far_below_int4_on_the_default_model(tmp_path):
 
 
 def test_monotone_assignments_and_the_pick_equal_a_brute_force():
-    from analysis.quant import monotone_assignments
+    from analysis.analyses.quant.compute import monotone_assignments
 
     m, k = 5, 3
     bounds = monotone_assignments(m, k)
@@ -197,7 +203,7 @@ def test_monotone_assignments_and_the_pick_equal_a_brute_force():
 
 
 def test_allocation_meets_the_budget_and_is_measured(tmp_path):
-    from analysis.quant import QuantAllocationSpec
+    from analysis.analyses.quant.compute import QuantAllocationSpec
 
     store = Store(tmp_path / "s.duckdb")
     out = run(QuantAllocationSpec(budget_bits=4.2, n_seqs=8, seq_len=32, max_samples=12), store=store)
@@ -219,7 +225,7 @@ def test_allocation_meets_the_budget_and_is_measured(tmp_path):
 
 
 def test_quantization_runs_on_three_architectures(tiny_dirs, tmp_path):
-    from analysis.quant import QuantAllocationSpec, QuantSensitivitySpec
+    from analysis.analyses.quant.compute import QuantAllocationSpec, QuantSensitivitySpec
 
     store = Store(tmp_path / "s.duckdb")
     for folder in tiny_dirs.values():
@@ -233,7 +239,7 @@ def test_quantization_runs_on_three_architectures(tiny_dirs, tmp_path):
 
 
 def test_bad_quantization_requests_are_refused():
-    from analysis.quant import QuantAllocationSpec, QuantSensitivitySpec
+    from analysis.analyses.quant.compute import QuantAllocationSpec, QuantSensitivitySpec
 
     with pytest.raises(WorkbenchError, match="Unknown format"):
         QuantSensitivitySpec.from_dict({"formats": "int4-g7"})

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.store import MIGRATIONS, SCHEMA_VERSION, Result, RunRecord, Store
+from analysis.result import Result, RunRecord
+from analysis.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 REPO = Path(__file__).resolve().parent.parent
 

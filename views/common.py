@@ -10,7 +10,7 @@ import streamlit as st
 
 from analysis import WorkbenchError
 from analysis.export import html_report, item_from_result, to_csv
-from analysis.runs import RunOutcome, get_store
+from analysis.runner import RunOutcome, get_store
 from analysis.settings import review_mode
 
 MAX_QUERY_CHARS = 40_000
@@ -118,7 +118,7 @@ def save_finding(outcome: RunOutcome, link: str) -> None:
 
 
 def progress_bar():
-    """A progress callback for analysis.runs.run that drives an st.progress bar (removed when done)."""
+    """A progress callback for analysis.runner.run that drives an st.progress bar (removed when done)."""
     bar = st.progress(0.0, text="Starting…")
 
     def update(frac: float, what: str) -> None:
@@ -139,7 +139,7 @@ def status_line(outcome: RunOutcome) -> None:
 def run_or_stop(make_spec, model: ModelChoice) -> RunOutcome:
     """Build the spec (`make_spec()`), validate it as a link or the CLI would, and run it through the store with
     a progress bar; a bad input gets its message and the page stops there (nothing is stored)."""
-    from analysis.runs import run
+    from analysis.runner import run
 
     progress = progress_bar()
     try:

@@ -7,15 +7,18 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import WorkbenchError
-from analysis.atlas import AtlasSpec
-from analysis.bottleneck import BottleneckSpec
+from analysis.analyses.atlas.compute import AtlasSpec
+from analysis.analyses.atlas.figures import atlas_scatter
+from analysis.analyses.bottleneck.compute import BottleneckSpec
+from analysis.analyses.bottleneck.figures import bottleneck_summary, bottleneck_weights
+from analysis.analyses.concepts.compute import POSITIONS, ProbeSpec
+from analysis.analyses.concepts.figures import probe_accuracy
+from analysis.analyses.intervention.compute import InterventionSpec
+from analysis.analyses.intervention.figures import dose_response
+from analysis.analyses.tcav.compute import TCAVSpec
+from analysis.analyses.tcav.figures import tcav_scores
 from analysis.concept_data import KIND, MAX_BYTES, MIN_PER_CLASS, SHIPPED, save_concepts_csv
-from analysis.concepts import POSITIONS, ProbeSpec
-from analysis.figures import (atlas_scatter, bottleneck_summary, bottleneck_weights, dose_response, probe_accuracy,
-                              tcav_scores)
-from analysis.intervention import InterventionSpec
 from analysis.settings import review_mode
-from analysis.tcav import TCAVSpec
 from views.common import query, require_model, run_or_stop, share_and_export, spec_from_link, spec_params, store
 
 SECTIONS = {"probes": "Probes", "bottleneck": "Bottleneck", "intervention": "Intervention", "tcav": "TCAV",

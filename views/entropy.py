@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.entropy import EntropySpec
-from analysis.figures import attention_entropy_heatmap, entropy_over_training, predictive_entropy_heatmap
+from analysis.analyses.entropy.compute import EntropySpec
+from analysis.analyses.entropy.figures import (
+    attention_entropy_heatmap,
+    entropy_over_training,
+    predictive_entropy_heatmap,
+)
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.figures import info_plane
-from analysis.infoplane import CAVEAT, TARGETS, InfoPlaneSpec
+from analysis.analyses.infoplane.compute import CAVEAT, TARGETS, InfoPlaneSpec
+from analysis.analyses.infoplane.figures import info_plane
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 FIELDS = ("dataset", "text", "target", "n_samples", "alpha", "diffusion_t", "normalize", "drop_first", "seed",

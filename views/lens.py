@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.figures import LENS_COLOURS, lens_heatmap, lens_kl_by_layer
-from analysis.lens import LENSES, SITES, LensSpec
+from analysis.analyses.lens.figures import LENS_COLOURS, lens_heatmap, lens_kl_by_layer
+from analysis.analyses.lens.spec import LENSES, SITES, LensSpec
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 DEFAULT_PROMPT = "The capital of France is"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis.figures import attention_heatmap, predictions_bar
-from analysis.specs import ModelViewSpec
+from analysis.analyses.model_view.figures import attention_heatmap, predictions_bar
+from analysis.analyses.model_view.spec import ModelViewSpec
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"

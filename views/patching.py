@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis.figures import comparison_scatter, patching_heatmap
-from analysis.patching import COMPONENTS, DIRECTIONS, METHODS, METRICS, PatchingSpec
+from analysis.analyses.patching.figures import comparison_scatter, patching_heatmap
+from analysis.analyses.patching.spec import COMPONENTS, DIRECTIONS, METHODS, METRICS, PatchingSpec
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 
 EXAMPLE_PAIRS = """[

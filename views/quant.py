@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.figures import pareto_plot, quant_heatmap, quant_scatter
-from analysis.quant import ALLOC_FORMATS, QuantAllocationSpec, QuantSensitivitySpec
+from analysis.analyses.quant.compute import ALLOC_FORMATS, QuantAllocationSpec, QuantSensitivitySpec
+from analysis.analyses.quant.figures import pareto_plot, quant_heatmap, quant_scatter
 from kernels.quant import WEIGHT_FORMATS
 from views.common import require_model, run_or_stop, share_and_export, spec_from_link, spec_params
 

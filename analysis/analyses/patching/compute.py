@@ -16,137 +16,19 @@ Directions: "denoise" patches clean activations into the corrupted run (Transfor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pandas as pd
 import torch
 
 from kernels.attribution import LRPRules, attribution_scores, integrated_gradients
-from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, is_parallel, source_activations
+from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
-from .errors import WorkbenchError
-from .models import DATA_DIR, ModelHandle
-from .specs import Spec, _f
-from .store import Result
-
-COMPONENTS = tuple(ACTIVATIONS)
-METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
-DIRECTIONS = ("denoise", "noise")
-METHODS = ("activation", "atp", "relp", "ig")
-RELP_RULES = ("ln", "identity", "half", "attention")
-MAX_PAIRS = 256
-
-
-@dataclass(frozen=True)
-class PatchingSpec(Spec):
-    """Patching sweeps over prompt pairs: the shipped IOI pairs, or pairs given as JSON."""
-
-    analysis: ClassVar[str] = "patching"
-    title: ClassVar[str] = "Patching: activation, attribution and relevance patching, integrated gradients"
-    dataset: str = _f("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
-    n_pairs: int = _f(8, "how many shipped pairs (all of one token length)", min=1, max=MAX_PAIRS)
-    pairs: str = _f("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
-                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
-    components: tuple[str, ...] = _f(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
-                                     "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
-    methods: tuple[str, ...] = _f(("activation", "atp", "relp"), "estimators: activation patching (ground truth), "
-                                  "attribution patching, relevance patching, ig: integrated gradients", choices=METHODS, max_len=len(METHODS))
-    relp_rules: tuple[str, ...] = _f(("ln", "identity", "half"), "LRP rules for RelP (attention = the AH rule)",
-                                     choices=RELP_RULES, max_len=len(RELP_RULES))
-    ig_steps: int = _f(16, "integration steps for integrated gradients", min=2, max=256)
-    overlap_k: int = _f(10, "k of the top-k overlap in the faithfulness report", min=1, max=1000)
-    metric: str = _f("logit_diff_normalized", "metric at the final position", choices=METRICS)
-    direction: str = _f("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
-                        choices=DIRECTIONS)
-
-    def validate(self) -> None:
-        if not self.components:
-            raise WorkbenchError("Pick at least one component to patch.")
-        if not self.methods:
-            raise WorkbenchError("Pick at least one method.")
-        if not self.pairs and not self.dataset:
-            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
-        if self.pairs:
-            _parse_pairs(self.pairs)
-
-    def resolve(self, handle: ModelHandle) -> "PatchingSpec":
-        """Token ids for every pair (a link replays from them); checks lengths and single-token answers."""
-        if "resid_mid" in self.components and is_parallel(handle.bridge):
-            raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
-                                 "no residual stream between them: resid_mid does not exist.",
-                                 hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
-        pairs = _parse_pairs(self.pairs) if self.pairs else _shipped_pairs(self.dataset, self.n_pairs)
-        resolved = [_resolve_pair(handle, i, p) for i, p in enumerate(pairs)]
-        lengths = {len(p["clean_ids"]) for p in resolved}
-        if len(lengths) > 1:
-            raise WorkbenchError(f"All pairs must have the same token length to run as one batch; got lengths "
-                                 f"{sorted(lengths)}.", hint="Run pairs of each length separately.")
-        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="")
-
-
-def _parse_pairs(text: str) -> list[dict]:
-    try:
-        pairs = json.loads(text)
-    except ValueError as e:
-        raise WorkbenchError(f"The prompt pairs are not valid JSON: {e}") from e
-    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, dict) for p in pairs):
-        raise WorkbenchError("The prompt pairs must be a non-empty JSON list of objects.")
-    if len(pairs) > MAX_PAIRS:
-        raise WorkbenchError(f"{len(pairs)} pairs; at most {MAX_PAIRS} run at once.")
-    return pairs
-
-
-def _shipped_pairs(dataset: str, n: int) -> list[dict]:
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / f"{dataset}.jsonl").read_text().splitlines()]
-    length = len(rows[0]["clean_ids"])
-    same = [r for r in rows if len(r["clean_ids"]) == length][:n]
-    return [{"clean_ids": r["clean_ids"], "corrupted_ids": r["corrupted_ids"], "answer_id": r["io_id"],
-             "wrong_id": r["s_id"]} for r in same]
-
-
-def _resolve_pair(handle: ModelHandle, i: int, p: dict) -> dict:
-    from .model_view import check_token_ids, encode
-
-    where = f"Pair {i + 1}"
-
-    def ids(kind: str) -> list[int]:
-        if f"{kind}_ids" in p:
-            v = p[f"{kind}_ids"]
-            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-                raise WorkbenchError(f"{where}: {kind}_ids must be a list of integers.")
-            check_token_ids(handle, v)
-            return v
-        if not isinstance(p.get(kind), str):
-            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_ids (token ids).")
-        return encode(handle, p[kind])
-
-    def token(kind: str) -> int:
-        if f"{kind}_id" in p:
-            t = p[f"{kind}_id"]
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise WorkbenchError(f"{where}: {kind}_id must be an integer.")
-            check_token_ids(handle, [t])
-            return t
-        text = p.get(kind)
-        if not isinstance(text, str) or not text:
-            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_id (a token id).")
-        toks = handle.tokenizer.encode(text, add_special_tokens=False)
-        if len(toks) != 1:
-            pieces = [handle.tokenizer.decode([t]) for t in toks]
-            raise WorkbenchError(f"{where}: the {kind} {text!r} is {len(toks)} tokens ({pieces}), not one.",
-                                 hint="Answers must be single tokens; mind the leading space (' Mary').")
-        return toks[0]
-
-    clean, corrupted = ids("clean"), ids("corrupted")
-    if len(clean) != len(corrupted):
-        raise WorkbenchError(f"{where}: the clean prompt is {len(clean)} tokens and the corrupted one "
-                             f"{len(corrupted)}; patching needs equal lengths.",
-                             hint="Change the corruption so that it keeps the token count.")
-    answer, wrong = token("answer"), token("wrong")
-    if answer == wrong:
-        raise WorkbenchError(f"{where}: the answer and the wrong answer are the same token.")
-    return {"clean_ids": clean, "corrupted_ids": corrupted, "answer_id": answer, "wrong_id": wrong}
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession
+from ...stats import pearson
+from ...tokens import tokenize
+from .spec import RELP_RULES, PatchingSpec
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,17 +65,17 @@ class Metric:
         return (mean_values - self.base_value) / (self.other_value - self.base_value)
 
 
-def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> Result:
+def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Result:
     pairs = json.loads(spec.pairs)
-    dev = handle.device
+    dev = session.device
     clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)  # [B, P]
     corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
     answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
     wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
     base_tokens, source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
-    bridge = handle.bridge
+    bridge = session.bridge
     rows = []
-    with handle.lock, torch.no_grad():  # attribution methods switch gradients on for their own pass
+    with torch.no_grad():  # attribution methods switch gradients on for their own pass
         runner = BlockRunner(bridge, base_tokens)  # records the base run's block inputs
         other = BlockRunner(bridge, source_tokens)
         base_logits, source_logits = runner.final_logits, other.final_logits  # [B, d_vocab]
@@ -238,8 +120,7 @@ def compute(handle: ModelHandle, spec: PatchingSpec, progress) -> Result:
                 rows.append(_tidy(values, axes, method, comp))
                 step += 1
     table = pd.concat(rows, ignore_index=True)
-    tokens = pd.DataFrame({"pos": range(clean.shape[1]), "token_id": clean[0].tolist(),
-                           "token": [handle.tokenizer.decode([t]) for t in clean[0].tolist()]})
+    tokens = tokenize(session, clean[0].tolist())
     meta = {"n_pairs": len(pairs), "n_tokens": int(clean.shape[1]), "metric": spec.metric,
             "direction": spec.direction, "base_metric": base_m, "source_metric": source_m,
             "clean_metric": base_m if spec.direction == "noise" else source_m,
@@ -254,7 +135,7 @@ def faithfulness(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
     """Each estimator against activation patching, per component: Pearson, Spearman, top-k overlap.
 
     The top-k overlap compares the k nodes with the largest |effect| under each method."""
-    from scipy.stats import pearsonr, spearmanr
+    from scipy.stats import spearmanr
 
     key = ["component", "layer", "pos", "head", "dest_pos"]
     truth = table[table["method"] == "activation"]
@@ -267,7 +148,7 @@ def faithfulness(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:
             k = min(top_k, len(g))
             row = {"method": method, "component": comp, "n_nodes": len(g), "top_k": k}
             if len(g) >= 3 and g["value_act"].std() > 0 and g["value_est"].std() > 0:
-                row["pearson"] = float(pearsonr(g["value_act"], g["value_est"])[0])
+                row["pearson"] = pearson(g["value_act"], g["value_est"])
                 row["spearman"] = float(spearmanr(g["value_act"], g["value_est"])[0])
             else:
                 row["pearson"] = row["spearman"] = float("nan")

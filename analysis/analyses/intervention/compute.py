@@ -4,8 +4,9 @@ The direction is a probe's (`concepts.Probe`, toward one class of the concept) a
 vector u in activation space. An amount a adds a * r * u to the residual after block `layer` (the embedding for
 -1) at every position after BOS or at the last one, where r is the mean norm of that residual over the dataset's
 texts: amounts are fractions of a typical residual, whatever the model's scale. (The spread of the concept score
-itself is no unit: a standardised probe leans on low-variance dimensions, along which the texts hardly differ.) All amounts run in one batched forward; for each, the top tokens at the last position and the
-probabilities of two groups of tracked tokens (e.g. positive and negative words): the dose-response curve.
+itself is no unit: a standardised probe leans on low-variance dimensions, along which the texts hardly differ.)
+All amounts run in one batched forward; for each, the top tokens at the last position and the probabilities of two
+groups of tracked tokens (e.g. positive and negative words): the dose-response curve.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import concept_data
-from .concepts import POSITIONS, activations_array, direction, probes_run
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import PromptSpec, _f
-from .store import Result
+from ... import concept_data
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession, check_layer, resid_after_name
+from ...specs import PromptSpec, param
+from ...tokens import single_token_ids
+from ..concepts.compute import POSITIONS, activations_array, direction
 
 POSITIVE = (" lovely", " great", " delightful", " excellent", " wonderful", " pleasant")
 NEGATIVE = (" dreadful", " horrible", " disappointing", " terrible", " boring", " awful")
@@ -35,37 +37,38 @@ class InterventionSpec(PromptSpec):
     analysis: ClassVar[str] = "intervention"
     title: ClassVar[str] = "Concept intervention: the model's output as the residual moves along a concept"
     display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids"}
-    prompt: str = _f("The weather is very", "the prompt text", max_len=20_000)
-    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV (the probes' texts)", max_len=64)
-    concept: str = _f("sentiment", "the concept to push along", max_len=128)
-    toward: str = _f("", "the class the direction points to (empty: the probe's own: the second class of a "
+    prompt: str = param("The weather is very", "the prompt text", max_len=20_000)
+    dataset: str = param("shipped", "'shipped' or the id of an uploaded concept CSV (the probes' texts)", max_len=64)
+    concept: str = param("sentiment", "the concept to push along", max_len=128)
+    toward: str = param("", "the class the direction points to (empty: the probe's own: the second class of a "
                          "binary concept in sorted order, the first of a multi-class one)", max_len=128)
-    layer: int = _f(-2, "residual pushed: after block `layer`, -1 the embedding, -2 the last block (where "
+    layer: int = param(-2, "residual pushed: after block `layer`, -1 the embedding, -2 the last block (where "
                         "pushes act on the output most directly)", min=-2, max=1024)
-    where: str = _f("all", "all: every position after BOS; last: the last position only", choices=("all", "last"))
-    amounts: tuple[float, ...] = _f(AMOUNTS, "amounts, as fractions of the layer's mean residual norm",
+    where: str = param("all", "all: every position after BOS; last: the last position only", choices=("all", "last"))
+    amounts: tuple[float, ...] = param(AMOUNTS, "amounts, as fractions of the layer's mean residual norm",
                                     min=-1000.0, max=1000.0, max_len=64)
-    tokens_up: tuple[str, ...] = _f(POSITIVE, "tracked tokens expected to rise (one token each)", max_len=64)
-    tokens_down: tuple[str, ...] = _f(NEGATIVE, "tracked tokens expected to fall (one token each)", max_len=64)
-    top_k: int = _f(10, "top tokens kept per amount", min=1, max=100)
-    position: str = _f("mean", "token position of the probes' activations", choices=POSITIONS)
-    max_sentences: int = _f(2000, "texts the probes use", min=20, max=concept_data.MAX_ROWS)
+    tokens_up: tuple[str, ...] = param(POSITIVE, "tracked tokens expected to rise (one token each)", max_len=64)
+    tokens_down: tuple[str, ...] = param(NEGATIVE, "tracked tokens expected to fall (one token each)", max_len=64)
+    top_k: int = param(10, "top tokens kept per amount", min=1, max=100)
+    position: str = param("mean", "token position of the probes' activations", choices=POSITIONS)
+    max_sentences: int = param(2000, "texts the probes use", min=20, max=concept_data.MAX_ROWS)
 
     def validate(self) -> None:
         super().validate()
         if not self.amounts:
             raise WorkbenchError("Give at least one amount.")
 
+    def resolve(self, model) -> "InterventionSpec":
+        if self.layer != -2:
+            check_layer(self.layer, model.summary.n_layers)
+        return self
 
-def push_hook_name(layer: int) -> str:
-    return "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
 
-
-def pushed_logits(handle: ModelHandle, ids: list[int], layer: int, vector: torch.Tensor, amounts, where: str):
+def pushed_logits(session: ModelSession, ids: list[int], layer: int, vector: torch.Tensor, amounts, where: str):
     """[A, vocab] float32 logits at the last position with amounts[a] * vector added at the layer's residual."""
     A = len(amounts)
-    toks = torch.tensor([ids] * A, device=handle.device)
-    shift = torch.tensor(amounts, dtype=torch.float32, device=handle.device)[:, None] * vector.to(handle.device)
+    toks = session.tensor([ids] * A)
+    shift = torch.tensor(amounts, dtype=torch.float32, device=session.device)[:, None] * vector.to(session.device)
 
     def hook(resid, hook):
         resid = resid.clone()
@@ -76,36 +79,30 @@ def pushed_logits(handle: ModelHandle, ids: list[int], layer: int, vector: torch
             resid[:, -1:] += d
         return resid
 
-    with handle.lock, torch.no_grad():
-        logits = handle.bridge.run_with_hooks(toks, fwd_hooks=[(push_hook_name(layer), hook)])
+    with torch.no_grad():
+        logits = session.run_with_hooks(toks, fwd_hooks=[(resid_after_name(layer), hook)])
     return logits[:, -1].float().cpu()
 
 
-def compute(handle: ModelHandle, spec: InterventionSpec, progress, store=None) -> Result:
-    from .model_view import single_token_ids
-
+def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> Result:
     ids = list(spec.token_ids)
     if len(ids) < 2:
         raise WorkbenchError("The prompt has no token after BOS to push.")
-    up = single_token_ids(handle, spec.tokens_up, "tracked token")
-    down = single_token_ids(handle, spec.tokens_down, "tracked token")
-    n_layers = handle.summary.n_layers
-    if spec.layer >= n_layers:
-        raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "
-                             f"{n_layers - 1}.")
-    progress(0.0, "probes")
-    probes = probes_run(spec, handle, store, (spec.concept,)).result
+    up = single_token_ids(session, spec.tokens_up, "tracked token")
+    down = single_token_ids(session, spec.tokens_down, "tracked token")
+    n_layers = session.n_layers
+    probes = inputs["probes"].result
     layer = n_layers - 1 if spec.layer == -2 else spec.layer
     w, _, cls = direction(probes, spec.concept, layer, spec.toward or None)
     norm = float(np.linalg.norm(w))
-    acts = activations_array(store.get(probes.meta["activations_run"]))[:, layer + 1].astype(np.float64)
+    acts = activations_array(inputs["activations"].result)[:, layer + 1].astype(np.float64)
     scale = float(np.linalg.norm(acts, axis=1).mean())
     unit = torch.tensor(w / norm, dtype=torch.float32)
     progress(0.5, "pushed forwards")
     amounts = [float(a) for a in spec.amounts]
-    logits = pushed_logits(handle, ids, layer, unit * scale, amounts, spec.where)
+    logits = pushed_logits(session, ids, layer, unit * scale, amounts, spec.where)
     probs = logits.softmax(-1)
-    tok = handle.tokenizer
+    tok = session.tokenizer
     rows = []
     for a, amount in enumerate(amounts):
         for group, tids, texts in (("up", up, spec.tokens_up), ("down", down, spec.tokens_down)):

@@ -15,7 +15,7 @@ cluster (geometry), not Shannon information. Options: normalise each residual to
 """
 from __future__ import annotations
 
-import json
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,14 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kernels.information import (diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information,
-                                 renyi_entropy)
+from kernels.information import diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information, renyi_entropy
 
-from .entropy import _series, series_models
-from .errors import WorkbenchError
-from .models import DATA_DIR, ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession
+from ...specs import Spec, param
+from ...tasks import task_rows
+from ...tokens import encode
+from ..entropy.compute import series_sessions
 
 CONCEPTS = ("sentiment", "tense", "number", "topic")
 TARGETS = ("next_token",) + CONCEPTS
@@ -45,18 +46,18 @@ class InfoPlaneSpec(Spec):
 
     analysis: ClassVar[str] = "infoplane"
     title: ClassVar[str] = "Information plane: entropy and mutual information of each layer, over training"
-    dataset: str = _f("concepts", "concepts: the shipped concept sentences; text: the text given",
+    dataset: str = param("concepts", "concepts: the shipped concept sentences; text: the text given",
                       choices=("concepts", "text"))
-    text: str = _f("", "text to sample from (one sentence or passage per line) when dataset is 'text'",
+    text: str = param("", "text to sample from (one sentence or passage per line) when dataset is 'text'",
                    max_len=200_000)
-    target: str = _f("next_token", "Y: the next token, or a concept label of the shipped sentences", choices=TARGETS)
-    n_samples: int = _f(1000, "token positions sampled", min=50, max=4000)
-    alpha: float = _f(1.01, "Rényi order (1.01: close to Shannon)", min=0.1, max=10.0)
-    diffusion_t: int = _f(1, "diffusion time of the spectral entropy", min=1, max=64)
-    normalize: bool = _f(True, "scale every residual to unit length")
-    drop_first: bool = _f(True, "leave out position 0")
-    seed: int = _f(0, "sampling seed", min=0, max=2**31 - 1)
-    checkpoints: tuple[str, ...] = _f((), "models to track in training order (as on the Entropy page); empty: the "
+    target: str = param("next_token", "Y: the next token, or a concept label of the shipped sentences", choices=TARGETS)
+    n_samples: int = param(1000, "token positions sampled", min=50, max=4000)
+    alpha: float = param(1.01, "Rényi order (1.01: close to Shannon)", min=0.1, max=10.0)
+    diffusion_t: int = param(1, "diffusion time of the spectral entropy", min=1, max=64)
+    normalize: bool = param(True, "scale every residual to unit length")
+    drop_first: bool = param(True, "leave out position 0")
+    seed: int = param(0, "sampling seed", min=0, max=2**31 - 1)
+    checkpoints: tuple[str, ...] = param((), "models to track in training order (as on the Entropy page); empty: the "
                                           "default model's shipped checkpoints, or the model alone", max_len=32)
 
     def validate(self) -> None:
@@ -67,14 +68,12 @@ class InfoPlaneSpec(Spec):
                                  hint="Use next_token as the target for your own text.")
 
 
-def _sequences(handle: ModelHandle, spec: InfoPlaneSpec) -> tuple[list[list[int]], list[str | None]]:
+def _sequences(session: ModelSession, spec: InfoPlaneSpec) -> tuple[list[list[int]], list[str | None]]:
     if spec.dataset == "concepts":
-        rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "concepts.jsonl").read_text().splitlines()]
+        rows = task_rows("concepts")
         return [r["ids"] for r in rows], [r[spec.target] if spec.target in CONCEPTS else None for r in rows]
-    from .model_view import encode
-
-    seqs = [encode(handle, line) for line in spec.text.splitlines() if line.strip()]
-    return [s[: handle.summary.n_ctx] for s in seqs], [None] * len(seqs)
+    seqs = [encode(session, line) for line in spec.text.splitlines() if line.strip()]
+    return [s[: session.summary.n_ctx] for s in seqs], [None] * len(seqs)
 
 
 def _sample(seqs, labels, spec: InfoPlaneSpec):
@@ -93,17 +92,14 @@ def _sample(seqs, labels, spec: InfoPlaneSpec):
     return [cand[k] for k in sorted(pick)]
 
 
-def representations(handle: ModelHandle, seqs, sample, normalize: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def representations(session: ModelSession, seqs, sample, normalize: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """X [N, d] (the input embedding) and T_l [N, d] per layer at the sampled positions."""
-    from .model_view import cache_in_batches
-
-    bridge = handle.bridge
-    L = bridge.cfg.n_layers
-    names = {"blocks.0.hook_resid_pre"} | {f"blocks.{layer}.hook_resid_post" for layer in range(L)}
+    L = session.n_layers
+    embed, post = session.resid_after(-1), [session.resid_after(layer) for layer in range(L)]
     by_seq: dict[int, list[int]] = {}
     for k, (i, p, _, _) in enumerate(sample):
         by_seq.setdefault(i, []).append(k)
-    d = bridge.cfg.d_model
+    d = session.cfg.d_model
     X = torch.empty(len(sample), d)
     T = [torch.empty(len(sample), d) for _ in range(L)]
 
@@ -111,11 +107,11 @@ def representations(handle: ModelHandle, seqs, sample, normalize: bool) -> tuple
         for row, i in enumerate(idx):
             ks = by_seq[i]
             pos = [sample[k][1] for k in ks]
-            X[ks] = cache["blocks.0.hook_resid_pre"][row, pos].float().cpu()
+            X[ks] = cache[embed][row, pos].float().cpu()
             for layer in range(L):
-                T[layer][ks] = cache[f"blocks.{layer}.hook_resid_post"][row, pos].float().cpu()
+                T[layer][ks] = cache[post[layer]][row, pos].float().cpu()
 
-    cache_in_batches(handle, seqs, names, gather, indices=list(by_seq))
+    session.cache_in_batches(seqs, [embed, *post], gather, indices=list(by_seq))
     if normalize:
         X = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         T = [t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12) for t in T]
@@ -132,30 +128,32 @@ def _conditional_dse(G: torch.Tensor, groups: np.ndarray, t: int) -> float:
     return total
 
 
-def compute(handle: ModelHandle, spec: InfoPlaneSpec, progress) -> Result:
-    seqs, labels = _sequences(handle, spec)
+def compute(session: ModelSession, spec: InfoPlaneSpec, inputs, progress) -> Result:
+    seqs, labels = _sequences(session, spec)
     sample = _sample(seqs, labels, spec)
     x_tok = np.array([s[2] for s in sample])
     y_vals = [s[3] for s in sample]
     y_codes = np.unique(np.array([str(v) for v in y_vals]), return_inverse=True)[1]
     Ky = label_gram(torch.tensor(y_codes))
-    series = _series(spec)
     rows, models = [], []
-    for step, h in series_models(handle, spec, series, progress):
-        X, T = representations(h, seqs, sample, spec.normalize)
-        Kx = gaussian_gram(X)
-        s_y = renyi_entropy(Ky, spec.alpha)
-        for layer, t in enumerate(T):
-            Kt = gaussian_gram(t)
-            s_t = renyi_entropy(Kt, spec.alpha)
-            dse = diffusion_spectral_entropy(Kt, spec.diffusion_t)
-            rows.append({"step": step, "layer": layer, "estimator": "renyi", "entropy": s_t,
-                         "i_xt": mutual_information(Kx, Kt, spec.alpha), "i_ty": mutual_information(Kt, Ky, spec.alpha),
-                         "h_y": s_y})
-            rows.append({"step": step, "layer": layer, "estimator": "dse", "entropy": dse,
-                         "i_xt": dse - _conditional_dse(Kt, x_tok, spec.diffusion_t),
-                         "i_ty": dse - _conditional_dse(Kt, y_codes, spec.diffusion_t), "h_y": np.nan})
-        models.append({"step": step, "model": h.name, "revision": h.revision or "", "fingerprint": h.fingerprint})
+    with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
+        for step, h in series:
+            X, T = representations(h, seqs, sample, spec.normalize)
+            Kx = gaussian_gram(X)
+            s_y = renyi_entropy(Ky, spec.alpha)
+            for layer, t in enumerate(T):
+                Kt = gaussian_gram(t)
+                s_t = renyi_entropy(Kt, spec.alpha)
+                dse = diffusion_spectral_entropy(Kt, spec.diffusion_t)
+                rows.append({"step": step, "layer": layer, "estimator": "renyi", "entropy": s_t,
+                             "i_xt": mutual_information(Kx, Kt, spec.alpha),
+                             "i_ty": mutual_information(Kt, Ky, spec.alpha),
+                             "h_y": s_y})
+                rows.append({"step": step, "layer": layer, "estimator": "dse", "entropy": dse,
+                             "i_xt": dse - _conditional_dse(Kt, x_tok, spec.diffusion_t),
+                             "i_ty": dse - _conditional_dse(Kt, y_codes, spec.diffusion_t), "h_y": np.nan})
+            models.append({"step": step, "model": h.name, "revision": h.handle.revision or "",
+                           "fingerprint": h.fingerprint})
     progress(1.0, "done")
     table = pd.DataFrame(rows)
     meta = {"n_samples": len(sample), "target": spec.target, "steps": [m["step"] for m in models],

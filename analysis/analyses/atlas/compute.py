@@ -15,12 +15,13 @@ import pandas as pd
 
 from kernels.atlas import pca_2d, umap_2d
 
-from . import concept_data
-from .concepts import POSITIONS, activations_array, activations_run, encode_texts
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ... import concept_data
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession, check_layer
+from ...specs import Spec, param
+from ...tokens import encode_texts
+from ..concepts.compute import POSITIONS, activations_array
 
 
 @dataclass(frozen=True)
@@ -29,23 +30,26 @@ class AtlasSpec(Spec):
 
     analysis: ClassVar[str] = "atlas"
     title: ClassVar[str] = "Activation atlas: a 2-d map of one layer's activations, coloured by concept"
-    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
-    layer: int = _f(-2, "residual after block `layer`; -1 the embedding; -2 the last block", min=-2, max=1024)
-    unit: str = _f("token", "token: every token of every text; text: one point per text", choices=("token", "text"))
-    position: str = _f("last", "for text points: the last token, or the mean over tokens", choices=POSITIONS)
-    method: str = _f("umap", "umap, or pca (fast, linear)", choices=("umap", "pca"))
-    max_points: int = _f(5000, "points kept (sampled when there are more)", min=50, max=50_000)
-    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
-    n_neighbors: int = _f(15, "UMAP neighbours", min=2, max=200)
-    min_dist: float = _f(0.1, "UMAP minimum distance", min=0.0, max=1.0)
-    seed: int = _f(0, "sampling and UMAP seed", min=0, max=2**31 - 1)
+    dataset: str = param("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    layer: int = param(-2, "residual after block `layer`; -1 the embedding; -2 the last block", min=-2, max=1024)
+    unit: str = param("token", "token: every token of every text; text: one point per text", choices=("token", "text"))
+    position: str = param("last", "for text points: the last token, or the mean over tokens", choices=POSITIONS)
+    method: str = param("umap", "umap, or pca (fast, linear)", choices=("umap", "pca"))
+    max_points: int = param(5000, "points kept (sampled when there are more)", min=50, max=50_000)
+    max_sentences: int = param(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    n_neighbors: int = param(15, "UMAP neighbours", min=2, max=200)
+    min_dist: float = param(0.1, "UMAP minimum distance", min=0.0, max=1.0)
+    seed: int = param(0, "sampling and UMAP seed", min=0, max=2**31 - 1)
+
+    def resolve(self, model) -> "AtlasSpec":
+        if self.layer != -2:
+            check_layer(self.layer, model.summary.n_layers)
+        return self
 
 
-def token_activations(handle: ModelHandle, seqs: list[list[int]], layer: int):
+def token_activations(session: ModelSession, seqs: list[list[int]], layer: int):
     """Every token after BOS: ([n, d] float32, text index, position)."""
-    from .model_view import cache_in_batches
-
-    name = "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
+    name = session.resid_after(layer)
     parts: dict[int, np.ndarray] = {}
 
     def visit(idx, cache):
@@ -53,31 +57,28 @@ def token_activations(handle: ModelHandle, seqs: list[list[int]], layer: int):
         for j, i in enumerate(idx):
             parts[i] = acts[j]
 
-    cache_in_batches(handle, seqs, [name], visit)
+    session.cache_in_batches(seqs, [name], visit)
     X = np.concatenate([parts[i] for i in range(len(seqs))])
     text = np.concatenate([np.full(len(s) - 1, i) for i, s in enumerate(seqs)])
     pos = np.concatenate([np.arange(1, len(s)) for s in seqs])
     return X, text, pos
 
 
-def compute(handle: ModelHandle, spec: AtlasSpec, progress, store=None) -> Result:
-    n_layers = handle.summary.n_layers
-    if spec.layer >= n_layers:
-        raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "
-                             f"{n_layers - 1}.")
+def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
+    n_layers = session.n_layers
     layer = n_layers - 1 if spec.layer == -2 else spec.layer
     rng = np.random.default_rng(spec.seed)
     progress(0.05, "activations")
     if spec.unit == "text":
-        acts = activations_run(spec, handle, store).result
+        acts = inputs["activations"].result
         labels = acts.extra["labels"]
         X = activations_array(acts)[:, layer + 1]
         text_idx, pos = np.arange(len(X)), (labels["n_tokens"].to_numpy() - 1 if spec.position == "last"
                                             else np.full(len(X), -1))
     else:
-        labels = concept_data.load(spec.dataset, store).iloc[:spec.max_sentences].reset_index(drop=True)
-        seqs = encode_texts(handle, labels["text"])
-        X, text_idx, pos = token_activations(handle, seqs, layer)
+        labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
+        seqs = encode_texts(session, labels["text"])
+        X, text_idx, pos = token_activations(session, seqs, layer)
     if len(X) > spec.max_points:
         keep = np.sort(rng.choice(len(X), spec.max_points, replace=False))
         X, text_idx, pos = X[keep], text_idx[keep], pos[keep]
@@ -93,7 +94,7 @@ def compute(handle: ModelHandle, spec: AtlasSpec, progress, store=None) -> Resul
     table = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "text_index": text_idx, "position": pos})
     table["text"] = labels["text"].to_numpy()[text_idx]
     if spec.unit == "token":
-        tok = handle.tokenizer
+        tok = session.tokenizer
         table["token"] = [tok.decode([seqs[t][p]]) for t, p in zip(text_idx, pos)]
     else:
         table["token"] = "(last token)" if spec.position == "last" else "(mean over tokens)"

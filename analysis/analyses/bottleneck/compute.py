@@ -22,13 +22,14 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from . import concept_data
-from .concepts import (POSITIONS, activations_array, best_layer, direction, encode_texts, pick_concepts,
-                       probes_run, split)
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ... import concept_data
+from ...concept_data import pick_concepts
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession, check_layer
+from ...specs import Spec, param
+from ...tokens import encode_texts, single_token_ids
+from ..concepts.compute import POSITIONS, activations_array, best_layer, direction, split
 
 PLACE_NOUNS = (" coast", " hills", " week", " final", " season", " stadium", " festival", " radio", " stage",
                " dinner", " kitchen", " lunch")
@@ -40,63 +41,68 @@ class BottleneckSpec(Spec):
 
     analysis: ClassVar[str] = "bottleneck"
     title: ClassVar[str] = "Concept bottleneck: a sparse head from concept scores to the model's behaviour"
-    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
-    concepts: tuple[str, ...] = _f((), "concepts in the bottleneck (empty: all but the target)", max_len=32)
-    target: str = _f("next_token", "next_token: the model's choice among `tokens` at the end of each text; or a "
+    dataset: str = param("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    concepts: tuple[str, ...] = param((), "concepts in the bottleneck (empty: all but the target)", max_len=32)
+    target: str = param("next_token", "next_token: the model's choice among `tokens` at the end of each text; or a "
                                    "label column of the dataset", max_len=128)
-    tokens: tuple[str, ...] = _f(PLACE_NOUNS, "the token set the model chooses from (one token each)", max_len=64)
-    layer: int = _f(-2, "residual the concept scores come from: after block `layer`, -1 the embedding, -2 each "
+    tokens: tuple[str, ...] = param(PLACE_NOUNS, "the token set the model chooses from (one token each)", max_len=64)
+    layer: int = param(-2, "residual the concept scores come from: after block `layer`, -1 the embedding, -2 each "
                         "concept's best probe layer", min=-2, max=1024)
-    position: str = _f("last", "token position of the activations", choices=POSITIONS)
-    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
-    drop_last: int = _f(2, "final tokens cut from every text (2 on the shipped sentences: the model then picks "
+    position: str = param("last", "token position of the activations", choices=POSITIONS)
+    max_sentences: int = param(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    drop_last: int = param(2, "final tokens cut from every text (2 on the shipped sentences: the model then picks "
                            "the place noun after '... near the')", min=0, max=64)
-    l1_ratio: float = _f(0.5, "elastic-net mix: 0 = L2 only, 1 = L1 only", min=0.0, max=1.0)
-    C: float = _f(1.0, "inverse regularisation strength of the head", min=1e-4, max=1e4)
-    n_random: int = _f(10, "random-direction draws for the leakage baseline", min=1, max=100)
-    test_fraction: float = _f(0.2, "held-out fraction", min=0.05, max=0.5)
-    seed: int = _f(0, "split and random-direction seed", min=0, max=2**31 - 1)
+    l1_ratio: float = param(0.5, "elastic-net mix: 0 = L2 only, 1 = L1 only", min=0.0, max=1.0)
+    C: float = param(1.0, "inverse regularisation strength of the head", min=1e-4, max=1e4)
+    n_random: int = param(10, "random-direction draws for the leakage baseline", min=1, max=100)
+    test_fraction: float = param(0.2, "held-out fraction", min=0.05, max=0.5)
+    seed: int = param(0, "split and random-direction seed", min=0, max=2**31 - 1)
 
     def validate(self) -> None:
         if self.target == "next_token" and len(self.tokens) < 2:
             raise WorkbenchError("The model's choice needs at least two tokens to choose from.")
 
-
-def _head(X_tr, y_tr, X_te, y_te, l1_ratio: float, C: float, seed: int):
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(X_tr)
-    clf = LogisticRegression(solver="saga", l1_ratio=l1_ratio, C=C, max_iter=3000, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(scaler.transform(X_tr), y_tr)
-    return float((clf.predict(scaler.transform(X_te)) == y_te).mean()), clf
+    def resolve(self, model) -> "BottleneckSpec":
+        if self.layer != -2:
+            check_layer(self.layer, model.summary.n_layers)
+        return self
 
 
-def _completeness(acc: float, ref: float, chance: float) -> float:
-    return float((acc - chance) / (ref - chance)) if ref > chance else float("nan")
-
-
-def compute(handle: ModelHandle, spec: BottleneckSpec, progress, store=None) -> Result:
-    from .model_view import last_logits, single_token_ids
-
-    progress(0.0, "probes")
-    data = concept_data.load(spec.dataset, store)
+def bottleneck_concepts(spec: BottleneckSpec, data) -> list[str]:
+    """The concepts of the bottleneck (all but the target when none are named), after checking the target."""
     available = concept_data.concept_columns(data)
     if spec.target != "next_token" and spec.target not in available:
         raise WorkbenchError(f"target must be 'next_token' or a label column ({', '.join(available)}), not "
                              f"{spec.target!r}.")
     if spec.target in spec.concepts:
         raise WorkbenchError(f"{spec.target!r} is the target; it cannot also be a concept of the bottleneck.")
-    concepts = pick_concepts(spec.concepts, [c for c in available if c != spec.target])
-    n_layers = handle.summary.n_layers
-    if spec.layer >= n_layers:
-        raise WorkbenchError(f"layer {spec.layer} does not exist: the model has layers -1 (embedding) to "
-                             f"{n_layers - 1}.")
-    probes = probes_run(spec, handle, store, concepts).result
-    acts_out = store.get(probes.meta["activations_run"])
+    return pick_concepts(spec.concepts, [c for c in available if c != spec.target])
+
+
+def _head(X_tr, y_tr, X_te, y_te, l1_ratio: float, C: float, seed: int):
+    """(held-out accuracy, the fitted logistic head) of a standardised elastic-net logistic regression."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(solver="saga", l1_ratio=l1_ratio, C=C, max_iter=3000,
+                                                              random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe.fit(X_tr, y_tr)
+    return float(pipe.score(X_te, y_te)), pipe[-1]
+
+
+def _completeness(acc: float, ref: float, chance: float) -> float:
+    return float((acc - chance) / (ref - chance)) if ref > chance else float("nan")
+
+
+def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Result:
+    concepts = bottleneck_concepts(spec, inputs["data"])
+    n_layers = session.n_layers
+    probes = inputs["probes"].result
+    acts_out = inputs["activations"].result
     acts = activations_array(acts_out)
     labels = acts_out.extra["labels"]
     N = len(labels)
@@ -105,10 +111,10 @@ def compute(handle: ModelHandle, spec: BottleneckSpec, progress, store=None) -> 
     # the behaviour
     if spec.target == "next_token":
         progress(0.3, "the model's choices")
-        ids = single_token_ids(handle, spec.tokens, "token to choose from")
+        ids = single_token_ids(session, spec.tokens, "token to choose from")
         if len(set(ids)) != len(ids):
             raise WorkbenchError("The token set repeats a token.")
-        logits = last_logits(handle, encode_texts(handle, labels["text"], spec.drop_last))[:, ids]
+        logits = session.last_logits(encode_texts(session, labels["text"], spec.drop_last))[:, ids]
         y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
     else:
         y = labels[spec.target].astype(str).to_numpy()

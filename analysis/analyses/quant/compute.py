@@ -38,12 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weight, parse_format
+from kernels.patching import BlockRunner
+from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weight, parse_format, squared_error
 
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession, requires_grad
+from ...specs import Spec, param
 
 TYPES = ("embed", "pos_embed", "attn_in", "attn_out", "mlp_in", "mlp_out", "unembed", "other")
 DEFAULT_ACT_FORMATS = ("int8-channel", "int4-channel", "fp8_e4m3-channel")
@@ -87,11 +88,11 @@ def _type(name: str, module) -> str:
     return "other"
 
 
-def weight_units(handle: ModelHandle) -> list[Unit]:
+def weight_units(session: ModelSession) -> list[Unit]:
     """Every 2-d weight once, with its layer, type and output axis; views of one storage are one unit."""
-    hf = handle.bridge.original_model
+    hf = session.bridge.original_model
     modules = dict(hf.named_modules())
-    n_layers = handle.summary.n_layers
+    n_layers = session.n_layers
     by_storage: dict[int, list[tuple[str, torch.nn.Parameter, object]]] = {}
     for name, p in hf.named_parameters():  # tied parameters appear once
         if p.dim() != 2:
@@ -99,17 +100,10 @@ def weight_units(handle: ModelHandle) -> list[Unit]:
         by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p, modules[name.rsplit(".", 1)[0]]))
     # only weights the forward uses: the bridge can keep an unused copy beside the one it runs (NeoX's fused qkv)
     params = [p for group in by_storage.values() for _, p, _ in group]
-    was = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            bos = handle.tokenizer.bos_token_id or 0
-            out = handle.bridge(torch.tensor([[bos, bos, bos]], device=handle.device))
-            grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
+    with requires_grad(params, True), torch.enable_grad():
+        bos = session.tokenizer.bos_token_id or 0
+        out = session.forward(session.tensor([bos, bos, bos]))
+        grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
     used = {id(p) for p, g in zip(params, grads) if g is not None}
     units = []
     for group in by_storage.values():
@@ -128,17 +122,17 @@ def weight_units(handle: ModelHandle) -> list[Unit]:
     return sorted(units, key=lambda u: (u.layer, order[u.type], u.name))
 
 
-def model_text(handle: ModelHandle, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+def model_text(session: ModelSession, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
     """[n_seqs, seq_len] token ids the model samples itself from BOS (temperature 1, seeded)."""
-    bos = handle.tokenizer.bos_token_id
+    bos = session.tokenizer.bos_token_id
     if bos is None:
-        bos = handle.tokenizer.eos_token_id or 0
+        bos = session.tokenizer.eos_token_id or 0
     gen = torch.Generator().manual_seed(seed)
-    toks = torch.full((n_seqs, 1), bos, dtype=torch.long, device=handle.device)
+    toks = torch.full((n_seqs, 1), bos, dtype=torch.long, device=session.device)
     with torch.no_grad():
         for _ in range(seq_len - 1):
-            probs = handle.bridge(toks)[:, -1].float().softmax(-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=gen).to(handle.device)
+            probs = session.forward(toks)[:, -1].float().softmax(-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=gen).to(session.device)
             toks = torch.cat([toks, nxt], 1)
     return toks
 
@@ -167,13 +161,10 @@ class QuantRunner:
     """Logits of the evaluation set with some units' weights (or the residual entering a block) quantized,
     recomputing only from the first block they touch."""
 
-    def __init__(self, handle: ModelHandle, tokens: torch.Tensor):
-        from kernels.patching import BlockRunner
-
-        self.handle = handle
-        self.bridge = handle.bridge
+    def __init__(self, session: ModelSession, tokens: torch.Tensor):
+        self.bridge = session.bridge
         self.tokens = tokens
-        self.n_layers = handle.summary.n_layers
+        self.n_layers = session.n_layers
         self.runner = BlockRunner(self.bridge, tokens)
         with torch.no_grad():
             self.final_resid = self.runner.run(self.runner.inputs[self.n_layers - 1], self.n_layers - 1)
@@ -196,7 +187,7 @@ class QuantRunner:
                     saved.append((u.weight, old))
                     u.weight.copy_(fake_quant_weight(old, f, u.out_dim))
                     if sq_errors is not None:
-                        sq_errors.append(float((u.weight.float() - old.float()).pow(2).sum()))
+                        sq_errors.append(squared_error(u.weight, old))
                 if not units and act_layer is None:
                     return self.full_logits
                 start = min([u.layer for u in units] + ([act_layer] if act_layer is not None else []))
@@ -214,45 +205,38 @@ class QuantRunner:
                     p.copy_(old)
 
 
-def hutchinson(handle: ModelHandle, tokens: torch.Tensor, units: list[Unit], tol: float, min_samples: int,
+def hutchinson(session: ModelSession, tokens: torch.Tensor, units: list[Unit], tol: float, min_samples: int,
                max_samples: int, seed: int, progress=None) -> pd.DataFrame:
     """Per unit: Tr(H)/n of the mean next-token loss, its standard error and the samples drawn."""
     params = [p for u in units for p in u.grads]
     owner = [i for i, u in enumerate(units) for _ in u.grads]
     gen = torch.Generator().manual_seed(seed)
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            logits = handle.bridge(tokens)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     tokens[:, 1:].reshape(-1))
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            live = [j for j, g in enumerate(grads) if g is not None]
-            samples: list[list[float]] = [[] for _ in units]
-            for k in range(max_samples):
-                vs = [(torch.randint(0, 2, params[j].shape, generator=gen) * 2 - 1).to(params[j]) for j in live]
-                hv = torch.autograd.grad([grads[j] for j in live], [params[j] for j in live], grad_outputs=vs,
-                                         retain_graph=True, allow_unused=True)
-                per_unit = [0.0] * len(units)
-                for j, v, h in zip(live, vs, hv):
-                    if h is not None:
-                        per_unit[owner[j]] += float((v * h).sum())
-                for i, s in enumerate(per_unit):
-                    samples[i].append(s)
-                n = k + 1
-                if progress:
-                    progress(n / max_samples, f"Hutchinson sample {n}")
-                if n >= min(min_samples, max_samples):
-                    arr = np.asarray(samples)
-                    mean, se = arr.mean(1), arr.std(1, ddof=1) / math.sqrt(n)
-                    # within tol of its own trace, or (a trace near zero) of a tenth of the mean |trace|
-                    if np.all(se <= tol * np.maximum(np.abs(mean), 0.1 * np.abs(mean).mean())):
-                        break
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
+    with session.trainable(params), torch.enable_grad():
+        logits = session.forward(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        live = [j for j, g in enumerate(grads) if g is not None]
+        samples: list[list[float]] = [[] for _ in units]
+        for k in range(max_samples):
+            vs = [(torch.randint(0, 2, params[j].shape, generator=gen) * 2 - 1).to(params[j]) for j in live]
+            hv = torch.autograd.grad([grads[j] for j in live], [params[j] for j in live], grad_outputs=vs,
+                                     retain_graph=True, allow_unused=True)
+            per_unit = [0.0] * len(units)
+            for j, v, h in zip(live, vs, hv):
+                if h is not None:
+                    per_unit[owner[j]] += float((v * h).sum())
+            for i, s in enumerate(per_unit):
+                samples[i].append(s)
+            n = k + 1
+            if progress:
+                progress(n / max_samples, f"Hutchinson sample {n}")
+            if n >= min(min_samples, max_samples):
+                arr = np.asarray(samples)
+                mean, se = arr.mean(1), arr.std(1, ddof=1) / math.sqrt(n)
+                # within tol of its own trace, or (a trace near zero) of a tenth of the mean |trace|
+                if np.all(se <= tol * np.maximum(np.abs(mean), 0.1 * np.abs(mean).mean())):
+                    break
     arr = np.asarray(samples)
     n = arr.shape[1]
     rows = []
@@ -281,18 +265,18 @@ class QuantSensitivitySpec(Spec):
 
     analysis: ClassVar[str] = "quant_sensitivity"
     title: ClassVar[str] = "Quantization sensitivity: measured damage per matrix and format, and HAWQ-V2's prediction"
-    formats: tuple[str, ...] = _f(WEIGHT_FORMATS, "weight formats swept", max_len=64)
-    activation_formats: tuple[str, ...] = _f(DEFAULT_ACT_FORMATS, "formats for the residual entering each block, "
+    formats: tuple[str, ...] = param(WEIGHT_FORMATS, "weight formats swept", max_len=64)
+    activation_formats: tuple[str, ...] = param(DEFAULT_ACT_FORMATS, "formats for the residual entering each block, "
                                              "per token (empty: none)", max_len=16)
-    units: tuple[str, ...] = _f(("matrix", "layer", "type"), "what is quantized at a time",
+    units: tuple[str, ...] = param(("matrix", "layer", "type"), "what is quantized at a time",
                                 choices=("matrix", "layer", "type"), max_len=3)
-    n_seqs: int = _f(16, "sequences of the model's own text", min=1, max=512)
-    seq_len: int = _f(64, "tokens per sequence (with BOS)", min=4, max=2048)
-    tol: float = _f(0.1, "Hutchinson: stop when every standard error is within this fraction of its trace",
+    n_seqs: int = param(16, "sequences of the model's own text", min=1, max=512)
+    seq_len: int = param(64, "tokens per sequence (with BOS)", min=4, max=2048)
+    tol: float = param(0.1, "Hutchinson: stop when every standard error is within this fraction of its trace",
                     min=1e-4, max=1.0)
-    min_samples: int = _f(8, "Hutchinson: samples drawn at least (capped by max_samples)", min=2, max=10_000)
-    max_samples: int = _f(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
-    seed: int = _f(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
+    min_samples: int = param(8, "Hutchinson: samples drawn at least (capped by max_samples)", min=2, max=10_000)
+    max_samples: int = param(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
+    seed: int = param(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
 
     def validate(self) -> None:
         _check_formats(self.formats)
@@ -300,13 +284,13 @@ class QuantSensitivitySpec(Spec):
             _check_formats(self.activation_formats, "activation format")
 
 
-def unit_groups(handle: ModelHandle, units: list[Unit], kinds) -> list[tuple[str, str, int, str, list[Unit]]]:
+def unit_groups(session: ModelSession, units: list[Unit], kinds) -> list[tuple[str, str, int, str, list[Unit]]]:
     """(kind, name, layer, type, units) for each matrix, layer and matrix type asked for."""
     groups = []
     if "matrix" in kinds:
         groups += [("matrix", u.name, u.layer, u.type, [u]) for u in units]
     if "layer" in kinds:
-        for layer in range(handle.summary.n_layers):
+        for layer in range(session.n_layers):
             us = [u for u in units if u.layer == layer]
             if us:
                 groups.append(("layer", f"layer {layer}", layer, "all", us))
@@ -318,14 +302,14 @@ def unit_groups(handle: ModelHandle, units: list[Unit], kinds) -> list[tuple[str
     return groups
 
 
-def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, activation_formats=(),
+def measure_sweep(session: ModelSession, tokens: torch.Tensor, groups, formats, activation_formats=(),
                   progress=None) -> tuple[pd.DataFrame, float]:
     """Damage of each group alone in each format, and of each block's input in each activation format; also
-    the full-precision loss. Call with the model's lock held."""
-    qr = QuantRunner(handle, tokens)
+    the full-precision loss."""
+    qr = QuantRunner(session, tokens)
     damage = Damage(tokens, qr.full_logits)
     rows = []
-    steps = len(groups) * len(formats) + handle.summary.n_layers * len(activation_formats)
+    steps = len(groups) * len(formats) + session.n_layers * len(activation_formats)
     done = 0
     for kind, name, layer, typ, us in groups:
         n = sum(u.n for u in us)
@@ -341,7 +325,7 @@ def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, ac
             done += 1
             if progress:
                 progress(done / steps, f"{name}, {f}")
-    for layer in range(handle.summary.n_layers):
+    for layer in range(session.n_layers):
         for f in activation_formats:
             m = damage(qr.logits([], None, act_layer=layer, act_fmt=f))
             rows.append({"unit_kind": "activation", "unit": f"resid_pre {layer}", "layer": layer,
@@ -353,20 +337,19 @@ def measure_sweep(handle: ModelHandle, tokens: torch.Tensor, groups, formats, ac
     return pd.DataFrame(rows), damage.loss
 
 
-def compute_sensitivity(handle: ModelHandle, spec: QuantSensitivitySpec, progress) -> Result:
+def compute_sensitivity(session: ModelSession, spec: QuantSensitivitySpec, inputs, progress) -> Result:
     from scipy.stats import spearmanr
 
     formats = _check_formats(spec.formats)
     progress(0.0, "the model's own text")
-    tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
-    units = weight_units(handle)
-    with handle.lock:
-        sweep, full_loss = measure_sweep(handle, tokens, unit_groups(handle, units, spec.units), formats,
-                                         spec.activation_formats,
-                                         progress=lambda frac, what: progress(0.05 + 0.55 * frac, what))
-        progress(0.6, "Hessian traces")
-        traces = hutchinson(handle, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
-                            progress=lambda frac, what: progress(0.6 + 0.38 * frac, what))
+    tokens = model_text(session, spec.n_seqs, spec.seq_len, spec.seed)
+    units = weight_units(session)
+    sweep, full_loss = measure_sweep(session, tokens, unit_groups(session, units, spec.units), formats,
+                                     spec.activation_formats,
+                                     progress=lambda frac, what: progress(0.05 + 0.55 * frac, what))
+    progress(0.6, "Hessian traces")
+    traces = hutchinson(session, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
+                        progress=lambda frac, what: progress(0.6 + 0.38 * frac, what))
     mats = sweep[sweep["unit_kind"] == "matrix"].merge(traces[["unit", "trace_per_param"]], on="unit")
     mats["omega"] = mats["trace_per_param"] * mats["sq_error"]
     corr = []
@@ -390,15 +373,15 @@ class QuantAllocationSpec(Spec):
 
     analysis: ClassVar[str] = "quant_allocation"
     title: ClassVar[str] = "Bit allocation: the Pareto frontier of size against predicted damage, and the pick measured"
-    formats: tuple[str, ...] = _f(ALLOC_FORMATS, "formats to assign (any order; sorted by bits)", max_len=8)
-    budget_bits: float = _f(4.5, "size budget: average bits per weight over the quantized matrices", min=1.0,
+    formats: tuple[str, ...] = param(ALLOC_FORMATS, "formats to assign (any order; sorted by bits)", max_len=8)
+    budget_bits: float = param(4.5, "size budget: average bits per weight over the quantized matrices", min=1.0,
                             max=32.0)
-    n_seqs: int = _f(16, "as the sensitivity run", min=1, max=512)
-    seq_len: int = _f(64, "as the sensitivity run", min=4, max=2048)
-    tol: float = _f(0.1, "as the sensitivity run", min=1e-4, max=1.0)
-    min_samples: int = _f(8, "as the sensitivity run", min=2, max=10_000)
-    max_samples: int = _f(100, "as the sensitivity run", min=2, max=10_000)
-    seed: int = _f(0, "as the sensitivity run", min=0, max=2**31 - 1)
+    n_seqs: int = param(16, "as the sensitivity run", min=1, max=512)
+    seq_len: int = param(64, "as the sensitivity run", min=4, max=2048)
+    tol: float = param(0.1, "as the sensitivity run", min=1e-4, max=1.0)
+    min_samples: int = param(8, "as the sensitivity run", min=2, max=10_000)
+    max_samples: int = param(100, "as the sensitivity run", min=2, max=10_000)
+    seed: int = param(0, "as the sensitivity run", min=0, max=2**31 - 1)
 
     def validate(self) -> None:
         _check_formats(self.formats)
@@ -416,18 +399,23 @@ def monotone_assignments(m: int, k: int):
     return np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m, np.int64)], 1)
 
 
-def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress, store=None) -> Result:
-    from .runs import run
-
+def sensitivity_spec(spec: QuantAllocationSpec, inputs=None) -> QuantSensitivitySpec:
+    """The sensitivity run an allocation builds on: the same text and Hutchinson settings, its formats, matrices
+    only."""
     fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
                   key=lambda f: -f.bits)
-    sens = run(QuantSensitivitySpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
-                                    formats=tuple(f.name for f in fmts), activation_formats=(), units=("matrix",),
-                                    n_seqs=spec.n_seqs, seq_len=spec.seq_len, tol=spec.tol,
-                                    min_samples=spec.min_samples, max_samples=spec.max_samples, seed=spec.seed),
-               store=store, device=handle.device)
+    return QuantSensitivitySpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
+                                formats=tuple(f.name for f in fmts), activation_formats=(), units=("matrix",),
+                                n_seqs=spec.n_seqs, seq_len=spec.seq_len, tol=spec.tol, min_samples=spec.min_samples,
+                                max_samples=spec.max_samples, seed=spec.seed)
+
+
+def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs, progress) -> Result:
+    fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
+                  key=lambda f: -f.bits)
+    sens = inputs["sensitivity"]
     traces = sens.result.extra["traces"].set_index("unit")
-    units = weight_units(handle)
+    units = weight_units(session)
     tpp = np.array([max(float(traces.loc[u.name, "trace_per_param"]), 0.0) for u in units])
     order = np.argsort(-tpp, kind="stable")  # most sensitive first
     units = [units[i] for i in order]
@@ -466,14 +454,13 @@ def compute_allocation(handle: ModelHandle, spec: QuantAllocationSpec, progress,
     candidates += [(f"all {f.name}", np.full(len(units), j), float(omega[:, j].sum()), float(size_of[j]))
                    for j, f in enumerate(fmts)]
     progress(0.6, "measuring the chosen assignment")
-    tokens = model_text(handle, spec.n_seqs, spec.seq_len, spec.seed)
+    tokens = model_text(session, spec.n_seqs, spec.seq_len, spec.seed)
     measured = []
-    with handle.lock:
-        qr = QuantRunner(handle, tokens)
-        damage = Damage(tokens, qr.full_logits)
-        for label, lv, pred, size in candidates:
-            measured.append({"assignment": label, "avg_bits": size, "predicted_omega": pred,
-                             **damage(qr.logits(units, {j: fmts[lv[j]].name for j in range(len(units))}))})
+    qr = QuantRunner(session, tokens)
+    damage = Damage(tokens, qr.full_logits)
+    for label, lv, pred, size in candidates:
+        measured.append({"assignment": label, "avg_bits": size, "predicted_omega": pred,
+                         **damage(qr.logits(units, {j: fmts[lv[j]].name for j in range(len(units))}))})
     chosen = levels(pick)
     rows = np.arange(len(units))
     table = pd.DataFrame({"unit": [u.name for u in units], "layer": [u.layer for u in units],

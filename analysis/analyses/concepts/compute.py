@@ -21,11 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import concept_data
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ... import concept_data
+from ...concept_data import pick_concepts
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession
+from ...specs import Spec, param
+from ...tokens import encode_texts
 
 POSITIONS = ("last", "mean")
 SHIPPED_CONCEPTS = concept_data.SHIPPED_CONCEPTS
@@ -37,37 +39,17 @@ class ConceptActivationsSpec(Spec):
 
     analysis: ClassVar[str] = "concept_activations"
     title: ClassVar[str] = "Concept activations: the residual after every layer for each labelled text"
-    dataset: str = _f("shipped", "'shipped' (the default model's sentences) or the id of an uploaded concept CSV",
+    dataset: str = param("shipped", "'shipped' (the default model's sentences) or the id of an uploaded concept CSV",
                       max_len=64)
-    position: str = _f("last", "last: the last token; mean: the mean over tokens after BOS", choices=POSITIONS)
-    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
-    drop_last: int = _f(0, "final tokens cut from every text before it is run", min=0, max=64)
+    position: str = param("last", "last: the last token; mean: the mean over tokens after BOS", choices=POSITIONS)
+    max_sentences: int = param(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    drop_last: int = param(0, "final tokens cut from every text before it is run", min=0, max=64)
 
 
-def texts_and_labels(spec, store) -> pd.DataFrame:
-    return concept_data.load(spec.dataset, store).iloc[:spec.max_sentences].reset_index(drop=True)
-
-
-def encode_texts(handle: ModelHandle, texts, drop_last: int = 0) -> list[list[int]]:
-    from .model_view import encode
-
-    seqs = []
-    for i, text in enumerate(texts):
-        ids = encode(handle, text)
-        if len(ids) - drop_last < 2:
-            raise WorkbenchError(f"Text {i + 1} ({text[:40]!r}) has {len(ids) - 1} tokens; dropping {drop_last} "
-                                 "leaves none.", hint="Lower 'drop last' or use longer texts.")
-        seqs.append(ids[:len(ids) - drop_last])
-    return seqs
-
-
-def concept_activations(handle: ModelHandle, seqs: list[list[int]], position: str) -> np.ndarray:
+def concept_activations(session: ModelSession, seqs: list[list[int]], position: str) -> np.ndarray:
     """[N, L + 1, d] float32: the embedding (index 0) and the residual after each block."""
-    from .model_view import cache_in_batches
-
-    bridge = handle.bridge
-    L, d = bridge.cfg.n_layers, bridge.cfg.d_model
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(L)]
+    L, d = session.n_layers, session.cfg.d_model
+    names = [session.resid_after(layer) for layer in range(-1, L)]
     out = np.zeros((len(seqs), L + 1, d), dtype=np.float32)
 
     def pool(idx, cache):
@@ -75,16 +57,16 @@ def concept_activations(handle: ModelHandle, seqs: list[list[int]], position: st
         pooled = acts[:, :, -1] if position == "last" else acts[:, :, 1:].mean(2)
         out[idx] = pooled.cpu().numpy()
 
-    cache_in_batches(handle, seqs, names, pool)
+    session.cache_in_batches(seqs, names, pool)
     return out
 
 
-def compute_activations(handle: ModelHandle, spec: ConceptActivationsSpec, progress, store=None) -> Result:
-    labels = texts_and_labels(spec, store)
+def compute_activations(session: ModelSession, spec: ConceptActivationsSpec, inputs, progress) -> Result:
+    labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
     progress(0.05, "tokenizing")
-    seqs = encode_texts(handle, labels["text"], spec.drop_last)
+    seqs = encode_texts(session, labels["text"], spec.drop_last)
     progress(0.1, "activations")
-    acts = concept_activations(handle, seqs, spec.position)
+    acts = concept_activations(session, seqs, spec.position)
     N, Lp1, d = acts.shape
     table = pd.DataFrame({"sentence": np.repeat(np.arange(N), Lp1), "layer": np.tile(np.arange(-1, Lp1 - 1), N)})
     table["activation"] = list(acts.reshape(N * Lp1, d))
@@ -101,24 +83,11 @@ def activations_array(result: Result) -> np.ndarray:
     return np.stack(t["activation"].to_numpy()).reshape(N, Lp1, -1).astype(np.float32)
 
 
-def activations_run(spec, handle: ModelHandle, store):
-    """The stored (or computed) activations a concept analysis builds on."""
-    from .runs import run
-
-    return run(ConceptActivationsSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
-                                      dataset=spec.dataset, position=spec.position,
-                                      max_sentences=spec.max_sentences, drop_last=getattr(spec, "drop_last", 0)),
-               store=store, device=handle.device)
-
-
-def pick_concepts(requested, available: list[str]) -> list[str]:
-    if not requested:
-        return list(available)
-    unknown = [c for c in requested if c not in available]
-    if unknown:
-        raise WorkbenchError(f"No concept {', '.join(map(repr, unknown))} in this dataset.",
-                             hint=f"Its concepts: {', '.join(available)}.")
-    return list(requested)
+def activations_spec(spec, inputs=None) -> ConceptActivationsSpec:
+    """The concept activations a concept analysis builds on (same model, texts, position and cut)."""
+    return ConceptActivationsSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype, dataset=spec.dataset,
+                                  position=spec.position, max_sentences=spec.max_sentences,
+                                  drop_last=getattr(spec, "drop_last", 0))
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +113,12 @@ class Probe:
 
 def fit_probe(X_tr, y_tr, X_te, y_te, C: float, seed: int) -> Probe:
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(X_tr)
-    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
-    clf.fit(scaler.transform(X_tr), y_tr)
-    acc = float((clf.predict(scaler.transform(X_te)) == y_te).mean())
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)).fit(X_tr, y_tr)
+    acc = float(pipe.score(X_te, y_te))
+    scaler, clf = pipe[0], pipe[-1]
     w = clf.coef_ / scaler.scale_  # back to activation space: w . (x - mu) / sigma + b
     b = clf.intercept_ - w @ scaler.mean_
     rows = [str(clf.classes_[1])] if len(clf.classes_) == 2 else [str(c) for c in clf.classes_]
@@ -162,18 +131,18 @@ class ProbeSpec(Spec):
 
     analysis: ClassVar[str] = "probes"
     title: ClassVar[str] = "Concept probes: held-out accuracy per layer, control task and selectivity"
-    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
-    concepts: tuple[str, ...] = _f((), "concepts to probe (empty: all of the dataset's)", max_len=32)
-    position: str = _f("last", "token position of the activations", choices=POSITIONS)
-    max_sentences: int = _f(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
-    drop_last: int = _f(0, "final tokens cut from every text", min=0, max=64)
-    test_fraction: float = _f(0.2, "held-out fraction", min=0.05, max=0.5)
-    C: float = _f(1.0, "inverse L2 regularisation of the logistic regression", min=1e-4, max=1e4)
-    seed: int = _f(0, "split and control-label seed", min=0, max=2**31 - 1)
+    dataset: str = param("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    concepts: tuple[str, ...] = param((), "concepts to probe (empty: all of the dataset's)", max_len=32)
+    position: str = param("last", "token position of the activations", choices=POSITIONS)
+    max_sentences: int = param(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
+    drop_last: int = param(0, "final tokens cut from every text", min=0, max=64)
+    test_fraction: float = param(0.2, "held-out fraction", min=0.05, max=0.5)
+    C: float = param(1.0, "inverse L2 regularisation of the logistic regression", min=1e-4, max=1e4)
+    seed: int = param(0, "split and control-label seed", min=0, max=2**31 - 1)
 
 
-def compute_probes(handle: ModelHandle, spec: ProbeSpec, progress, store=None) -> Result:
-    acts_run = activations_run(spec, handle, store)
+def compute_probes(session: ModelSession, spec: ProbeSpec, inputs, progress) -> Result:
+    acts_run = inputs["activations"]
     acts = activations_array(acts_run.result)
     labels = acts_run.result.extra["labels"]
     concepts = pick_concepts(spec.concepts, acts_run.result.meta["concepts"])
@@ -207,14 +176,12 @@ def compute_probes(handle: ModelHandle, spec: ProbeSpec, progress, store=None) -
                   extra={"best": best.reset_index(drop=True), "directions": pd.DataFrame(directions)})
 
 
-def probes_run(spec, handle: ModelHandle, store, concepts=()):
-    """The stored (or computed) probes a concept analysis builds on, over the same texts and split."""
-    from .runs import run
-
-    return run(ProbeSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype, dataset=spec.dataset,
-                         concepts=tuple(concepts), position=spec.position, max_sentences=spec.max_sentences,
-                         drop_last=getattr(spec, "drop_last", 0), test_fraction=getattr(spec, "test_fraction", 0.2),
-                         seed=getattr(spec, "seed", 0)), store=store, device=handle.device)
+def probes_spec(spec, concepts=()) -> ProbeSpec:
+    """The probes a concept analysis builds on, over the same texts and split."""
+    return ProbeSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype, dataset=spec.dataset,
+                     concepts=tuple(concepts), position=spec.position, max_sentences=spec.max_sentences,
+                     drop_last=getattr(spec, "drop_last", 0), test_fraction=getattr(spec, "test_fraction", 0.2),
+                     seed=getattr(spec, "seed", 0))
 
 
 def direction(probes: Result, concept: str, layer: int, cls: str | None = None) -> tuple[np.ndarray, float, str]:

@@ -22,12 +22,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import concept_data
-from .concepts import encode_texts, pick_concepts
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ... import concept_data
+from ...concept_data import pick_concepts
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession, check_layer, resid_after_name, same_length_batches
+from ...specs import Spec, param
+from ...tokens import encode_texts, single_token_ids
 
 
 class LastTokenModel(nn.Module):
@@ -52,8 +53,7 @@ class LastTokenModel(nn.Module):
             def hook(resid, hook, point=point):
                 return torch.cat([resid[:, :-1], point(resid[:, -1])[:, None]], 1)
 
-            name = "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
-            hooks.append((name, hook))
+            hooks.append((resid_after_name(layer), hook))
         return self.bridge.run_with_hooks(ids, fwd_hooks=hooks)[:, -1]
 
 
@@ -92,45 +92,42 @@ class TCAVSpec(Spec):
 
     analysis: ClassVar[str] = "tcav"
     title: ClassVar[str] = "TCAV: how much a concept moves a token's logit, tested against random concepts"
-    dataset: str = _f("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
-    concept: str = _f("topic", "the concept", max_len=128)
-    value: str = _f("weather", "the class of the concept whose examples form the concept set", max_len=128)
-    target: str = _f(" coast", "the token whose logit at the last position is explained (one token)", max_len=64)
-    layers: tuple[int, ...] = _f((), "layers (residual after block l; -1 the embedding); empty: all", min=-1,
+    dataset: str = param("shipped", "'shipped' or the id of an uploaded concept CSV", max_len=64)
+    concept: str = param("topic", "the concept", max_len=128)
+    value: str = param("weather", "the class of the concept whose examples form the concept set", max_len=128)
+    target: str = param(" coast", "the token whose logit at the last position is explained (one token)", max_len=64)
+    layers: tuple[int, ...] = param((), "layers (residual after block l; -1 the embedding); empty: all", min=-1,
                                  max=1024, max_len=64)
-    drop_last: int = _f(2, "final tokens cut from every text (2 on the shipped sentences: they end '... near the')",
+    drop_last: int = param(2, "final tokens cut from every text (2 on the shipped sentences: they end '... near the')",
                         min=0, max=64)
-    n_examples: int = _f(50, "texts per concept set (the concept's and each random one)", min=10, max=1000)
-    n_random: int = _f(10, "random concepts to test against", min=2, max=50)
-    n_inputs: int = _f(200, "input texts whose directional derivatives are counted", min=10, max=5000)
-    seed: int = _f(0, "sampling and classifier seed", min=0, max=2**31 - 1)
+    n_examples: int = param(50, "texts per concept set (the concept's and each random one)", min=10, max=1000)
+    n_random: int = param(10, "random concepts to test against", min=2, max=50)
+    n_inputs: int = param(200, "input texts whose directional derivatives are counted", min=10, max=5000)
+    seed: int = param(0, "sampling and classifier seed", min=0, max=2**31 - 1)
+
+    def resolve(self, model) -> "TCAVSpec":
+        for layer in self.layers:
+            check_layer(layer, model.summary.n_layers)
+        return self
 
 
 def _batches(seqs: dict[int, list[int]], idx, device) -> list[torch.Tensor]:
     """Texts of one length per batch (captum flattens each batch's activations)."""
-    from .model_view import same_length_batches
-
     return [toks.to(device) for _, toks in same_length_batches(seqs, idx, batch=10**9)]
 
 
-def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result:
+def compute(session: ModelSession, spec: TCAVSpec, inputs, progress) -> Result:
     from captum.concept import TCAV, Concept
     from scipy import stats
 
-    from .model_view import single_token_ids
-
-    data = concept_data.load(spec.dataset, store)
+    data = inputs["data"]
     (concept,) = pick_concepts((spec.concept,), concept_data.concept_columns(data))
     labels = data[concept].astype(str).to_numpy()
     if spec.value not in set(labels):
         raise WorkbenchError(f"{concept!r} has no class {spec.value!r}.",
                              hint=f"Its classes: {', '.join(sorted(set(labels)))}.")
-    (target,) = single_token_ids(handle, (spec.target,), "target")
-    n_layers = handle.summary.n_layers
-    layers = list(spec.layers) or list(range(-1, n_layers))
-    if max(layers) >= n_layers:
-        raise WorkbenchError(f"layer {max(layers)} does not exist: the model has layers -1 (embedding) to "
-                             f"{n_layers - 1}.")
+    (target,) = single_token_ids(session, (spec.target,), "target")
+    layers = list(spec.layers) or list(range(-1, session.n_layers))
     rng = np.random.default_rng(spec.seed)
     pos = np.flatnonzero(labels == spec.value)
     if len(pos) < spec.n_examples:
@@ -142,23 +139,23 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
     input_idx = rng.choice(N, min(spec.n_inputs, N), replace=False)
     needed = sorted(set(concept_idx) | set(input_idx) | {int(i) for r in random_idx for i in r})
     progress(0.05, "tokenizing")
-    seqs = dict(zip(needed, encode_texts(handle, data["text"].iloc[needed], spec.drop_last)))
+    seqs = dict(zip(needed, encode_texts(session, data["text"].iloc[needed], spec.drop_last)))
 
-    dev = handle.device
+    dev = session.device
     cset = Concept(0, f"{concept}={spec.value}", _batches(seqs, concept_idx, dev))
     randoms = [Concept(i + 1, f"random{i}", _batches(seqs, r, dev)) for i, r in enumerate(random_idx)]
     others, nulls = randoms[:spec.n_random], randoms[spec.n_random:]
     # the null: a different random "concept" against each counterpart, so the null scores are as independent of
     # each other as the concept's are (one shared null concept would make them look more certain than they are)
     sets = [[cset, r] for r in others] + [[n, r] for n, r in zip(nulls, others)]
-    wrapper = LastTokenModel(handle.bridge, layers)
+    wrapper = LastTokenModel(session.bridge, layers)
     names = [LastTokenModel.point_name(layer) for layer in layers]
     inputs = _batches(seqs, input_idx, dev)
     scores = np.zeros((2, len(others), len(layers)))
     magnitude = np.zeros((2, len(others), len(layers)))
     n_seen = 0
     progress(0.1, "CAVs and directional derivatives")
-    with handle.lock, torch.enable_grad(), tempfile.TemporaryDirectory() as tmp:
+    with torch.enable_grad(), tempfile.TemporaryDirectory() as tmp:
         tcav = TCAV(wrapper, names, model_id="m", classifier=_classifier(spec.seed), save_path=tmp)
         for bi, batch in enumerate(inputs):
             out = tcav.interpret(batch, sets, target=target)
@@ -191,7 +188,8 @@ def compute(handle: ModelHandle, spec: TCAVSpec, progress, store=None) -> Result
         p_adj = min(1.0, p * len(layers))  # Bonferroni over the layers tested
         rows.append({"layer": layer, "tcav_mean": float(c.mean()), "tcav_std": float(c.std(ddof=1)),
                      "random_mean": float(r.mean()), "random_std": float(r.std(ddof=1)), "p_value": p,
-                     "p_bonferroni": p_adj, "significant": bool(p_adj < 0.05), "cav_accuracy": float(accs[:len(others), li].mean())})
+                     "p_bonferroni": p_adj, "significant": bool(p_adj < 0.05),
+                     "cav_accuracy": float(accs[:len(others), li].mean())})
         for kind, name in ((0, "concept"), (1, "random")):
             for k in range(len(others)):
                 draws.append({"layer": layer, "set": name, "draw": k, "tcav": float(scores[kind, k, li]),

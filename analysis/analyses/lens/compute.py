@@ -10,118 +10,69 @@ statistics run through `kernels.lens`, which never holds a layers x positions x 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import pandas as pd
 import torch
 
 from kernels.lens import lens_stats
 from kernels.patching import is_parallel
 
-from .errors import WorkbenchError
-from .models import ModelHandle
-from .specs import PromptSpec, _f
-from .store import Result
-
-SITES = ("resid_pre", "resid_mid", "resid_post")
-LENSES = ("logit", "tuned")
-MAX_TARGETS = 8
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession
+from ...tokens import token_strings, tokenize
+from ..tuned_lens.compute import Translators, translate
+from .spec import LensSpec
 
 
-@dataclass(frozen=True)
-class LensSpec(PromptSpec):
-    """Logit lens over one prompt."""
-
-    analysis: ClassVar[str] = "lens"
-    display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids", "targets": "target_ids"}
-    title: ClassVar[str] = "Lens: each layer's residual decoded (logit lens, tuned lens) as a next-token distribution"
-    sites: tuple[str, ...] = _f(SITES, "residual sites to decode", choices=SITES, max_len=len(SITES))
-    targets: tuple[str, ...] = _f((), "target tokens (text, one token each, e.g. ' Paris') tracked at every cell",
-                                  max_len=MAX_TARGETS)
-    target_ids: tuple[int, ...] = _f((), "target token ids; replace `targets` when given", min=0,
-                                     max_len=MAX_TARGETS)
-    top_k: int = _f(5, "top tokens kept per cell", min=1, max=20)
-    lenses: tuple[str, ...] = _f(("logit",), "logit: the logit lens; tuned: the tuned lens (trained once per model "
-                                             "with the default settings and stored)", choices=LENSES, max_len=2)
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.sites:
-            raise WorkbenchError("Pick at least one residual site.")
-        if not self.lenses:
-            raise WorkbenchError("Pick at least one lens.")
-
-    def resolve(self, handle: ModelHandle) -> "LensSpec":
-        """Target token ids (a link replays from them): each target must be exactly one token."""
-        from .model_view import check_token_ids
-
-        if self.target_ids:
-            check_token_ids(handle, list(self.target_ids))
-            return self
-        ids = []
-        for text in self.targets:
-            toks = handle.tokenizer.encode(text, add_special_tokens=False)
-            if len(toks) != 1:
-                pieces = [handle.tokenizer.decode([t]) for t in toks]
-                raise WorkbenchError(f"The target {text!r} is {len(toks)} tokens ({pieces}), not one.",
-                                     hint="Targets must be single tokens; mind the leading space (' Paris').")
-            ids.append(toks[0])
-        return self.replace(target_ids=tuple(ids))
-
-
-def residual_rows(handle: ModelHandle, ids: list[int], sites: tuple[str, ...]):
+def residual_rows(session: ModelSession, ids: list[int], sites: tuple[str, ...]):
     """Residuals [rows, d] for every (site, layer), the final residual [P, d] and the model's logits [P, V].
 
     resid_mid is resid_pre + attn_out (the stream between attention and MLP); a model whose attention and MLP
     run in parallel has none, and it is left out."""
-    bridge = handle.bridge
-    L = bridge.cfg.n_layers
-    names = {f"blocks.{layer}.hook_resid_pre" for layer in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
+    bridge = session.bridge
+    L = session.n_layers
+    pre = [session.hook("resid_pre", layer) for layer in range(L)]
+    names = {*pre, session.hook("resid_post", L - 1)}
     if "resid_mid" in sites and not is_parallel(bridge):
-        names |= {f"blocks.{layer}.hook_attn_out" for layer in range(L)}
-    tokens = torch.tensor([ids], device=handle.device)
-    with handle.lock, torch.no_grad():
-        logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    final = cache[f"blocks.{L - 1}.hook_resid_post"][0]
+        names |= {session.hook("attn_out", layer) for layer in range(L)}
+    with torch.no_grad():
+        logits, cache = session.run_with_cache(session.tensor(ids), names)
+    final = cache[session.hook("resid_post", L - 1)][0]
     keys, rows = [], []
     for site in sites:
         if site == "resid_mid" and is_parallel(bridge):
             continue
         for layer in range(L):
-            pre = cache[f"blocks.{layer}.hook_resid_pre"][0]
             if site == "resid_pre":
-                h = pre
+                h = cache[pre[layer]][0]
             elif site == "resid_mid":
-                h = pre + cache[f"blocks.{layer}.hook_attn_out"][0]
+                h = cache[pre[layer]][0] + cache[session.hook("attn_out", layer)][0]
             else:
-                h = cache[f"blocks.{layer + 1}.hook_resid_pre"][0] if layer + 1 < L else final
+                h = cache[pre[layer + 1]][0] if layer + 1 < L else final
             keys.append((site, layer))
             rows.append(h)
     return keys, torch.cat(rows), final, logits[0]
 
 
-def _lens_tables(handle, spec, keys, x, ref, model_top, lens_name):
+def _lens_tables(session: ModelSession, spec, keys, x, ref, model_top, lens_name):
     """Statistics and tidy tables for normalised rows x [len(keys) * P, d] of one lens."""
-    from .model_view import token_strings
-
-    bridge = handle.bridge
+    bridge = session.bridge
     P = ref.shape[0]
     n_rows = len(keys)
     pos = torch.arange(P, device=x.device).repeat(n_rows)
     targets = torch.cat([model_top[:, None], torch.tensor(spec.target_ids, dtype=torch.long,
                                                            device=model_top.device).expand(P, -1)], 1)
-    with handle.lock, torch.no_grad():
+    with torch.no_grad():
         st = lens_stats(x, bridge.W_U, bridge.b_U, ref=ref, ref_index=pos, targets=targets.repeat(n_rows, 1),
                         k=spec.top_k)
     site_col = [s for s, _ in keys for _ in range(P)]
     layer_col = [layer for _, layer in keys for _ in range(P)]
     pos_col = list(range(P)) * n_rows
-    tok = token_strings(handle, list(spec.token_ids))
+    tok = token_strings(session, list(spec.token_ids))
     top_ids, top_p = st.top_ids.cpu(), st.top_logprob.exp().cpu()
     t_p, t_rank = st.target_logprob.exp().cpu(), st.target_rank.cpu()
     seen = sorted(set(top_ids.reshape(-1).tolist()) | set(model_top.tolist()) | set(spec.target_ids))
-    names = dict(zip(seen, token_strings(handle, seen)))
+    names = dict(zip(seen, token_strings(session, seen)))
     table = pd.DataFrame({
         "lens": lens_name, "site": site_col, "layer": layer_col, "pos": pos_col, "token": [tok[p] for p in pos_col],
         "entropy": st.entropy.cpu().numpy(), "kl_to_final": st.kl.cpu().clamp(min=0).numpy(),
@@ -146,18 +97,16 @@ def _lens_tables(handle, spec, keys, x, ref, model_top, lens_name):
     return table, top, targets_t
 
 
-def compute(handle: ModelHandle, spec: LensSpec, progress, store=None) -> Result:
-    from .model_view import tokenize
-
+def compute(session: ModelSession, spec: LensSpec, inputs, progress) -> Result:
     ids = list(spec.token_ids)
-    bridge = handle.bridge
+    bridge = session.bridge
     progress(0.1, "residuals")
-    keys, h, final, logits = residual_rows(handle, ids, spec.sites)
+    keys, h, final, logits = residual_rows(session, ids, spec.sites)
     P = len(ids)
     if not keys:
-        raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel, so it has no resid_mid.",
+        raise WorkbenchError(f"{session.name} runs attention and MLP in parallel, so it has no resid_mid.",
                              hint="Pick resid_pre or resid_post.")
-    with handle.lock, torch.no_grad():
+    with torch.no_grad():
         ref = bridge.ln_final(final)
     model_top = logits.float().argmax(-1)  # [P]: the model's own prediction at each position
     tables, tops, targets, extra_meta = [], [], [], {}
@@ -165,11 +114,7 @@ def compute(handle: ModelHandle, spec: LensSpec, progress, store=None) -> Result
         progress(0.3, f"{lens_name} lens")
         lens_keys, rows = keys, h
         if lens_name == "tuned":
-            from .runs import run
-            from .tuned_lens import TunedLensSpec, Translators, translate
-
-            trained = run(TunedLensSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype), store=store,
-                          device=handle.device)
+            trained = inputs["tuned_lens"]  # the stored translators (declared in the entry)
             extra_meta["tuned_lens_run"] = trained.key
             translators = Translators.from_frame(trained.result.extra["translators"]).to(h.device)
             with torch.no_grad():
@@ -179,16 +124,16 @@ def compute(handle: ModelHandle, spec: LensSpec, progress, store=None) -> Result
                 continue
             lens_keys = [keys[i] for i in keep]
             rows = torch.cat([moved[i * P:(i + 1) * P] for i in keep])
-        with handle.lock, torch.no_grad():
+        with torch.no_grad():
             x = bridge.ln_final(rows)  # the final norm recomputed on each residual
-        t, tp, tg = _lens_tables(handle, spec, lens_keys, x, ref, model_top, lens_name)
+        t, tp, tg = _lens_tables(session, spec, lens_keys, x, ref, model_top, lens_name)
         tables.append(t)
         tops.append(tp)
         if tg is not None:
             targets.append(tg)
     progress(0.9, "tables")
     table = pd.concat(tables, ignore_index=True)
-    extra = {"tokens": tokenize(handle, ids), "top": pd.concat(tops, ignore_index=True)}
+    extra = {"tokens": tokenize(session, ids), "top": pd.concat(tops, ignore_index=True)}
     if targets:
         extra["targets"] = pd.concat(targets, ignore_index=True)
     meta = {"n_tokens": P, "n_layers": bridge.cfg.n_layers,

@@ -10,7 +10,6 @@ any other, keyed by the model's fingerprint and the training settings.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,10 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import WorkbenchError
-from .models import DATA_DIR, ModelHandle
-from .specs import Spec, _f
-from .store import Result
+from ...errors import WorkbenchError
+from ...result import Result
+from ...session import ModelSession
+from ...specs import Spec, param
+from ...tasks import task_names, task_rows
+from ...tokens import encode
 
 
 @dataclass(frozen=True)
@@ -30,46 +31,38 @@ class TunedLensSpec(Spec):
 
     analysis: ClassVar[str] = "tuned_lens"
     title: ClassVar[str] = "Tuned lens: per-layer affine translators trained by KL to the final distribution"
-    dataset: str = _f("default", "default: the shipped task and concept sentences; text: the text given",
+    dataset: str = param("default", "default: the shipped task and concept sentences; text: the text given",
                       choices=("default", "text"))
-    text: str = _f("", "training text, one passage per line, when dataset is 'text'", max_len=500_000)
-    steps: int = _f(250, "Adam steps", min=0, max=20_000)
-    lr: float = _f(3e-3, "learning rate", min=1e-6, max=1.0)
-    batch_tokens: int = _f(512, "tokens per step", min=16, max=65_536)
-    max_tokens: int = _f(16_384, "tokens of text used (10% held out for evaluation)", min=256, max=262_144)
-    seed: int = _f(0, "seed for the split and the batches", min=0, max=2**31 - 1)
+    text: str = param("", "training text, one passage per line, when dataset is 'text'", max_len=500_000)
+    steps: int = param(250, "Adam steps", min=0, max=20_000)
+    lr: float = param(3e-3, "learning rate", min=1e-6, max=1.0)
+    batch_tokens: int = param(512, "tokens per step", min=16, max=65_536)
+    max_tokens: int = param(16_384, "tokens of text used (10% held out for evaluation)", min=256, max=262_144)
+    seed: int = param(0, "seed for the split and the batches", min=0, max=2**31 - 1)
 
     def validate(self) -> None:
         if self.dataset == "text" and not self.text.strip():
             raise WorkbenchError("Give training text, or use the shipped sentences.")
 
 
-def _training_sequences(handle: ModelHandle, spec: TunedLensSpec) -> list[list[int]]:
+def _training_sequences(session: ModelSession, spec: TunedLensSpec) -> list[list[int]]:
     if spec.dataset == "default":
         seqs = []
         for name, key in (("concepts", "ids"), ("ioi", "clean_ids"), ("facts", "ids"), ("induction", "ids")):
-            path = DATA_DIR / "tasks" / f"{name}.jsonl"
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    row = json.loads(line)
-                    if key in row:
-                        seqs.append(row[key])
-        if any(max(s) >= handle.summary.d_vocab for s in seqs if s):
+            if name in task_names():
+                seqs += [row[key] for row in task_rows(name) if key in row]
+        if any(max(s) >= session.summary.d_vocab for s in seqs if s):
             raise WorkbenchError("The shipped sentences are in the default model's tokenizer, which this model "
                                  "does not share.", hint="Train on your own text (dataset 'text').")
         return seqs
-    from .model_view import encode
-
-    return [encode(handle, line)[: handle.summary.n_ctx] for line in spec.text.splitlines() if line.strip()]
+    return [encode(session, line)[: session.summary.n_ctx] for line in spec.text.splitlines() if line.strip()]
 
 
-def hidden_states(handle: ModelHandle, seqs: list[list[int]], max_tokens: int):
+def hidden_states(session: ModelSession, seqs: list[list[int]], max_tokens: int):
     """(hidden states [N, L, d] entering each block, final residual [N, d]) for up to max_tokens tokens."""
-    from .model_view import cache_in_batches
-
-    bridge = handle.bridge
-    L = bridge.cfg.n_layers
-    names = {f"blocks.{layer}.hook_resid_pre" for layer in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
+    L, d = session.n_layers, session.cfg.d_model
+    pre = [session.hook("resid_pre", layer) for layer in range(L)]
+    last = session.hook("resid_post", L - 1)
     kept, total = [], 0
     for s in seqs:
         if total >= max_tokens:
@@ -79,11 +72,10 @@ def hidden_states(handle: ModelHandle, seqs: list[list[int]], max_tokens: int):
     hs, finals = [], []
 
     def keep(idx, cache):
-        hs.append(torch.stack([cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(L)], 2)
-                  .float().reshape(-1, L, bridge.cfg.d_model))
-        finals.append(cache[f"blocks.{L - 1}.hook_resid_post"].float().reshape(-1, bridge.cfg.d_model))
+        hs.append(torch.stack([cache[name] for name in pre], 2).float().reshape(-1, L, d))
+        finals.append(cache[last].float().reshape(-1, d))
 
-    cache_in_batches(handle, kept, names, keep)  # sequences of one length run as one batch
+    session.cache_in_batches(kept, [*pre, last], keep)  # sequences of one length run as one batch
     if not hs:
         raise WorkbenchError("There is no text to train on.")
     return torch.cat(hs)[:max_tokens], torch.cat(finals)[:max_tokens]
@@ -132,43 +124,36 @@ def _kl_per_layer(bridge, translators, h, final, chunk: int = 256) -> np.ndarray
     return (out / h.shape[0]).numpy()
 
 
-def compute(handle: ModelHandle, spec: TunedLensSpec, progress) -> Result:
-    bridge = handle.bridge
-    L, d = bridge.cfg.n_layers, bridge.cfg.d_model
+def compute(session: ModelSession, spec: TunedLensSpec, inputs, progress) -> Result:
+    bridge = session.bridge
+    L, d = session.n_layers, session.cfg.d_model
     progress(0.05, "hidden states")
-    h, final = hidden_states(handle, _training_sequences(handle, spec), spec.max_tokens)
+    h, final = hidden_states(session, _training_sequences(session, spec), spec.max_tokens)
     g = torch.Generator().manual_seed(spec.seed)
     perm = torch.randperm(h.shape[0], generator=g)
     n_eval = max(1, h.shape[0] // 10)
     ev, tr = perm[:n_eval], perm[n_eval:]
     translators = Translators(L, d).to(h.device)
     opt = torch.optim.Adam(translators.parameters(), lr=spec.lr)
-    params = [p for p in bridge.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
     losses = []
-    try:
-        with handle.lock:
-            n_tok = max(1, spec.batch_tokens // L)  # every layer of each sampled token
-            for step in range(spec.steps):
-                idx = tr[torch.randint(len(tr), (n_tok,), generator=g)].to(h.device)
-                with torch.no_grad():
-                    ref = bridge.unembed(bridge.ln_final(final[idx])).float().log_softmax(-1)[:, None]  # [n, 1, V]
-                with torch.enable_grad():
-                    lp = bridge.unembed(bridge.ln_final(translators(h[idx]))).float().log_softmax(-1)  # [n, L, V]
-                    loss = (ref.exp() * (ref - lp)).sum(-1).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                losses.append(loss.item())
-                if step % 25 == 0:
-                    progress(0.1 + 0.8 * step / max(1, spec.steps), f"training, step {step}: KL {losses[-1]:.3f}")
-            progress(0.92, "held-out evaluation")
-            logit_kl = _kl_per_layer(bridge, None, h[ev], final[ev])
-            tuned_kl = _kl_per_layer(bridge, translators, h[ev], final[ev])
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with session.frozen():  # the model's parameters get no gradient; their flags come back after
+        n_tok = max(1, spec.batch_tokens // L)  # every layer of each sampled token
+        for step in range(spec.steps):
+            idx = tr[torch.randint(len(tr), (n_tok,), generator=g)].to(h.device)
+            with torch.no_grad():
+                ref = bridge.unembed(bridge.ln_final(final[idx])).float().log_softmax(-1)[:, None]  # [n, 1, V]
+            with torch.enable_grad():
+                lp = bridge.unembed(bridge.ln_final(translators(h[idx]))).float().log_softmax(-1)  # [n, L, V]
+                loss = (ref.exp() * (ref - lp)).sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            losses.append(loss.item())
+            if step % 25 == 0:
+                progress(0.1 + 0.8 * step / max(1, spec.steps), f"training, step {step}: KL {losses[-1]:.3f}")
+        progress(0.92, "held-out evaluation")
+        logit_kl = _kl_per_layer(bridge, None, h[ev], final[ev])
+        tuned_kl = _kl_per_layer(bridge, translators, h[ev], final[ev])
     table = pd.DataFrame({"layer": np.arange(L), "logit_lens_kl": logit_kl, "tuned_lens_kl": tuned_kl})
     return Result(table=table, meta={"n_tokens": int(h.shape[0]), "n_eval_tokens": int(n_eval),
                                      "final_train_kl": losses[-1] if losses else None},

@@ -1,8 +1,13 @@
-"""One path for every analysis: spec -> run key -> store hit, or compute -> store -> result.
+"""The runner: one path for every analysis, and the only code that writes results to the store.
 
     outcome = run(ModelViewSpec(prompt="The capital of France is"), store=get_store())
     outcome.result.table      # tidy DataFrame
     outcome.hit               # True if it came from the store and nothing was computed
+
+spec -> model (loaded once per process) -> token ids resolved -> run key -> store hit, or: the declared inputs
+resolved (read from the store, or run first), the model session opened (the model's lock held, its hooks,
+`requires_grad` and train/eval state put back afterwards), compute(session, spec, inputs, progress), and the
+result written in one transaction.
 
 The run key is a hash of the model fingerprint, the spec (with its token ids), and the analysis's code version,
 so a changed analysis or a changed model never serves a stale result. With `allow_compute=False` (review mode)
@@ -18,39 +23,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
+from .contract import Analysis, Dataset, Needs
 from .errors import WorkbenchError
 from .models import ModelHandle, load_model
-from .specs import ModelViewSpec, PromptSpec, Spec
-from .store import Result, RunRecord, Store
+from .registry import REGISTRY, get_analysis
+from .result import Progress, Result, RunRecord, no_progress
+from .session import ModelSession
+from .specs import PromptSpec, Spec
+from .store import Store
+from .tokens import check_token_ids, encode
 
-log = logging.getLogger("workbench.runs")
+log = logging.getLogger("workbench.runner")
 
-Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is happening
-
-
-@dataclass(frozen=True)
-class Analysis:
-    name: str
-    spec_cls: type[Spec]
-    compute: Callable[[ModelHandle, Spec, Progress], Result]
-    version: str  # bump whenever the computation's output changes
-    description: str
-
-
-REGISTRY: dict[str, Analysis] = {}
-
-
-def register(spec_cls: type[Spec], version: str, description: str | None = None):
-    """Register an analysis; its description defaults to the spec's title."""
-
-    def deco(fn):
-        REGISTRY[spec_cls.analysis] = Analysis(spec_cls.analysis, spec_cls, fn, version,
-                                               description or spec_cls.title)
-        return fn
-
-    return deco
+__all__ = ["REGISTRY", "RunOutcome", "get_store", "run", "run_key", "spec_from_dict"]
 
 
 @dataclass
@@ -70,9 +57,7 @@ def get_store(path: str | None = None) -> Store:
 
 def spec_from_dict(data: dict) -> Spec:
     name = data.get("analysis") if isinstance(data, dict) else None
-    if name not in REGISTRY:
-        raise WorkbenchError(f"Unknown analysis {name!r}.", hint=f"Known: {', '.join(sorted(REGISTRY))}.")
-    return REGISTRY[name].spec_cls.from_dict(data)
+    return get_analysis(name).spec.from_dict(data)
 
 
 def run_key(fingerprint: str, spec: Spec, version: str) -> str:
@@ -87,26 +72,21 @@ def run_key(fingerprint: str, spec: Spec, version: str) -> str:
 
 
 def resolve_tokens(spec: Spec, handle: ModelHandle) -> Spec:
-    """Fill in token ids from the prompt (or check given ids against the model)."""
-    from .model_view import check_token_ids, encode
-
+    """Fill in token ids from the prompt (or check given ids against the model), then the analysis's own ids
+    (prompt pairs, target tokens) through the spec's `resolve`."""
     if isinstance(spec, PromptSpec):
         if spec.token_ids:
             check_token_ids(handle, list(spec.token_ids))
         else:
             spec = spec.replace(token_ids=tuple(encode(handle, spec.prompt)))
-    if hasattr(spec, "resolve"):  # the analysis's own ids (prompt pairs, target tokens)
-        spec = spec.resolve(handle)
-    return spec
+    return spec.resolve(handle)
 
 
 def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_compute: bool = True,
         author: str = "", progress: Progress | None = None) -> RunOutcome:
     store = store or get_store()
-    analysis = REGISTRY.get(spec.analysis)
-    if analysis is None:
-        raise WorkbenchError(f"Unknown analysis {spec.analysis!r}.")
-    progress = progress or (lambda frac, what: None)
+    analysis = get_analysis(spec.analysis)
+    progress = progress or no_progress
     if not allow_compute:
         with store.session():
             return _lookup_only(spec, analysis, store)
@@ -124,15 +104,12 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
         log.info("store hit %s %s", spec.analysis, key)
         progress(1.0, "from the store")
         return RunOutcome(key, spec, cached, True, record)
+    inputs = resolve_inputs(analysis, spec, store=store, device=device, author=author, progress=progress)
     store.count_miss()
     log.info("computing %s %s", spec.analysis, key)
     t0 = time.perf_counter()
-    import inspect
-
-    if "store" in inspect.signature(analysis.compute).parameters:  # an analysis built on another stored one
-        result = analysis.compute(handle, spec, progress, store=store)
-    else:
-        result = analysis.compute(handle, spec, progress)
+    with ModelSession(handle) as session:
+        result = analysis.compute(session, spec, inputs, progress)
     result.meta.setdefault("model_summary", handle.summary.as_dict())
     record = RunRecord(key=key, analysis=spec.analysis, spec=spec.to_dict(), model=spec.model,
                        fingerprint=handle.fingerprint, version=analysis.version, author=author,
@@ -140,6 +117,23 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
     store.put(record, result)
     progress(1.0, "done")
     return RunOutcome(key, spec, result, False, store.run(key) or record)
+
+
+def resolve_inputs(analysis: Analysis, spec: Spec, *, store: Store, device: str = "auto", author: str = "",
+                   progress: Progress = no_progress) -> dict[str, Any]:
+    """The declared inputs of a run, in order: datasets read (the shipped one, or an upload from the store),
+    stored runs read from the store or run first."""
+    inputs: dict[str, Any] = {}
+    for need in analysis.inputs:
+        if isinstance(need, Dataset):
+            inputs[need.name] = need.load(getattr(spec, need.field), store.get_dataset)
+        elif isinstance(need, Needs):
+            sub = need.spec(spec, inputs)
+            if sub is not None:
+                inputs[need.name] = run(sub, store=store, device=device, author=author, progress=progress)
+        else:
+            raise TypeError(f"unknown input declaration {need!r}")
+    return inputs
 
 
 def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
@@ -160,46 +154,3 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
                              hint="Open a link to a stored result, or run it in a computing app.")
     store.count_hit()
     return RunOutcome(key, spec, result, True, store.run(key))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Analyses
-# ----------------------------------------------------------------------------------------------------------
-from . import patching as _patching  # noqa: E402
-
-from . import atlas as _atlas  # noqa: E402
-from . import bottleneck as _bottleneck  # noqa: E402
-from . import concepts as _concepts  # noqa: E402
-from . import entropy as _entropy  # noqa: E402
-from . import infoplane as _infoplane  # noqa: E402
-from . import intervention as _intervention  # noqa: E402
-from . import lens as _lens  # noqa: E402
-from . import quant as _quant  # noqa: E402
-from . import tcav as _tcav  # noqa: E402
-from . import tuned_lens as _tuned_lens  # noqa: E402
-
-register(_patching.PatchingSpec, version="1")(_patching.compute)
-register(_tuned_lens.TunedLensSpec, version="1")(_tuned_lens.compute)
-register(_lens.LensSpec, version="1")(_lens.compute)
-register(_entropy.EntropySpec, version="1")(_entropy.compute)
-register(_concepts.ConceptActivationsSpec, version="2")(_concepts.compute_activations)
-register(_concepts.ProbeSpec, version="2")(_concepts.compute_probes)
-register(_bottleneck.BottleneckSpec, version="1")(_bottleneck.compute)
-register(_intervention.InterventionSpec, version="1")(_intervention.compute)
-register(_tcav.TCAVSpec, version="1")(_tcav.compute)
-register(_atlas.AtlasSpec, version="1")(_atlas.compute)
-register(_quant.QuantSensitivitySpec, version="1")(_quant.compute_sensitivity)
-register(_quant.QuantAllocationSpec, version="1")(_quant.compute_allocation)
-register(_infoplane.InfoPlaneSpec, version="1")(_infoplane.compute)
-
-@register(ModelViewSpec, version="1")
-def _model_view(handle: ModelHandle, spec: ModelViewSpec, progress: Progress) -> Result:
-    from .model_view import attention_patterns, next_token_predictions, tokenize
-
-    ids = list(spec.token_ids)
-    progress(0.2, "next-token predictions")
-    preds = next_token_predictions(handle, ids, k=spec.top_k)
-    progress(0.5, "attention patterns")
-    att = attention_patterns(handle, ids)
-    return Result(table=preds, meta={"n_tokens": len(ids)},
-                  extra={"tokens": tokenize(handle, ids), "attention": att})

@@ -1,0 +1,14 @@
+"""A post-hoc concept bottleneck: concept scores -> a sparse head -> the model's behaviour, with completeness and
+the random-direction leakage baseline (a section of the Concepts page)."""
+from ...contract import Analysis, Needs
+from ..concepts import DATA
+from ..concepts.compute import activations_spec, probes_spec
+from .compute import BottleneckSpec, bottleneck_concepts, compute
+from .figures import figures
+
+ANALYSIS = Analysis(spec=BottleneckSpec, version="1", compute=compute, figures=figures, inputs=(
+    DATA,
+    Needs("probes", lambda spec, got: probes_spec(spec, bottleneck_concepts(spec, got["data"]))),
+    Needs("activations", activations_spec),
+))
+ANALYSES = [ANALYSIS]

@@ -1,0 +1,13 @@
+"""Concept activations (the residual after every layer of each labelled text, stored as their own run) and
+linear probes per concept and layer; the Concepts page, whose other sections are the bottleneck, interventions,
+TCAV and the atlas."""
+from ... import concept_data
+from ...contract import Analysis, Dataset, Needs
+from .compute import ConceptActivationsSpec, ProbeSpec, activations_spec, compute_activations, compute_probes
+from .figures import figures
+
+DATA = Dataset("data", concept_data.load)
+ACTIVATIONS = Analysis(spec=ConceptActivationsSpec, version="2", compute=compute_activations, inputs=(DATA,))
+PROBES = Analysis(spec=ProbeSpec, version="2", compute=compute_probes, figures=figures,
+                  inputs=(Needs("activations", activations_spec),))
+ANALYSES = [ACTIVATIONS, PROBES]

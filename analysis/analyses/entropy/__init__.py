@@ -1,0 +1,7 @@
+"""Attention and predictive entropy over one prompt, for a model or across its training checkpoints."""
+from ...contract import Analysis
+from .compute import EntropySpec, compute
+from .figures import figures
+
+ANALYSIS = Analysis(spec=EntropySpec, version="1", compute=compute, figures=figures)
+ANALYSES = [ANALYSIS]

@@ -1,0 +1,114 @@
+"""Entropy tracking: how uncertain each attention head and each layer's prediction is, over depth and training.
+
+Per model (the model itself, or each of a list of training checkpoints):
+- attention entropy per head, normalised by the log of the number of keys each query sees under the causal mask
+  (`kernels.entropy`); heads whose mean normalised entropy falls below `collapse_below` are flagged as collapsed;
+- predictive entropy per token through the layers, from the logit lens at resid_post (`kernels.lens`); the
+  tokens where the model's own final prediction is most uncertain (the top `1 - fork_quantile` of the prompt's
+  positions) are flagged as forking tokens.
+
+For the default model the shipped checkpoints (steps 100 ... 3000) and the final model (step 4000) are tracked
+out of the box; any list of model folders, hub ids or `id@revision` entries can be given instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernels.entropy import attention_entropy
+from kernels.lens import lens_stats
+
+from ...errors import WorkbenchError
+from ...models import checkpoint_series
+from ...result import Result
+from ...session import ModelSession
+from ...specs import PromptSpec, param
+from ...tokens import tokenize
+from ..lens.compute import residual_rows
+
+MAX_CHECKPOINTS = 32
+
+
+@dataclass(frozen=True)
+class EntropySpec(PromptSpec):
+    """Attention and predictive entropy over one prompt, for a model or a series of checkpoints."""
+
+    analysis: ClassVar[str] = "entropy"
+    title: ClassVar[str] = "Entropy: attention entropy per head and predictive entropy per token, over training"
+    checkpoints: tuple[str, ...] = param((), "models to track in training order (folders, hub ids, id@revision); "
+                                              "empty: the default model's shipped checkpoints, or the model alone",
+                                      max_len=MAX_CHECKPOINTS)
+    collapse_below: float = param(0.1, "normalised attention entropy below which a head counts as collapsed",
+                               min=0.0, max=1.0)
+    fork_quantile: float = param(0.8, "positions whose final predictive entropy is above this quantile are "
+                                   "forking tokens", min=0.0, max=1.0)
+
+
+def series_sessions(session: ModelSession, spec, progress):
+    """(step, session) for each model of the spec's checkpoint series, in order (the run's own model is not
+    loaded twice); every model must share the run's vocabulary (the token ids are the run's)."""
+    series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
+    for i, (step, name, rev) in enumerate(series):
+        progress(i / len(series), f"model {i + 1} of {len(series)} (step {step})")
+        with session.other(name, rev, spec.dtype) as s:
+            if s.summary.d_vocab != session.summary.d_vocab:
+                raise WorkbenchError(f"{name} has a vocabulary of {s.summary.d_vocab} tokens, the model "
+                                     f"{session.summary.d_vocab}: they are not checkpoints of one model.",
+                                     hint="Track checkpoints that share one tokenizer.")
+            yield step, s
+
+
+def model_entropy(session: ModelSession, ids: list[int]) -> tuple[pd.DataFrame, np.ndarray]:
+    """(heads table: layer, head, entropy, norm_entropy; predictive entropy [layer, pos] from the lens)."""
+    bridge = session.bridge
+    L = session.n_layers
+    names = [session.hook("pattern", layer) for layer in range(L)]
+    with torch.no_grad():
+        _, cache = session.run_with_cache(session.tensor(ids), names)
+        rows = []
+        for layer in range(L):
+            ent, norm = attention_entropy(cache[names[layer]][0])  # [H, Q]
+            rows.append(pd.DataFrame({"layer": layer, "head": np.arange(ent.shape[0]),
+                                      "entropy": ent.mean(-1).cpu().numpy(),
+                                      "norm_entropy": torch.nanmean(norm, -1).cpu().numpy()}))
+    keys, h, _, _ = residual_rows(session, ids, ("resid_post",))
+    with torch.no_grad():
+        st = lens_stats(bridge.ln_final(h), bridge.W_U, bridge.b_U, k=1)
+    return pd.concat(rows, ignore_index=True), st.entropy.view(L, len(ids)).cpu().numpy()
+
+
+def compute(session: ModelSession, spec: EntropySpec, inputs, progress) -> Result:
+    ids = list(spec.token_ids)
+    heads, tokens_rows, models = [], [], []
+    with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
+        for step, h in series:
+            hd, pred = model_entropy(h, ids)
+            hd.insert(0, "step", step)
+            hd["collapsed"] = hd["norm_entropy"] < spec.collapse_below
+            heads.append(hd)
+            final = pred[-1]
+            fork_cut = float(np.quantile(final, spec.fork_quantile))
+            L, P = pred.shape
+            tokens_rows.append(pd.DataFrame({"step": step, "layer": np.repeat(np.arange(L), P),
+                                             "pos": np.tile(np.arange(P), L), "entropy": pred.reshape(-1),
+                                             "forking": np.tile(final >= fork_cut, L) & (final.std() > 0)}))
+            models.append({"step": step, "model": h.name, "revision": h.handle.revision or "",
+                           "fingerprint": h.fingerprint})
+    heads_t = pd.concat(heads, ignore_index=True)
+    tok_t = pd.concat(tokens_rows, ignore_index=True)
+    tok_df = tokenize(session, ids)
+    tok_t["token"] = tok_df["token"].to_numpy()[tok_t["pos"].to_numpy()]
+    summary = heads_t.groupby("step").agg(mean_norm_entropy=("norm_entropy", "mean"),
+                                          collapsed_heads=("collapsed", "sum")).reset_index()
+    last_layer = tok_t[tok_t["layer"] == tok_t["layer"].max()]
+    summary = summary.merge(last_layer.groupby("step")["entropy"].mean().rename("mean_predictive_entropy")
+                            .reset_index(), on="step")
+    progress(1.0, "done")
+    return Result(table=heads_t, meta={"n_tokens": len(ids), "steps": [m["step"] for m in models]},
+                  extra={"tokens": tok_df, "predictive": tok_t, "over_training": summary,
+                         "models": pd.DataFrame(models)})

@@ -1,0 +1,12 @@
+"""Concept interventions: the residual pushed along a probe direction by several amounts, the output at each
+(a section of the Concepts page)."""
+from ...contract import Analysis, Needs
+from ..concepts.compute import activations_spec, probes_spec
+from .compute import InterventionSpec, compute
+from .figures import figures
+
+ANALYSIS = Analysis(spec=InterventionSpec, version="1", compute=compute, figures=figures, inputs=(
+    Needs("probes", lambda spec, got: probes_spec(spec, (spec.concept,))),
+    Needs("activations", activations_spec),
+))
+ANALYSES = [ANALYSIS]

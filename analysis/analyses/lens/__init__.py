@@ -1,0 +1,18 @@
+"""The logit lens and the tuned lens: every layer's residual decoded as a next-token distribution."""
+from ...contract import Analysis, Needs
+from ..tuned_lens import TunedLensSpec
+from .compute import compute
+from .figures import figures
+from .spec import LensSpec
+
+
+def _tuned_lens(spec: LensSpec, inputs) -> TunedLensSpec | None:
+    """The model's tuned lens, trained once with the default settings, when the spec asks for it."""
+    if "tuned" not in spec.lenses:
+        return None
+    return TunedLensSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype)
+
+
+ANALYSIS = Analysis(spec=LensSpec, version="1", compute=compute, figures=figures,
+                    inputs=(Needs("tuned_lens", _tuned_lens),))
+ANALYSES = [ANALYSIS]

@@ -1,0 +1,8 @@
+"""The Model page: tokenization, top-k next-token predictions and every head's attention pattern."""
+from ...contract import Analysis
+from .compute import compute
+from .figures import figures
+from .spec import ModelViewSpec
+
+ANALYSIS = Analysis(spec=ModelViewSpec, version="1", compute=compute, figures=figures)
+ANALYSES = [ANALYSIS]

@@ -1,0 +1,79 @@
+"""Patching figures: a heatmap per method and component, and each estimator against activation patching."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ...plots import MARGIN as _MARGIN
+from ...plots import token_labels
+from ...result import Result
+from ...stats import pearson
+
+
+def _patching_grid(sub: pd.DataFrame, tokens: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
+    """A 2-D grid for one method x component: rows are layers (or layer.head), columns positions or heads."""
+    has = {c: sub[c].notna().any() for c in ("pos", "head", "dest_pos")}
+    labels = token_labels(tokens)
+    layers = sorted(sub["layer"].unique())
+    if has["head"] and (has["pos"] or has["dest_pos"]):
+        col = "pos" if has["pos"] else "dest_pos"
+        heads = sorted(sub["head"].unique())
+        rows = [(layer, head) for layer in layers for head in heads]
+        grid = np.full((len(rows), len(tokens)), np.nan)
+        r = {k: i for i, k in enumerate(rows)}
+        for layer, head, c, v in zip(sub["layer"], sub["head"], sub[col], sub["value"]):
+            grid[r[(layer, head)], int(c)] = v
+        return grid, [f"L{a}H{b}" for a, b in rows], labels, "position" if col == "pos" else "destination position"
+    if has["head"]:
+        heads = sorted(sub["head"].unique())
+        grid = np.full((len(layers), len(heads)), np.nan)
+        grid[sub["layer"].to_numpy(dtype=int), sub["head"].to_numpy(dtype=int)] = sub["value"].to_numpy()
+        return grid, [f"L{a}" for a in layers], [f"H{h}" for h in heads], "head"
+    grid = np.full((len(layers), len(tokens)), np.nan)
+    grid[sub["layer"].to_numpy(dtype=int), sub["pos"].to_numpy(dtype=int)] = sub["value"].to_numpy()
+    return grid, [f"L{a}" for a in layers], labels, "position"
+
+
+def patching_heatmap(table: pd.DataFrame, tokens: pd.DataFrame, method: str, component: str,
+                     metric: str = "") -> go.Figure:
+    sub = table[(table["method"] == method) & (table["component"] == component)]
+    grid, ylab, xlab, xtitle = _patching_grid(sub, tokens)
+    finite = grid[np.isfinite(grid)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    heat = go.Heatmap(z=grid, x=xlab, y=ylab, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+                      colorbar_title=metric or "value",
+                      hovertemplate="%{y} · %{x}<br>%{z:.4f}<extra></extra>")
+    return go.Figure(heat, layout=dict(
+        title=f"{method} patching · {component}", height=max(300, 26 * len(ylab) + 120), margin=_MARGIN,
+        xaxis=dict(title=xtitle, tickangle=-60 if xtitle != "head" else 0),
+        yaxis=dict(title="layer", autorange="reversed")))
+
+
+def comparison_scatter(table: pd.DataFrame, method: str, component: str) -> go.Figure:
+    key = ["component", "layer", "pos", "head", "dest_pos"]
+    truth = table[(table["method"] == "activation") & (table["component"] == component)]
+    est = table[(table["method"] == method) & (table["component"] == component)]
+    both = truth.merge(est, on=key, suffixes=("_act", "_est")).dropna(subset=["value_act", "value_est"])
+    label = [f"L{r.layer}" + (f"H{r.head}" if pd.notna(r.head) else "") + (f" pos {r.pos}" if pd.notna(r.pos) else "")
+             for r in both.itertuples()]
+    r = pearson(both["value_act"], both["value_est"]) if len(both) > 2 else float("nan")
+    lo = float(min(both["value_act"].min(), both["value_est"].min())) if len(both) else 0.0
+    hi = float(max(both["value_act"].max(), both["value_est"].max())) if len(both) else 1.0
+    fig = go.Figure([
+        go.Scatter(x=both["value_act"], y=both["value_est"], mode="markers", text=label, name=method,
+                   hovertemplate="%{text}<br>activation %{x:.4f}<br>" + method + " %{y:.4f}<extra></extra>"),
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"), name="y = x"),
+    ], layout=dict(title=f"{method} vs activation patching · {component} · Pearson r = {r:.3f}", height=420,
+                   margin=_MARGIN, xaxis_title="activation patching", yaxis_title=method, showlegend=False))
+    return fig
+
+
+def figures(result: Result, method: str | None = None, component: str | None = None) -> dict[str, go.Figure]:
+    t = result.table
+    method = method or t["method"].iloc[0]
+    component = component or t["component"].iloc[0]
+    figs = {"heatmap": patching_heatmap(t, result.extra["tokens"], method, component, result.meta.get("metric", ""))}
+    if method != "activation" and (t["method"] == "activation").any():
+        figs["comparison"] = comparison_scatter(t, method, component)
+    return figs

@@ -1,0 +1,128 @@
+"""The patching spec: prompt pairs (shipped or given), components, methods, metric, direction."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kernels.patching import ACTIVATIONS, is_parallel
+
+from ...errors import WorkbenchError
+from ...models import ModelHandle
+from ...specs import Spec, param
+from ...tasks import task_rows
+from ...tokens import check_token_ids, encode, single_token_ids
+
+COMPONENTS = tuple(ACTIVATIONS)
+METRICS = ("logit_diff_normalized", "logit_diff", "answer_prob", "kl")
+DIRECTIONS = ("denoise", "noise")
+METHODS = ("activation", "atp", "relp", "ig")
+RELP_RULES = ("ln", "identity", "half", "attention")
+MAX_PAIRS = 256
+
+
+@dataclass(frozen=True)
+class PatchingSpec(Spec):
+    """Patching sweeps over prompt pairs: the shipped IOI pairs, or pairs given as JSON."""
+
+    analysis: ClassVar[str] = "patching"
+    title: ClassVar[str] = "Patching: activation, attribution and relevance patching, integrated gradients"
+    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
+    n_pairs: int = param(8, "how many shipped pairs (all of one token length)", min=1, max=MAX_PAIRS)
+    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
+                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
+    components: tuple[str, ...] = param(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
+                                     "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
+    methods: tuple[str, ...] = param(("activation", "atp", "relp"), "estimators: activation patching (ground truth), "
+                                  "attribution patching, relevance patching, ig: integrated gradients", choices=METHODS,
+                                  max_len=len(METHODS))
+    relp_rules: tuple[str, ...] = param(("ln", "identity", "half"), "LRP rules for RelP (attention = the AH rule)",
+                                     choices=RELP_RULES, max_len=len(RELP_RULES))
+    ig_steps: int = param(16, "integration steps for integrated gradients", min=2, max=256)
+    overlap_k: int = param(10, "k of the top-k overlap in the faithfulness report", min=1, max=1000)
+    metric: str = param("logit_diff_normalized", "metric at the final position", choices=METRICS)
+    direction: str = param("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
+                        choices=DIRECTIONS)
+
+    def validate(self) -> None:
+        if not self.components:
+            raise WorkbenchError("Pick at least one component to patch.")
+        if not self.methods:
+            raise WorkbenchError("Pick at least one method.")
+        if not self.pairs and not self.dataset:
+            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
+        if self.pairs:
+            _parse_pairs(self.pairs)
+
+    def resolve(self, handle: ModelHandle) -> "PatchingSpec":
+        """Token ids for every pair (a link replays from them); checks lengths and single-token answers."""
+        if "resid_mid" in self.components and is_parallel(handle.bridge):
+            raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
+                                 "no residual stream between them: resid_mid does not exist.",
+                                 hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
+        pairs = _parse_pairs(self.pairs) if self.pairs else _shipped_pairs(self.dataset, self.n_pairs)
+        resolved = [_resolve_pair(handle, i, p) for i, p in enumerate(pairs)]
+        lengths = {len(p["clean_ids"]) for p in resolved}
+        if len(lengths) > 1:
+            raise WorkbenchError(f"All pairs must have the same token length to run as one batch; got lengths "
+                                 f"{sorted(lengths)}.", hint="Run pairs of each length separately.")
+        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="")
+
+
+def _parse_pairs(text: str) -> list[dict]:
+    try:
+        pairs = json.loads(text)
+    except ValueError as e:
+        raise WorkbenchError(f"The prompt pairs are not valid JSON: {e}") from e
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, dict) for p in pairs):
+        raise WorkbenchError("The prompt pairs must be a non-empty JSON list of objects.")
+    if len(pairs) > MAX_PAIRS:
+        raise WorkbenchError(f"{len(pairs)} pairs; at most {MAX_PAIRS} run at once.")
+    return pairs
+
+
+def _shipped_pairs(dataset: str, n: int) -> list[dict]:
+    rows = task_rows(dataset)
+    length = len(rows[0]["clean_ids"])
+    same = [r for r in rows if len(r["clean_ids"]) == length][:n]
+    return [{"clean_ids": r["clean_ids"], "corrupted_ids": r["corrupted_ids"], "answer_id": r["io_id"],
+             "wrong_id": r["s_id"]} for r in same]
+
+
+def _resolve_pair(handle: ModelHandle, i: int, p: dict) -> dict:
+    where = f"Pair {i + 1}"
+
+    def ids(kind: str) -> list[int]:
+        if f"{kind}_ids" in p:
+            v = p[f"{kind}_ids"]
+            if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise WorkbenchError(f"{where}: {kind}_ids must be a list of integers.")
+            check_token_ids(handle, v)
+            return v
+        if not isinstance(p.get(kind), str):
+            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_ids (token ids).")
+        return encode(handle, p[kind])
+
+    def token(kind: str) -> int:
+        if f"{kind}_id" in p:
+            t = p[f"{kind}_id"]
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise WorkbenchError(f"{where}: {kind}_id must be an integer.")
+            check_token_ids(handle, [t])
+            return t
+        text = p.get(kind)
+        if not isinstance(text, str) or not text:
+            raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_id (a token id).")
+        return single_token_ids(handle, [text], kind, where)[0]
+
+    clean, corrupted = ids("clean"), ids("corrupted")
+    if len(clean) != len(corrupted):
+        raise WorkbenchError(f"{where}: the clean prompt is {len(clean)} tokens and the corrupted one "
+                             f"{len(corrupted)}; patching needs equal lengths.",
+                             hint="Change the corruption so that it keeps the token count.")
+    answer, wrong = token("answer"), token("wrong")
+    if answer == wrong:
+        raise WorkbenchError(f"{where}: the answer and the wrong answer are the same token.")
+    return {"clean_ids": clean, "corrupted_ids": corrupted, "answer_id": answer, "wrong_id": wrong}
+
+

@@ -1,0 +1,146 @@
+"""The analysis contract: what one analysis declares, so that the runner, the CLI, the export and the app can
+all use it without knowing it.
+
+    ANALYSIS = Analysis(
+        spec=MySpec,                         # a frozen Spec subclass (its `analysis` name is the registry key)
+        version="1",                         # bump whenever the computation's output changes
+        compute=compute,                     # compute(session, spec, inputs, progress) -> Result; pure
+        figures=figures,                     # figures(result) -> {name: plotly Figure}, for reports
+        inputs=(Needs("probes", probes_spec),),  # stored runs (or datasets) it builds on
+        page=Page(...),                      # how it shows in the app (optional)
+    )
+
+`compute` is a pure function of (model session, spec, its resolved inputs, progress): it never calls the
+runner, never opens the store and never takes a lock. The runner resolves the declared inputs first (from the
+store, or by running them), opens the model session (the lock held for the whole compute) and is the only code
+that writes to the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pandas as pd
+
+from .result import Progress, Result
+from .specs import Spec, coerce
+
+
+@dataclass(frozen=True)
+class Needs:
+    """A stored run this analysis builds on. `spec(spec, inputs)` derives the input's spec from this one (and
+    the inputs resolved before it); it returns None when this spec does not need it. The runner hands the
+    input's `RunOutcome` (its `.key` and `.result`) to compute under `name`."""
+
+    name: str
+    spec: Callable[[Spec, dict[str, Any]], Spec | None]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset a spec names in one of its fields (the shipped one, or a user's upload kept in the store).
+    `load(value, get_stored)` returns the frame; `get_stored(id)` reads an uploaded dataset (or None)."""
+
+    name: str
+    load: Callable[[str, Callable[[str], pd.DataFrame | None]], pd.DataFrame]
+    field: str = "dataset"
+
+
+Input = Needs | Dataset
+Compute = Callable[[Any, Spec, dict[str, Any], Progress], Result]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pages
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Widget:
+    """How one spec field shows on a page, where the default (from the field's type and metadata) reads worse.
+
+    kind: text | text_area | lines (a tuple, one item a line) | number | checkbox | select | multiselect | radio |
+    slider; `options` replaces the field's choices, `labels` names each option."""
+
+    label: str = ""
+    kind: str = ""
+    help: str = ""
+    labels: dict | None = None
+    options: tuple | None = None
+    height: int | None = None
+    step: float | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """The view state of a page that is not part of a spec (selected layer, head, method): one typed object per
+    page, read from the link and written back to it in one place. A value that does not parse is the default."""
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]):
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in query:
+                try:
+                    values[f.name] = coerce(f.name, query[f.name], hints[f.name], {})
+                except Exception:  # noqa: BLE001 - a view value that does not parse falls back to the default
+                    continue
+        return cls(**values)
+
+    def to_query(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def pick(self, name: str, options: list, fallback=None):
+        """This view's value for `name` if it is one of `options`, else `fallback` (default: the first)."""
+        v = getattr(self, name)
+        if v in options:
+            return v
+        return fallback if fallback is not None else (options[0] if options else None)
+
+
+@dataclass(frozen=True)
+class Page:
+    """An analysis's place in the app. `render(ctx)` draws the page from a page context the app hands it (the
+    UI toolkit, the model choice, the link's state, generated spec widgets, the runner, share and export), so
+    nothing in analysis/ imports streamlit and a worker imports every analysis without it.
+
+    `section_of` makes the page a section of another page (the Concepts page's probes, bottleneck, …)."""
+
+    title: str
+    render: Callable[[Any], None]
+    url_path: str = ""
+    icon: str = ":material/analytics:"
+    order: int = 100
+    section_of: str = ""
+    default: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The entry
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Analysis:
+    spec: type[Spec]
+    version: str
+    compute: Compute
+    figures: Callable[[Result], dict] | None = None
+    inputs: tuple[Input, ...] = ()
+    page: Page | None = None
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.analysis
+
+    @property
+    def spec_cls(self) -> type[Spec]:
+        return self.spec
+
+    @property
+    def title(self) -> str:
+        return self.description or self.spec.title or self.name
+
+
+__all__ = ["Analysis", "Dataset", "Input", "Needs", "Page", "ViewState", "Widget"]

@@ -1,0 +1,281 @@
+"""The model session: the only way a compute reaches a loaded model.
+
+Hooks, `requires_grad` flags and train/eval mode are module state shared by every thread that uses one loaded
+model (TransformerLens's `hook_points.py` says so plainly). A session holds the model's lock for as long as it is
+open and, on exit (also after an exception), puts all three back as it found them: hooks a compute forgot to
+remove are removed, parameters it unfroze are frozen again, a module left in train mode returns to eval.
+
+    with ModelSession(handle) as s:
+        logits, cache = s.run_with_cache(tokens, [s.hook("resid_post", 3)])
+        with s.frozen():                 # no parameter needs a gradient while training something else on top
+            ...
+
+The runner opens the session around a compute; a compute never takes a lock itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import WorkbenchError
+from .models import ModelHandle, load_model
+
+# hook-point names per site, built in one place (TransformerLens 4 TransformerBridge names)
+_SITES = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+    "z": "blocks.{layer}.attn.hook_z",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+}
+OTHER_MODEL_TIMEOUT_S = 600.0  # waiting for a second model (a checkpoint) another run holds
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The hook point of `site` at block `layer`."""
+    if site not in _SITES:
+        raise ValueError(f"unknown site {site!r}")
+    return _SITES[site].format(layer=int(layer))
+
+
+def resid_after_name(layer: int) -> str:
+    """The residual after block `layer`; -1 is the embedding (the residual entering block 0)."""
+    return hook_name("resid_pre", 0) if layer == -1 else hook_name("resid_post", layer)
+
+
+def check_layer(layer: int, n_layers: int, *, what: str = "layer", lowest: int = -1) -> None:
+    """One message for a layer outside the model (layers -1, the embedding, to n_layers - 1)."""
+    if not lowest <= layer < n_layers:
+        low = "-1 (embedding)" if lowest == -1 else str(lowest)
+        raise WorkbenchError(f"{what} {layer} does not exist: the model has layers {low} to {n_layers - 1}.")
+
+
+class _ModuleState:
+    """requires_grad of every parameter, training of every module, and the hook registries, of one model."""
+
+    _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                   "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+        params = {id(p): p for m in modules for p in m.parameters(recurse=False)}
+        self.params = list(params.values())
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.training = [m.training for m in modules]
+        self.hooks = [{name: set(getattr(m, name, {}) or {}) for name in self._HOOK_DICTS} for m in modules]
+        self.lens = [(list(getattr(m, "fwd_hooks", [])), list(getattr(m, "bwd_hooks", []))) for m in modules]
+
+    def restore(self) -> None:
+        for p, flag in zip(self.params, self.requires_grad):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for m, flag, hooks, (fwd, bwd) in zip(self.modules, self.training, self.hooks, self.lens):
+            if m.training != flag:
+                m.training = flag
+            for name, keep in hooks.items():
+                registry = getattr(m, name, None)
+                if registry:
+                    for handle_id in [k for k in registry if k not in keep]:
+                        del registry[handle_id]
+            if hasattr(m, "fwd_hooks"):
+                m.fwd_hooks[:] = [h for h in m.fwd_hooks if any(h is k for k in fwd)]
+                m.bwd_hooks[:] = [h for h in m.bwd_hooks if any(h is k for k in bwd)]
+
+
+def _all_modules(handle: ModelHandle) -> list[torch.nn.Module]:
+    seen: dict[int, torch.nn.Module] = {}
+    for root in (handle.bridge, getattr(handle.bridge, "original_model", None)):
+        if root is not None:
+            for m in root.modules():
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def module_state(handle: ModelHandle) -> tuple:
+    """A comparable snapshot of the shared state a session restores (for tests and checks)."""
+    s = _ModuleState(_all_modules(handle))
+    return (tuple(s.requires_grad), tuple(s.training),
+            tuple(tuple(sorted((k, len(v)) for k, v in h.items())) for h in s.hooks),
+            tuple((len(f), len(b)) for f, b in s.lens))
+
+
+class ModelSession:
+    """Exclusive use of a loaded model, with its shared state put back on exit. Re-entrant per thread."""
+
+    def __init__(self, handle: ModelHandle, *, timeout_s: float | None = None):
+        self.handle = handle
+        self._timeout_s = timeout_s
+        self._state: _ModuleState | None = None
+        self._depth = 0
+        self._owner: int | None = None
+
+    # -- opening and closing ---------------------------------------------------------------------------------
+    def __enter__(self) -> "ModelSession":
+        lock = self.handle.lock
+        got = lock.acquire() if self._timeout_s is None else lock.acquire(timeout=self._timeout_s)
+        if not got:
+            raise WorkbenchError(f"{self.handle.name} is busy with another run.", hint="Try again in a moment.")
+        self._depth += 1
+        if self._depth == 1:
+            self._owner = threading.get_ident()
+            self._state = _ModuleState(_all_modules(self.handle))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._depth == 1 and self._state is not None:
+                self._state.restore()
+                self._state = None
+        finally:
+            self._depth -= 1
+            self.handle.lock.release()
+
+    def _check_open(self) -> None:
+        if self._depth == 0 or self._owner != threading.get_ident():
+            raise RuntimeError("use the model inside `with ModelSession(handle) as session:`")
+
+    # -- what a compute reads --------------------------------------------------------------------------------
+    @property
+    def bridge(self):
+        """The TransformerBridge, for kernels that drive it directly (only while the session is open)."""
+        self._check_open()
+        return self.handle.bridge
+
+    @property
+    def tokenizer(self):
+        return self.handle.tokenizer
+
+    @property
+    def summary(self):
+        return self.handle.summary
+
+    @property
+    def cfg(self):
+        return self.handle.bridge.cfg
+
+    @property
+    def device(self) -> str:
+        return self.handle.device
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.handle.fingerprint
+
+    @property
+    def n_layers(self) -> int:
+        return self.handle.summary.n_layers
+
+    hook = staticmethod(hook_name)
+    resid_after = staticmethod(resid_after_name)
+
+    def check_layer(self, layer: int, *, what: str = "layer", lowest: int = -1) -> None:
+        check_layer(layer, self.n_layers, what=what, lowest=lowest)
+
+    def tensor(self, ids) -> torch.Tensor:
+        """Token ids (one sequence or a list of equal-length ones) as a batch on the model's device."""
+        ids = list(ids)
+        batch = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]
+        return torch.tensor(batch, device=self.device)
+
+    # -- the verbs every analysis needs ----------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        self._check_open()
+        return self.handle.bridge(tokens, **kwargs)
+
+    def run_with_cache(self, tokens: torch.Tensor, names: Iterable[str]):
+        """(logits, cache) with only the named hook points cached."""
+        self._check_open()
+        names = set(names)
+        return self.handle.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks, **kwargs) -> torch.Tensor:
+        self._check_open()
+        return self.handle.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **kwargs)
+
+    def cache_in_batches(self, seqs: list[list[int]], names, visit, indices=None, batch: int = 64) -> None:
+        """Run the sequences (those at `indices`, default all) in batches of one length each, caching the named
+        hook points, and call visit(batch indices, cache) for each batch."""
+        with torch.no_grad():
+            for idx, toks in same_length_batches(seqs, indices, batch):
+                _, cache = self.run_with_cache(toks.to(self.device), names)
+                visit(idx, cache)
+
+    def last_logits(self, seqs: list[list[int]], batch: int = 64) -> torch.Tensor:
+        """[N, vocab] float32 logits at the last position of each sequence (run in batches of one length)."""
+        out = torch.zeros(len(seqs), self.summary.d_vocab)
+        with torch.no_grad():
+            for idx, toks in same_length_batches(seqs, batch=batch):
+                out[idx] = self.forward(toks.to(self.device))[:, -1].float().cpu()
+        return out
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """No parameter of the model requires a gradient inside (each gets its flag back after)."""
+        with requires_grad(self.bridge.parameters(), False):
+            yield
+
+    @contextlib.contextmanager
+    def trainable(self, params) -> Iterator[None]:
+        """These parameters require a gradient inside (each gets its flag back after)."""
+        self._check_open()
+        with requires_grad(params, True):
+            yield
+
+    @contextlib.contextmanager
+    def other(self, name: str, revision: str | None = None, dtype: str | None = None) -> Iterator["ModelSession"]:
+        """A session on another model (a training checkpoint), loaded through the model cache; this session's
+        model if it is the same one."""
+        h = load_model(name, revision=revision, device=self.device, dtype=dtype or self.handle.dtype)
+        if h is self.handle:
+            yield self
+            return
+        with ModelSession(h, timeout_s=OTHER_MODEL_TIMEOUT_S) as s:
+            yield s
+
+
+@contextlib.contextmanager
+def session_for(model: "ModelHandle | ModelSession") -> Iterator[ModelSession]:
+    """The session a function given a model should use: the caller's own (a compute's), or, for a handle (a
+    notebook or script calling a library function directly), a new one held for the call."""
+    if isinstance(model, ModelSession):
+        yield model
+        return
+    with ModelSession(model) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def requires_grad(params, flag: bool) -> Iterator[None]:
+    """Set requires_grad on these parameters inside the block; each gets its own flag back after."""
+    params = list({id(p): p for p in params}.values())
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+
+def same_length_batches(seqs, indices=None, batch: int = 64):
+    """Yield (indices, token tensor) batches of sequences of one length each (those at `indices`, default all)."""
+    by_len: dict[int, list] = {}
+    for i in (range(len(seqs)) if indices is None else indices):
+        by_len.setdefault(len(seqs[i]), []).append(int(i))
+    for group in by_len.values():
+        for c in range(0, len(group), batch):
+            idx = group[c:c + batch]
+            yield idx, torch.tensor([seqs[i] for i in idx])

@@ -1,0 +1,75 @@
+"""Token ids for a model: encoding prompts, checking ids a link or a file supplies, single-token answers.
+
+Only the tokenizer is used, so none of this needs the model's lock. `model` is a `ModelHandle` or a
+`ModelSession` (anything with `.tokenizer`, `.summary` and `.bridge.to_tokens`).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .errors import WorkbenchError
+
+MAX_PROMPT_CHARS = 20_000
+
+
+def encode(model, prompt: str) -> list[int]:
+    """Token ids of a prompt, with the model's BOS token in front as TransformerLens adds it."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise WorkbenchError("The prompt is empty.", hint="Type some text to run the model on.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise WorkbenchError(f"The prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}.")
+    bridge = model.handle.bridge if hasattr(model, "handle") else model.bridge
+    ids = bridge.to_tokens(prompt, prepend_bos=True, truncate=False)[0].tolist()
+    check_token_ids(model, ids)
+    return ids
+
+
+def check_token_ids(model, ids: list[int]) -> None:
+    """Token ids a link or a file supplied must fit the model: in vocabulary range and context length."""
+    n_ctx, d_vocab = model.summary.n_ctx, model.summary.d_vocab
+    if not ids:
+        raise WorkbenchError("There are no tokens to run.")
+    if len(ids) > n_ctx:
+        raise WorkbenchError(f"The prompt is {len(ids)} tokens long; this model's context is {n_ctx} tokens.",
+                             hint="Shorten the prompt.")
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < d_vocab]
+    if bad:
+        raise WorkbenchError(f"Token ids {bad[:5]} are outside this model's vocabulary (0..{d_vocab - 1}).",
+                             hint="Was the link made with another model?")
+
+
+def single_token_ids(model, tokens, what: str = "token", where: str = "") -> list[int]:
+    """One id per token string (leading spaces count); a string that is not one token is refused, naming its
+    pieces."""
+    ids = []
+    for t in tokens:
+        enc = model.tokenizer.encode(t, add_special_tokens=False)
+        if len(enc) != 1:
+            pieces = [model.tokenizer.decode([i]) for i in enc]
+            lead = f"{where}: the" if where else "The"
+            raise WorkbenchError(f"{lead} {what} {t!r} is {len(enc)} tokens ({pieces}) for this model, not one; "
+                                 "each must be one token.",
+                                 hint="Leading spaces matter: ' Paris' and 'Paris' are different tokens.")
+        ids.append(enc[0])
+    return ids
+
+
+def token_strings(model, ids: list[int]) -> list[str]:
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def tokenize(model, ids: list[int]) -> pd.DataFrame:
+    """One row per position: pos, token_id, token (its text)."""
+    return pd.DataFrame({"pos": range(len(ids)), "token_id": ids, "token": token_strings(model, ids)})
+
+
+def encode_texts(model, texts, drop_last: int = 0) -> list[list[int]]:
+    """Each text encoded, with `drop_last` final tokens cut (at least one token after BOS must remain)."""
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = encode(model, text)
+        if len(ids) - drop_last < 2:
+            raise WorkbenchError(f"Text {i + 1} ({text[:40]!r}) has {len(ids) - 1} tokens; dropping {drop_last} "
+                                 "leaves none.", hint="Lower 'drop last' or use longer texts.")
+        seqs.append(ids[:len(ids) - drop_last])
+    return seqs
