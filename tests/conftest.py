@@ -18,6 +18,15 @@ def default_handle():
     return load_model("default")
 
 
+@pytest.fixture()
+def default_session(default_handle):
+    """The default model's session (its lock held) for tests that call library functions taking one."""
+    from analysis.session import ModelSession
+
+    with ModelSession(default_handle) as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

@@ -105,26 +105,30 @@ def test_orientation_activations_and_bit_counts():
 def test_weight_units_count_tied_weights_once_and_only_used_ones(default_handle, tiny_dirs):
     from analysis import load_model
     from analysis.analyses.quant.compute import weight_units
+    from analysis.session import ModelSession
 
-    units = weight_units(default_handle)
+    with ModelSession(default_handle) as s:
+        units = weight_units(s)
     hf = default_handle.bridge.original_model
     assert hf.lm_head.weight is hf.transformer.wte.weight
     assert [u.type for u in units].count("embed") == 1 and "unembed" not in [u.type for u in units]
     assert sum(u.n for u in units) == 1245 * 128 + 128 * 128 + 6 * (128 * 384 + 128 * 128 + 2 * 128 * 512)
-    neox = weight_units(load_model(str(tiny_dirs["neox"])))
+    with ModelSession(load_model(str(tiny_dirs["neox"]))) as s:
+        neox = weight_units(s)
     assert not any(u.name.endswith("qkv.weight") for u in neox)  # the bridge runs its own q/k/v copies
     assert {u.type for u in neox} == {"embed", "attn_in", "attn_out", "mlp_in", "mlp_out", "unembed"}
 
 
-def test_sweep_from_the_first_touched_block_equals_a_plain_transformers_forward(default_handle):
+def test_sweep_from_the_first_touched_block_equals_a_plain_transformers_forward(default_session):
     from transformers import AutoModelForCausalLM
 
     from analysis.analyses.quant.compute import Damage, QuantRunner, model_text, weight_units
     from analysis.models import DEFAULT_MODEL_DIR
 
-    tokens = model_text(default_handle, 4, 24, seed=5)
-    units = {u.name: u for u in weight_units(default_handle)}
-    qr = QuantRunner(default_handle, tokens)
+    session = default_session
+    tokens = model_text(session, 4, 24, seed=5)
+    units = {u.name: u for u in weight_units(session)}
+    qr = QuantRunner(session, tokens)
     damage = Damage(tokens, qr.full_logits)
     hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).eval()
     with torch.no_grad():
@@ -145,16 +149,19 @@ def test_sweep_from_the_first_touched_block_equals_a_plain_transformers_forward(
         assert torch.allclose(qr.logits([], None), qr.full_logits)  # weights were restored
 
 
-def test_hutchinson_trace_matches_the_exact_hessian_trace(tiny_dirs):
+def test_hutchinson_trace_matches_the_exact_hessian_trace(tiny_dirs, request):
     """Exact trace: the diagonal of the Hessian of the loss in one matrix's entries (autograd, 1,024 of them)."""
     from torch.func import functional_call
 
     from analysis import load_model
     from analysis.analyses.quant.compute import hutchinson, model_text, weight_units
+    from analysis.session import ModelSession
 
     handle = load_model(str(tiny_dirs["gpt2"]))
-    tokens = model_text(handle, 2, 12, seed=0)
-    unit = [u for u in weight_units(handle) if u.type == "attn_out"][0]  # 32 x 32
+    session = ModelSession(handle).__enter__()
+    request.addfinalizer(lambda: session.__exit__(None, None, None))
+    tokens = model_text(session, 2, 12, seed=0)
+    unit = [u for u in weight_units(session) if u.type == "attn_out"][0]  # 32 x 32
     hf = handle.bridge.original_model
     pname = [n for n, p in hf.named_parameters() if p is unit.weight][0]
 
@@ -163,7 +170,7 @@ def test_hutchinson_trace_matches_the_exact_hessian_trace(tiny_dirs):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  tokens[:, 1:].reshape(-1))
 
-    est = hutchinson(handle, tokens, [unit], tol=0.01, min_samples=50, max_samples=4000, seed=1)
+    est = hutchinson(session, tokens, [unit], tol=0.01, min_samples=50, max_samples=4000, seed=1)
     row = est.iloc[0]
     w0 = unit.weight.detach().clone()
     H = torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), w0.numel())

@@ -50,7 +50,11 @@ except WorkbenchError:
     qp = {}
 
 # -- the dataset ---------------------------------------------------------------------------------------------
-known = store().datasets(KIND)
+try:
+    known = store().datasets(KIND)
+except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
+    st.error(str(e))
+    st.stop()
 names = {SHIPPED: "shipped sentences (2,000; sentiment, tense, number, topic)"}
 names.update({r.id: f"{r.name} ({r.n_rows:,} rows) · {r.id}" for r in known.itertuples()})
 if not review_mode():

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis import WorkbenchError
 from analysis.export import findings_report
 from views.common import store
 
 st.title("Findings")
-df = store().findings()
+try:
+    df = store().findings()
+except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
+    st.error(str(e))
+    st.stop()
 if df.empty:
     st.info("No findings yet. Save one from an analysis page (\"Save as a finding\").")
     st.stop()

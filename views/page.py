@@ -1,0 +1,139 @@
+"""The page context: what the app hands an analysis's page (`contract.Page.render(ctx)`).
+
+A page lives in its analysis's package but imports no streamlit: it gets the UI toolkit and the shared pieces
+here — the model choice, the link's spec and typed view state, widgets generated from the spec's field metadata,
+the runner with a progress bar, and share/export — so analysis/ stays importable without the UI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import streamlit as st
+
+from analysis import WorkbenchError
+from analysis.contract import Analysis, ViewState, Widget
+from analysis.runner import RunOutcome
+from analysis.specs import MAX_TOKENS, Spec
+from views import common
+
+MODEL_FIELDS = ("model", "revision", "dtype")
+
+
+def default_kind(typ, meta: dict) -> str:
+    """The widget a field gets when its page does not say: from its type and metadata."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        return "checkbox"
+    if origin is tuple:
+        return "multiselect" if "choices" in meta else "text"
+    if "choices" in meta:
+        return "select"
+    if typ in (int, float):
+        return "number"
+    return "text_area" if meta.get("max_len", 0) > 2_000 else "text"
+
+
+class PageContext:
+    """Everything a page needs besides its own spec and figures. `st` is the UI toolkit (streamlit)."""
+
+    st = st
+
+    def __init__(self, analyses: list[Analysis]):
+        self.analyses = analyses
+
+    # -- the model and the link ------------------------------------------------------------------------------
+    def require_model(self) -> common.ModelChoice:
+        return common.require_model()
+
+    def query(self) -> dict[str, str]:
+        try:
+            return common.query()
+        except WorkbenchError:
+            return {}
+
+    def link(self, spec_cls: type[Spec], defaults: dict | None = None) -> Spec:
+        """The spec this page's link describes: every spec field the link carries (a field a link writes is a
+        field it reads), the defaults under them; a link that does not validate gets a message and the defaults."""
+        return common.spec_from_link(spec_cls, [f for f in spec_cls.field_names() if f not in MODEL_FIELDS],
+                                     defaults)[1]
+
+    def view(self, view_cls: type[ViewState]) -> ViewState:
+        """The page's view state (not part of a spec) from the link; values that do not parse are defaults."""
+        return view_cls.from_query(self.query())
+
+    def sections(self, page: str) -> list[Analysis]:
+        return sorted([a for a in self.analyses if a.page is not None and a.page.section_of == page],
+                      key=lambda a: a.page.order)
+
+    # -- widgets from the spec's field metadata --------------------------------------------------------------
+    def spec_widgets(self, spec_cls: type[Spec], url: Spec, layout, widgets: dict[str, Widget] | None = None) -> dict:
+        """One widget per field named in `layout` (rows of field names; a row is a name or a tuple of names shown
+        in columns), each from the field's type and metadata unless `widgets` says otherwise; returns the raw
+        values by field name (text for lists: the spec coerces them as it does a link's)."""
+        widgets = widgets or {}
+        fields = {f.name: f for f in dataclasses.fields(spec_cls)}
+        hints = typing.get_type_hints(spec_cls)
+        values: dict[str, Any] = {}
+        for row in layout:
+            names = (row,) if isinstance(row, str) else tuple(row)
+            slots = [st] if len(names) == 1 else st.columns(len(names))
+            for slot, name in zip(slots, names):
+                f = fields[name]
+                values[name] = field_widget(slot, name, hints[name], dict(f.metadata), getattr(url, name),
+                                            widgets.get(name, Widget()))
+        return values
+
+    def make_spec(self, spec_cls: type[Spec], model: common.ModelChoice, url: Spec, values: dict) -> Spec:
+        """The spec from the link's fields, the widgets' values over them, and the sidebar's model."""
+        data = {**url.to_dict(), **values, "model": model.model, "revision": model.revision, "dtype": model.dtype}
+        return spec_cls.from_dict(data)
+
+    # -- running, sharing ------------------------------------------------------------------------------------
+    def run(self, make_spec, model: common.ModelChoice) -> RunOutcome:
+        return common.run_or_stop(make_spec, model)
+
+    def share(self, outcome: RunOutcome, params: dict, figures: dict, title: str,
+              view: ViewState | None = None) -> None:
+        common.share_and_export(outcome, {**params, **(view.to_query() if view is not None else {})}, figures,
+                                title)
+
+    def spec_params(self, spec: Spec) -> dict:
+        return common.spec_params(spec)
+
+
+def field_widget(slot, name: str, typ, meta: dict, value, w: Widget):
+    """One spec field's widget in `slot` (streamlit or a column); returns its raw value."""
+    kind = w.kind or default_kind(typ, meta)
+    label = w.label or name.replace("_", " ").capitalize()
+    help_ = w.help or meta.get("help")
+    fmt = (lambda v: w.labels.get(v, str(v))) if w.labels else str
+    options = list(w.options if w.options is not None else meta.get("choices", ()))
+    kw = {"help": help_, **({"key": w.key} if w.key else {})}
+    if kind == "checkbox":
+        return slot.checkbox(label, value=bool(value), **kw)
+    if kind in ("select", "radio"):
+        index = options.index(value) if value in options else 0
+        if kind == "radio":
+            return slot.radio(label, options, index=index, format_func=fmt, horizontal=True, **kw)
+        return slot.selectbox(label, options, index=index, format_func=fmt, **kw)
+    if kind == "multiselect":
+        return tuple(slot.multiselect(label, options, default=[v for v in value if v in options], format_func=fmt,
+                                      **kw))
+    if kind in ("number", "slider"):
+        num = float if typ is float else int
+        lo, hi = meta.get("min"), meta.get("max")
+        step = w.step if w.step is not None else (1 if num is int else None)
+        if kind == "slider":
+            return slot.slider(label, num(lo), num(hi), num(value), step=step, **kw)
+        return slot.number_input(label, min_value=None if lo is None else num(lo), max_value=None if hi is None
+                                 else num(hi), value=num(value), step=step, **kw)
+    if kind == "lines":
+        text = slot.text_area(label, value="\n".join(map(str, value)), height=w.height, **kw)
+        return tuple(line.strip() for line in text.splitlines() if line.strip())
+    text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    max_chars = meta.get("max_len") if typ is str and meta.get("max_len", MAX_TOKENS) <= 20_000 else None
+    if kind == "text_area":
+        return slot.text_area(label, value=text, height=w.height, max_chars=max_chars, **kw)
+    return slot.text_input(label, value=text, max_chars=max_chars, **kw)
