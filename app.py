@@ -1,22 +1,26 @@
 """The interpretability workbench: `streamlit run app.py`.
 
 The sidebar picks the model (the shipped default model, one of its training checkpoints, a Hugging Face id or a
-local folder), the device and the dtype; the pages under views/ show analyses of it. All state lives in the URL
+local folder), the device and the dtype; each registered analysis's page (analysis/analyses/*/page.py) shows
+analyses of it. All state lives in the URL
 (?model=...&dtype=...&prompt=...&token_ids=...), so a copied link opens the same view, from the store.
 
 WORKBENCH_REVIEW_MODE=1 turns the app into a viewer of stored results and findings: nothing loads or computes.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import streamlit as st
 
 from analysis import DEFAULT_MODEL, WorkbenchError, load_model
 from analysis.models import DEVICES, DTYPES, list_checkpoints
+from analysis.registry import ANALYSES
 from analysis.settings import allow_local_folders, allow_remote_code, review_mode
 from analysis.specs import Spec
 from views.common import ModelChoice, query, store
+from views.page import PageContext
 
 st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
 
@@ -93,14 +97,12 @@ def sidebar() -> ModelChoice | None:
 
 
 st.session_state["model_choice"] = sidebar()
+# one page per registered analysis that has one (the registry is the one list), then the Findings page
+ctx = PageContext(ANALYSES)
+pages = sorted((a.page for a in ANALYSES if a.page is not None and not a.page.section_of), key=lambda p: p.order)
 page = st.navigation([
-    st.Page("views/model.py", title="Model", icon=":material/neurology:", default=True),
-    st.Page("views/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
-    st.Page("views/lens.py", title="Lens", icon=":material/layers:", url_path="lens"),
-    st.Page("views/entropy.py", title="Entropy", icon=":material/scatter_plot:", url_path="entropy"),
-    st.Page("views/infoplane.py", title="Information plane", icon=":material/timeline:", url_path="infoplane"),
-    st.Page("views/concepts.py", title="Concepts", icon=":material/category:", url_path="concepts"),
-    st.Page("views/quant.py", title="Quantization", icon=":material/compress:", url_path="quant"),
+    *[st.Page(functools.partial(p.render, ctx), title=p.title, icon=p.icon, url_path=p.url_path, default=p.default)
+      for p in pages],
     st.Page("views/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
 ])
 page.run()

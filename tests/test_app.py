@@ -21,6 +21,16 @@ def own_store(tmp_path, monkeypatch):
     get_store.cache_clear()
 
 
+def _switch(at: AppTest, page: str) -> AppTest:
+    """Switch to a page by its URL path (an analysis's page is a function the app registers, not a file)."""
+    if page.endswith(".py"):
+        return at.switch_page(page)
+    hashes = [h for h, info in at._registered_pages.items() if info.get("url_pathname") == page]
+    assert hashes, f"no page at /{page}"
+    at._page_hash = hashes[0]
+    return at
+
+
 def _run(page: str | None = None, **query) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     if page:  # the app starts on the Model page; another page's link state is set when switching to it
@@ -28,7 +38,7 @@ def _run(page: str | None = None, **query) -> AppTest:
         at.query_params.clear()
         for k, v in query.items():
             at.query_params[k] = v
-        return at.switch_page(page).run()
+        return _switch(at, page).run()
     for k, v in query.items():
         at.query_params[k] = v
     return at.run()
@@ -134,14 +144,14 @@ def test_findings_page_when_empty():
 
 
 def test_patching_page_runs_all_methods_and_reopens_from_the_store(own_store):
-    at = _run(page="views/patching.py")
+    at = _run(page="patching")
     assert not at.exception and not at.error
     faith = [d.value for d in at.dataframe if "pearson" in d.value.columns][0]
     assert set(faith["method"]) == {"atp", "relp"}
     assert _qp(at, "methods") == "activation,atp,relp" and _qp(at, "view_method") == "activation"
     assert "prompt" not in at.query_params  # no other page's state in this page's link
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="views/patching.py", **link)
+    again = _run(page="patching", **link)
     assert not again.exception
     assert any("from the store" in c.value for c in again.caption)
     assert Store(own_store).count("runs") == 2  # the Model page's first view, and the patching run
@@ -155,40 +165,40 @@ def test_patching_page_runs_all_methods_and_reopens_from_the_store(own_store):
      '"answer": " Paris and more", "wrong": " Rome"}]', "not one"),
 ])
 def test_patching_page_bad_pairs(own_store, pairs, message):
-    at = _run(page="views/patching.py", pairs=pairs)
+    at = _run(page="patching", pairs=pairs)
     assert not at.exception
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_lens_page_runs_links_and_reopens_from_the_store(own_store):
-    at = _run(page="views/lens.py", prompt="The capital of France is", targets=" Paris", lenses="logit,tuned")
+    at = _run(page="lens", prompt="The capital of France is", targets=" Paris", lenses="logit,tuned")
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 2  # the lens heatmap and the KL-by-layer curves
     assert _qp(at, "targets") == " Paris" and _qp(at, "target_ids")  # the link keeps the space and the id
     assert "pairs" not in at.query_params
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="views/lens.py", **link)
+    again = _run(page="lens", **link)
     assert not again.exception and not again.error
     assert any("from the store" in c.value for c in again.caption)
-    bad = _run(page="views/lens.py", prompt="The capital of France is", targets=" Parisian stuff")
+    bad = _run(page="lens", prompt="The capital of France is", targets=" Parisian stuff")
     assert not bad.exception and any("not one" in e.value for e in bad.error)
 
 
 def test_entropy_page_tracks_the_shipped_checkpoints(own_store):
-    at = _run(page="views/entropy.py")
+    at = _run(page="entropy")
     assert not at.exception and not at.error
     assert len(at.get("plotly_chart")) == 3  # heads heatmap, predictive heatmap, curves over training
     summary = [d.value for d in at.dataframe if "collapsed_heads" in d.value.columns][0]
     assert list(summary["step"]) == [100, 250, 500, 1000, 2000, 3000, 4000]
     assert _qp(at, "view_step") == "4000"
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="views/entropy.py", **{**link, "view_step": "1000"})
+    again = _run(page="entropy", **{**link, "view_step": "1000"})
     assert not again.exception and any("from the store" in c.value for c in again.caption)
     assert any("step 1000" in c.value for c in again.caption)
 
 
 def test_information_plane_page_says_what_it_measures(own_store):
-    at = _run(page="views/infoplane.py", n_samples="100", checkpoints="default")
+    at = _run(page="infoplane", n_samples="100", checkpoints="default")
     assert not at.exception and not at.error
     assert any("not Shannon information" in w.value for w in at.warning)
     assert len(at.get("plotly_chart")) == 1 and _qp(at, "view_estimator") == "renyi"
@@ -202,18 +212,18 @@ def test_information_plane_page_says_what_it_measures(own_store):
     ("atlas", {"method": "pca", "max_points": "500", "max_sentences": "100"}, 1),
 ])
 def test_concepts_page_sections_run_link_and_reopen_from_the_store(own_store, section, query, charts):
-    at = _run(page="views/concepts.py", section=section, **query)
+    at = _run(page="concepts", section=section, **query)
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == charts
     assert _qp(at, "section") == section and _qp(at, "dataset") == "shipped"
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="views/concepts.py", **link)
+    again = _run(page="concepts", **link)
     assert not again.exception and not again.error
     assert any("from the store" in c.value for c in again.caption)
 
 
 def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
-    at = _run(page="views/concepts.py", section="probes", dataset="0123456789abcdef")
+    at = _run(page="concepts", section="probes", dataset="0123456789abcdef")
     assert not at.exception
     assert any("not in this store" in e.value for e in at.error)
     assert Store(own_store).count("runs") == 1  # only the Model page's first view
@@ -222,13 +232,13 @@ def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
 def test_quantization_page_runs_links_and_reopens_from_the_store(own_store):
     query = dict(formats="int8-channel,int4-channel,mxfp4", n_seqs="4", seq_len="16", max_samples="6",
                  budget_bits="5")
-    at = _run(page="views/quant.py", **query)
+    at = _run(page="quant", **query)
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) == 3  # heatmap, predicted vs measured, Pareto
     assert _qp(at, "budget_bits") == "5.0" and _qp(at, "view_kind") == "layer"
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="views/quant.py", **link)
+    again = _run(page="quant", **link)
     assert not again.exception and not again.error
     assert sum("from the store" in c.value for c in again.caption) >= 1
-    bad = _run(page="views/quant.py", **{**query, "budget_bits": "1.2"})
+    bad = _run(page="quant", **{**query, "budget_bits": "1.2"})
     assert not bad.exception and any("No assignment fits" in e.value for e in bad.error)

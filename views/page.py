@@ -63,6 +63,9 @@ class PageContext:
         """The page's view state (not part of a spec) from the link; values that do not parse are defaults."""
         return view_cls.from_query(self.query())
 
+    def store(self):
+        return common.store()
+
     def sections(self, page: str) -> list[Analysis]:
         return sorted([a for a in self.analyses if a.page is not None and a.page.section_of == page],
                       key=lambda a: a.page.order)

@@ -4,8 +4,9 @@ from ..concepts import DATA
 from ..concepts.compute import activations_spec
 from .compute import AtlasSpec, compute
 from .figures import figures
+from .page import PAGE
 
-ANALYSIS = Analysis(spec=AtlasSpec, version="1", compute=compute, figures=figures, inputs=(
+ANALYSIS = Analysis(spec=AtlasSpec, version="1", compute=compute, figures=figures, page=PAGE, inputs=(
     DATA,
     Needs("activations", lambda spec, got: activations_spec(spec) if spec.unit == "text" else None),
 ))

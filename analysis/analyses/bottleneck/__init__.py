@@ -5,8 +5,9 @@ from ..concepts import DATA
 from ..concepts.compute import activations_spec, probes_spec
 from .compute import BottleneckSpec, bottleneck_concepts, compute
 from .figures import figures
+from .page import PAGE
 
-ANALYSIS = Analysis(spec=BottleneckSpec, version="1", compute=compute, figures=figures, inputs=(
+ANALYSIS = Analysis(spec=BottleneckSpec, version="1", compute=compute, figures=figures, page=PAGE, inputs=(
     DATA,
     Needs("probes", lambda spec, got: probes_spec(spec, bottleneck_concepts(spec, got["data"]))),
     Needs("activations", activations_spec),

@@ -5,9 +5,11 @@ from ... import concept_data
 from ...contract import Analysis, Dataset, Needs
 from .compute import ConceptActivationsSpec, ProbeSpec, activations_spec, compute_activations, compute_probes
 from .figures import figures
+from .page import PAGE, PROBES_SECTION
 
 DATA = Dataset("data", concept_data.load)
-ACTIVATIONS = Analysis(spec=ConceptActivationsSpec, version="2", compute=compute_activations, inputs=(DATA,))
+ACTIVATIONS = Analysis(spec=ConceptActivationsSpec, version="2", compute=compute_activations, inputs=(DATA,),
+                     page=PAGE)  # the Concepts page; its sections are the concept analyses
 PROBES = Analysis(spec=ProbeSpec, version="2", compute=compute_probes, figures=figures,
-                  inputs=(Needs("activations", activations_spec),))
+                  inputs=(Needs("activations", activations_spec),), page=PROBES_SECTION)
 ANALYSES = [ACTIVATIONS, PROBES]

@@ -2,6 +2,7 @@
 from ...contract import Analysis
 from .compute import InfoPlaneSpec, compute
 from .figures import figures
+from .page import PAGE
 
-ANALYSIS = Analysis(spec=InfoPlaneSpec, version="1", compute=compute, figures=figures)
+ANALYSIS = Analysis(spec=InfoPlaneSpec, version="1", compute=compute, figures=figures, page=PAGE)
 ANALYSES = [ANALYSIS]

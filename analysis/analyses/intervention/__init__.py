@@ -4,8 +4,9 @@ from ...contract import Analysis, Needs
 from ..concepts.compute import activations_spec, probes_spec
 from .compute import InterventionSpec, compute
 from .figures import figures
+from .page import PAGE
 
-ANALYSIS = Analysis(spec=InterventionSpec, version="1", compute=compute, figures=figures, inputs=(
+ANALYSIS = Analysis(spec=InterventionSpec, version="1", compute=compute, figures=figures, page=PAGE, inputs=(
     Needs("probes", lambda spec, got: probes_spec(spec, (spec.concept,))),
     Needs("activations", activations_spec),
 ))

@@ -3,6 +3,7 @@ from ...contract import Analysis, Needs
 from ..tuned_lens import TunedLensSpec
 from .compute import compute
 from .figures import figures
+from .page import PAGE
 from .spec import LensSpec
 
 
@@ -13,6 +14,6 @@ def _tuned_lens(spec: LensSpec, inputs) -> TunedLensSpec | None:
     return TunedLensSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype)
 
 
-ANALYSIS = Analysis(spec=LensSpec, version="1", compute=compute, figures=figures,
+ANALYSIS = Analysis(spec=LensSpec, version="1", compute=compute, figures=figures, page=PAGE,
                     inputs=(Needs("tuned_lens", _tuned_lens),))
 ANALYSES = [ANALYSIS]

@@ -9,9 +9,10 @@ from .compute import (
                       sensitivity_spec,
 )
 from .figures import allocation_figures, sensitivity_figures
+from .page import PAGE
 
 SENSITIVITY = Analysis(spec=QuantSensitivitySpec, version="1", compute=compute_sensitivity,
-                       figures=sensitivity_figures)
+                       figures=sensitivity_figures, page=PAGE)
 ALLOCATION = Analysis(spec=QuantAllocationSpec, version="1", compute=compute_allocation, figures=allocation_figures,
                       inputs=(Needs("sensitivity", sensitivity_spec),))
 ANALYSES = [SENSITIVITY, ALLOCATION]

@@ -1,0 +1,64 @@
+"""The Entropy page: attention entropy per head (normalised by the keys each query sees) and predictive entropy
+per token through the layers, for the model or across its training checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...contract import Page, ViewState, Widget
+from .compute import EntropySpec
+from .figures import attention_entropy_heatmap, entropy_over_training, predictive_entropy_heatmap
+
+DEFAULT_PROMPT = "Then, John and Mary went to the store. John gave a ring to"
+WIDGETS = {
+    "prompt": Widget("Prompt", "text_area"),
+    "checkpoints": Widget("Checkpoints to track, one per line, in training order (folders, hub ids, id@revision)",
+                          "lines", height=90, help="Empty: the default model's shipped checkpoints, or the chosen "
+                                                   "model alone."),
+    "collapse_below": Widget("Collapsed below (normalised entropy)", "slider", step=0.01),
+    "fork_quantile": Widget("Forking tokens: final entropy above quantile", "slider", step=0.05),
+}
+
+
+@dataclass(frozen=True)
+class EntropyView(ViewState):
+    view_step: int = -1
+
+
+def render(ctx) -> None:
+    st = ctx.st
+    st.title("Entropy")
+    st.caption("How sharply does each head attend, how unsure is each layer's prediction, and how do both change "
+               "over training?")
+    model = ctx.require_model()
+    url, view = ctx.link(EntropySpec, {"prompt": DEFAULT_PROMPT}), ctx.view(EntropyView)
+    with st.form("entropy"):
+        values = ctx.spec_widgets(EntropySpec, url, ["prompt", "checkpoints", ("collapse_below", "fork_quantile")],
+                                  WIDGETS)
+        st.form_submit_button("Run")
+    values["token_ids"] = url.token_ids if values["prompt"] == url.prompt else ()
+    outcome = ctx.run(lambda: ctx.make_spec(EntropySpec, model, url, values), model)
+
+    result = outcome.result
+    heads, summary = result.table, result.extra["over_training"]
+    steps = [int(s) for s in result.meta["steps"]]
+    wanted = view.pick("view_step", steps, steps[-1])
+    step = st.select_slider("Checkpoint (training step)", options=steps, key="view_step",
+                            value=wanted) if len(steps) > 1 else steps[0]
+    att = attention_entropy_heatmap(heads, step)
+    pred = predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], step)
+    training = entropy_over_training(heads, summary)
+    left, right = st.columns(2)
+    left.plotly_chart(att, width="stretch")
+    right.plotly_chart(pred, width="stretch")
+    st.plotly_chart(training, width="stretch")
+    st.subheader("Over training")
+    st.dataframe(summary, hide_index=True, width="stretch")
+    collapsed = heads[(heads["step"] == step) & heads["collapsed"]]
+    st.caption(f"Collapsed heads at step {step}: " + (", ".join(f"L{r.layer}H{r.head}"
+                                                                for r in collapsed.itertuples()) or "none"))
+
+    ctx.share(outcome, ctx.spec_params(outcome.spec), {"attention": att, "predictive": pred, "training": training},
+              f"Entropy: {values['prompt'][:60]}", view=EntropyView(step))
+
+
+PAGE = Page(title="Entropy", render=render, url_path="entropy", icon=":material/scatter_plot:", order=30)

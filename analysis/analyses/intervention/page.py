@@ -1,0 +1,42 @@
+"""The intervention section of the Concepts page."""
+from __future__ import annotations
+
+from ...contract import Page, Widget
+from .compute import InterventionSpec
+from .figures import dose_response
+
+WIDGETS = {
+    "prompt": Widget("Prompt"),
+    "concept": Widget("Concept"),
+    "toward": Widget("Toward class (empty: the probe's own)"),
+    "layer": Widget("Layer (-2: the last)"),
+    "where": Widget("Positions pushed"),
+    "amounts": Widget("Amounts (fractions of the mean residual norm)"),
+    "tokens_up": Widget("Tokens expected to rise"),
+    "tokens_down": Widget("Tokens expected to fall"),
+}
+
+
+def section(ctx, model, common: dict):
+    st = ctx.st
+    url = ctx.link(InterventionSpec)
+    with st.form("intervention"):
+        values = ctx.spec_widgets(InterventionSpec, url, ["prompt", ("concept", "toward", "layer", "where"),
+                                                          "amounts", ("tokens_up", "tokens_down")], WIDGETS)
+        st.form_submit_button("Run")
+    values.update(concept=values["concept"].strip(), toward=values["toward"].strip(),
+                  token_ids=url.token_ids if values["prompt"] == url.prompt else ())
+    outcome = ctx.run(lambda: ctx.make_spec(InterventionSpec, model, url, {**values, **common}), model)
+    m = outcome.result.meta
+    fig = dose_response(outcome.result.table, outcome.result.extra["groups"], m["toward"])
+    st.plotly_chart(fig, width="stretch")
+    st.caption(f"Pushed along the {m['concept']} probe toward {m['toward']!r} at layer {m['layer']} "
+               f"(probe accuracy {m['probe_accuracy']:.3f}); one unit = {m['residual_norm']:.2f}, the mean residual "
+               "norm there.")
+    top = outcome.result.extra["top"]
+    st.dataframe(top.pivot(index="rank", columns="amount", values="token"), width="stretch")
+    st.caption("Top tokens at the last position for each amount.")
+    return outcome, {"dose_response": fig}, f"Intervention: {m['concept']} → {m['toward']}", {}
+
+
+PAGE = Page(title="Intervention", render=section, section_of="concepts", order=3)

@@ -1,0 +1,98 @@
+"""The Patching page: activation, attribution and relevance patching over prompt pairs, side by side, with a
+faithfulness report."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pandas as pd
+
+from ...contract import Page, ViewState, Widget
+from .figures import comparison_scatter, patching_heatmap
+from .spec import PatchingSpec
+
+EXAMPLE_PAIRS = """[
+  {"clean": "Then, John and Mary went to the store. John gave a ring to",
+   "corrupted": "Then, Adam and Lucy went to the store. Nora gave a ring to",
+   "answer": " Mary", "wrong": " John"}
+]"""
+METHOD_NAMES = {"activation": "activation patching", "atp": "attribution patching (AtP)",
+                "relp": "relevance patching (RelP)", "ig": "integrated gradients (Captum)"}
+WIDGETS = {
+    "dataset": Widget("Prompt pairs", "radio", labels={"ioi": "Shipped IOI pairs", "": "My pairs (JSON)"}),
+    "n_pairs": Widget("IOI pairs"),
+    "pairs": Widget("Pairs: clean / corrupted prompts of equal token length, single-token answers", "text_area",
+                    height=140),
+    "methods": Widget(labels=METHOD_NAMES),
+    "direction": Widget(labels={"denoise": "clean → corrupted", "noise": "corrupted → clean"}),
+    "relp_rules": Widget("RelP rules (attention: the AH rule, no gradient through the softmax; q, k and pattern "
+                         "scores become unavailable)"),
+    "ig_steps": Widget("Integrated-gradients steps"),
+    "overlap_k": Widget("Top-k of the overlap"),
+}
+LAYOUT = ["dataset", ("n_pairs", "ig_steps", "overlap_k"), "pairs", "components", "methods",
+          ("metric", "direction"), "relp_rules"]
+
+
+@dataclass(frozen=True)
+class PatchingView(ViewState):
+    view_method: str = ""
+    view_component: str = ""
+
+
+def render(ctx) -> None:
+    st = ctx.st
+    st.title("Patching")
+    st.caption("Which components carry the behaviour? Activation patching is the ground truth; attribution (AtP) "
+               "and relevance patching (RelP) estimate it from 2 forwards and 1 backward.")
+    model = ctx.require_model()
+    url, view = ctx.link(PatchingSpec), ctx.view(PatchingView)
+    if url.pairs:  # a link with its own pairs opens on them
+        url = dataclasses.replace(url, dataset="")
+    with st.form("patching"):
+        values = ctx.spec_widgets(PatchingSpec, dataclasses.replace(url, pairs=url.pairs or EXAMPLE_PAIRS), LAYOUT,
+                                  WIDGETS)
+        st.form_submit_button("Run")
+    shipped = values["dataset"] == "ioi"
+    values["pairs"] = "" if shipped else values["pairs"]
+    make = lambda: ctx.make_spec(PatchingSpec, model, url, values)  # noqa: E731
+
+    outcome = ctx.run(make, model)
+    result = outcome.result
+    table, tokens, meta = result.table, result.extra["tokens"], result.meta
+    st.caption(f"{meta['n_pairs']} pairs of {meta['n_tokens']} tokens · {meta['metric']} · clean "
+               f"{meta['clean_metric']:.3f} · corrupted {meta['corrupted_metric']:.3f}")
+
+    done_methods = list(dict.fromkeys(table["method"]))
+    done_components = list(dict.fromkeys(table["component"]))
+    v1, v2 = st.columns(2)
+    method = view.pick("view_method", done_methods)
+    component = view.pick("view_component", done_components)
+    method = v1.selectbox("Show method", done_methods, index=done_methods.index(method), key="view_method")
+    component = v2.selectbox("Show component", done_components, index=done_components.index(component),
+                             key="view_component")
+    heat = patching_heatmap(table, tokens, method, component, meta["metric"])
+    st.plotly_chart(heat, width="stretch")
+    figures = {"heatmap": heat}
+
+    if "faithfulness" in result.extra:
+        st.subheader("Faithfulness: each estimator against activation patching")
+        st.dataframe(result.extra["faithfulness"], hide_index=True, width="stretch")
+        if method != "activation":
+            scatter = comparison_scatter(table, method, component)
+            st.plotly_chart(scatter, width="stretch")
+            figures["comparison"] = scatter
+
+    st.subheader("Top components")
+    sub = table[(table["method"] == method) & (table["component"] == component)].dropna(subset=["value"])
+    top = sub.reindex(sub["value"].abs().sort_values(ascending=False).index).head(20)
+    labels = dict(zip(tokens["pos"], tokens["token"]))
+    top = top.assign(token=[repr(labels.get(int(p), "")) if pd.notna(p) else "" for p in top["pos"]])
+    st.dataframe(top.drop(columns=["method"]), hide_index=True, width="stretch")
+
+    # shipped pairs are linked by name and count (short links); the user's own by their token ids
+    ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec), figures,
+              f"Patching: {', '.join(outcome.spec.components)}", view=PatchingView(method, component))
+
+
+PAGE = Page(title="Patching", render=render, url_path="patching", icon=":material/swap_horiz:", order=10)

@@ -1,0 +1,102 @@
+"""The Quantization page: measured damage of quantizing each weight matrix, layer and matrix type (and each
+block's input) in each format; HAWQ-V2's predicted sensitivity beside it with their rank correlation; and a
+mixed-precision assignment under a size budget, measured."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels.quant import WEIGHT_FORMATS
+
+from ...contract import Page, ViewState, Widget
+from .compute import ALLOC_FORMATS, QuantAllocationSpec, QuantSensitivitySpec
+from .figures import pareto_plot, quant_heatmap, quant_scatter
+
+METRICS = {"kl": "KL to full precision", "delta_loss": "Δ loss", "top1_agreement": "top-1 agreement"}
+WIDGETS = {
+    "formats": Widget("Weight formats", "multiselect", options=WEIGHT_FORMATS),
+    "activation_formats": Widget("Activation formats (residual entering each block, per token)", "multiselect",
+                                 options=("int8-channel", "int4-channel", "fp8_e4m3-channel", "fp8_e5m2-channel")),
+    "units": Widget("Quantize at a time"),
+    "n_seqs": Widget("Sequences of the model's own text"),
+    "seq_len": Widget("Tokens per sequence"),
+    "tol": Widget("Hutchinson tolerance (standard error / trace)", step=0.01),
+    "max_samples": Widget("Hutchinson samples at most"),
+}
+LAYOUT = ["formats", ("activation_formats", "units", "n_seqs"), ("seq_len", "tol", "max_samples")]
+
+
+@dataclass(frozen=True)
+class QuantView(ViewState):
+    budget_bits: float = QuantAllocationSpec.budget_bits  # the allocation's size budget (its other fields follow)
+    view_kind: str = ""
+    view_metric: str = ""
+    view_format: str = ""
+
+
+def render(ctx) -> None:
+    st = ctx.st
+    st.title("Quantization")
+    st.caption("Which matrices tolerate fewer bits: measured on the model's own text, predicted by the Hessian "
+               "trace (HAWQ-V2), and a mixed-precision assignment under a size budget.")
+    model = ctx.require_model()
+    url, view = ctx.link(QuantSensitivitySpec), ctx.view(QuantView)
+    with st.form("quant"):
+        values = ctx.spec_widgets(QuantSensitivitySpec, url, LAYOUT, WIDGETS)
+        budget = st.number_input("Size budget for the allocation (average bits per weight)", 1.0, 32.0,
+                                 min(max(view.budget_bits, 1.0), 32.0), step=0.25)
+        st.form_submit_button("Run")
+    values["min_samples"] = min(url.min_samples, int(values["max_samples"]))
+    outcome = ctx.run(lambda: ctx.make_spec(QuantSensitivitySpec, model, url, values), model)
+    result = outcome.result
+    table = result.table
+    m = result.meta
+    st.caption(f"{m['n_tokens']:,} tokens of the model's own text · full-precision loss {m['full_loss']:.3f} nats · "
+               f"{m['n_units']} weight matrices ({m['n_params']:,} parameters; tied weights once) · Hutchinson "
+               f"{m['hutchinson_samples']} samples" + (f" · {m['negative_traces']} negative traces: the second-order "
+                                                      "model does not hold there" if m["negative_traces"] else ""))
+
+    kinds = [k for k in ("layer", "type", "matrix", "activation") if (table["unit_kind"] == k).any()]
+    v1, v2, v3 = st.columns(3)
+    kind = v1.selectbox("Heatmap rows", kinds, key="view_kind", index=kinds.index(view.pick("view_kind", kinds)))
+    metrics = list(METRICS)
+    metric = v2.selectbox("Measure", metrics, format_func=METRICS.get, key="view_metric",
+                          index=metrics.index(view.pick("view_metric", metrics)))
+    corr = result.extra["correlation"]
+    fmts = list(corr["format"])
+    heat = quant_heatmap(table, kind, metric)
+    st.plotly_chart(heat, width="stretch")
+    figures = {"heatmap": heat}
+    fmt = ""
+    if fmts:
+        fmt = v3.selectbox("Predicted vs measured, format", fmts, key="view_format",
+                           index=fmts.index(view.pick("view_format", fmts)))
+        scatter = quant_scatter(result.extra["omega"], corr, fmt)
+        st.plotly_chart(scatter, width="stretch")
+        figures["predicted_vs_measured"] = scatter
+        st.dataframe(corr, hide_index=True, width="stretch")
+        st.caption("Spearman rank correlation between Ω = Tr(H)/n · ‖Q(W) − W‖² and the measured KL, per format, "
+                   "over the matrices.")
+    with st.expander("Hessian traces per matrix"):
+        st.dataframe(result.extra["traces"], hide_index=True, width="stretch")
+
+    st.subheader("Bit allocation")
+    s = outcome.spec
+    alloc = ctx.run(lambda: QuantAllocationSpec(
+        model=s.model, revision=s.revision, dtype=s.dtype, formats=ALLOC_FORMATS, budget_bits=float(budget),
+        n_seqs=s.n_seqs, seq_len=s.seq_len, tol=s.tol, min_samples=s.min_samples, max_samples=s.max_samples,
+        seed=s.seed), model)
+    am = alloc.result.meta
+    pareto = pareto_plot(alloc.result.extra["pareto"], alloc.result.extra["measured"])
+    st.plotly_chart(pareto, width="stretch")
+    figures["pareto"] = pareto
+    st.caption(f"{am['n_assignments']:,} monotone assignments of {', '.join(am['formats'])} scored; the pick uses "
+               f"{am['chosen_avg_bits']:.3f} bits per weight (budget {am['budget_bits']}).")
+    st.dataframe(alloc.result.extra["measured"], hide_index=True, width="stretch")
+    st.caption("Predicted (total Ω) and measured damage side by side: the chosen assignment and each format alone.")
+    st.dataframe(alloc.result.table, hide_index=True, width="stretch")
+
+    ctx.share(outcome, ctx.spec_params(outcome.spec), figures, "Quantization sensitivity",
+              view=QuantView(float(budget), kind, metric, fmt))
+
+
+PAGE = Page(title="Quantization", render=render, url_path="quant", icon=":material/compress:", order=70)
