@@ -144,3 +144,30 @@ class Analysis:
 
 
 __all__ = ["Analysis", "Dataset", "Input", "Needs", "Page", "ViewState", "Widget"]
+
+
+def standard_page(spec: type[Spec], figures: Callable[[Result], dict] | None = None, *, title: str = "",
+                  defaults: dict | None = None, widgets: dict[str, Widget] | None = None) -> Callable[[Any], None]:
+    """A page for an analysis that needs nothing custom: a widget for every field of the spec (generated from its
+    metadata), the run, the analysis's figures and its table, share and export."""
+    import dataclasses as dc
+
+    def render(ctx) -> None:
+        st = ctx.st
+        st.title(title or spec.title)
+        model = ctx.require_model()
+        url = ctx.link(spec, defaults)
+        fields = [f.name for f in dc.fields(spec) if f.name not in ("model", "revision", "dtype", "token_ids")]
+        with st.form(spec.analysis):
+            values = ctx.spec_widgets(spec, url, fields, widgets)
+            st.form_submit_button("Run")
+        if "token_ids" in spec.field_names():  # a link's ids replay what ran while its prompt is unchanged
+            values["token_ids"] = url.token_ids if values.get("prompt") == getattr(url, "prompt", None) else ()
+        outcome = ctx.run(lambda: ctx.make_spec(spec, model, url, values), model)
+        figs = figures(outcome.result) if figures is not None else {}
+        for fig in figs.values():
+            st.plotly_chart(fig, width="stretch")
+        st.dataframe(outcome.result.table, hide_index=True, width="stretch")
+        ctx.share(outcome, ctx.spec_params(outcome.spec), figs, title or spec.title)
+
+    return render

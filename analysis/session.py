@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from kernels.grad import requires_grad
+
 from .errors import WorkbenchError
 from .models import ModelHandle, load_model
 
@@ -254,20 +256,6 @@ def session_for(model: "ModelHandle | ModelSession") -> Iterator[ModelSession]:
         return
     with ModelSession(model) as s:
         yield s
-
-
-@contextlib.contextmanager
-def requires_grad(params, flag: bool) -> Iterator[None]:
-    """Set requires_grad on these parameters inside the block; each gets its own flag back after."""
-    params = list({id(p): p for p in params}.values())
-    was = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(flag)
-        yield
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
 
 
 def same_length_batches(seqs, indices=None, batch: int = 64):

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .grad import frozen
 from .patching import ACTIVATIONS, axis_sizes, hook_name, hook_point
 
 
@@ -151,19 +152,12 @@ def attribution_scores(
     # the LRP hooks go first so that saved activations are the ones downstream computation uses
     hooks = [("blocks.0.hook_resid_pre", grad_from_here)] + lrp_hooks(bridge, rules) + [
         (name, keeper(name)) for name in sorted(wanted)]
-    params = [p for p in bridge.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=hooks), warnings.catch_warnings():
-            # the LN rule edits hook_scale on purpose; the bridge warns that RMSNorm then rounds differently
-            warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
-            logits = bridge(base_tokens, return_type="logits")[:, -1]
-            value = metric(logits)
-            value.backward()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with frozen(bridge), torch.enable_grad(), bridge.hooks(fwd_hooks=hooks), warnings.catch_warnings():
+        # the LN rule edits hook_scale on purpose; the bridge warns that RMSNorm then rounds differently
+        warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")
+        logits = bridge(base_tokens, return_type="logits")[:, -1]
+        value = metric(logits)
+        value.backward()
     out = {}
     for a in activations:
         per_layer = []
@@ -203,10 +197,7 @@ def integrated_gradients(
         return metric_rows(bridge(tokens, return_type="logits")[:, -1])
 
     out: dict[str, torch.Tensor] = {}
-    params = [p for p in bridge.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(bridge):
         for a in activations:
             if a == "resid_mid":
                 out[a] = _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps)
@@ -224,9 +215,6 @@ def integrated_gradients(
                     attr = attr.view(*attr.shape[:2], heads, -1)
                 per_layer.append(_reduce(attr, a))
             out[a] = torch.stack(per_layer).movedim(1, -1)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
     return out
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import WorkbenchError
+from analysis import WorkbenchError, load_model
 from analysis.analyses.patching.spec import PatchingSpec
 from analysis.analyses.quant.compute import QuantSensitivitySpec
 from analysis.registry import REGISTRY
@@ -52,31 +52,34 @@ def test_session_puts_hooks_grads_and_mode_back_even_after_an_exception(default_
     assert not default_handle.lock._is_owned()
 
 
-def test_a_compute_that_raises_leaves_the_model_and_the_store_as_they_were(tmp_path, monkeypatch, default_handle):
-    before = module_state(default_handle)
+def test_a_compute_that_raises_leaves_the_model_and_the_store_as_they_were(tmp_path, monkeypatch):
     entry = REGISTRY["model"]
     seen = []
 
     def careless(session, spec, inputs, progress):
+        seen.append((session.handle, module_state(session.handle)))
         _touch_everything(session)
-        seen.append(module_state(default_handle) != before)
+        seen.append((session.handle, module_state(session.handle)))
         raise ValueError("half-way")
 
     monkeypatch.setitem(REGISTRY, "model", dataclasses.replace(entry, compute=careless))
     store = Store(tmp_path / "s.duckdb")
     with pytest.raises(ValueError, match="half-way"):
         run(REGISTRY["model"].spec(prompt=PROMPT), store=store)
-    assert seen == [True] and module_state(default_handle) == before
+    (handle, before), (_, touched) = seen
+    assert touched != before  # the compute really changed the shared state
+    assert module_state(handle) == before
     assert store.count("runs") == 0
 
 
-def test_two_analyses_from_two_threads_share_one_model(tmp_path, default_handle):
+def test_two_analyses_from_two_threads_share_one_model(tmp_path):
     """A quantization sweep (which overwrites weights in place and switches gradients on) and a patching sweep
     (hooks) at once on one loaded model give their single-threaded results, and leave the model as it was."""
     quant = QuantSensitivitySpec(formats=("int2-tensor", "int4-channel"), activation_formats=(), units=("matrix",),
                                  n_seqs=2, seq_len=12, min_samples=2, max_samples=3)
     patch = PatchingSpec(n_pairs=4, components=("resid_pre", "z_all_pos"), methods=("activation", "atp", "relp"))
-    before = module_state(default_handle)
+    handle = load_model("default")  # the model the runner uses (loaded models are cached per process)
+    before = module_state(handle)
     alone = {"quant": run(quant, store=Store(tmp_path / "q1.duckdb")).result,
              "patch": run(patch, store=Store(tmp_path / "p1.duckdb")).result}
     together, errors = {}, []
@@ -100,7 +103,8 @@ def test_two_analyses_from_two_threads_share_one_model(tmp_path, default_handle)
         pd.testing.assert_frame_equal(result.table, alone[name].table)
         for extra in alone[name].extra:
             pd.testing.assert_frame_equal(result.extra[extra], alone[name].extra[extra])
-    assert len(together) == 4 and module_state(default_handle) == before
+    assert len(together) == 4 and module_state(handle) == before
+    assert load_model("default") is handle  # all four ran on this one loaded model
 
 
 # -- a busy store --------------------------------------------------------------------------------------------
@@ -157,9 +161,9 @@ def test_busy_store_in_the_app_shows_a_message_and_works_once_free(held_store, m
 
 
 # -- an analysis added as a package ----------------------------------------------------------------------------
-def test_a_new_analysis_package_runs_through_the_runner_and_the_cli(tmp_path, monkeypatch, default_handle):
-    """tests/toy_ext is a package with one analysis (spec, compute, figures); named in WORKBENCH_ANALYSES it joins
-    the registry, the runner, the store, the export and the command line, with nothing else edited."""
+def test_a_new_analysis_package_runs_through_the_runner_the_cli_and_a_page(tmp_path, monkeypatch, default_handle):
+    """tests/toy_ext is a package with one analysis (spec, compute, figures, page); named in WORKBENCH_ANALYSES it
+    joins the registry, the runner, the store, the export, the command line and the app, nothing else edited."""
     from toy_ext import ANALYSIS
     from transformers import AutoModelForCausalLM
 
@@ -196,3 +200,29 @@ def test_a_new_analysis_package_runs_through_the_runner_and_the_cli(tmp_path, mo
                          env={**env, "WORKBENCH_ANALYSES": "no_such_package"}, timeout=300)
     assert bad.returncode == 2 and "WORKBENCH_ANALYSES names 'no_such_package'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+    # the app: its page is in the navigation, its widgets come from the spec's fields, a link reopens it
+    from streamlit.testing.v1 import AppTest
+
+    import analysis.registry as registry
+    from analysis.runner import get_store
+
+    monkeypatch.setattr(registry, "ANALYSES", [*registry.ANALYSES, ANALYSIS])
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "app.duckdb"))
+    get_store.cache_clear()
+    try:
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
+        [page] = [h for h, info in at._registered_pages.items() if info.get("url_pathname") == "norms"]
+        at._page_hash = page
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert at.title[0].value == ANALYSIS.spec.title  # the page is titled by its spec
+        assert at.checkbox[0].label == "Skip bos" and at.checkbox[0].help == "leave out position 0"
+        at.checkbox[0].check()
+        at.button[0].click().run()
+        assert not at.exception and not at.error
+        shown = [d.value for d in at.dataframe if "norm" in d.value.columns][0]
+        assert (shown["pos"] > 0).all() and len(at.get("plotly_chart")) == 1
+        assert at.query_params["skip_bos"] in (["True"], "True")
+    finally:
+        get_store.cache_clear()

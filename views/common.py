@@ -14,7 +14,6 @@ from analysis.runner import RunOutcome, get_store
 from analysis.settings import review_mode
 
 MAX_QUERY_CHARS = 40_000
-VIEW_KEYS = ("layer", "head")  # view state that is not part of a spec
 
 
 @dataclass(frozen=True)
