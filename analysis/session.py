@@ -61,33 +61,37 @@ def check_layer(layer: int, n_layers: int, *, what: str = "layer", lowest: int =
 
 
 class _ModuleState:
-    """requires_grad of every parameter, training of every module, and the hook registries, of one model."""
+    """requires_grad of every parameter, training of every module, and the hook registries, of one model.
+
+    Only registries that hold something are copied (most are empty), so opening a session costs a fraction of a
+    forward (benchmarks/session_overhead.py)."""
 
     _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
     def __init__(self, modules: list[torch.nn.Module]):
         self.modules = modules
-        params = {id(p): p for m in modules for p in m.parameters(recurse=False)}
-        self.params = list(params.values())
+        self.params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
         self.requires_grad = [p.requires_grad for p in self.params]
         self.training = [m.training for m in modules]
-        self.hooks = [{name: set(getattr(m, name, {}) or {}) for name in self._HOOK_DICTS} for m in modules]
-        self.lens = [(list(getattr(m, "fwd_hooks", [])), list(getattr(m, "bwd_hooks", []))) for m in modules]
+        self.hooks = [{name: set(d) for name in self._HOOK_DICTS if (d := m.__dict__.get(name))} for m in modules]
+        self.lens = [(tuple(m.fwd_hooks), tuple(m.bwd_hooks)) if hasattr(m, "fwd_hooks") else None for m in modules]
 
     def restore(self) -> None:
         for p, flag in zip(self.params, self.requires_grad):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
-        for m, flag, hooks, (fwd, bwd) in zip(self.modules, self.training, self.hooks, self.lens):
+        for m, flag, hooks, lens in zip(self.modules, self.training, self.hooks, self.lens):
             if m.training != flag:
                 m.training = flag
-            for name, keep in hooks.items():
-                registry = getattr(m, name, None)
+            for name in self._HOOK_DICTS:
+                registry = m.__dict__.get(name)
                 if registry:
+                    keep = hooks.get(name, ())
                     for handle_id in [k for k in registry if k not in keep]:
                         del registry[handle_id]
-            if hasattr(m, "fwd_hooks"):
+            if lens is not None:
+                fwd, bwd = lens
                 m.fwd_hooks[:] = [h for h in m.fwd_hooks if any(h is k for k in fwd)]
                 m.bwd_hooks[:] = [h for h in m.bwd_hooks if any(h is k for k in bwd)]
 
@@ -106,7 +110,7 @@ def module_state(handle: ModelHandle) -> tuple:
     s = _ModuleState(_all_modules(handle))
     return (tuple(s.requires_grad), tuple(s.training),
             tuple(tuple(sorted((k, len(v)) for k, v in h.items())) for h in s.hooks),
-            tuple((len(f), len(b)) for f, b in s.lens))
+            tuple(None if lens is None else (len(lens[0]), len(lens[1])) for lens in s.lens))
 
 
 class ModelSession:
