@@ -47,6 +47,13 @@ class PageContext:
     def require_model(self) -> common.ModelChoice:
         return common.require_model()
 
+    def start(self, title: str, caption: str = "") -> common.ModelChoice:
+        """The page's title and caption, then the sidebar's model (or a hint and a stop when there is none)."""
+        st.title(title)
+        if caption:
+            st.caption(caption)
+        return common.require_model()
+
     def query(self) -> dict[str, str]:
         try:
             return common.query()

@@ -85,10 +85,9 @@ def _dataset(ctx, qp: dict, store) -> str:
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Concepts")
-    st.caption("Where does the model represent a concept, does it explain the model's behaviour, and what happens "
-               "when the model is pushed along it?")
-    model = ctx.require_model()
+    model = ctx.start("Concepts",
+                      "Where does the model represent a concept, does it explain the model's behaviour, and what "
+                      "happens when the model is pushed along it?")
     qp = ctx.query()
     try:
         dataset = _dataset(ctx, qp, ctx.store())

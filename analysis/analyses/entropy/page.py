@@ -26,10 +26,9 @@ class EntropyView(ViewState):
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Entropy")
-    st.caption("How sharply does each head attend, how unsure is each layer's prediction, and how do both change "
-               "over training?")
-    model = ctx.require_model()
+    model = ctx.start("Entropy",
+                      "How sharply does each head attend, how unsure is each layer's prediction, and how do both "
+                      "change over training?")
     url, view = ctx.link(EntropySpec, {"prompt": DEFAULT_PROMPT}), ctx.view(EntropyView)
     with st.form("entropy"):
         values = ctx.spec_widgets(EntropySpec, url, ["prompt", "checkpoints", ("collapse_below", "fork_quantile")],

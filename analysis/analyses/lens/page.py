@@ -29,10 +29,9 @@ class LensView(ViewState):
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Lens")
-    st.caption("Each layer's residual through the final norm (recomputed on that residual) and the unembedding: "
-               "where does the prediction form?")
-    model = ctx.require_model()
+    model = ctx.start("Lens",
+                      "Each layer's residual through the final norm (recomputed on that residual) and the unembedding: "
+                      "where does the prediction form?")
     url, view = ctx.link(LensSpec, {"prompt": DEFAULT_PROMPT}), ctx.view(LensView)
     with st.form("lens"):
         values = ctx.spec_widgets(LensSpec, url, ["prompt", ("targets", "sites", "lenses", "top_k")], WIDGETS)

@@ -23,8 +23,7 @@ class ModelView(ViewState):
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Model")
-    model = ctx.require_model()
+    model = ctx.start("Model")
     url, view = ctx.link(ModelViewSpec, {"prompt": DEFAULT_PROMPT}), ctx.view(ModelView)
     values = ctx.spec_widgets(ModelViewSpec, url, ["prompt", "top_k"], WIDGETS)
     # the link's token ids replay exactly what ran, as long as the prompt is the one the link came with

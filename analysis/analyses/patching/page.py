@@ -42,10 +42,9 @@ class PatchingView(ViewState):
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Patching")
-    st.caption("Which components carry the behaviour? Activation patching is the ground truth; attribution (AtP) "
-               "and relevance patching (RelP) estimate it from 2 forwards and 1 backward.")
-    model = ctx.require_model()
+    model = ctx.start("Patching",
+                      "Which components carry the behaviour? Activation patching is the ground truth; attribution "
+                      "(AtP) and relevance patching (RelP) estimate it from 2 forwards and 1 backward.")
     url, view = ctx.link(PatchingSpec), ctx.view(PatchingView)
     if url.pairs:  # a link with its own pairs opens on them
         url = dataclasses.replace(url, dataset="")

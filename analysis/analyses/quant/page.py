@@ -35,10 +35,9 @@ class QuantView(ViewState):
 
 def render(ctx) -> None:
     st = ctx.st
-    st.title("Quantization")
-    st.caption("Which matrices tolerate fewer bits: measured on the model's own text, predicted by the Hessian "
-               "trace (HAWQ-V2), and a mixed-precision assignment under a size budget.")
-    model = ctx.require_model()
+    model = ctx.start("Quantization",
+                      "Which matrices tolerate fewer bits: measured on the model's own text, predicted by the Hessian "
+                      "trace (HAWQ-V2), and a mixed-precision assignment under a size budget.")
     url, view = ctx.link(QuantSensitivitySpec), ctx.view(QuantView)
     with st.form("quant"):
         values = ctx.spec_widgets(QuantSensitivitySpec, url, LAYOUT, WIDGETS)
