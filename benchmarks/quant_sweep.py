@@ -66,65 +66,65 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         name = str(gpt2_small_random(Path(tmp) / "g")) if args.model == "gpt2-small-random" else args.model
         handle = load_model(name, device=dev, dtype=args.dtype)
-        session = ModelSession(handle).__enter__()  # held for the whole benchmark (one process, one user)
-        tokens = model_text(session, 16, 64, seed=0)
-        if args.model == "gpt2-small-random":  # a random model's own text is noise; keep the vocabulary small
-            tokens = torch.randint(0, 1245, tokens.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-        units = weight_units(session)
-        groups = unit_groups(session, units, ("matrix",))
-        print(f"{name}: {len(units)} matrices, {sum(u.n for u in units):,} parameters, {len(formats)} formats, "
-              f"{tokens.numel()} tokens -> {len(groups) * len(formats)} evaluations")
+        with ModelSession(handle) as session:  # held for the whole benchmark (one process, one user)
+            tokens = model_text(session, 16, 64, seed=0)
+            if args.model == "gpt2-small-random":  # a random model's own text is noise; keep the vocabulary small
+                tokens = torch.randint(0, 1245, tokens.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+            units = weight_units(session)
+            groups = unit_groups(session, units, ("matrix",))
+            print(f"{name}: {len(units)} matrices, {sum(u.n for u in units):,} parameters, {len(formats)} formats, "
+                  f"{tokens.numel()} tokens -> {len(groups) * len(formats)} evaluations")
 
-        sync(dev)
-        t0 = time.perf_counter()
-        sweep, _ = measure_sweep(session, tokens, groups, formats)
-        sync(dev)
-        ours = time.perf_counter() - t0
-        n_evals = len(sweep)
-        print(f"ours: full sweep {ours:.1f} s ({1000 * ours / n_evals:.1f} ms per evaluation)")
-
-        # the naive loop on a plain transformers model
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(handle.path, dtype=getattr(torch, args.dtype)).to(dev).eval()
-        mats = [(n, p, 1 if type(dict(hf.named_modules())[n.rsplit(".", 1)[0]]).__name__ == "Conv1D" else 0)
-                for n, p in hf.named_parameters() if p.dim() == 2]
-        with torch.no_grad():
-            damage = Damage(tokens, hf(tokens).logits)
-            pairs = [(m, f) for m in mats for f in formats][::max(1, (len(mats) * len(formats))
-                                                                          // args.peer_evals)][:args.peer_evals]
             sync(dev)
             t0 = time.perf_counter()
-            kls = []
-            for (n, p, out_dim), f in pairs:
-                old = p.detach().clone()
-                p.copy_(fake_quant_weight(old, f, out_dim))
-                kls.append(damage(hf(tokens).logits)["kl"])
-                p.copy_(old)
+            sweep, _ = measure_sweep(session, tokens, groups, formats)
             sync(dev)
-            peer = (time.perf_counter() - t0) / len(pairs)
-        print(f"naive loop: {1000 * peer:.1f} ms per evaluation over {len(pairs)} evaluations -> "
-              f"{peer * n_evals:.1f} s for the sweep")
-        target = (f"; target < 60 s on 2 CPU cores: {'met' if ours < 60 else 'NOT met'}"
-                  if args.model == "default" and dev == "cpu" and len(formats) == len(WEIGHT_FORMATS) else "")
-        print(f"full sweep: ours {ours:.1f} s, naive {peer * n_evals:.1f} s (estimated), ratio "
-              f"{peer * n_evals / ours:.2f}x{target}")
-        # the same KL where both measured the same matrix and format
-        ours_kl = {(u, f): k for u, f, k in zip(sweep["unit"], sweep["format"], sweep["kl"])}
-        diffs = [abs(ours_kl[(u, f)] - k) for ((n, _, _), f), k in zip(pairs, kls)
-                 for u in [n] if (u, f) in ours_kl]
-        if diffs:
-            print(f"max |KL ours - KL naive| over {len(diffs)} shared evaluations: {max(diffs):.2e}")
+            ours = time.perf_counter() - t0
+            n_evals = len(sweep)
+            print(f"ours: full sweep {ours:.1f} s ({1000 * ours / n_evals:.1f} ms per evaluation)")
 
-        sync(dev)
-        t0 = time.perf_counter()
-        tr = hutchinson(session, tokens, units, tol=1e-9, min_samples=args.hutchinson_samples,
-                        max_samples=args.hutchinson_samples, seed=0)
-        sync(dev)
-        ht = time.perf_counter() - t0
-        print(f"Hutchinson: {args.hutchinson_samples} samples of all {len(units)} matrices in {ht:.1f} s "
-              f"({ht / args.hutchinson_samples:.2f} s per sample); median relative standard error "
-              f"{(tr['trace_se'] / tr['trace'].abs()).median():.3f}")
+            # the naive loop on a plain transformers model
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(handle.path, dtype=getattr(torch, args.dtype)).to(dev).eval()
+            mats = [(n, p, 1 if type(dict(hf.named_modules())[n.rsplit(".", 1)[0]]).__name__ == "Conv1D" else 0)
+                    for n, p in hf.named_parameters() if p.dim() == 2]
+            with torch.no_grad():
+                damage = Damage(tokens, hf(tokens).logits)
+                pairs = [(m, f) for m in mats for f in formats][::max(1, (len(mats) * len(formats))
+                                                                              // args.peer_evals)][:args.peer_evals]
+                sync(dev)
+                t0 = time.perf_counter()
+                kls = []
+                for (n, p, out_dim), f in pairs:
+                    old = p.detach().clone()
+                    p.copy_(fake_quant_weight(old, f, out_dim))
+                    kls.append(damage(hf(tokens).logits)["kl"])
+                    p.copy_(old)
+                sync(dev)
+                peer = (time.perf_counter() - t0) / len(pairs)
+            print(f"naive loop: {1000 * peer:.1f} ms per evaluation over {len(pairs)} evaluations -> "
+                  f"{peer * n_evals:.1f} s for the sweep")
+            target = (f"; target < 60 s on 2 CPU cores: {'met' if ours < 60 else 'NOT met'}"
+                      if args.model == "default" and dev == "cpu" and len(formats) == len(WEIGHT_FORMATS) else "")
+            print(f"full sweep: ours {ours:.1f} s, naive {peer * n_evals:.1f} s (estimated), ratio "
+                  f"{peer * n_evals / ours:.2f}x{target}")
+            # the same KL where both measured the same matrix and format
+            ours_kl = {(u, f): k for u, f, k in zip(sweep["unit"], sweep["format"], sweep["kl"])}
+            diffs = [abs(ours_kl[(u, f)] - k) for ((n, _, _), f), k in zip(pairs, kls)
+                     for u in [n] if (u, f) in ours_kl]
+            if diffs:
+                print(f"max |KL ours - KL naive| over {len(diffs)} shared evaluations: {max(diffs):.2e}")
+
+            sync(dev)
+            t0 = time.perf_counter()
+            tr = hutchinson(session, tokens, units, tol=1e-9, min_samples=args.hutchinson_samples,
+                            max_samples=args.hutchinson_samples, seed=0)
+            sync(dev)
+            ht = time.perf_counter() - t0
+            print(f"Hutchinson: {args.hutchinson_samples} samples of all {len(units)} matrices in {ht:.1f} s "
+                  f"({ht / args.hutchinson_samples:.2f} s per sample); median relative standard error "
+                  f"{(tr['trace_se'] / tr['trace'].abs()).median():.3f}")
 
 
 if __name__ == "__main__":
