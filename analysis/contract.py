@@ -150,14 +150,12 @@ def standard_page(spec: type[Spec], figures: Callable[[Result], dict] | None = N
                   defaults: dict | None = None, widgets: dict[str, Widget] | None = None) -> Callable[[Any], None]:
     """A page for an analysis that needs nothing custom: a widget for every field of the spec (generated from its
     metadata), the run, the analysis's figures and its table, share and export."""
-    import dataclasses as dc
-
     def render(ctx) -> None:
         st = ctx.st
         st.title(title or spec.title)
         model = ctx.require_model()
         url = ctx.link(spec, defaults)
-        fields = [f.name for f in dc.fields(spec) if f.name not in ("model", "revision", "dtype", "token_ids")]
+        fields = [f.name for f in dataclasses.fields(spec) if f.name not in ("model", "revision", "dtype", "token_ids")]
         with st.form(spec.analysis):
             values = ctx.spec_widgets(spec, url, fields, widgets)
             st.form_submit_button("Run")

@@ -73,6 +73,21 @@ class PageContext:
     def store(self):
         return common.store()
 
+    def choose(self, view: ViewState, name: str, label: str, options, *, slot=None, fallback=None,
+               kind: str = "select", format_func=str):
+        """The widget for one view-state field among the options a result offers (the link's value when it is one
+        of them, else `fallback`, else the first); keyed by the field's name, so `share(..., view=...)` writes back
+        what it shows. kind: select | radio | slider (a select_slider)."""
+        options = list(options)
+        value = view.pick(name, options, fallback)
+        slot = slot or st
+        if kind == "slider":
+            return slot.select_slider(label, options=options, value=value, key=name, format_func=format_func)
+        if kind == "radio":
+            return slot.radio(label, options, index=options.index(value), key=name, format_func=format_func,
+                              horizontal=True)
+        return slot.selectbox(label, options, index=options.index(value), key=name, format_func=format_func)
+
     def sections(self, page: str) -> list[Analysis]:
         return sorted([a for a in self.analyses if a.page is not None and a.page.section_of == page],
                       key=lambda a: a.page.order)

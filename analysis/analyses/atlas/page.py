@@ -29,7 +29,7 @@ def section(ctx, model, common: dict):
     outcome = ctx.run(lambda: ctx.make_spec(AtlasSpec, model, url, {**values, **common}), model)
     table = outcome.result.table
     labels = [c for c in table.columns if c not in ("x", "y", "text_index", "position", "text", "token")]
-    colour = st.selectbox("Colour by", labels, key="view_colour", index=labels.index(view.pick("view_colour", labels)))
+    colour = ctx.choose(view, "view_colour", "Colour by", labels)
     fig = atlas_scatter(table, colour)
     st.plotly_chart(fig, width="stretch")
     m = outcome.result.meta

@@ -40,9 +40,8 @@ def render(ctx) -> None:
     result = outcome.result
     heads, summary = result.table, result.extra["over_training"]
     steps = [int(s) for s in result.meta["steps"]]
-    wanted = view.pick("view_step", steps, steps[-1])
-    step = st.select_slider("Checkpoint (training step)", options=steps, key="view_step",
-                            value=wanted) if len(steps) > 1 else steps[0]
+    step = ctx.choose(view, "view_step", "Checkpoint (training step)", steps, fallback=steps[-1],
+                      kind="slider") if len(steps) > 1 else steps[0]
     att = attention_entropy_heatmap(heads, step)
     pred = predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], step)
     training = entropy_over_training(heads, summary)

@@ -43,8 +43,7 @@ def render(ctx) -> None:
 
     table = outcome.result.table
     names = list(ESTIMATORS)
-    estimator = st.radio("Estimator", names, horizontal=True, key="view_estimator", format_func=ESTIMATORS.get,
-                         index=names.index(view.pick("view_estimator", names)))
+    estimator = ctx.choose(view, "view_estimator", "Estimator", names, kind="radio", format_func=ESTIMATORS.get)
     plane = info_plane(table, estimator)
     st.plotly_chart(plane, width="stretch")
     st.caption(f"{outcome.result.meta['n_samples']} token positions · Y = {outcome.result.meta['target']} · X = the "

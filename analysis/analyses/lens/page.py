@@ -45,14 +45,12 @@ def render(ctx) -> None:
     table, tokens = result.table, result.extra["tokens"]
     done_lenses = list(dict.fromkeys(table["lens"]))
     v0, v1, v2 = st.columns(3)
-    lens = v0.selectbox("Show lens", done_lenses, key="view_lens",
-                        index=done_lenses.index(view.pick("view_lens", done_lenses)))
+    lens = ctx.choose(view, "view_lens", "Show lens", done_lenses, slot=v0)
     sites = [s for s in result.meta["sites"] if ((table["lens"] == lens) & (table["site"] == s)).any()]
-    site = v1.selectbox("Show site", sites, key="view_site", index=sites.index(
-        view.pick("view_site", sites, "resid_post" if "resid_post" in sites else None)))
+    site = ctx.choose(view, "view_site", "Show site", sites, slot=v1,
+                      fallback="resid_post" if "resid_post" in sites else None)
     colours = list(LENS_COLOURS)
-    colour = v2.selectbox("Colour by", colours, key="view_colour", format_func=lambda c: LENS_COLOURS[c][0],
-                          index=colours.index(view.pick("view_colour", colours)))
+    colour = ctx.choose(view, "view_colour", "Colour by", colours, slot=v2, format_func=lambda c: LENS_COLOURS[c][0])
     heat = lens_heatmap(table, tokens, site, colour, lens)
     st.plotly_chart(heat, width="stretch")
     kl = lens_kl_by_layer(table)

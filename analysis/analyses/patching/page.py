@@ -65,11 +65,8 @@ def render(ctx) -> None:
     done_methods = list(dict.fromkeys(table["method"]))
     done_components = list(dict.fromkeys(table["component"]))
     v1, v2 = st.columns(2)
-    method = view.pick("view_method", done_methods)
-    component = view.pick("view_component", done_components)
-    method = v1.selectbox("Show method", done_methods, index=done_methods.index(method), key="view_method")
-    component = v2.selectbox("Show component", done_components, index=done_components.index(component),
-                             key="view_component")
+    method = ctx.choose(view, "view_method", "Show method", done_methods, slot=v1)
+    component = ctx.choose(view, "view_component", "Show component", done_components, slot=v2)
     heat = patching_heatmap(table, tokens, method, component, meta["metric"])
     st.plotly_chart(heat, width="stretch")
     figures = {"heatmap": heat}

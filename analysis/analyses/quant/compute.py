@@ -43,7 +43,7 @@ from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weig
 
 from ...errors import WorkbenchError
 from ...result import Result
-from ...session import ModelSession, requires_grad
+from ...session import ModelSession
 from ...specs import Spec, param
 
 TYPES = ("embed", "pos_embed", "attn_in", "attn_out", "mlp_in", "mlp_out", "unembed", "other")
@@ -100,7 +100,7 @@ def weight_units(session: ModelSession) -> list[Unit]:
         by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p, modules[name.rsplit(".", 1)[0]]))
     # only weights the forward uses: the bridge can keep an unused copy beside the one it runs (NeoX's fused qkv)
     params = [p for group in by_storage.values() for _, p, _ in group]
-    with requires_grad(params, True), torch.enable_grad():
+    with session.trainable(params), torch.enable_grad():
         bos = session.tokenizer.bos_token_id or 0
         out = session.forward(session.tensor([bos, bos, bos]))
         grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)

@@ -56,10 +56,9 @@ def render(ctx) -> None:
 
     kinds = [k for k in ("layer", "type", "matrix", "activation") if (table["unit_kind"] == k).any()]
     v1, v2, v3 = st.columns(3)
-    kind = v1.selectbox("Heatmap rows", kinds, key="view_kind", index=kinds.index(view.pick("view_kind", kinds)))
+    kind = ctx.choose(view, "view_kind", "Heatmap rows", kinds, slot=v1)
     metrics = list(METRICS)
-    metric = v2.selectbox("Measure", metrics, format_func=METRICS.get, key="view_metric",
-                          index=metrics.index(view.pick("view_metric", metrics)))
+    metric = ctx.choose(view, "view_metric", "Measure", metrics, slot=v2, format_func=METRICS.get)
     corr = result.extra["correlation"]
     fmts = list(corr["format"])
     heat = quant_heatmap(table, kind, metric)
@@ -67,8 +66,7 @@ def render(ctx) -> None:
     figures = {"heatmap": heat}
     fmt = ""
     if fmts:
-        fmt = v3.selectbox("Predicted vs measured, format", fmts, key="view_format",
-                           index=fmts.index(view.pick("view_format", fmts)))
+        fmt = ctx.choose(view, "view_format", "Predicted vs measured, format", fmts, slot=v3)
         scatter = quant_scatter(result.extra["omega"], corr, fmt)
         st.plotly_chart(scatter, width="stretch")
         figures["predicted_vs_measured"] = scatter
