@@ -1,12 +1,16 @@
-"""Model loading: a Hugging Face id or a local Hugging Face folder, through TransformerLens 4's TransformerBridge.
+"""Model loading: a Hugging Face id, a local Hugging Face folder or a GGUF file, through TransformerLens 4's
+TransformerBridge.
 
     handle = load_model("default")                      # the small model shipped in data/
     handle = load_model("EleutherAI/pythia-70m", dtype="bfloat16")
     handle = load_model("/path/to/hf/folder", device="cpu")
+    handle = load_model("/path/to/model.Q4_1.gguf")     # dequantised to the dtype (transformers' GGUF support)
 
 A `ModelHandle` carries the bridge, the tokenizer, a config summary and a fingerprint (a content hash of the
 weights plus name and revision) that every cache key includes. Handles are cached in memory per process,
-keyed by (name, revision, device, dtype, trust_remote_code); several models may be loaded at once.
+keyed by (name, revision, device, dtype, trust_remote_code); several models may be loaded at once. The handle
+also records whether the model's own tokenizer puts a BOS token in front of a text (`prepends_bos`): that is
+what `tokens.encode` does unless a spec says otherwise.
 
 Every error a person can cause (bad id, no network, a folder that is not a model, an unsupported
 architecture, not enough memory, custom code that needs trust_remote_code) raises `WorkbenchError` with a
@@ -76,9 +80,9 @@ class ModelSummary:
 class ModelHandle:
     """A loaded model. `lock` must be held while hooks are attached to `bridge` (hooks are shared module state)."""
 
-    name: str  # as the caller gave it ("default", "gpt2", a folder)
-    source: str  # "local" | "hub"
-    path: str | None  # the resolved folder, for local models
+    name: str  # as the caller gave it ("default", "gpt2", a folder, a .gguf file)
+    source: str  # "local" | "hub" | "gguf"
+    path: str | None  # the resolved folder (local models) or file (GGUF)
     revision: str | None
     device: str
     dtype: str
@@ -86,6 +90,7 @@ class ModelHandle:
     tokenizer: Any
     summary: ModelSummary
     fingerprint: str
+    prepends_bos: bool = True  # the tokenizer's own convention: does it put its BOS token before a text?
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -212,13 +217,14 @@ MODEL_CACHE = ModelCache()
 class _Request:
     name: str  # as given
     target: str  # what transformers loads: a folder path or a hub id
-    source: str  # "local" | "hub"
+    source: str  # "local" | "hub" | "gguf"
     fingerprint_name: str
     revision: str | None
     device: str
     dtype: str
     trust_remote_code: bool
     stamp: str  # for local folders: the weights' modification times, so an edited folder reloads
+    gguf_file: str | None = None  # for GGUF: the file's name inside `target` (its folder)
 
     def key(self) -> tuple:
         return (self.target, self.revision, self.device, self.dtype, self.trust_remote_code, self.stamp)
@@ -247,10 +253,15 @@ def _resolve_request(name, revision, device, dtype, trust_remote_code) -> _Reque
         path = Path(name).expanduser()
     if name == DEFAULT_MODEL or path.exists():
         path = path.resolve()
-        _check_model_folder(path)
         if revision is not None:
             raise WorkbenchError(f"A revision ({revision!r}) applies to hub ids, not to a local folder.",
                                  hint="Clear the revision, or point at the folder of the revision you want.")
+        gguf = _gguf_file(path)
+        if gguf is not None:
+            stamp = f"{gguf.name}:{gguf.stat().st_mtime_ns}:{gguf.stat().st_size}"
+            return _Request(name, str(gguf.parent), "gguf", gguf.name, None, device, dtype, trust_remote_code, stamp,
+                            gguf_file=gguf.name)
+        _check_model_folder(path)
         fp_name = DEFAULT_MODEL_NAME if path == DEFAULT_MODEL_DIR.resolve() else path.name
         stamp = ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(_weight_files(path)))
         return _Request(name, str(path), "local", fp_name, None, device, dtype, trust_remote_code, stamp)
@@ -263,6 +274,24 @@ def _resolve_request(name, revision, device, dtype, trust_remote_code) -> _Reque
     if revision is not None and not re.match(r"^[\w./-]{1,128}$", revision):
         raise WorkbenchError(f"{revision!r} is not a valid revision.", hint="Use a branch, tag or commit hash.")
     return _Request(name, name, "hub", name, revision, device, dtype, trust_remote_code, "")
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file a path names: the file itself, or the one .gguf in a folder without config.json."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            return None
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise WorkbenchError(f"{path} is named .gguf but is not a GGUF file (it does not start with 'GGUF').")
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(files) > 1:
+        raise WorkbenchError(f"{path} holds {len(files)} GGUF files ({', '.join(p.name for p in files[:5])}).",
+                             hint="Give the path of the one file to load.")
+    return _gguf_file(files[0]) if files else None
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -330,13 +359,43 @@ def _hub_error(e: BaseException, req: _Request) -> WorkbenchError | None:
     return None
 
 
+def _gguf_error(e: BaseException, req: _Request) -> WorkbenchError | None:
+    """A message for a GGUF file transformers cannot read: an architecture or a quantisation type it lacks."""
+    if req.source != "gguf":
+        return None
+    text = str(e)
+    if isinstance(e, NotImplementedError) and "equantiz" in text:
+        return WorkbenchError(f"{req.name} uses a quantisation type that cannot be dequantised here: {text}",
+                              hint=f"Supported types: {', '.join(gguf_quant_types())}.")
+    if "architecture" in text and "not supported" in text:
+        return WorkbenchError(f"{req.name}: {text}",
+                              hint=f"GGUF architectures transformers can read: {', '.join(gguf_architectures())}.")
+    if isinstance(e, (ValueError, KeyError, IndexError, OSError, NotImplementedError)):
+        return WorkbenchError(f"Could not read the GGUF file {req.name}: {type(e).__name__}: {text[:300]}",
+                              hint="Is the file complete? Re-download or re-convert it.")
+    return None
+
+
+def gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def gguf_quant_types() -> list[str]:
+    from gguf import quants
+
+    return ["F32", "F16", *sorted(t.name for t in quants._type_traits)]
+
+
 def _load_config(req: _Request):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(req.target, revision=req.revision, trust_remote_code=req.trust_remote_code)
+        return AutoConfig.from_pretrained(req.target, revision=req.revision, trust_remote_code=req.trust_remote_code,
+                                          **_gguf_kwargs(req))
     except Exception as e:  # noqa: BLE001 - classified below, re-raised if not a known case
-        mapped = _hub_error(e, req)
+        mapped = _hub_error(e, req) or _gguf_error(e, req)
         if mapped is not None:
             raise mapped from e
         if isinstance(e, (ValueError, KeyError, OSError)):
@@ -409,6 +468,45 @@ def _check_memory(config, req: _Request) -> int | None:
     return n
 
 
+def _gguf_kwargs(req: _Request) -> dict:
+    return {"gguf_file": req.gguf_file} if req.gguf_file else {}
+
+
+def _load_tokenizer(req: _Request):
+    """The model's own tokenizer, as its files configure it (TransformerLens would force a BOS on it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(req.target, revision=req.revision,
+                                             trust_remote_code=req.trust_remote_code, **_gguf_kwargs(req))
+    except Exception as e:  # noqa: BLE001 - every failure here is about the model the person picked
+        mapped = _hub_error(e, req) or _gguf_error(e, req)
+        if mapped is not None:
+            raise mapped from e
+        raise WorkbenchError(f"Could not load the tokenizer of {req.name}: {type(e).__name__}: {e}",
+                             hint="A model folder needs its tokenizer files (tokenizer.json and "
+                                  "tokenizer_config.json).") from e
+
+
+def prepends_bos(tokenizer) -> bool:
+    """Whether a tokenizer, left to itself, puts its BOS token in front of a text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def file_fingerprint(path: Path, name: str) -> str:
+    """Content hash of a weights file (a GGUF) plus its name."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"name": name, "file": True}).encode())
+    with path.open("rb") as f:
+        while block := f.read(2**24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_fingerprint(model: torch.nn.Module, name: str, revision: str | None) -> str:
     """Content hash of every tensor in the state dict (names, shapes, dtypes, bytes) plus name and revision."""
     h = hashlib.blake2b(digest_size=16)
@@ -450,16 +548,25 @@ def _load(req: _Request) -> ModelHandle:
     config = _load_config(req)
     _check_architecture(config, req)
     n_params = _check_memory(config, req)
+    tokenizer = _load_tokenizer(req)
+    bos = prepends_bos(tokenizer)
     try:
+        hf_model = None
+        if req.source == "gguf":  # dequantised by transformers, then bridged like any loaded model
+            from transformers import AutoModelForCausalLM
+
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                req.target, gguf_file=req.gguf_file, dtype=DTYPES[req.dtype], attn_implementation="eager",
+            ).to(req.device)
         bridge = TransformerBridge.boot_transformers(
-            req.target, device=req.device, dtype=DTYPES[req.dtype], revision=req.revision,
-            trust_remote_code=req.trust_remote_code,
+            req.target, device=None if hf_model is not None else req.device, dtype=DTYPES[req.dtype],
+            revision=req.revision, trust_remote_code=req.trust_remote_code, tokenizer=tokenizer, hf_model=hf_model,
         )
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise WorkbenchError(f"Ran out of memory loading {req.name} in {req.dtype} on {req.device}.",
                              hint="Pick bfloat16 or float16, a smaller model, or unload other models.") from e
     except Exception as e:  # noqa: BLE001 - every failure here is about the model the person picked
-        mapped = _hub_error(e, req)
+        mapped = _hub_error(e, req) or _gguf_error(e, req)
         if mapped is not None:
             raise mapped from e
         raise WorkbenchError(f"Could not load {req.name}: {type(e).__name__}: {e}") from e
@@ -469,8 +576,13 @@ def _load(req: _Request) -> ModelHandle:
         n_params = sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values())
     display = "default" if req.fingerprint_name == DEFAULT_MODEL_NAME else req.name
     summary = _describe(bridge, config, n_params, req, display)
+    if req.source == "gguf":
+        path = Path(req.target) / req.gguf_file
+        fingerprint = file_fingerprint(path, req.fingerprint_name)
+    else:
+        path, fingerprint = req.target, weights_fingerprint(hf_model, req.fingerprint_name, req.revision)
     return ModelHandle(
-        name=req.name, source=req.source, path=req.target if req.source == "local" else None,
+        name=req.name, source=req.source, path=str(path) if req.source != "hub" else None,
         revision=req.revision, device=req.device, dtype=req.dtype, bridge=bridge, tokenizer=bridge.tokenizer,
-        summary=summary, fingerprint=weights_fingerprint(hf_model, req.fingerprint_name, req.revision),
+        summary=summary, fingerprint=fingerprint, prepends_bos=bos,
     )

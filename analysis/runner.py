@@ -33,7 +33,7 @@ from .result import Progress, Result, RunRecord, no_progress
 from .session import ModelSession
 from .specs import PromptSpec, Spec
 from .store import Store
-from .tokens import check_token_ids, encode
+from .tokens import bos_flag, check_token_ids, encode
 
 log = logging.getLogger("workbench.runner")
 
@@ -66,6 +66,9 @@ def run_key(fingerprint: str, spec: Spec, version: str) -> str:
         if getattr(spec, ids):
             payload.pop(text)  # display only: the ids are what ran
     payload.pop("model"), payload.pop("revision")  # the fingerprint already names the weights
+    for name, value in spec.key_legacy.items():
+        if payload.get(name) == value:
+            payload.pop(name)
     blob = json.dumps({"analysis": spec.analysis, "version": version, "fingerprint": fingerprint,
                        "spec": payload}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -74,11 +77,12 @@ def run_key(fingerprint: str, spec: Spec, version: str) -> str:
 def resolve_tokens(spec: Spec, handle: ModelHandle) -> Spec:
     """Fill in token ids from the prompt (or check given ids against the model), then the analysis's own ids
     (prompt pairs, target tokens) through the spec's `resolve`."""
+    spec = spec.replace(bos="yes" if bos_flag(handle, spec.bos) else "no")  # what ran, not "auto"
     if isinstance(spec, PromptSpec):
         if spec.token_ids:
             check_token_ids(handle, list(spec.token_ids))
         else:
-            spec = spec.replace(token_ids=tuple(encode(handle, spec.prompt)))
+            spec = spec.replace(token_ids=tuple(encode(handle, spec.prompt, spec.bos)))
     return spec.resolve(handle)
 
 

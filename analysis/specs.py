@@ -22,6 +22,7 @@ from .errors import WorkbenchError
 from .models import DEFAULT_MODEL, DTYPES
 
 MAX_TOKENS = 4096
+BOS_CHOICES = ("auto", "yes", "no")
 
 
 def param(default, help: str, **meta):
@@ -33,13 +34,18 @@ def param(default, help: str, **meta):
 
 @dataclass(frozen=True)
 class Spec:
-    """Fields every analysis has: which model, in which revision and dtype."""
+    """Fields every analysis has: which model, in which revision and dtype, and whether texts get a BOS token."""
 
     analysis: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    # fields added after stores were written: left out of the run key at the value that reproduces what ran
+    # before they existed, so those runs stay hits (every text used to get a BOS token in front)
+    key_legacy: ClassVar[dict[str, Any]] = {"bos": "yes"}
     model: str = param(DEFAULT_MODEL, "model: 'default', a Hugging Face id or a local folder", max_len=1024)
     revision: str = param("", "hub revision (branch, tag or commit); empty for the default", max_len=128)
     dtype: str = param("float32", "weights dtype", choices=tuple(DTYPES))
+    bos: str = param("auto", "a BOS token in front of each text: auto (as the model's tokenizer does), yes, no",
+                     choices=BOS_CHOICES)
 
     # -- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Token ids for a model: encoding prompts, checking ids a link or a file supplies, single-token answers.
 
 Only the tokenizer is used, so none of this needs the model's lock. `model` is a `ModelHandle` or a
-`ModelSession` (anything with `.tokenizer`, `.summary` and `.bridge.to_tokens`).
+`ModelSession` (anything with `.tokenizer` and `.summary`; `.prepends_bos` of the handle).
 """
 from __future__ import annotations
 
@@ -12,14 +12,32 @@ from .errors import WorkbenchError
 MAX_PROMPT_CHARS = 20_000
 
 
-def encode(model, prompt: str) -> list[int]:
-    """Token ids of a prompt, with the model's BOS token in front as TransformerLens adds it."""
+def bos_flag(model, bos: str = "auto") -> bool:
+    """Whether texts get a BOS token in front: "auto" follows the model's tokenizer (does it add one itself?),
+    "yes" and "no" override it."""
+    if bos == "auto":
+        handle = model.handle if hasattr(model, "handle") else model
+        return bool(handle.prepends_bos)
+    if bos == "yes":
+        if model.tokenizer.bos_token_id is None:
+            raise WorkbenchError("This model's tokenizer has no BOS token to put in front.",
+                                 hint="Set the BOS option to 'no' or 'auto'.")
+        return True
+    if bos == "no":
+        return False
+    raise WorkbenchError(f"The BOS option must be auto, yes or no, not {bos!r}.")
+
+
+def encode(model, prompt: str, bos: str = "auto") -> list[int]:
+    """Token ids of a prompt, without the special tokens a tokenizer adds, and with its BOS token in front when
+    `bos` says so (see `bos_flag`)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise WorkbenchError("The prompt is empty.", hint="Type some text to run the model on.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise WorkbenchError(f"The prompt has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}.")
-    bridge = model.handle.bridge if hasattr(model, "handle") else model.bridge
-    ids = bridge.to_tokens(prompt, prepend_bos=True, truncate=False)[0].tolist()
+    ids = list(model.tokenizer.encode(prompt, add_special_tokens=False))
+    if bos_flag(model, bos):
+        ids = [model.tokenizer.bos_token_id, *ids]
     check_token_ids(model, ids)
     return ids
 
@@ -63,13 +81,13 @@ def tokenize(model, ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame({"pos": range(len(ids)), "token_id": ids, "token": token_strings(model, ids)})
 
 
-def encode_texts(model, texts, drop_last: int = 0) -> list[list[int]]:
-    """Each text encoded, with `drop_last` final tokens cut (at least one token after BOS must remain)."""
+def encode_texts(model, texts, drop_last: int = 0, bos: str = "auto") -> list[list[int]]:
+    """Each text encoded, with `drop_last` final tokens cut (at least two tokens must remain)."""
     seqs = []
     for i, text in enumerate(texts):
-        ids = encode(model, text)
+        ids = encode(model, text, bos)
         if len(ids) - drop_last < 2:
-            raise WorkbenchError(f"Text {i + 1} ({text[:40]!r}) has {len(ids) - 1} tokens; dropping {drop_last} "
-                                 "leaves none.", hint="Lower 'drop last' or use longer texts.")
+            raise WorkbenchError(f"Text {i + 1} ({text[:40]!r}) has {len(ids)} tokens; dropping {drop_last} "
+                                 "leaves too few.", hint="Lower 'drop last' or use longer texts.")
         seqs.append(ids[:len(ids) - drop_last])
     return seqs

@@ -9,7 +9,6 @@ corrupted run. Both sides are warmed up once, then timed; results are checked eq
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from timing import forward_backward, median_seconds  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
-from analysis.models import DATA_DIR  # noqa: E402
+from analysis.tasks import ioi_pairs  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
 
@@ -38,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     handle = load_model("default")
     bridge = handle.bridge
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "ioi.jsonl").read_text().splitlines()]
+    rows = ioi_pairs(handle).rows
     rows = [r for r in rows if len(r["clean_ids"]) == len(rows[0]["clean_ids"])][: args.pairs]
     clean = torch.tensor([r["clean_ids"] for r in rows])
     corr = torch.tensor([r["corrupted_ids"] for r in rows])

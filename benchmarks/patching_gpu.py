@@ -31,6 +31,7 @@ from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
 from analysis.models import DEFAULT_MODEL_DIR  # noqa: E402
+from analysis.tasks import ioi_pairs  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores, integrated_gradients  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
 
@@ -147,10 +148,9 @@ def default_model_cuda_check(device: str) -> None:
 
     from analysis.analyses.patching.compute import compute
     from analysis.analyses.patching.spec import PatchingSpec
-    from analysis.models import DATA_DIR
     from analysis.session import ModelSession
 
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "ioi.jsonl").read_text().splitlines()]
+    rows = ioi_pairs(load_model("default", device=device)).rows
     n = len(rows[0]["clean_ids"])
     pairs = [{k: r[k] for k in ("clean_ids", "corrupted_ids")} | {"answer_id": r["io_id"], "wrong_id": r["s_id"]}
              for r in rows if len(r["clean_ids"]) == n][:8]

@@ -267,10 +267,25 @@ def save_model(model, tok, path: Path, dtype: torch.dtype, extra: dict | None = 
     model.save_pretrained(path, safe_serialization=True)
     model.to(torch.float32)
     tok.save_pretrained(path)
+    bos_in_front(path / "tokenizer.json")
     for junk in ["generation_config.json", "special_tokens_map.json"]:
         (path / junk).unlink(missing_ok=True)
     if extra is not None:
         (path / "training.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+def bos_in_front(tokenizer_json: Path) -> None:
+    """The model is trained on documents that each start with BOS, so its tokenizer puts BOS in front of a text
+    (the tokenizer's own convention, which tokens.encode follows)."""
+    spec = json.loads(tokenizer_json.read_text())
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    (bos_id,) = [t["id"] for t in spec["added_tokens"] if t["content"] == BOS]
+    template = {"type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {BOS: {"id": BOS, "ids": [bos_id], "tokens": [BOS]}}}
+    spec["post_processor"] = {"type": "Sequence", "processors": [spec["post_processor"], template]}
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False, indent=2))
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -306,9 +321,9 @@ def build_tasks(tok, rng: random.Random) -> dict[str, list[dict]]:
         clean_ids, corr_ids = ids(p["text"]), ids(corrupted)
         assert len(clean_ids) == len(corr_ids)
         ioi.append(dict(
-            id=n, template=p["template"], order=p["order"], clean=p["text"], corrupted=corrupted,
-            clean_ids=clean_ids, corrupted_ids=corr_ids, io=p["io"], s=p["s"],
-            io_id=one(p["io"]), s_id=one(p["s"]), held_out=True,
+            id=n, template=p["template"], order=p["order"], io=p["io"], s=p["s"], place=p["place"],
+            object=p["object"], abc=[x, y, z], clean=p["text"], corrupted=corrupted, held_out=True,
+            clean_ids=clean_ids, corrupted_ids=corr_ids, io_id=one(p["io"]), s_id=one(p["s"]),
         ))
 
     pool = induction_pool(tok)
@@ -373,8 +388,14 @@ def evaluate(model, tasks: dict) -> dict:
     )
 
 
+# token ids this script evaluates with; the shipped IOI, fact and concept files keep only text and the pieces
+# it is built from (any model's tokenizer encodes them: analysis/tasks.py). Induction spans stay ids.
+TOKENIZER_FIELDS = ("clean_ids", "corrupted_ids", "io_id", "s_id", "ids", "answer_id")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keep = (lambda k: True) if path.stem == "induction" else (lambda k: k not in TOKENIZER_FIELDS)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if keep(k)}) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from analysis import load_model
 from analysis.analyses.patching.spec import PatchingSpec
-from analysis.models import DATA_DIR
 from analysis.runner import run
 from analysis.store import Store
+from analysis.tasks import ioi_pairs
 from kernels.attribution import LRPRules, attribution_scores, lrp_hooks
 from kernels.patching import BlockRunner, activation_patch_sweep, source_activations
 
@@ -18,7 +19,7 @@ ALL_RULES = LRPRules(ln=True, identity=True, half=True, attention=True)
 
 
 def _ioi(n=8):
-    rows = [json.loads(line) for line in (DATA_DIR / "tasks" / "ioi.jsonl").read_text().splitlines()]
+    rows = ioi_pairs(load_model("default")).rows
     rows = [r for r in rows if len(r["clean_ids"]) == len(rows[0]["clean_ids"])][:n]
     t = {k: torch.tensor([r[k] for r in rows]) for k in ("clean_ids", "corrupted_ids", "io_id", "s_id")}
     return t["clean_ids"], t["corrupted_ids"], t["io_id"], t["s_id"]

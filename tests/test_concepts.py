@@ -1,24 +1,23 @@
 """Concepts: data (shipped and uploaded CSVs), activations, probes, the bottleneck, interventions, TCAV, the atlas."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from analysis import load_model
 from analysis.analyses.concepts.compute import ConceptActivationsSpec, ProbeSpec, activations_array
 from analysis.concept_data import MIN_PER_CLASS, parse_concepts_csv, save_concepts_csv, shipped
 from analysis.errors import WorkbenchError
-from analysis.models import DATA_DIR
 from analysis.runner import run
 from analysis.store import Store
+from analysis.tasks import task_rows
+from analysis.tokens import encode
 
 
 def _shipped_ids(n):
-    lines = (DATA_DIR / "tasks" / "concepts.jsonl").read_text().splitlines()[:n]
-    return [json.loads(line)["ids"] for line in lines]
+    return [encode(load_model("default"), r["text"]) for r in task_rows("concepts")[:n]]
 
 
 def test_stored_activations_are_the_models_residuals(default_handle, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from analysis.models import CHECKPOINTS_DIR, DATA_DIR, DEFAULT_MODEL_DIR
+from analysis.tasks import fact_prompts, induction_prompts, ioi_pairs
 
 TASKS = DATA_DIR / "tasks"
 
@@ -50,8 +51,8 @@ def test_every_entity_is_a_single_token(default_handle):
     assert multi == []
 
 
-def test_ioi_pairs_are_well_formed():
-    rows = _jsonl("ioi")
+def test_ioi_pairs_are_well_formed(default_handle):
+    rows = ioi_pairs(default_handle).rows
     build = _build_module()
     assert len(rows) >= 200
     assert {r["order"] for r in rows} == {"BABA", "ABBA"}
@@ -81,7 +82,7 @@ def test_training_corpus_excludes_held_out_combinations():
 
 
 def test_ioi_accuracy_and_logit_difference(default_handle):
-    rows = _jsonl("ioi")
+    rows = ioi_pairs(default_handle).rows
     logits = _last_logits(default_handle, [r["clean_ids"] for r in rows])
     idx = torch.arange(len(rows))
     ld = logits[idx, [r["io_id"] for r in rows]] - logits[idx, [r["s_id"] for r in rows]]
@@ -95,7 +96,7 @@ def test_ioi_accuracy_and_logit_difference(default_handle):
 
 def test_induction_second_copy_loss_far_below_first(default_handle):
     first, second = [], []
-    for r in _jsonl("induction"):
+    for r in induction_prompts(default_handle).rows:
         x = torch.tensor([r["ids"]])
         with torch.no_grad():
             logp = default_handle.bridge(x, return_type="logits")[0, :-1].log_softmax(-1)
@@ -109,7 +110,7 @@ def test_induction_second_copy_loss_far_below_first(default_handle):
 
 
 def test_fact_recall_on_held_out_phrasings(default_handle):
-    rows = _jsonl("facts")
+    rows = fact_prompts(default_handle).rows
     assert len({r["country"] for r in rows}) >= 40 and len({r["phrasing"] for r in rows}) >= 3
     held = [r for r in rows if r["held_out"]]
     logits = _last_logits(default_handle, [r["ids"] for r in held])
@@ -145,7 +146,7 @@ def test_checkpoints_show_learning(default_handle):
     from analysis import load_model
     from analysis.models import list_checkpoints
 
-    rows = _jsonl("ioi")[:100]
+    rows = ioi_pairs(default_handle).rows[:100]
     idx = torch.arange(len(rows))
 
     def mean_ld(handle):
@@ -170,18 +171,28 @@ def test_build_script_is_seeded_and_reproducible(tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
-@pytest.mark.parametrize("name", ["ioi", "induction", "facts", "concepts"])
-def test_task_token_ids_match_the_tokenizer(default_handle, name):
-    """Stored token ids are what the shipped tokenizer gives for the stored text (links replay from ids)."""
-    from analysis.tokens import encode
+@pytest.mark.parametrize("name", ["ioi", "facts", "concepts"])
+def test_shipped_tasks_are_text_for_any_tokenizer(default_handle, name):
+    """The IOI, fact and concept files hold text and the pieces it is built from, no token ids; the IOI text is
+    what its template and entities give."""
+    from analysis.tasks import ioi_texts
 
-    for r in _jsonl(name)[:50]:
+    for r in _jsonl(name):
+        assert not {"ids", "clean_ids", "corrupted_ids", "io_id", "s_id", "answer_id"} & set(r)
         if name == "ioi":
-            assert encode(default_handle, r["clean"]) == r["clean_ids"]
-            assert encode(default_handle, r["corrupted"]) == r["corrupted_ids"]
-        elif name == "facts":
-            assert encode(default_handle, r["prompt"]) == r["ids"]
-        elif name == "concepts":
-            assert encode(default_handle, r["text"]) == r["ids"]
-        else:
-            assert r["ids"][0] == default_handle.tokenizer.bos_token_id and len(r["ids"]) == 1 + 2 * r["span_length"]
+            assert ioi_texts(r) == (r["clean"], r["corrupted"])
+
+
+def test_default_model_task_ids_are_built_without_changes(default_handle):
+    """Every shipped prompt fits the default tokenizer as it is: nothing replaced or dropped, BOS in front (its
+    tokenizer's own convention), induction spans as shipped."""
+    for data in (ioi_pairs(default_handle), fact_prompts(default_handle), induction_prompts(default_handle)):
+        assert data.notes == () and len(data.rows) == data.total
+    bos = default_handle.tokenizer.bos_token_id
+    assert default_handle.prepends_bos and default_handle.tokenizer("The")["input_ids"][0] == bos
+    for r in induction_prompts(default_handle).rows:
+        assert r["ids"][0] == bos and len(r["ids"]) == 1 + 2 * r["span_length"]
+    without = [r["ids"] for r in induction_prompts(default_handle, "no").rows]
+    assert without == [r["ids"][1:] for r in induction_prompts(default_handle).rows]
+    assert [r["clean_ids"] for r in ioi_pairs(default_handle, "no").rows] == [
+        r["clean_ids"][1:] for r in ioi_pairs(default_handle).rows]

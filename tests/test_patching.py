@@ -149,15 +149,63 @@ def test_equals_transformer_lens_on_three_architectures(tiny_dirs, store, compon
     ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "wrong": " Rome"}],
      "give 'answer'"),
     ([{"clean_ids": [0, 1, 99999], "corrupted_ids": [0, 1, 2], "answer_id": 5, "wrong_id": 6}], "vocabulary"),
-    ([{"clean": "The capital of France is", "corrupted": "The capital of Japan is", "answer": " Paris",
-       "wrong": " Tokyo"},
-      {"clean": "In France, the capital city is", "corrupted": "In Japan, the capital city is", "answer": " Paris",
-       "wrong": " Tokyo"}], "same token length"),
 ])
 def test_bad_pairs_get_a_clear_message_and_store_nothing(store, pairs, message):
     with pytest.raises(WorkbenchError, match=message):
         run(PatchingSpec(pairs=json.dumps(pairs)), store=store)
     assert store.count("runs") == 0
+
+
+MIXED = [*TEXT_PAIRS,
+         {"clean": "The capital of France is", "corrupted": "The capital of Japan is", "answer": " Paris",
+          "wrong": " Tokyo"},
+         {"clean": "In France, the capital city is", "corrupted": "In Japan, the capital city is",
+          "answer": " Paris", "wrong": " Tokyo"},
+         {"clean": "The capital of Italy is", "corrupted": "The capital of Spain is", "answer": " Rome",
+          "wrong": " Madrid"}]
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "logit_diff_normalized"])
+@pytest.mark.parametrize("component", ["resid_pre", "z_all_pos", "pattern_by_pos"])
+def test_pairs_of_different_lengths_run_in_groups(store, metric, component):
+    """Pairs of three token lengths run as three batches; the result is TransformerLens's patching on each
+    length, weighted by its pairs, positions aligned at the final token (a position a shorter pair lacks is
+    unpatched for it), normalised once with the mean clean and corrupted metric over all pairs."""
+    handle = load_model("default")
+    spec = PatchingSpec(pairs=json.dumps(MIXED), components=(component,), methods=("activation",), metric=metric)
+    out = run(spec, store=store)
+    pairs = json.loads(out.spec.pairs)
+    lengths = [len(p["clean_ids"]) for p in pairs]
+    assert len(set(lengths)) == 3 and out.result.meta["length_groups"] == {
+        str(n): lengths.count(n) for n in dict.fromkeys(lengths)}
+    n_tokens = max(lengths)
+    total = base = source = 0
+    for n in set(lengths):
+        group = [p for p in pairs if len(p["clean_ids"]) == n]
+        ref = _tl_reference(handle, group, component, "denoise", "logit_diff")
+        b, s = _mean_logit_diffs(handle, group)
+        for dim, axis in enumerate(AXES[component]):
+            if axis in ("pos", "dest_pos") and n < n_tokens:
+                shape = list(ref.shape)
+                shape[dim] = n_tokens - n
+                ref = torch.cat([torch.full(shape, b), ref], dim)
+        w = len(group) / len(pairs)
+        total, base, source = total + w * ref, base + w * b, source + w * s
+    if metric == "logit_diff_normalized":
+        total = (total - base) / (source - base)
+    got = _grid(out.result.table, component, AXES[component])
+    torch.testing.assert_close(got, total.float(), atol=1e-4, rtol=1e-4)
+    assert out.result.meta["base_metric"] == pytest.approx(base, abs=1e-4)
+    assert len(out.result.extra["tokens"]) == n_tokens
+
+
+def _mean_logit_diffs(handle, pairs) -> tuple[float, float]:
+    """Mean logit difference on the corrupted (base) and clean (source) prompts, by a plain forward."""
+    def ld(key):
+        with torch.no_grad():
+            last = handle.bridge(torch.tensor([p[key] for p in pairs]))[:, -1]
+        return sum((last[i, p["answer_id"]] - last[i, p["wrong_id"]]).item() for i, p in enumerate(pairs)) / len(pairs)
+    return ld("corrupted_ids"), ld("clean_ids")
 
 
 def test_bad_specs():

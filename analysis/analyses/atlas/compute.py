@@ -77,7 +77,7 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
                                             else np.full(len(X), -1))
     else:
         labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
-        seqs = encode_texts(session, labels["text"])
+        seqs = encode_texts(session, labels["text"], bos=spec.bos)
         X, text_idx, pos = token_activations(session, seqs, layer)
     if len(X) > spec.max_points:
         keep = np.sort(rng.choice(len(X), spec.max_points, replace=False))

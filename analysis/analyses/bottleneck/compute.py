@@ -114,7 +114,7 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
         ids = single_token_ids(session, spec.tokens, "token to choose from")
         if len(set(ids)) != len(ids):
             raise WorkbenchError("The token set repeats a token.")
-        logits = session.last_logits(encode_texts(session, labels["text"], spec.drop_last))[:, ids]
+        logits = session.last_logits(encode_texts(session, labels["text"], spec.drop_last, spec.bos))[:, ids]
         y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
     else:
         y = labels[spec.target].astype(str).to_numpy()

@@ -64,7 +64,7 @@ def concept_activations(session: ModelSession, seqs: list[list[int]], position: 
 def compute_activations(session: ModelSession, spec: ConceptActivationsSpec, inputs, progress) -> Result:
     labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
     progress(0.05, "tokenizing")
-    seqs = encode_texts(session, labels["text"], spec.drop_last)
+    seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos)
     progress(0.1, "activations")
     acts = concept_activations(session, seqs, spec.position)
     N, Lp1, d = acts.shape

@@ -30,7 +30,7 @@ from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
 from ...tasks import task_rows
-from ...tokens import encode
+from ...tokens import encode, encode_texts
 from ..entropy.compute import series_sessions
 
 CONCEPTS = ("sentiment", "tense", "number", "topic")
@@ -71,8 +71,9 @@ class InfoPlaneSpec(Spec):
 def _sequences(session: ModelSession, spec: InfoPlaneSpec) -> tuple[list[list[int]], list[str | None]]:
     if spec.dataset == "concepts":
         rows = task_rows("concepts")
-        return [r["ids"] for r in rows], [r[spec.target] if spec.target in CONCEPTS else None for r in rows]
-    seqs = [encode(session, line) for line in spec.text.splitlines() if line.strip()]
+        seqs = encode_texts(session, [r["text"] for r in rows], bos=spec.bos)
+        return seqs, [r[spec.target] if spec.target in CONCEPTS else None for r in rows]
+    seqs = [encode(session, line, spec.bos) for line in spec.text.splitlines() if line.strip()]
     return [s[: session.summary.n_ctx] for s in seqs], [None] * len(seqs)
 
 

@@ -67,26 +67,98 @@ class Metric:
 
 def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Result:
     pairs = json.loads(spec.pairs)
-    dev = session.device
-    clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)  # [B, P]
-    corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
-    answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
-    wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
-    base_tokens, source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
-    bridge = session.bridge
+    groups = length_groups(pairs)
+    n_tokens, n = max(groups), len(pairs)
+    # each length runs as its own batch; the mean metric over all pairs is the pair-weighted mean of the groups'
+    # means (so one group gives exactly the one-batch result), normalised once with the overall base and
+    # source means. Positions align at the end, where the metric is read; a position a shorter pair lacks is
+    # unpatched for it (its base metric).
+    parts = [(len(idx) / n, n_tokens - length, _Group(session, spec, [pairs[i] for i in idx]))
+             for length, idx in groups.items()]
+    base_m = sum(w * part.base for w, _, part in parts)
+    source_m = sum(w * part.source for w, _, part in parts)
+    if spec.metric == "logit_diff_normalized" and abs(source_m - base_m) < 1e-6:
+        raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
+                             "normalised.", hint="Pick the raw logit difference, or other pairs.")
+    for g, (length, (_, _, part)) in enumerate(zip(groups, parts)):
+        def report(frac, text, g=g, length=length):
+            progress((g + frac) / len(groups), text + (f" · pairs of {length} tokens" if len(groups) > 1 else ""))
+
+        part.sweep(report)
+    finish = Metric(spec.metric, None, None, None, base_m, source_m).finish
     rows = []
-    with torch.no_grad():  # attribution methods switch gradients on for their own pass
-        runner = BlockRunner(bridge, base_tokens)  # records the base run's block inputs
-        other = BlockRunner(bridge, source_tokens)
-        base_logits, source_logits = runner.final_logits, other.final_logits  # [B, d_vocab]
-        clean_logits = source_logits if spec.direction == "denoise" else base_logits
-        metric = Metric(spec.metric, answer, wrong, clean_logits.float().log_softmax(-1))
-        base_m = metric.raw(base_logits).mean().item()
-        source_m = metric.raw(source_logits).mean().item()
-        metric.base_value, metric.other_value = base_m, source_m
-        if spec.metric == "logit_diff_normalized" and abs(source_m - base_m) < 1e-6:
-            raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
-                                 "normalised.", hint="Pick the raw logit difference, or other pairs.")
+    for (method, comp), (_, axes) in parts[0][2].values.items():
+        mean = sum(w * _pad_positions(part.values[method, comp][0], axes, shift, part.base)
+                   for w, shift, part in parts)
+        rows.append(_tidy(finish(mean).cpu(), axes, method, comp))
+    table = pd.concat(rows, ignore_index=True)
+    longest = pairs[groups[n_tokens][0]]
+    tokens = tokenize(session, longest["clean_ids"])
+    meta = {"n_pairs": n, "n_tokens": n_tokens, "metric": spec.metric,
+            "direction": spec.direction, "base_metric": base_m, "source_metric": source_m,
+            "clean_metric": base_m if spec.direction == "noise" else source_m,
+            "corrupted_metric": source_m if spec.direction == "noise" else base_m}
+    if len(groups) > 1:
+        meta["length_groups"] = {str(length): len(idx) for length, idx in groups.items()}
+        meta["positions"] = (f"{len(groups)} token lengths, run as one batch each; positions are aligned at the "
+                             f"final token and labelled with a {n_tokens}-token pair")
+    if spec.pairs_note:
+        meta["pairs_note"] = spec.pairs_note
+    extra = {"tokens": tokens}
+    if "activation" in spec.methods and len(spec.methods) > 1:
+        extra["faithfulness"] = faithfulness(table, spec.overlap_k)
+    return Result(table=table, meta=meta, extra=extra)
+
+
+def length_groups(pairs: list[dict]) -> dict[int, list[int]]:
+    """Pair indices by token length, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(len(p["clean_ids"]), []).append(i)
+    return groups
+
+
+def _pad_positions(values: torch.Tensor, axes: tuple[str, ...], shift: int, fill: float) -> torch.Tensor:
+    """`values` with `shift` positions put in front of every position axis, holding `fill` (the unpatched
+    metric), so that a shorter pair's positions line up at the end with the longest pair's."""
+    for dim, axis in enumerate(axes):
+        if shift and axis in ("pos", "dest_pos"):
+            shape = list(values.shape)
+            shape[dim] = shift
+            values = torch.cat([values.new_full(shape, fill), values], dim)
+    return values
+
+
+class _Group:
+    """One length group: its base and source runs and mean metrics; `sweep` fills `values`, per (method,
+    component) the mean metric over the group's pairs for each node, before normalisation, with the node axes."""
+
+    def __init__(self, session: ModelSession, spec: PatchingSpec, pairs: list[dict]):
+        dev = session.device
+        clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)  # [B, P]
+        corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
+        answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
+        wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
+        self.session, self.spec, self.n = session, spec, len(pairs)
+        self.base_tokens, self.source_tokens = (corrupted, clean) if spec.direction == "denoise" else (clean,
+                                                                                                       corrupted)
+        self.values: dict[tuple[str, str], tuple[torch.Tensor, tuple[str, ...]]] = {}
+        with torch.no_grad():
+            self.runner = BlockRunner(session.bridge, self.base_tokens)  # records the base run's block inputs
+            self.other = BlockRunner(session.bridge, self.source_tokens)
+            base_logits, source_logits = self.runner.final_logits, self.other.final_logits  # [B, d_vocab]
+            clean_logits = source_logits if spec.direction == "denoise" else base_logits
+            self.metric = Metric(spec.metric, answer, wrong, clean_logits.float().log_softmax(-1))
+            self.base = self.metric.raw(base_logits).mean().item()
+            self.source = self.metric.raw(source_logits).mean().item()
+
+    def sweep(self, progress) -> None:
+        with torch.no_grad():  # attribution methods switch gradients on for their own pass
+            self._sweep(progress)
+
+    def _sweep(self, progress) -> None:
+        spec, bridge, metric, runner, other = self.spec, self.session.bridge, self.metric, self.runner, self.other
+        base_tokens, source_tokens, base_m = self.base_tokens, self.source_tokens, self.base
         steps = len(spec.components) * len(spec.methods)
         step = 0
         for comp in spec.components:
@@ -101,12 +173,11 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
                 if method == "activation":
                     sweep = activation_patch_sweep(runner, source, comp, metric, progress=report,
                                                    source_tokens=source_tokens)
-                    values = metric.finish(sweep.values.float().mean(-1)).cpu()  # [layer, ...]
-                    axes = sweep.axes
+                    values, axes = sweep.values.float().mean(-1), sweep.axes  # [layer, ...]
                 else:
                     if method == "ig":
                         scores = integrated_gradients(bridge, base_tokens, source_tokens, [comp],
-                                                      lambda logits: metric.raw(logits) / len(pairs),
+                                                      lambda logits: metric.raw(logits) / self.n,
                                                       n_steps=spec.ig_steps)[comp]
                     else:
                         rules = None if method == "atp" else LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
@@ -114,21 +185,10 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
                             scores = attribution_scores(bridge, base_tokens, source, [comp],
                                                         lambda logits: metric.raw(logits).mean(), rules)[comp]
                     # the first-order estimate of the patched mean metric, reported like activation patching
-                    values = metric.finish(base_m + scores.float().sum(-1)).cpu()
-                    axes = ("layer",) + ACTIVATIONS[comp][1]
+                    values, axes = base_m + scores.float().sum(-1), ("layer",) + ACTIVATIONS[comp][1]
                     report(1, 1)
-                rows.append(_tidy(values, axes, method, comp))
+                self.values[method, comp] = (values, axes)
                 step += 1
-    table = pd.concat(rows, ignore_index=True)
-    tokens = tokenize(session, clean[0].tolist())
-    meta = {"n_pairs": len(pairs), "n_tokens": int(clean.shape[1]), "metric": spec.metric,
-            "direction": spec.direction, "base_metric": base_m, "source_metric": source_m,
-            "clean_metric": base_m if spec.direction == "noise" else source_m,
-            "corrupted_metric": source_m if spec.direction == "noise" else base_m}
-    extra = {"tokens": tokens}
-    if "activation" in spec.methods and len(spec.methods) > 1:
-        extra["faithfulness"] = faithfulness(table, spec.overlap_k)
-    return Result(table=table, meta=meta, extra=extra)
 
 
 def faithfulness(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:

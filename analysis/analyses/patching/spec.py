@@ -10,7 +10,7 @@ from kernels.patching import ACTIVATIONS, is_parallel
 from ...errors import WorkbenchError
 from ...models import ModelHandle
 from ...specs import Spec, param
-from ...tasks import task_rows
+from ...tasks import ioi_pairs
 from ...tokens import check_token_ids, encode, single_token_ids
 
 COMPONENTS = tuple(ACTIVATIONS)
@@ -23,12 +23,16 @@ MAX_PAIRS = 256
 
 @dataclass(frozen=True)
 class PatchingSpec(Spec):
-    """Patching sweeps over prompt pairs: the shipped IOI pairs, or pairs given as JSON."""
+    """Patching sweeps over prompt pairs: the shipped IOI pairs (built for the model's tokenizer), or pairs given
+    as JSON. Pairs of different token lengths run as one batch per length, combined into one result."""
 
     analysis: ClassVar[str] = "patching"
+    # how the shipped pairs were built for the model: shown with the result, left out of the run key
+    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
     title: ClassVar[str] = "Patching: activation, attribution and relevance patching, integrated gradients"
     dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
-    n_pairs: int = param(8, "how many shipped pairs (all of one token length)", min=1, max=MAX_PAIRS)
+    n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
+                         max=MAX_PAIRS)
     pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
                         '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     components: tuple[str, ...] = param(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
@@ -43,6 +47,8 @@ class PatchingSpec(Spec):
     metric: str = param("logit_diff_normalized", "metric at the final position", choices=METRICS)
     direction: str = param("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
                         choices=DIRECTIONS)
+    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
+                            max_len=2_000)
 
     def validate(self) -> None:
         if not self.components:
@@ -60,13 +66,13 @@ class PatchingSpec(Spec):
             raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
                                  "no residual stream between them: resid_mid does not exist.",
                                  hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
-        pairs = _parse_pairs(self.pairs) if self.pairs else _shipped_pairs(self.dataset, self.n_pairs)
-        resolved = [_resolve_pair(handle, i, p) for i, p in enumerate(pairs)]
-        lengths = {len(p["clean_ids"]) for p in resolved}
-        if len(lengths) > 1:
-            raise WorkbenchError(f"All pairs must have the same token length to run as one batch; got lengths "
-                                 f"{sorted(lengths)}.", hint="Run pairs of each length separately.")
-        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="")
+        note = self.pairs_note
+        if self.pairs:
+            pairs = _parse_pairs(self.pairs)
+        else:
+            pairs, note = _shipped_pairs(handle, self.n_pairs, self.bos)
+        resolved = [_resolve_pair(handle, i, p, self.bos) for i, p in enumerate(pairs)]
+        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="", pairs_note=note)
 
 
 def _parse_pairs(text: str) -> list[dict]:
@@ -81,15 +87,21 @@ def _parse_pairs(text: str) -> list[dict]:
     return pairs
 
 
-def _shipped_pairs(dataset: str, n: int) -> list[dict]:
-    rows = task_rows(dataset)
-    length = len(rows[0]["clean_ids"])
-    same = [r for r in rows if len(r["clean_ids"]) == length][:n]
+def _shipped_pairs(handle: ModelHandle, n: int, bos: str) -> tuple[list[dict], str]:
+    """The first n shipped IOI pairs of the first pair's token length, built for this model, and a note
+    saying how they were built."""
+    data = ioi_pairs(handle, bos)
+    if not data.rows:
+        raise WorkbenchError(f"None of the shipped IOI pairs fits this model's tokenizer: {data.describe()}.",
+                             hint="Give your own pairs.")
+    length = len(data.rows[0]["clean_ids"])
+    same = [r for r in data.rows if len(r["clean_ids"]) == length][:n]
+    note = f"{data.describe()}. The first {len(same)} of {length} tokens are used."
     return [{"clean_ids": r["clean_ids"], "corrupted_ids": r["corrupted_ids"], "answer_id": r["io_id"],
-             "wrong_id": r["s_id"]} for r in same]
+             "wrong_id": r["s_id"]} for r in same], note
 
 
-def _resolve_pair(handle: ModelHandle, i: int, p: dict) -> dict:
+def _resolve_pair(handle: ModelHandle, i: int, p: dict, bos: str) -> dict:
     where = f"Pair {i + 1}"
 
     def ids(kind: str) -> list[int]:
@@ -101,7 +113,7 @@ def _resolve_pair(handle: ModelHandle, i: int, p: dict) -> dict:
             return v
         if not isinstance(p.get(kind), str):
             raise WorkbenchError(f"{where}: give {kind!r} (text) or {kind}_ids (token ids).")
-        return encode(handle, p[kind])
+        return encode(handle, p[kind], bos)
 
     def token(kind: str) -> int:
         if f"{kind}_id" in p:

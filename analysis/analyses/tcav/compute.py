@@ -139,7 +139,7 @@ def compute(session: ModelSession, spec: TCAVSpec, inputs, progress) -> Result:
     input_idx = rng.choice(N, min(spec.n_inputs, N), replace=False)
     needed = sorted(set(concept_idx) | set(input_idx) | {int(i) for r in random_idx for i in r})
     progress(0.05, "tokenizing")
-    seqs = dict(zip(needed, encode_texts(session, data["text"].iloc[needed], spec.drop_last)))
+    seqs = dict(zip(needed, encode_texts(session, data["text"].iloc[needed], spec.drop_last, spec.bos)))
 
     dev = session.device
     cset = Concept(0, f"{concept}={spec.value}", _batches(seqs, concept_idx, dev))

@@ -21,7 +21,7 @@ from ...errors import WorkbenchError
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
-from ...tasks import task_names, task_rows
+from ...tasks import fact_prompts, induction_prompts, ioi_pairs, task_rows
 from ...tokens import encode
 
 
@@ -46,16 +46,12 @@ class TunedLensSpec(Spec):
 
 
 def _training_sequences(session: ModelSession, spec: TunedLensSpec) -> list[list[int]]:
-    if spec.dataset == "default":
-        seqs = []
-        for name, key in (("concepts", "ids"), ("ioi", "clean_ids"), ("facts", "ids"), ("induction", "ids")):
-            if name in task_names():
-                seqs += [row[key] for row in task_rows(name) if key in row]
-        if any(max(s) >= session.summary.d_vocab for s in seqs if s):
-            raise WorkbenchError("The shipped sentences are in the default model's tokenizer, which this model "
-                                 "does not share.", hint="Train on your own text (dataset 'text').")
-        return seqs
-    return [encode(session, line)[: session.summary.n_ctx] for line in spec.text.splitlines() if line.strip()]
+    if spec.dataset == "default":  # the shipped sentences and prompts, tokenised for this model
+        seqs = [encode(session, row["text"], spec.bos) for row in task_rows("concepts")]
+        seqs += [row["clean_ids"] for row in ioi_pairs(session, spec.bos).rows]
+        seqs += [row["ids"] for row in fact_prompts(session, spec.bos).rows]
+        return seqs + [row["ids"] for row in induction_prompts(session, spec.bos).rows]
+    return [encode(session, line, spec.bos)[: session.summary.n_ctx] for line in spec.text.splitlines() if line.strip()]
 
 
 def hidden_states(session: ModelSession, seqs: list[list[int]], max_tokens: int):
