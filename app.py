@@ -18,7 +18,7 @@ from analysis import DEFAULT_MODEL, WorkbenchError, load_model
 from analysis.models import DEVICES, DTYPES, list_checkpoints
 from analysis.registry import ANALYSES
 from analysis.settings import allow_local_folders, allow_remote_code, review_mode
-from analysis.specs import Spec
+from analysis.specs import BOS_CHOICES, Spec
 from views.common import ModelChoice, query, store
 from views.page import PageContext
 
@@ -35,7 +35,7 @@ def sidebar() -> ModelChoice | None:
     """The model picker. Returns the choice, or None (with the reason shown) if it cannot be used."""
     try:
         qp = query()
-        url = Spec.from_dict({k: qp[k] for k in ("model", "revision", "dtype") if k in qp})
+        url = Spec.from_dict({k: qp[k] for k in ("model", "revision", "dtype", "bos") if k in qp})
     except WorkbenchError as e:
         st.sidebar.error(f"This link's model settings are not valid: {e}")
         url = Spec()
@@ -60,11 +60,14 @@ def sidebar() -> ModelChoice | None:
         device = st.selectbox("Device", DEVICES, index=DEVICES.index(device_default), key="device")
         dtypes = list(DTYPES)
         dtype = st.selectbox("Dtype", dtypes, index=dtypes.index(url.dtype), key="dtype")
+        bos = st.selectbox("BOS token in front of texts", BOS_CHOICES, index=BOS_CHOICES.index(url.bos), key="bos",
+                           format_func={"auto": "as the model's tokenizer does", "yes": "always",
+                                        "no": "never"}.get)
         trust = allow_remote_code() and st.checkbox("trust_remote_code (runs the repository's own code)")
         if not name:
             st.info("Type a Hugging Face id or a local folder.")
             return None
-        choice = ModelChoice(model=name, revision=revision, dtype=dtype, device=device)
+        choice = ModelChoice(model=name, revision=revision, dtype=dtype, device=device, bos=bos)
         try:
             if review_mode():
                 rec = store().model_record(name, revision, dtype)
@@ -80,15 +83,17 @@ def sidebar() -> ModelChoice | None:
                 with st.spinner(f"Loading {name}…"):
                     handle = load_model(name, revision=revision or None, device=device, dtype=dtype,
                                         trust_remote_code=trust)
-                summary = handle.summary.as_dict()
+                summary = {**handle.summary.as_dict(), "prepends_bos": handle.prepends_bos}
         except WorkbenchError as e:
             st.error(str(e))
             return None
+        adds = summary.get("prepends_bos", True)  # records from before it was kept: every run had a BOS
         st.caption(f"{summary['architecture']} · {summary['n_params'] / 1e6:.2f} M parameters · "
-                   f"{summary['device']} · {summary['dtype']}")
+                   f"{summary['device']} · {summary['dtype']} · its tokenizer "
+                   f"{'puts a BOS token in front' if adds else 'adds no BOS token'}")
     # keep the URL in step with the model, so a copied link opens the same one
-    for k, v in {"model": name, "revision": revision, "dtype": dtype, "device": device}.items():
-        if v in ("", "auto") and k in ("revision", "device"):
+    for k, v in {"model": name, "revision": revision, "dtype": dtype, "device": device, "bos": bos}.items():
+        if v in ("", "auto") and k in ("revision", "device", "bos"):
             if k in st.query_params:
                 del st.query_params[k]
         elif st.query_params.get(k) != v:

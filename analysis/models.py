@@ -370,10 +370,32 @@ def _gguf_error(e: BaseException, req: _Request) -> WorkbenchError | None:
     if "architecture" in text and "not supported" in text:
         return WorkbenchError(f"{req.name}: {text}",
                               hint=f"GGUF architectures transformers can read: {', '.join(gguf_architectures())}.")
-    if isinstance(e, (ValueError, KeyError, IndexError, OSError, NotImplementedError)):
-        return WorkbenchError(f"Could not read the GGUF file {req.name}: {type(e).__name__}: {text[:300]}",
-                              hint="Is the file complete? Re-download or re-convert it.")
-    return None
+    return WorkbenchError(f"Could not read the GGUF file {req.name}: {type(e).__name__}: {text[:300]}",
+                          hint="Is the file complete? Re-download or re-convert it.")
+
+
+def _check_gguf(req: _Request) -> None:
+    """Read the GGUF header (metadata and tensor table, no tensor data: milliseconds) and refuse an architecture
+    or a quantisation type that transformers cannot load, naming what it can."""
+    import gguf
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    path = Path(req.target) / req.gguf_file
+    try:
+        header = GgufHeader.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a broken or truncated file
+        m = re.search(r"ggml type (\d+), which is not supported", str(e))
+        if m is None:
+            raise _gguf_error(e, req) from e
+        t = int(m.group(1))
+        name = gguf.GGMLQuantizationType(t).name if t in gguf.GGMLQuantizationType._value2member_map_ else str(t)
+        raise WorkbenchError(f"{req.name} stores tensors as {name}, which transformers cannot dequantise.",
+                             hint=f"Supported types: {', '.join(gguf_quant_types())}. Convert the file to one of "
+                                  "them (llama.cpp's llama-quantize).") from e
+    if header.architecture not in gguf_architectures():
+        raise WorkbenchError(f"{req.name} is a GGUF file of architecture {header.architecture!r}, which "
+                             "transformers cannot load from GGUF.",
+                             hint=f"GGUF architectures it can read: {', '.join(gguf_architectures())}.")
 
 
 def gguf_architectures() -> list[str]:
@@ -383,9 +405,10 @@ def gguf_architectures() -> list[str]:
 
 
 def gguf_quant_types() -> list[str]:
-    from gguf import quants
+    """The tensor types transformers reads from a GGUF file (plain floats, and the block types it dequantises)."""
+    from transformers.integrations.gguf.dequant import GGML_NAME
 
-    return ["F32", "F16", *sorted(t.name for t in quants._type_traits)]
+    return ["F32", "F16", "BF16", *(name for _, name in sorted(GGML_NAME.items()))]
 
 
 def _load_config(req: _Request):
@@ -545,6 +568,8 @@ def _describe(bridge, config, n_params: int, req: _Request, name: str) -> ModelS
 def _load(req: _Request) -> ModelHandle:
     from transformer_lens.model_bridge import TransformerBridge
 
+    if req.source == "gguf":
+        _check_gguf(req)
     config = _load_config(req)
     _check_architecture(config, req)
     n_params = _check_memory(config, req)

@@ -97,7 +97,8 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
 
     progress(0.0, f"loading {spec.model}")
     handle = load_model(spec.model, revision=spec.revision or None, device=device, dtype=spec.dtype)
-    store.remember_model(spec.model, spec.revision, spec.dtype, handle.fingerprint, handle.summary.as_dict())
+    store.remember_model(spec.model, spec.revision, spec.dtype, handle.fingerprint,
+                         {**handle.summary.as_dict(), "prepends_bos": handle.prepends_bos})
     spec = resolve_tokens(spec, handle)
     key = run_key(handle.fingerprint, spec, analysis.version)
     with store.session():
@@ -145,6 +146,9 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
     if model is None:
         raise WorkbenchError(f"Review mode: nothing has been stored for {spec.model} ({spec.dtype}).",
                              hint="Review mode only shows stored results; ask for this run in a computing app.")
+    if spec.bos == "auto":  # the tokenizer's convention, as recorded when the model was loaded (records from
+        # before it was recorded are of runs that all had a BOS in front)
+        spec = spec.replace(bos="yes" if model["summary"].get("prepends_bos", True) else "no")
     if isinstance(spec, PromptSpec) and not spec.token_ids:
         found = store.find_prompt_run(spec, analysis.version, model["fingerprint"])
         if found is None:

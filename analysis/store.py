@@ -307,11 +307,14 @@ class Store:
         rows = self._read(lambda con: con.execute(
             "SELECT spec FROM runs WHERE analysis = ? AND fingerprint = ? AND version = ? AND status = 'done' "
             "ORDER BY created DESC", [spec.analysis, fingerprint, version]).fetchall())
-        want = {k: v for k, v in spec.to_dict().items() if k != "token_ids"}
+        def options(d: dict) -> dict:  # fields added later count as their legacy value when absent
+            return {k: v for k, v in d.items() if k != "token_ids" and spec.key_legacy.get(k, object()) != v}
+
+        want = options(spec.to_dict())
         for (text,) in rows:
             stored = json.loads(text)
-            ids = stored.pop("token_ids", None)
-            if ids and stored == want:
+            ids = stored.get("token_ids")
+            if ids and options(stored) == want:
                 return ids
         return None
 

@@ -22,6 +22,7 @@ class ModelChoice:
     revision: str
     dtype: str
     device: str
+    bos: str = "auto"
 
 
 def require_model() -> ModelChoice:
@@ -62,7 +63,7 @@ def query() -> dict[str, str]:
     return qp
 
 
-MODEL_KEYS = ("model", "revision", "dtype", "device")
+MODEL_KEYS = ("model", "revision", "dtype", "device", "bos")
 
 
 def sync_url(params: dict[str, object]) -> None:
@@ -88,7 +89,7 @@ def share_link() -> str:
 
 def spec_params(spec) -> dict[str, object]:
     d = spec.to_dict()
-    return {k: v for k, v in d.items() if k not in ("model", "revision", "dtype")}
+    return {k: v for k, v in d.items() if k not in MODEL_KEYS}
 
 
 def downloads(outcome: RunOutcome, figures: dict, title: str, link: str) -> None:

@@ -112,7 +112,8 @@ class PageContext:
 
     def make_spec(self, spec_cls: type[Spec], model: common.ModelChoice, url: Spec, values: dict) -> Spec:
         """The spec from the link's fields, the widgets' values over them, and the sidebar's model."""
-        data = {**url.to_dict(), **values, "model": model.model, "revision": model.revision, "dtype": model.dtype}
+        data = {**url.to_dict(), **values, "model": model.model, "revision": model.revision, "dtype": model.dtype,
+                "bos": model.bos}
         return spec_cls.from_dict(data)
 
     # -- running, sharing ------------------------------------------------------------------------------------
