@@ -59,8 +59,13 @@ def render(ctx) -> None:
     outcome = ctx.run(make, model)
     result = outcome.result
     table, tokens, meta = result.table, result.extra["tokens"], result.meta
-    st.caption(f"{meta['n_pairs']} pairs of {meta['n_tokens']} tokens · {meta['metric']} · clean "
-               f"{meta['clean_metric']:.3f} · corrupted {meta['corrupted_metric']:.3f}")
+    lengths = meta.get("length_groups")
+    size = (f"of {len(lengths)} token lengths ({', '.join(f'{n} × {k}' for k, n in lengths.items())} tokens), "
+            "positions aligned at the final token" if lengths else f"of {meta['n_tokens']} tokens")
+    st.caption(f"{meta['n_pairs']} pairs {size} · {meta['metric']} · clean {meta['clean_metric']:.3f} · "
+               f"corrupted {meta['corrupted_metric']:.3f} · BOS in front: {outcome.spec.bos}")
+    if meta.get("pairs_note"):
+        st.caption(f"Shipped IOI pairs for this model: {meta['pairs_note']}")
 
     done_methods = list(dict.fromkeys(table["method"]))
     done_components = list(dict.fromkeys(table["component"]))

@@ -96,7 +96,7 @@ def _shipped_pairs(handle: ModelHandle, n: int, bos: str) -> tuple[list[dict], s
                              hint="Give your own pairs.")
     length = len(data.rows[0]["clean_ids"])
     same = [r for r in data.rows if len(r["clean_ids"]) == length][:n]
-    note = f"{data.describe()}. The first {len(same)} of {length} tokens are used."
+    note = f"{data.describe()}. Used: the first {len(same)} pairs of {length} tokens."
     return [{"clean_ids": r["clean_ids"], "corrupted_ids": r["corrupted_ids"], "answer_id": r["io_id"],
              "wrong_id": r["s_id"]} for r in same], note
 
