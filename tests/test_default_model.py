@@ -196,3 +196,36 @@ def test_default_model_task_ids_are_built_without_changes(default_handle):
     assert without == [r["ids"][1:] for r in induction_prompts(default_handle).rows]
     assert [r["clean_ids"] for r in ioi_pairs(default_handle, "no").rows] == [
         r["clean_ids"][1:] for r in ioi_pairs(default_handle).rows]
+
+
+# Run keys of each analysis's default spec (a prompt where it takes one) on the default model, as derived by the
+# code before issue 13 moved the task data to text and made the BOS token follow the tokenizer: stores written
+# before then must open as hits. A deliberate version bump of an analysis changes its key here too.
+KEYS_BEFORE_ISSUE_13 = {
+    "model": "27694af2770be7e137ddf51d5201f04d",
+    "patching": "bdd9460526a2b6bf0572af5ebb00268a",
+    "lens": "f008e8f96c7e5a32874c26bad4a4fcf7",
+    "tuned_lens": "5fa0cc683071040e7910a07f4c780585",
+    "entropy": "94ff56cd4de71c416e8fac527252d8a6",
+    "infoplane": "9157b9e8583021bb492487313b7748a2",
+    "concept_activations": "788451ceb00cb650a82cce10a604014e",
+    "probes": "77ac8873bf83fc907015c6cfd139dc55",
+    "bottleneck": "b0ce9b898a80c30f9022d8d0c215ccab",
+    "intervention": "90be70bf22062739ed7e78d7f2c11c8b",
+    "tcav": "a1795d48d0c762d2a950ecfc03f71e22",
+    "atlas": "0fe5fccb6db16dea0325a0ea9416c007",
+    "quant_sensitivity": "03d5030ee4d44353a1dd7563f14523af",
+    "quant_allocation": "c3eb9b2c4beefcf8f84d851dc9549894",
+}
+
+
+def test_run_keys_are_those_stores_were_written_with(default_handle):
+    from analysis.registry import ANALYSES
+    from analysis.runner import resolve_tokens, run_key
+    from analysis.specs import PromptSpec
+
+    got = {}
+    for a in ANALYSES:
+        spec = a.spec(prompt="The capital of France is") if issubclass(a.spec, PromptSpec) else a.spec()
+        got[a.spec.analysis] = run_key(default_handle.fingerprint, resolve_tokens(spec, default_handle), a.version)
+    assert got == KEYS_BEFORE_ISSUE_13
