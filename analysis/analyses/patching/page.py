@@ -21,7 +21,8 @@ METHOD_NAMES = {"activation": "activation patching", "atp": "attribution patchin
 WIDGETS = {
     "dataset": Widget("Prompt pairs", "radio", labels={"ioi": "Shipped IOI pairs", "": "My pairs (JSON)"}),
     "n_pairs": Widget("IOI pairs"),
-    "pairs": Widget("Pairs: clean / corrupted prompts of equal token length, single-token answers", "text_area",
+    "pairs": Widget("Pairs: clean / corrupted prompts (equal length within a pair; other lengths run in groups), "
+                    "single-token answers", "text_area",
                     height=140),
     "methods": Widget(labels=METHOD_NAMES),
     "direction": Widget(labels={"denoise": "clean → corrupted", "noise": "corrupted → clean"}),
