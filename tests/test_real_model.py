@@ -15,7 +15,7 @@ import torch
 
 from analysis import WorkbenchError, load_model
 from analysis.models import MODEL_CACHE, file_fingerprint
-from analysis.registry import ANALYSES
+from analysis.registry import ANALYSES, get_analysis
 from analysis.runner import run
 from analysis.specs import PromptSpec
 from analysis.store import Store
@@ -164,7 +164,7 @@ SMALL = {
 
 
 def _spec(name: str, **fields):
-    cls = next(a.spec for a in ANALYSES if a.spec.analysis == name)
+    cls = get_analysis(name).spec
     if issubclass(cls, PromptSpec):
         fields.setdefault("prompt", PROMPT)
     return cls(model=str(GGUF), **fields)
