@@ -152,8 +152,7 @@ def standard_page(spec: type[Spec], figures: Callable[[Result], dict] | None = N
     metadata), the run, the analysis's figures and its table, share and export."""
     def render(ctx) -> None:
         st = ctx.st
-        st.title(title or spec.title)
-        model = ctx.require_model()
+        model = ctx.start(title or spec.title)
         url = ctx.link(spec, defaults)
         fields = [f.name for f in dataclasses.fields(spec) if f.name not in ("model", "revision", "dtype", "token_ids")]
         with st.form(spec.analysis):

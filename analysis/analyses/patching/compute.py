@@ -37,11 +37,9 @@ from .spec import RELP_RULES, PatchingSpec
 class Metric:
     """Per-row metric on final-position logits [rows, d_vocab]; rows are (patch, prompt)."""
 
-    def __init__(self, name: str, answer: torch.Tensor, wrong: torch.Tensor, clean_logprobs: torch.Tensor,
-                 base_value: float = 0.0, other_value: float = 1.0):
+    def __init__(self, name: str, answer: torch.Tensor, wrong: torch.Tensor, clean_logprobs: torch.Tensor):
         self.name, self.answer, self.wrong = name, answer, wrong
         self.clean_logprobs = clean_logprobs  # [B, d_vocab]
-        self.base_value, self.other_value = base_value, other_value
 
     def raw(self, logits: torch.Tensor) -> torch.Tensor:
         B = self.answer.shape[0]
@@ -58,11 +56,13 @@ class Metric:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return self.raw(logits)
 
-    def finish(self, mean_values: torch.Tensor) -> torch.Tensor:
-        """Batch-mean values -> reported values (normalisation works on batch means, as in the IOI papers)."""
-        if self.name != "logit_diff_normalized":
-            return mean_values
-        return (mean_values - self.base_value) / (self.other_value - self.base_value)
+
+def finish(metric: str, mean_values: torch.Tensor, base: float, source: float) -> torch.Tensor:
+    """Mean metric values -> reported values: the normalised logit difference is 0 at the unpatched base run and
+    1 at the other run (normalisation works on means over pairs, as in the IOI papers)."""
+    if metric != "logit_diff_normalized":
+        return mean_values
+    return (mean_values - base) / (source - base)
 
 
 def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Result:
@@ -85,12 +85,11 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
             progress((g + frac) / len(groups), text + (f" · pairs of {length} tokens" if len(groups) > 1 else ""))
 
         part.sweep(report)
-    finish = Metric(spec.metric, None, None, None, base_m, source_m).finish
     rows = []
     for (method, comp), (_, axes) in parts[0][2].values.items():
         mean = sum(w * _pad_positions(part.values[method, comp][0], axes, shift, part.base)
                    for w, shift, part in parts)
-        rows.append(_tidy(finish(mean).cpu(), axes, method, comp))
+        rows.append(_tidy(finish(spec.metric, mean, base_m, source_m).cpu(), axes, method, comp))
     table = pd.concat(rows, ignore_index=True)
     longest = pairs[groups[n_tokens][0]]
     tokens = tokenize(session, longest["clean_ids"])
