@@ -87,6 +87,7 @@ def sidebar() -> ModelChoice | None:
         except WorkbenchError as e:
             st.error(str(e))
             return None
+        st.session_state["model_summary"] = summary  # pages pick smaller defaults for a large model from it
         adds = summary.get("prepends_bos", True)  # records from before it was kept: every run had a BOS
         st.caption(f"{summary['architecture']} · {summary['n_params'] / 1e6:.2f} M parameters · "
                    f"{summary['device']} · {summary['dtype']} · its tokenizer "

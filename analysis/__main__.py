@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                                                   "~/.cache/interp-workbench/store.duckdb]")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda [default: auto]")
         p.add_argument("--author", default="", help="recorded with the run")
+        p.add_argument("--full-defaults", action="store_true",
+                       help="keep the analysis's defaults on a large model (without it, settings not given are the "
+                            "smaller ones its page picks when the defaults would take over a minute on 2 CPU cores)")
         p.add_argument("--csv", type=Path, help="also write the tidy table as CSV")
         p.add_argument("--parquet", type=Path, help="also write the tidy table as Parquet")
         p.add_argument("--html", type=Path, help="also write a self-contained HTML report")
@@ -79,18 +82,33 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _specs_from_args(args, analysis) -> list:
+def _specs_from_args(args, analysis) -> list[tuple]:
+    """(spec, the fields given for it) for each spec the flags or the spec file describe."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(analysis.spec_cls)
              if getattr(args, f.name) is not None}
     if args.spec is None:
-        return [analysis.spec_cls.from_dict(flags)]
+        return [(analysis.spec_cls.from_dict(flags), set(flags))]
     try:
         data = json.loads(args.spec.read_text())
     except (OSError, ValueError) as e:
         raise WorkbenchError(f"Cannot read the spec file {args.spec}: {e}") from e
     items = data if isinstance(data, list) else [data]
-    return [analysis.spec_cls.from_dict({**item, **flags}) if isinstance(item, dict)
-            else analysis.spec_cls.from_dict(item) for item in items]
+    return [(analysis.spec_cls.from_dict({**item, **flags}), set(item) | set(flags)) if isinstance(item, dict)
+            else (analysis.spec_cls.from_dict(item), set()) for item in items]
+
+
+def _smaller(spec, given: set[str], device: str):
+    """The spec with its page's smaller settings for a large model in the fields not given (said on stderr)."""
+    from .models import load_model
+    from .runner import with_smaller_defaults
+
+    handle = load_model(spec.model, revision=spec.revision or None, device=device, dtype=spec.dtype)
+    spec, changed = with_smaller_defaults(spec, handle.summary, given)
+    if changed:
+        what = ", ".join(f"{k}={v!r} (default {d!r})" for k, (d, v) in changed.items())
+        print(f"{spec.analysis}: smaller settings for {spec.model}, whose defaults would take over a minute on "
+              f"2 CPU cores: {what}; --full-defaults keeps the defaults", file=sys.stderr)
+    return spec
 
 
 def _write_outputs(args, outcomes: list["RunOutcome"]) -> None:
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(save_concepts_csv(store, data, name=args.path.name))
             return 0
         analysis = REGISTRY[args.command]
-        specs = _specs_from_args(args, analysis)
+        specs = [spec if args.full_defaults else _smaller(spec, given, args.device)
+                 for spec, given in _specs_from_args(args, analysis)]
         outcomes = []
         with tqdm(total=len(specs) * 100, unit="%", file=sys.stderr, disable=None) as bar:
             for i, spec in enumerate(specs):

@@ -8,12 +8,19 @@ all use it without knowing it.
         figures=figures,                     # figures(result) -> {name: plotly Figure}, for reports
         inputs=(Needs("probes", probes_spec),),  # stored runs (or datasets) it builds on
         page=Page(...),                      # how it shows in the app (optional)
+        estimate=estimate,                   # estimate(plan) -> Estimate: peak memory and work, before a run
+        smaller=({"n": 100}, {"n": 20}),     # settings for large models, tried in order (see below)
     )
 
 `compute` is a pure function of (model session, spec, its resolved inputs, progress): it never calls the
 runner, never opens the store and never takes a lock. The runner resolves the declared inputs first (from the
 store, or by running them), opens the model session (the lock held for the whole compute) and is the only code
 that writes to the store.
+
+`estimate` (analysis/estimate.py) gives the run's peak memory by part and its work from the model's shape and the
+spec; the runner refuses a run that does not fit free memory. `smaller` is a ladder of settings: when a model is
+so large that the spec's defaults would take longer than a minute on the reference machine (2 CPU cores), pages
+and the command line start from the first rung that fits instead, and say so.
 """
 from __future__ import annotations
 
@@ -32,10 +39,12 @@ from .specs import Spec, coerce
 class Needs:
     """A stored run this analysis builds on. `spec(spec, inputs)` derives the input's spec from this one (and
     the inputs resolved before it); it returns None when this spec does not need it. The runner hands the
-    input's `RunOutcome` (its `.key` and `.result`) to compute under `name`."""
+    input's `RunOutcome` (its `.key` and `.result`) to compute under `name`. With `scaled`, the derived spec's
+    fields left at their defaults take the input analysis's smaller settings for a large model (as its page would)."""
 
     name: str
     spec: Callable[[Spec, dict[str, Any]], Spec | None]
+    scaled: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,8 @@ class Analysis:
     inputs: tuple[Input, ...] = ()
     page: Page | None = None
     description: str = ""
+    estimate: Callable[[Any], Any] | None = None  # estimate(plan: estimate.Plan) -> estimate.Estimate
+    smaller: tuple[dict, ...] = ()
 
     @property
     def name(self) -> str:
@@ -157,7 +168,7 @@ def standard_page(spec: type[Spec], figures: Callable[[Result], dict] | None = N
         fields = [f.name for f in dataclasses.fields(spec) if f.name not in ("model", "revision", "dtype", "token_ids")]
         with st.form(spec.analysis):
             values = ctx.spec_widgets(spec, url, fields, widgets)
-            st.form_submit_button("Run")
+            ctx.run_button()
         if "token_ids" in spec.field_names():  # a link's ids replay what ran while its prompt is unchanged
             values["token_ids"] = url.token_ids if values.get("prompt") == getattr(url, "prompt", None) else ()
         outcome = ctx.run(lambda: ctx.make_spec(spec, model, url, values), model)

@@ -198,6 +198,15 @@ class ModelCache:
                 self._loading.pop(key, None)
         return handle
 
+    def has(self, name: str, *, revision=None, device="auto", dtype="float32", trust_remote_code=False) -> bool:
+        """Is this model loaded (a request that cannot be resolved is not)?"""
+        try:
+            key = _resolve_request(name, revision, device, dtype, trust_remote_code).key()
+        except WorkbenchError:
+            return False
+        with self._lock:
+            return key in self._models
+
     def loaded(self) -> list[ModelHandle]:
         with self._lock:
             return list(self._models.values())

@@ -27,6 +27,7 @@ from typing import Any
 
 from .contract import Analysis, Dataset, Needs
 from .errors import WorkbenchError
+from .estimate import Estimate, Peak, check_fits, estimate_run, learn, measure_peak, smaller_defaults
 from .models import ModelHandle, load_model
 from .registry import REGISTRY, get_analysis
 from .result import Progress, Result, RunRecord, no_progress
@@ -109,12 +110,19 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
         log.info("store hit %s %s", spec.analysis, key)
         progress(1.0, "from the store")
         return RunOutcome(key, spec, cached, True, record)
-    inputs = resolve_inputs(analysis, spec, store=store, device=device, author=author, progress=progress)
+    est = estimate_run(analysis, spec, handle, store.get_dataset)
+    if est is not None:
+        check_fits(est)  # before its inputs run: a run that cannot fit is refused before anything is computed
+    inputs = resolve_inputs(analysis, spec, store=store, device=device, author=author, progress=progress,
+                            handle=handle)
     store.count_miss()
     log.info("computing %s %s", spec.analysis, key)
     t0 = time.perf_counter()
     with ModelSession(handle) as session:
         result = analysis.compute(session, spec, inputs, progress)
+    if est is not None:
+        learn(est, spec.dtype, handle.summary.d_model, time.perf_counter() - t0)
+        result.meta.setdefault("estimate", _estimate_meta(est))
     result.meta.setdefault("model_summary", handle.summary.as_dict())
     record = RunRecord(key=key, analysis=spec.analysis, spec=spec.to_dict(), model=spec.model,
                        fingerprint=handle.fingerprint, version=analysis.version, author=author,
@@ -124,16 +132,38 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
     return RunOutcome(key, spec, result, False, store.run(key) or record)
 
 
+def _estimate_meta(est: Estimate) -> dict:
+    return {"peak_bytes": est.total_bytes, "parts": dict(est.parts), "seconds": round(est.seconds, 2),
+            "flops": est.flops}
+
+
+def with_smaller_defaults(spec: Spec, summary, given: set[str] | None = None) -> tuple[Spec, dict]:
+    """`spec` with its analysis's smaller settings for this model (see contract.Analysis.smaller) in the fields
+    not in `given` (default: those still at the spec class's default); returns (spec, {field: (default, chosen)})."""
+    analysis = get_analysis(spec.analysis)
+    defaults = type(spec)()
+    if given is None:
+        given = {f for f in spec.field_names() if getattr(spec, f) != getattr(defaults, f)}
+    base = {k: v for k, v in spec.to_dict().items() if k in given or k in ("model", "revision", "dtype", "bos")}
+    chosen, _, _ = smaller_defaults(analysis, summary, base)
+    changes = {k: v for k, v in chosen.items() if k not in given}
+    if not changes:
+        return spec, {}
+    return spec.replace(**changes), {k: (getattr(defaults, k), v) for k, v in changes.items()}
+
+
 def resolve_inputs(analysis: Analysis, spec: Spec, *, store: Store, device: str = "auto", author: str = "",
-                   progress: Progress = no_progress) -> dict[str, Any]:
+                   progress: Progress = no_progress, handle: ModelHandle | None = None) -> dict[str, Any]:
     """The declared inputs of a run, in order: datasets read (the shipped one, or an upload from the store),
-    stored runs read from the store or run first."""
+    stored runs read from the store or run first (a `scaled` input with the smaller settings for a large model)."""
     inputs: dict[str, Any] = {}
     for need in analysis.inputs:
         if isinstance(need, Dataset):
             inputs[need.name] = need.load(getattr(spec, need.field), store.get_dataset)
         elif isinstance(need, Needs):
             sub = need.spec(spec, inputs)
+            if sub is not None and need.scaled and handle is not None:
+                sub, _ = with_smaller_defaults(sub, handle.summary)
             if sub is not None:
                 inputs[need.name] = run(sub, store=store, device=device, author=author, progress=progress)
         else:
@@ -162,3 +192,16 @@ def _lookup_only(spec: Spec, analysis: Analysis, store: Store) -> RunOutcome:
                              hint="Open a link to a stored result, or run it in a computing app.")
     store.count_hit()
     return RunOutcome(key, spec, result, True, store.run(key))
+
+
+def measure_run(spec: Spec, store: Store, device: str = "auto") -> tuple[Estimate | None, Peak, RunOutcome]:
+    """(estimate, measured peak, outcome) of one run, its inputs run and stored first so the peak is the run's
+    own (for tests and benchmarks)."""
+    analysis = get_analysis(spec.analysis)
+    handle = load_model(spec.model, revision=spec.revision or None, device=device, dtype=spec.dtype)
+    resolved = resolve_tokens(spec, handle)
+    resolve_inputs(analysis, resolved, store=store, device=device, handle=handle)
+    est = estimate_run(analysis, resolved, handle, store.get_dataset)
+    with measure_peak(handle.device) as peak:
+        outcome = run(spec, store=store, device=device)
+    return est, peak, outcome

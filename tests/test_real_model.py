@@ -233,3 +233,41 @@ def test_unsupported_gguf_architecture_and_quantisation_get_messages(tmp_path):
         load_model(str(quant))
     assert "Q8_K" in str(e.value) and "Q4_1" in e.value.hint
     assert MODEL_CACHE.loaded() == [h for h in MODEL_CACHE.loaded() if h.source != "gguf" or h.path == str(GGUF)]
+
+
+MEASURED = {  # settings large enough that the run's own memory shows beside the weights, small enough for CI
+    "model": {},
+    "patching": {"n_pairs": 2, "components": ("attn_out",), "methods": ("activation", "atp")},
+    "lens": {"targets": (" Paris",)},
+    "tuned_lens": {"steps": 3, "max_tokens": 1024, "batch_tokens": 128},
+    "entropy": {},
+    "infoplane": {"n_samples": 200},
+    "concept_activations": {"max_sentences": 200},
+    "probes": {"max_sentences": 200, "concepts": ("sentiment",)},
+    "bottleneck": {"max_sentences": 120, "n_random": 1, "concepts": ("sentiment", "topic")},
+    "intervention": {"max_sentences": 120, "amounts": (-1.0, 0.0, 1.0)},
+    "tcav": {"n_examples": 10, "n_random": 2, "n_inputs": 10, "layers": (15,)},
+    "atlas": {"max_sentences": 120, "method": "pca", "max_points": 500},
+    "quant_sensitivity": {"formats": ("int8-channel",), "activation_formats": (), "units": ("type",), "n_seqs": 2,
+                          "seq_len": 16, "min_samples": 2, "max_samples": 3},
+    "quant_allocation": {"formats": ("int8-channel", "int4-g32"), "n_seqs": 2, "seq_len": 16, "min_samples": 2,
+                         "max_samples": 3},
+}
+
+
+def test_estimates_match_measured_peaks_on_it(tmp_path):
+    """Every analysis on SmolLM2: the estimate within 1.5x of the peak measured in a fresh process."""
+    from test_estimate import check_within, probe
+
+    assert set(MEASURED) == {a.name for a in ANALYSES}
+    check_within(probe(str(GGUF), MEASURED, tmp_path / "s.duckdb"), list(MEASURED))
+
+
+def test_pages_pick_smaller_settings_for_it(smol):
+    """On a 135 M model the expensive analyses start from smaller settings (said by page and CLI); the
+    default model keeps its own (test_estimate.py)."""
+    from analysis.estimate import smaller_defaults
+
+    for name in ("patching", "tuned_lens", "concept_activations", "probes", "tcav", "quant_sensitivity"):
+        chosen, full, took = smaller_defaults(get_analysis(name), smol.summary, {"model": str(GGUF)})
+        assert chosen and took < full, name

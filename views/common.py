@@ -136,15 +136,47 @@ def status_line(outcome: RunOutcome) -> None:
     st.caption(f"Run `{outcome.key}` · {how}" + (" · review mode" if review_mode() else ""))
 
 
-def run_or_stop(make_spec, model: ModelChoice) -> RunOutcome:
-    """Build the spec (`make_spec()`), validate it as a link or the CLI would, and run it through the store with
-    a progress bar; a bad input gets its message and the page stops there (nothing is stored)."""
+def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = None) -> None:
+    """The run's memory and time estimate (beside the Run button when the page has one), and whether the page
+    chose smaller settings than the defaults for this model; a run that cannot fit free memory is refused here."""
+    from analysis import load_model
+    from analysis.estimate import check_fits, estimate_run, fmt_seconds
+    from analysis.registry import get_analysis
+    from analysis.runner import resolve_tokens
+
+    handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
+    est = estimate_run(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store().get_dataset)
+    if est is None:
+        return
+    text = f"Estimated {est.describe()}"
+    chosen, full, _ = (smaller or {}).get(spec.analysis, ({}, 0.0, 0.0))
+    if chosen and all(getattr(spec, k) == (tuple(v) if isinstance(v, list) else v) for k, v in chosen.items()):
+        defaults = type(spec)()
+        what = ", ".join(f"{k} {_short(v)} (default {_short(getattr(defaults, k))})" for k, v in chosen.items())
+        text += (f"  \nSmaller settings than the defaults, chosen for this model's size: {what}; the defaults would "
+                 f"take ≈ {fmt_seconds(full)} on 2 CPU cores.")
+    (slot or st).caption(text)
+    check_fits(est)
+
+
+def _short(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(map(str, v)) + ")" if len(v) <= 6 else f"({len(v)} items)"
+    return str(v)
+
+
+def run_or_stop(make_spec, model: ModelChoice, slot=None, smaller: dict | None = None) -> RunOutcome:
+    """Build the spec (`make_spec()`), validate it as a link or the CLI would, show its estimate and run it
+    through the store with a progress bar; a bad input gets its message and the page stops there (nothing is
+    stored)."""
     from analysis.runner import run
 
     progress = progress_bar()
     try:
         spec = make_spec()
         spec = type(spec).from_dict(spec.to_dict())  # the same validation as a link or the CLI
+        if not review_mode():
+            show_estimate(spec, model, slot, smaller)
         return run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
     except WorkbenchError as e:
         progress(1.0, "")  # take the bar away

@@ -14,6 +14,8 @@ import streamlit as st
 
 from analysis import WorkbenchError
 from analysis.contract import Analysis, ViewState, Widget
+from analysis.estimate import smaller_defaults
+from analysis.registry import get_analysis
 from analysis.runner import RunOutcome
 from analysis.specs import MAX_TOKENS, Spec
 from views import common
@@ -42,6 +44,8 @@ class PageContext:
 
     def __init__(self, analyses: list[Analysis]):
         self.analyses = analyses
+        self._slot = None  # the caption beside the Run button (the estimate goes there)
+        self._smaller: dict[str, tuple[dict, float, float]] = {}  # analysis -> settings chosen for the model
 
     # -- the model and the link ------------------------------------------------------------------------------
     def require_model(self) -> common.ModelChoice:
@@ -62,9 +66,32 @@ class PageContext:
 
     def link(self, spec_cls: type[Spec], defaults: dict | None = None) -> Spec:
         """The spec this page's link describes: every spec field the link carries (a field a link writes is a
-        field it reads), the defaults under them; a link that does not validate gets a message and the defaults."""
+        field it reads), the defaults under them (smaller ones for a large model, see `smaller`); a link that does
+        not validate gets a message and the defaults."""
+        defaults = {**(defaults or {}), **self.smaller(spec_cls, defaults or {})}
         return common.spec_from_link(spec_cls, [f for f in spec_cls.field_names() if f not in MODEL_FIELDS],
                                      defaults)[1]
+
+    def smaller(self, spec_cls: type[Spec], defaults: dict) -> dict:
+        """The analysis's smaller settings for the sidebar's model when its defaults would run longer than a
+        minute on 2 CPU cores (contract.Analysis.smaller); remembered so the Run button's caption can say so."""
+        model, summary = common.choice(), st.session_state.get("model_summary")
+        if model is None or not summary:
+            return {}
+        base = {**defaults, "model": model.model, "revision": model.revision, "dtype": model.dtype, "bos": model.bos}
+        try:
+            chosen, full, took = smaller_defaults(get_analysis(spec_cls.analysis), summary, base)
+        except WorkbenchError:
+            return {}
+        if chosen:
+            self._smaller[spec_cls.analysis] = (chosen, full, took)
+        return chosen
+
+    def run_button(self, label: str = "Run") -> None:
+        """The form's submit button, with the run's memory and time estimate beside it."""
+        left, right = st.columns([1, 6], vertical_alignment="center")
+        left.form_submit_button(label)
+        self._slot = right.empty()
 
     def view(self, view_cls: type[ViewState]) -> ViewState:
         """The page's view state (not part of a spec) from the link; values that do not parse are defaults."""
@@ -118,7 +145,8 @@ class PageContext:
 
     # -- running, sharing ------------------------------------------------------------------------------------
     def run(self, make_spec, model: common.ModelChoice) -> RunOutcome:
-        return common.run_or_stop(make_spec, model)
+        slot, self._slot = self._slot, None
+        return common.run_or_stop(make_spec, model, slot=slot, smaller=self._smaller)
 
     def share(self, outcome: RunOutcome, params: dict, figures: dict, title: str,
               view: ViewState | None = None) -> None:

@@ -17,11 +17,12 @@ from kernels.atlas import pca_2d, umap_2d
 
 from ... import concept_data
 from ...errors import WorkbenchError
+from ...estimate import Estimate, Plan, batches, largest
 from ...result import Result
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
 from ...tokens import encode_texts
-from ..concepts.compute import POSITIONS, activations_array
+from ..concepts.compute import POSITIONS, activations_array, activations_spec, estimate_activations, stored_activations
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,30 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
 
 
 
+
+
+UMAP_SECONDS = 4e-5  # per point and neighbour on the reference machine (after numba's first compilation)
+
+
+def estimate(plan) -> Estimate:
+    """unit=token: the texts run in batches with one layer cached, every token's activation kept (float32) before
+    sampling; unit=text: the stored activations read back (and computed first when not stored); then the 2-d
+    embedding of the points kept and the table."""
+    spec, s = plan.spec, plan.shape
+    lengths = plan.lengths(spec.max_sentences)
+    upstream = []
+    if spec.unit == "token":
+        n_points = sum(n - 1 for n in lengths)
+        peak = largest(batches(lengths), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, 1, 4))
+        kept = 2 * n_points * s.d_model * 4
+        flops = sum(s.forward_flops(r, n) for r, n in batches(lengths))
+    else:
+        n_points, peak, flops = len(lengths), 0, 0.0
+        kept = stored_activations(s, len(lengths))
+        upstream.append(estimate_activations(Plan(s, activations_spec(spec), plan.handle, plan.dataset,
+                                                  plan.get_stored)))
+    m = min(spec.max_points, n_points)
+    embed = m * s.d_model * 8 * 3 + m * spec.n_neighbors * 64
+    seconds = UMAP_SECONDS * m * spec.n_neighbors if spec.method == "umap" else 1e-8 * m * s.d_model ** 2
+    return Estimate(parts={"forward": peak, "activations": kept, "embedding": embed, "table": m * 400},
+                    flops=flops, extra_seconds=seconds, lower="max_sentences or max_points", upstream=upstream)

@@ -25,7 +25,7 @@ def section(ctx, model, common: dict):
     url, view = ctx.link(AtlasSpec), ctx.view(AtlasView)
     with st.form("atlas"):
         values = ctx.spec_widgets(AtlasSpec, url, [("method", "unit", "layer", "max_points")], WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     outcome = ctx.run(lambda: ctx.make_spec(AtlasSpec, model, url, {**values, **common}), model)
     table = outcome.result.table
     labels = [c for c in table.columns if c not in ("x", "y", "text_index", "position", "text", "token")]

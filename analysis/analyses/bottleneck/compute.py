@@ -25,11 +25,23 @@ import pandas as pd
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
+from ...estimate import Estimate, Plan
 from ...result import Result
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
 from ...tokens import encode_texts, single_token_ids
-from ..concepts.compute import POSITIONS, activations_array, best_layer, direction, split
+from ..concepts.compute import (
+    FIT_SECONDS,
+    POSITIONS,
+    activations_array,
+    best_layer,
+    direction,
+    estimate_probes,
+    forward_batches,
+    probes_spec,
+    split,
+    stored_activations,
+)
 
 PLACE_NOUNS = (" coast", " hills", " week", " final", " season", " stadium", " festival", " radio", " stage",
                " dinner", " kitchen", " lunch")
@@ -184,3 +196,19 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
         "n_train": len(tr), "n_test": len(te), "features": names, "target": spec.target,
         "behaviour_counts": {str(k): int(v) for k, v in behaviour.items()}},
         extra={"summary": summary, "random": random_t})
+
+
+def estimate(plan) -> Estimate:
+    """The stored activations read back, the texts run again for the model's choice (the last position's logits
+    of every text, float32), float64 copies of one layer for the heads; work: that forward, the full-residual
+    head and the random-direction heads, and the probes (with their activations) when not stored yet."""
+    spec, s = plan.spec, plan.shape
+    lengths = plan.lengths(spec.max_sentences, spec.drop_last)
+    n = len(lengths)
+    peak, flops = forward_batches(plan, lengths) if spec.target == "next_token" else (0, 0.0)
+    n_train = int(n * (1 - spec.test_fraction))
+    upstream = estimate_probes(Plan(s, probes_spec(spec, spec.concepts), plan.handle, plan.dataset, plan.get_stored))
+    then = peak + n * s.d_vocab * 4 + 4 * n * s.d_model * 8  # the forward, every text's logits, the heads
+    return Estimate(parts={"activations, forward and heads": stored_activations(s, n, then)},
+                    flops=flops, extra_seconds=FIT_SECONDS * n_train * (s.d_model * 3 + 10 * spec.n_random),
+                    lower="max_sentences", upstream=[upstream])

@@ -23,7 +23,7 @@ def section(ctx, model, common: dict):
     with st.form("bottleneck"):
         values = ctx.spec_widgets(BottleneckSpec, url, [("target", "tokens", "drop_last"),
                                                         ("concepts", "layer", "l1_ratio", "n_random")], WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values.update(concepts=strip_names(values["concepts"]), target=values["target"].strip())
     outcome = ctx.run(lambda: ctx.make_spec(BottleneckSpec, model, url, {**values, **common}), model)
     m = outcome.result.meta

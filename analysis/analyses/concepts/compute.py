@@ -24,6 +24,7 @@ import torch
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
+from ...estimate import Estimate, Plan, batches, largest
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -204,3 +205,57 @@ def direction(probes: Result, concept: str, layer: int, cls: str | None = None) 
 def best_layer(probes: Result, concept: str) -> int:
     t = probes.table[probes.table["concept"] == concept]
     return int(t.loc[t["accuracy"].idxmax(), "layer"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory and work before a run
+# ----------------------------------------------------------------------------------------------------------
+FIT_SECONDS = 5.5e-7  # one scikit-learn probe fit on the reference machine, per training text x width x 3 (measured)
+
+
+def activations_bytes(s, n: int) -> int:
+    """[n, L + 1, d] float32: every layer's residual of n texts."""
+    return n * (s.n_layers + 1) * s.d_model * 4
+
+
+def stored_activations(s, n: int, then: int = 0) -> int:
+    """Peak of reading stored activations back (the Parquet blob, its Arrow table, the table of per-row arrays:
+    measured at 5-6.5x the array on SmolLM2; then the stacked array and its copy), or of what stays (the table and
+    one array) plus `then`, whichever is larger."""
+    return max(6 * activations_bytes(s, n), 2 * activations_bytes(s, n) + then)
+
+
+def forward_batches(plan, lengths: list[int]) -> tuple[int, float]:
+    """(peak of the largest batch, work) of running texts of these lengths in batches of one length, every
+    layer's residual cached and stacked in float32."""
+    s = plan.shape
+    peak = largest(batches(lengths), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, s.n_layers + 1)
+                   + s.resid_bytes(r, n, s.n_layers + 1, 4))
+    return peak, sum(s.forward_flops(r, n) for r, n in batches(lengths))
+
+
+def estimate_activations(plan) -> Estimate:
+    """The texts run in batches of 64 (every layer's residual cached) into the [texts, L + 1, d] array; then its
+    table written to the store (Arrow and Parquet copies of a list column and the writers' buffers, measured at
+    about 6x the array and 64 MiB): the larger phase."""
+    spec, s = plan.spec, plan.shape
+    lengths = plan.lengths(spec.max_sentences, spec.drop_last)
+    peak, flops = forward_batches(plan, lengths)
+    acts = activations_bytes(s, len(lengths))
+    return Estimate(parts={"forward, or the store's write": max(peak + acts, 6 * acts + 64 * 2**20)}, flops=flops,
+                    lower="max_sentences")
+
+
+def estimate_probes(plan) -> Estimate:
+    """The stored activations read back (the table, the stacked array and its float32 copy), one layer's
+    training matrix in float64 for scikit-learn; work: two fits (the probe and its control) per concept and
+    layer, and the activations when they are not stored yet (`upstream`)."""
+    spec, s = plan.spec, plan.shape
+    n = min(spec.max_sentences, len(plan.lengths(spec.max_sentences)))
+    concepts = list(spec.concepts) or plan.concepts()
+    n_train = int(n * (1 - spec.test_fraction))
+    fits = 2 * len(concepts) * (s.n_layers + 1)
+    upstream = estimate_activations(Plan(s, activations_spec(spec), plan.handle, plan.dataset, plan.get_stored))
+    return Estimate(parts={"activations and fits": stored_activations(s, n, 3 * n * s.d_model * 8)},
+                    flops=0.0, extra_seconds=fits * FIT_SECONDS * n_train * s.d_model * 3,
+                    lower="max_sentences or concepts", upstream=[upstream])

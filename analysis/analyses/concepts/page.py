@@ -41,7 +41,7 @@ def probes_section(ctx, model, common: dict):
     url = ctx.link(ProbeSpec)
     with st.form("probes"):
         values = ctx.spec_widgets(ProbeSpec, url, [("concepts", "position", "test_fraction", "seed")], PROBE_WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values["concepts"] = strip_names(values["concepts"])
     outcome = ctx.run(lambda: ctx.make_spec(ProbeSpec, model, url, {**values, **common}), model)
     fig = probe_accuracy(outcome.result.table)

@@ -1,8 +1,8 @@
 """Attention and predictive entropy over one prompt, for a model or across its training checkpoints."""
 from ...contract import Analysis
-from .compute import EntropySpec, compute
+from .compute import EntropySpec, compute, estimate
 from .figures import figures
 from .page import PAGE
 
-ANALYSIS = Analysis(spec=EntropySpec, version="1", compute=compute, figures=figures, page=PAGE)
+ANALYSIS = Analysis(spec=EntropySpec, version="1", compute=compute, figures=figures, page=PAGE, estimate=estimate)
 ANALYSES = [ANALYSIS]

@@ -24,6 +24,7 @@ from kernels.entropy import attention_entropy
 from kernels.lens import lens_stats
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate, other_models_bytes
 from ...models import checkpoint_series
 from ...result import Result
 from ...session import ModelSession
@@ -112,3 +113,19 @@ def compute(session: ModelSession, spec: EntropySpec, inputs, progress) -> Resul
     return Result(table=heads_t, meta={"n_tokens": len(ids), "steps": [m["step"] for m in models]},
                   extra={"tokens": tok_df, "predictive": tok_t, "over_training": summary,
                          "models": pd.DataFrame(models)})
+
+
+def estimate(plan) -> Estimate:
+    """Per model of the series: every layer's attention pattern cached, the prompt's residuals and the lens
+    kernel's vocabulary blocks; the checkpoints' weights that are not loaded yet."""
+    spec, s, P = plan.spec, plan.shape, plan.n_tokens()
+    series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
+    rows = s.n_layers * P
+    vocab_block = min(s.d_vocab, 16384 if s.device == "cuda" else 8192)
+    blocks = min((256 if s.device == "cuda" else 64) * 2**20 * 5 // 4, rows * vocab_block * 17)
+    per_model = (s.forward_bytes(1, P) + 4 * s.n_layers * s.n_heads * P * P + s.resid_bytes(1, P, s.n_layers + 1)
+                 + 3 * rows * s.d_model * 4 + blocks)
+    return Estimate(parts={"checkpoints' weights": other_models_bytes(plan, series), "per model": per_model,
+                           "tables": len(series) * (s.n_layers * s.n_heads + rows) * 200},
+                    flops=len(series) * (2 * s.forward_flops(1, P) + 2.0 * rows * s.d_model * s.d_vocab),
+                    lower="the prompt's length or the number of checkpoints")

@@ -33,7 +33,7 @@ def render(ctx) -> None:
     with st.form("entropy"):
         values = ctx.spec_widgets(EntropySpec, url, ["prompt", "checkpoints", ("collapse_below", "fork_quantile")],
                                   WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values["token_ids"] = url.token_ids if values["prompt"] == url.prompt else ()
     outcome = ctx.run(lambda: ctx.make_spec(EntropySpec, model, url, values), model)
 

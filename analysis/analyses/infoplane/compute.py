@@ -26,6 +26,8 @@ import torch
 from kernels.information import diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information, renyi_entropy
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate, batches, largest, other_models_bytes
+from ...models import checkpoint_series
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -160,3 +162,30 @@ def compute(session: ModelSession, spec: InfoPlaneSpec, inputs, progress) -> Res
     meta = {"n_samples": len(sample), "target": spec.target, "steps": [m["step"] for m in models],
             "caveat": CAVEAT}
     return Result(table=table, meta=meta, extra={"models": pd.DataFrame(models)})
+
+
+# seconds per layer on the reference machine: the per-class conditional entropies (about linear in N) and the
+# float64 eigendecompositions of N x N Gram matrices (cubic); measured on the default model and SmolLM2
+LAYER_SECONDS_PER_N, LAYER_SECONDS_PER_N3 = 6e-4, 5e-11
+
+
+def estimate(plan) -> Estimate:
+    """Per model of the series: the texts holding the sampled positions run in batches of 64 (every layer's
+    residual cached), the sampled residuals per layer, and float64 N x N Gram matrices with their
+    eigendecompositions (about nine per layer: the entropies and the two mutual informations)."""
+    spec, s = plan.spec, plan.shape
+    series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
+    if spec.dataset == "concepts":
+        lengths = plan.text_lengths([r["text"] for r in task_rows("concepts")])
+    else:
+        lengths = [max(2, len(line) // 4) for line in spec.text.splitlines() if line.strip()]
+    N = min(spec.n_samples, max(50, sum(lengths)))
+    run = lengths[:max(1, min(len(lengths), N))]  # at most one text per sampled position
+    batch = largest(batches(run), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, s.n_layers + 1))
+    grams = 7 * N * N * 8
+    per_model = batch + (s.n_layers + 1) * N * s.d_model * 4 * 2
+    return Estimate(parts={"checkpoints' weights": other_models_bytes(plan, series), "forward": per_model,
+                           "Gram matrices": grams},
+                    flops=len(series) * s.forward_flops(len(run), max(run, default=1)),
+                    extra_seconds=len(series) * s.n_layers * (LAYER_SECONDS_PER_N * N + LAYER_SECONDS_PER_N3 * N**3),
+                    lower="n_samples (the Gram matrices grow with its square, their eigendecompositions with its cube)")

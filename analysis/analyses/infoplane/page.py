@@ -38,7 +38,7 @@ def render(ctx) -> None:
     url, view = ctx.link(InfoPlaneSpec), ctx.view(InfoPlaneView)
     with st.form("infoplane"):
         values = ctx.spec_widgets(InfoPlaneSpec, url, LAYOUT, WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     outcome = ctx.run(lambda: ctx.make_spec(InfoPlaneSpec, model, url, values), model)
 
     table = outcome.result.table

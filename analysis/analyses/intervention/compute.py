@@ -19,11 +19,12 @@ import torch
 
 from ... import concept_data
 from ...errors import WorkbenchError
+from ...estimate import Estimate, Plan
 from ...result import Result
 from ...session import ModelSession, check_layer, resid_after_name
 from ...specs import PromptSpec, param
 from ...tokens import single_token_ids
-from ..concepts.compute import POSITIONS, activations_array, direction
+from ..concepts.compute import POSITIONS, activations_array, direction, estimate_probes, probes_spec, stored_activations
 
 POSITIVE = (" lovely", " great", " delightful", " excellent", " wonderful", " pleasant")
 NEGATIVE = (" dreadful", " horrible", " disappointing", " terrible", " boring", " awful")
@@ -121,3 +122,15 @@ def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> 
                                          "concept == @spec.concept and layer == @layer")["accuracy"].iloc[0]),
                                      "concept": spec.concept, "where": spec.where},
                   extra={"groups": groups, "top": top})
+
+
+def estimate(plan) -> Estimate:
+    """The stored activations read back (for the layer's mean norm), one forward of the prompt per amount in one
+    batch (logits at every position), and the probes (with their activations) when not stored yet."""
+    spec, s, P = plan.spec, plan.shape, plan.n_tokens()
+    n = len(plan.lengths(spec.max_sentences))
+    A = len(spec.amounts)
+    upstream = estimate_probes(Plan(s, probes_spec(spec, (spec.concept,)), plan.handle, plan.dataset,
+                                    plan.get_stored))
+    return Estimate(parts={"activations and forward": stored_activations(s, n, s.forward_bytes(A, P, P, 2))},
+                    flops=s.forward_flops(A, P), lower="amounts or max_sentences", upstream=[upstream])

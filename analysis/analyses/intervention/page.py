@@ -23,7 +23,7 @@ def section(ctx, model, common: dict):
     with st.form("intervention"):
         values = ctx.spec_widgets(InterventionSpec, url, ["prompt", ("concept", "toward", "layer", "where"),
                                                           "amounts", ("tokens_up", "tokens_down")], WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values.update(concept=values["concept"].strip(), toward=values["toward"].strip(),
                   token_ids=url.token_ids if values["prompt"] == url.prompt else ())
     outcome = ctx.run(lambda: ctx.make_spec(InterventionSpec, model, url, {**values, **common}), model)

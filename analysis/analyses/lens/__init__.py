@@ -1,7 +1,7 @@
 """The logit lens and the tuned lens: every layer's residual decoded as a next-token distribution."""
 from ...contract import Analysis, Needs
 from ..tuned_lens import TunedLensSpec
-from .compute import compute
+from .compute import compute, estimate
 from .figures import figures
 from .page import PAGE
 from .spec import LensSpec
@@ -15,5 +15,5 @@ def _tuned_lens(spec: LensSpec, inputs) -> TunedLensSpec | None:
 
 
 ANALYSIS = Analysis(spec=LensSpec, version="1", compute=compute, figures=figures, page=PAGE,
-                    inputs=(Needs("tuned_lens", _tuned_lens),))
+                    inputs=(Needs("tuned_lens", _tuned_lens, scaled=True),), estimate=estimate)
 ANALYSES = [ANALYSIS]

@@ -17,6 +17,7 @@ from kernels.lens import lens_stats
 from kernels.patching import is_parallel
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...tokens import token_strings, tokenize
@@ -140,3 +141,23 @@ def compute(session: ModelSession, spec: LensSpec, inputs, progress) -> Result:
             "sites": [s for s in spec.sites if any(k[0] == s for k in keys)], "lenses": list(spec.lenses),
             **extra_meta}
     return Result(table=table, meta=meta, extra=extra)
+
+
+def estimate(plan) -> Estimate:
+    """The prompt's forward with every block's input cached, the residual rows of every (site, layer) and their
+    norms, the lens kernel's vocabulary blocks (a fixed budget: it never holds rows x vocabulary) and the tables
+    (one row per cell, k top tokens and the targets each)."""
+    spec, s, P = plan.spec, plan.shape, plan.n_tokens()
+    n_rows = len(spec.sites) * s.n_layers * P
+    lenses = len(spec.lenses)
+    vocab_block = min(s.d_vocab, 16384 if s.device == "cuda" else 8192)
+    budget = (256 if s.device == "cuda" else 64) * 2**20
+    blocks = min(budget * 5 // 4, n_rows * vocab_block * (16 + 1 + len(spec.targets or spec.target_ids)))
+    unembed = s.d_model * s.d_vocab * 4 if s.itemsize != 4 else 0  # the unembedding in float32 for the kernel
+    n_targets = len(spec.targets or spec.target_ids)
+    return Estimate(parts={"forward": s.forward_bytes(1, P) + s.resid_bytes(1, P, 2 * s.n_layers + 1),
+                           "residual rows": (2 + lenses) * n_rows * s.d_model * 4,
+                           "vocabulary blocks": blocks + unembed,
+                           "tables": lenses * n_rows * 160 * (1 + spec.top_k + n_targets)},
+                    flops=s.forward_flops(1, P) + lenses * 2.0 * (n_rows + P) * s.d_model * s.d_vocab,
+                    lower="the prompt's length or the sites")

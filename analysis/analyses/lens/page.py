@@ -35,7 +35,7 @@ def render(ctx) -> None:
     url, view = ctx.link(LensSpec, {"prompt": DEFAULT_PROMPT}), ctx.view(LensView)
     with st.form("lens"):
         values = ctx.spec_widgets(LensSpec, url, ["prompt", ("targets", "sites", "lenses", "top_k")], WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     targets = tuple(t for t in values["targets"].split(",") if t.strip())
     values["token_ids"] = url.token_ids if values["prompt"] == url.prompt else ()
     values["target_ids"] = url.target_ids if targets == url.targets else ()

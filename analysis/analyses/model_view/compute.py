@@ -5,6 +5,7 @@ import pandas as pd
 import torch
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate
 from ...models import ModelHandle
 from ...result import Result
 from ...session import ModelSession, hook_name, session_for
@@ -64,3 +65,13 @@ def attention_patterns(model: ModelSession | ModelHandle, ids: list[int],
                 "weight": pattern[head, q, kpos].numpy(),
             }))
     return pd.concat(frames, ignore_index=True)
+
+
+def estimate(plan) -> Estimate:
+    """Two forwards of the prompt (logits at every position), every layer's attention pattern cached, and the
+    attention table: one row per layer, head and (query, key) pair."""
+    s, P = plan.shape, plan.n_tokens()
+    rows = s.n_layers * s.n_heads * P * (P + 1) // 2
+    return Estimate(parts={"forward": s.forward_bytes(1, P), "patterns": 4 * s.n_layers * s.n_heads * P * P,
+                           "attention table": 120 * rows},
+                    flops=2 * s.forward_flops(1, P), lower="the prompt's length")

@@ -24,6 +24,7 @@ from kernels.attribution import LRPRules, attribution_scores, integrated_gradien
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...stats import pearson
@@ -231,3 +232,58 @@ def _tidy(values: torch.Tensor, axes: tuple[str, ...], method: str, component: s
     df.insert(0, "method", method)
     df["value"] = values.reshape(-1).numpy()
     return df[["method", "component", "layer", "pos", "head", "dest_pos", "value"]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory and work before a run
+# ----------------------------------------------------------------------------------------------------------
+def estimate(plan) -> Estimate:
+    """Two recorded runs (every block's input for the base and the other run), the other run's activations of
+    each component, the widest patched forward (kernels.patching sizes its chunks to a fixed budget) or, for the
+    gradient methods, a forward and backward of all pairs; work: each patch runs from its layer (and, by
+    position, from its position) to the end."""
+    spec, s = plan.spec, plan.shape
+    if spec.pairs:
+        lengths = [len(p["clean_ids"]) for p in json.loads(spec.pairs)]
+    else:  # the shipped IOI pairs, before they are built for the model
+        lengths = [15] * spec.n_pairs
+    groups: dict[int, int] = {}
+    for n in lengths:
+        groups[n] = groups.get(n, 0) + 1
+    B, P = max(groups.values()), max(groups)
+    recorded = 2 * s.resid_bytes(B, P, s.n_layers + 1)
+    sources = sum(s.n_layers * _component_bytes(s, c, B, P) for c in spec.components)
+    chunk = 32 * 2**20 if s.device != "cuda" else 0  # kernels.patching.default_chunk_rows' CPU budget
+    widest = chunk + s.logits_bytes(B, P, 2)
+    grads = 0
+    if any(m != "activation" for m in spec.methods):
+        steps = spec.ig_steps if "ig" in spec.methods else 1
+        grads = s.backward_bytes(B * steps, P) + 2 * sources // max(1, len(spec.components))
+    flops = 0.0
+    for n, b in groups.items():
+        full = s.forward_flops(b, n, 1)
+        flops += 2 * s.forward_flops(b, n)  # the recorded runs
+        for comp in spec.components:
+            axes = ACTIVATIONS[comp][1]
+            per_layer = (n if "pos" in axes or "dest_pos" in axes else 1) * (
+                s.n_heads if "head" in axes else 1)
+            frac = 0.25 if ("pos" in axes or "dest_pos" in axes) else 0.5  # from the layer, and the position, on
+            for m in spec.methods:
+                if m == "activation":
+                    flops += s.n_layers * per_layer * frac * full
+                else:
+                    flops += 3 * (spec.ig_steps if m == "ig" else 1) * s.forward_flops(b, n)
+    return Estimate(parts={"recorded runs": recorded, "component activations": sources,
+                           "patched forwards": widest, "gradients": grads},
+                    flops=flops, lower="n_pairs or components (z_by_pos and resid_pre are the largest sweeps)")
+
+
+def _component_bytes(s, comp: str, B: int, P: int) -> int:
+    name = ACTIVATIONS[comp][0]
+    if "pattern" in name:
+        return 4 * B * s.n_heads * P * P
+    if name.endswith(("hook_z", "hook_q")):
+        return B * P * s.n_heads * s.d_head * s.itemsize
+    if name.endswith(("hook_k", "hook_v")):
+        return B * P * s.n_kv_heads * s.d_head * s.itemsize
+    return s.resid_bytes(B, P)

@@ -52,7 +52,7 @@ def render(ctx) -> None:
     with st.form("patching"):
         values = ctx.spec_widgets(PatchingSpec, dataclasses.replace(url, pairs=url.pairs or EXAMPLE_PAIRS), LAYOUT,
                                   WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     shipped = values["dataset"] == "ioi"
     values["pairs"] = "" if shipped else values["pairs"]
     make = lambda: ctx.make_spec(PatchingSpec, model, url, values)  # noqa: E731

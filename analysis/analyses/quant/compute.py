@@ -42,6 +42,7 @@ from kernels.patching import BlockRunner
 from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weight, parse_format, squared_error
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate, Plan
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -473,3 +474,60 @@ def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs,
                                      "chosen_omega": float(total_omega[pick]), "n_assignments": int(len(bounds)),
                                      "formats": [f.name for f in fmts], "sensitivity_run": sens.key},
                   extra={"pareto": pareto, "measured": pd.DataFrame(measured)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory and work before a run
+# ----------------------------------------------------------------------------------------------------------
+def _n_matrices(s) -> int:
+    """Weight matrices quantized one at a time: attention's and the MLP's per block, the embedding and unembedding."""
+    return s.n_layers * (7 if s.gated else 6) + 2
+
+
+def _text_cost(s, n: int, t: int) -> tuple[int, float]:
+    """The model's own text: sampled a token at a time, each step a forward of the prefix."""
+    return s.forward_bytes(n, t, 1, 2), sum(s.forward_flops(n, k, 1) for k in range(1, t))
+
+
+def _hutchinson_cost(s, n: int, t: int, samples: int) -> tuple[int, float]:
+    """Gradients with their graph kept (every block's saved tensors twice over, the parameters' gradients and
+    a Rademacher vector and Hessian-vector product per parameter); work: ~4 forwards per sample."""
+    peak = 3 * s.backward_bytes(n, t) + 4 * s.weights + 2 * s.logits_bytes(n, t)
+    return peak, s.backward_flops(n, t) + samples * 4 * s.backward_flops(n, t)
+
+
+def estimate_sensitivity(plan) -> Estimate:
+    """Every block's input recorded for the evaluation text, the full-precision log-probabilities and the
+    quantized run's (float32, every position), a weight copy per quantized unit, and Hutchinson's Hessian traces;
+    work: each unit in each format reruns the model from its first block, each block input in each activation
+    format from that block."""
+    spec, s = plan.spec, plan.shape
+    n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
+    F = len(spec.formats)
+    passes = 0.0  # full-forward equivalents
+    if "matrix" in spec.units:
+        passes += F * _n_matrices(s) * 0.5
+    if "layer" in spec.units:
+        passes += F * L * 0.5
+    if "type" in spec.units:
+        passes += F * 6
+    passes += len(spec.activation_formats) * L * 0.5
+    text_peak, text_flops = _text_cost(s, n, t)
+    hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, (spec.min_samples + spec.max_samples) // 2)
+    sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights // L
+    return Estimate(parts={"sweep": max(sweep, text_peak), "Hessian traces": hutch_peak},
+                    flops=text_flops + passes * s.forward_flops(n, t) + hutch_flops,
+                    lower="n_seqs, seq_len, formats or units (matrix is the largest)")
+
+
+def estimate_allocation(plan) -> Estimate:
+    """The evaluation text's recorded run and log-probabilities, and a quantized run per candidate on the
+    frontier (about a dozen); the sensitivity run it builds on when not stored yet."""
+    spec, s = plan.spec, plan.shape
+    n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
+    text_peak, text_flops = _text_cost(s, n, t)
+    sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights
+    upstream = estimate_sensitivity(Plan(s, sensitivity_spec(spec), plan.handle))
+    return Estimate(parts={"candidates": max(sweep, text_peak)},
+                    flops=text_flops + (12 + len(spec.formats)) * s.forward_flops(n, t),
+                    lower="n_seqs or seq_len", upstream=[upstream])

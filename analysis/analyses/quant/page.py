@@ -43,7 +43,7 @@ def render(ctx) -> None:
         values = ctx.spec_widgets(QuantSensitivitySpec, url, LAYOUT, WIDGETS)
         budget = st.number_input("Size budget for the allocation (average bits per weight)", 1.0, 32.0,
                                  min(max(view.budget_bits, 1.0), 32.0), step=0.25)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values["min_samples"] = min(url.min_samples, int(values["max_samples"]))
     outcome = ctx.run(lambda: ctx.make_spec(QuantSensitivitySpec, model, url, values), model)
     result = outcome.result

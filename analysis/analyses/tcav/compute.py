@@ -25,10 +25,12 @@ from torch import nn
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
+from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession, check_layer, resid_after_name, same_length_batches
 from ...specs import Spec, param
 from ...tokens import encode_texts, single_token_ids
+from ..concepts.compute import FIT_SECONDS
 
 
 class LastTokenModel(nn.Module):
@@ -199,3 +201,34 @@ def compute(session: ModelSession, spec: TCAVSpec, inputs, progress) -> Result:
                                                   "target_id": int(target), "n_inputs": n_seen,
                                                   "inputs": [int(i) for i in input_idx]},
                   extra={"draws": pd.DataFrame(draws), "cavs": pd.DataFrame(cavs)})
+
+
+def estimate(plan) -> Estimate:
+    """The concept and random sets run once with every tested layer's last-token residual kept, a CAV fitted per
+    set and layer (scikit-learn, float64), and per batch of inputs of one length (all of them at once) one forward
+    and backward per tested layer, the logits' gradient included."""
+    spec, s = plan.spec, plan.shape
+    layers = len(spec.layers) or s.n_layers + 1
+    lengths = plan.lengths(None, spec.drop_last)
+    typical = max(set(lengths), key=lengths.count) if lengths else 14
+    share = lengths.count(typical) / max(1, len(lengths))  # the largest batch: inputs of the commonest length
+    rows = max(1, round(min(spec.n_inputs, len(lengths) or spec.n_inputs) * share))
+    n_sets = 1 + 2 * spec.n_random
+    sets_bytes = n_sets * spec.n_examples * layers * s.d_model * 4 + s.forward_bytes(spec.n_examples, typical)
+    n_tok = min(spec.n_inputs, len(lengths) or spec.n_inputs) * typical
+    flops = (n_sets * s.forward_flops(spec.n_examples, typical)
+             + layers * s.backward_flops(1, n_tok))
+    fits = 2 * spec.n_random * layers
+    return Estimate(parts={"concept sets": sets_bytes, "gradients": s.backward_bytes(rows, typical),
+                           "CAV fits": 3 * 2 * spec.n_examples * s.d_model * 8},
+                    flops=flops, extra_seconds=fits * FIT_SECONDS * 2 * spec.n_examples * s.d_model * 3,
+                    lower="n_inputs, layers or n_random")
+
+
+def spread_layers(n: int):
+    """A rung of the TCAV ladder: n layers spread evenly over the model (the embedding and the last included)."""
+    def pick(shape) -> tuple[int, ...]:
+        L = shape.n_layers
+        return tuple(sorted({round(-1 + i * L / (n - 1)) for i in range(n)}))
+
+    return pick

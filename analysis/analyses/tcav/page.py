@@ -23,7 +23,7 @@ def section(ctx, model, common: dict):
     with st.form("tcav"):
         values = ctx.spec_widgets(TCAVSpec, url, [("concept", "value", "target", "drop_last"),
                                                   ("n_examples", "n_random", "n_inputs", "layers")], WIDGETS)
-        st.form_submit_button("Run")
+        ctx.run_button()
     values.update(concept=values["concept"].strip(), value=values["value"].strip())
     outcome = ctx.run(lambda: ctx.make_spec(TCAVSpec, model, url, {**values, **common}), model)
     m = outcome.result.meta

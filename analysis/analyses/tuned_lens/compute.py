@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ...errors import WorkbenchError
+from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -107,8 +108,17 @@ class Translators(torch.nn.Module):
         return t
 
 
-def _kl_per_layer(bridge, translators, h, final, chunk: int = 256) -> np.ndarray:
+EVAL_BLOCK_BYTES = 128 * 2**20  # float32 [rows, L, vocab] temporaries of one evaluation chunk
+
+
+def eval_chunk(n_layers: int, d_vocab: int) -> int:
+    """Rows per evaluation chunk: 256, fewer where ~4 float32 [rows, L, vocab] tensors would pass the budget."""
+    return max(1, min(256, EVAL_BLOCK_BYTES // (16 * n_layers * d_vocab)))
+
+
+def _kl_per_layer(bridge, translators, h, final, chunk: int | None = None) -> np.ndarray:
     """Mean KL(final || lens) per layer over the rows of h [N, L, d]."""
+    chunk = chunk or eval_chunk(h.shape[1], bridge.cfg.d_vocab)
     out = torch.zeros(h.shape[1], dtype=torch.float64)
     with torch.no_grad():
         for c in range(0, h.shape[0], chunk):
@@ -172,3 +182,28 @@ def translate(translators: Translators, keys: list[tuple[str, int]], h: torch.Te
             idx = torch.full((n_pos,), hidden, dtype=torch.long, device=h.device)
             out[rows] = translators(h[rows].float(), idx).to(h.dtype)
     return out, ok
+
+
+def estimate(plan) -> Estimate:
+    """The hidden states entering every block for the training tokens (float32, gathered then concatenated),
+    the forward batches that cache them, and a training step: every layer's translated rows decoded to the
+    vocabulary with log-softmax, their gradients, the translators and Adam's moments."""
+    spec, s = plan.spec, plan.shape
+    T = spec.max_tokens if spec.dataset == "default" else min(spec.max_tokens, len(spec.text) // 4 + 1)
+    L, d, V = s.n_layers, s.d_model, s.d_vocab
+    rows = max(1, spec.batch_tokens // L) * L  # every layer of each sampled token
+    P = 14  # a typical shipped text (the forward batches hold 64 texts of one length)
+    batch = 64
+    n_eval = max(1, T // 10)
+    states = 2 * T * (L + 1) * d * 4
+    forward = s.forward_bytes(batch, P) + s.resid_bytes(batch, P, L + 1) * (1 + 4 // s.itemsize)
+    step = 6 * rows * V * 4 + 3 * rows * d * 4 * 3
+    translators = 4 * L * (d * d + d) * 4
+    evaluation = 4 * eval_chunk(L, V) * L * V * 4
+    flops = (s.forward_flops(T // P + 1, P)  # the hidden states
+             + spec.steps * 3 * 2.0 * (rows * V * d + rows * d * d)  # training: decode, translate, backward
+             + 2 * 2.0 * n_eval * L * V * d)  # held-out evaluation of both lenses
+    # the forward batches come first, training and evaluation after them: the peak is the larger phase
+    return Estimate(parts={"hidden states": states, "forward, or training": max(forward, step + translators,
+                                                                              evaluation + translators)},
+                    flops=flops, lower="max_tokens, batch_tokens or steps")
