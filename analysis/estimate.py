@@ -220,9 +220,9 @@ def efficiency(analysis: str, device: str) -> float:
 def learn(est: Estimate, dtype: str, width: int, seconds: float) -> None:
     """Remember how fast a finished run went against its estimated work (the next estimate's efficiency)."""
     work_s = seconds - est.extra_seconds
-    if est.flops <= 0 or work_s <= 0.05:
-        return
     rate = matmul_throughput(est.device, dtype, width)
+    if est.flops <= 0 or work_s <= 0.05 or est.flops / (rate * DEFAULT_EFFICIENCY) < 0.5:
+        return  # a short run's time is mostly fixed costs: it says little about the rate of a long one
     with _LOCK:
         seen = _EFFICIENCY.setdefault((est.analysis, est.device), [])
         seen.append(est.flops / work_s / rate)
@@ -307,14 +307,15 @@ class Plan:
 
 
 def other_models_bytes(plan: Plan, series: list[tuple[int, str, str | None]]) -> int:
-    """Weights of the models of a checkpoint series that are not loaded yet (the model cache keeps a few at once;
-    a load briefly holds about one more copy)."""
+    """Weights of the models of a checkpoint series that are not loaded yet: the model cache's free slots fill
+    up, and once it is full a load holds one model more until the least recently used one is let go."""
     from .models import MODEL_CACHE
 
     spec, shape = plan.spec, plan.shape
     missing = sum(1 for _, name, rev in series if not (name == spec.model and (rev or "") == spec.revision)
                   and not MODEL_CACHE.has(name, revision=rev, device=shape.device, dtype=spec.dtype))
-    return int(min(missing, MODEL_CACHE.max_models) * shape.weights * 1.3)
+    slots = max(0, MODEL_CACHE.max_models - len(MODEL_CACHE.loaded()))
+    return int((min(missing, slots) + (missing > slots)) * shape.weights * 1.1)
 
 
 def batches(lengths: list[int], batch: int = 64) -> list[tuple[int, int]]:

@@ -61,7 +61,8 @@ def check_layer(layer: int, n_layers: int, *, what: str = "layer", lowest: int =
 
 
 class _ModuleState:
-    """requires_grad of every parameter, training of every module, and the hook registries, of one model.
+    """requires_grad of every parameter, training of every module, and the hook registries, of one model (and
+    the last forward's tensors a module keeps, let go).
 
     Only registries that hold something are copied (most are empty), so opening a session costs a fraction of a
     forward (benchmarks/session_overhead.py)."""
@@ -94,6 +95,10 @@ class _ModuleState:
                 fwd, bwd = lens
                 m.fwd_hooks[:] = [h for h in m.fwd_hooks if any(h is k for k in fwd)]
                 m.bwd_hooks[:] = [h for h in m.bwd_hooks if any(h is k for k in bwd)]
+            if getattr(m, "_pattern", None) is not None:
+                # TransformerLens's attention bridges keep the last forward's pattern; after a run with gradients
+                # it holds that run's whole autograd graph (every block's saved tensors) until the next forward
+                m._pattern = None
 
 
 def _all_modules(handle: ModelHandle) -> list[torch.nn.Module]:

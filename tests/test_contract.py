@@ -52,6 +52,20 @@ def test_session_puts_hooks_grads_and_mode_back_even_after_an_exception(default_
     assert not default_handle.lock._is_owned()
 
 
+def test_a_gradient_run_leaves_no_autograd_graph_on_the_model(tmp_path):
+    """TransformerLens's attention bridges keep the last forward's pattern; after a run with gradients (the
+    Hessian traces of the quantization sweep) that would keep the run's whole graph (every block's saved tensors)
+    alive until the next forward. The session lets it go."""
+    import gc
+
+    spec = QuantSensitivitySpec(formats=("int8-channel",), activation_formats=(), units=("type",), n_seqs=2,
+                                seq_len=16, min_samples=2, max_samples=2)
+    run(spec, store=Store(tmp_path / "s.duckdb"))
+    gc.collect()
+    alive = [tuple(o.shape) for o in gc.get_objects() if torch.is_tensor(o) and o.grad_fn is not None]
+    assert alive == []
+
+
 def test_a_compute_that_raises_leaves_the_model_and_the_store_as_they_were(tmp_path, monkeypatch):
     entry = REGISTRY["model"]
     seen = []

@@ -131,5 +131,8 @@ def estimate(plan) -> Estimate:
     m = min(spec.max_points, n_points)
     embed = m * s.d_model * 8 * 3 + m * spec.n_neighbors * 64
     seconds = UMAP_SECONDS * m * spec.n_neighbors if spec.method == "umap" else 1e-8 * m * s.d_model ** 2
-    return Estimate(parts={"forward": peak, "activations": kept, "embedding": embed, "table": m * 400},
+    # one at a time: the last batch's forward beside the activations gathered so far, their concatenation,
+    # then the embedding of the points kept (the rest let go)
+    at_once = max(peak + kept // 2, kept, m * s.d_model * 4 + embed)
+    return Estimate(parts={"forward, activations and embedding": at_once, "table": m * 400},
                     flops=flops, extra_seconds=seconds, lower="max_sentences or max_points", upstream=upstream)
