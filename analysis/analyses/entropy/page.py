@@ -29,7 +29,7 @@ def render(ctx) -> None:
     model = ctx.start("Entropy",
                       "How sharply does each head attend, how unsure is each layer's prediction, and how do both "
                       "change over training?")
-    url, view = ctx.link(EntropySpec, {"prompt": DEFAULT_PROMPT}), ctx.view(EntropyView)
+    url, view = ctx.link(EntropySpec, PAGE.defaults), ctx.view(EntropyView)
     with st.form("entropy"):
         values = ctx.spec_widgets(EntropySpec, url, ["prompt", "checkpoints", ("collapse_below", "fork_quantile")],
                                   WIDGETS)
@@ -59,4 +59,5 @@ def render(ctx) -> None:
               f"Entropy: {values['prompt'][:60]}", view=EntropyView(step))
 
 
-PAGE = Page(title="Entropy", render=render, url_path="entropy", icon=":material/scatter_plot:", order=30)
+PAGE = Page(title="Entropy", render=render, url_path="entropy", icon=":material/scatter_plot:", order=30,
+            defaults={"prompt": DEFAULT_PROMPT})

@@ -32,7 +32,7 @@ def render(ctx) -> None:
     model = ctx.start("Lens",
                       "Each layer's residual through the final norm (recomputed on that residual) and the unembedding: "
                       "where does the prediction form?")
-    url, view = ctx.link(LensSpec, {"prompt": DEFAULT_PROMPT}), ctx.view(LensView)
+    url, view = ctx.link(LensSpec, PAGE.defaults), ctx.view(LensView)
     with st.form("lens"):
         values = ctx.spec_widgets(LensSpec, url, ["prompt", ("targets", "sites", "lenses", "top_k")], WIDGETS)
         ctx.run_button()
@@ -76,4 +76,5 @@ def render(ctx) -> None:
               view=LensView(lens, site, colour))
 
 
-PAGE = Page(title="Lens", render=render, url_path="lens", icon=":material/layers:", order=20)
+PAGE = Page(title="Lens", render=render, url_path="lens", icon=":material/layers:", order=20,
+            defaults={"prompt": DEFAULT_PROMPT})

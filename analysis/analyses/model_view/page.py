@@ -24,7 +24,7 @@ class ModelView(ViewState):
 def render(ctx) -> None:
     st = ctx.st
     model = ctx.start("Model")
-    url, view = ctx.link(ModelViewSpec, {"prompt": DEFAULT_PROMPT}), ctx.view(ModelView)
+    url, view = ctx.link(ModelViewSpec, PAGE.defaults), ctx.view(ModelView)
     values = ctx.spec_widgets(ModelViewSpec, url, ["prompt", "top_k"], WIDGETS)
     # the link's token ids replay exactly what ran, as long as the prompt is the one the link came with
     ids = url.token_ids if values["prompt"] == url.prompt else ()
@@ -66,4 +66,5 @@ def render(ctx) -> None:
               f"Model view: {values['prompt'][:60]}", view=ModelView(int(layer), int(head)))
 
 
-PAGE = Page(title="Model", render=render, url_path="model", icon=":material/neurology:", order=0, default=True)
+PAGE = Page(title="Model", render=render, url_path="model", icon=":material/neurology:", order=0, default=True,
+            defaults={"prompt": DEFAULT_PROMPT})
