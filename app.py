@@ -110,5 +110,6 @@ page = st.navigation([
     *[st.Page(functools.partial(p.render, ctx), title=p.title, icon=p.icon, url_path=p.url_path, default=p.default)
       for p in pages],
     st.Page("views/findings.py", title="Findings", icon=":material/push_pin:", url_path="findings"),
+    st.Page("views/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
 ])
 page.run()

@@ -4,11 +4,15 @@ No DuckDB here: an analysis (or a remote worker) builds a `Result` without the s
 """
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is happening
 
@@ -41,3 +45,26 @@ class RunRecord:
     created: datetime | None = None
     duration_s: float | None = None
     status: str = "done"
+    worker: str = ""  # where it was computed: host and pid, or the Ray node
+
+
+def to_parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def from_parquet(blob: bytes) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(blob)).to_pandas()
+
+
+def encode_result(result: Result) -> dict:
+    """A Result as Parquet bytes per table and its metadata as JSON (what a batch worker sends the driver;
+    never pickle)."""
+    return {"tables": {name: to_parquet(df) for name, df in result.tables().items()},
+            "meta": json.dumps(result.meta, default=str)}
+
+
+def decode_result(data: dict) -> Result:
+    tables = {name: from_parquet(blob) for name, blob in data["tables"].items()}
+    return Result(table=tables.pop("main"), meta=json.loads(data["meta"]), extra=tables)

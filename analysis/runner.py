@@ -20,6 +20,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,19 +120,44 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
                             handle=handle)
     store.count_miss()
     log.info("computing %s %s", spec.analysis, key)
-    t0 = time.perf_counter()
-    with ModelSession(handle) as session:
-        result = analysis.compute(session, spec, inputs, progress)
-    if est is not None:
-        learn(est, spec.dtype, handle.summary.d_model, time.perf_counter() - t0)
-        result.meta.setdefault("estimate", _estimate_meta(est))
-    result.meta.setdefault("model_summary", handle.summary.as_dict())
-    record = RunRecord(key=key, analysis=spec.analysis, spec=spec.to_dict(), model=spec.model,
-                       fingerprint=handle.fingerprint, version=analysis.version, author=author,
-                       duration_s=time.perf_counter() - t0)
+    result, seconds = compute_run(analysis, spec, inputs, handle, progress, est=est)
+    record = make_record(key, spec, handle.fingerprint, analysis, author, seconds)
     store.put(record, result)
     progress(1.0, "done")
     return RunOutcome(key, spec, result, False, store.run(key) or record)
+
+
+def compute_run(analysis: Analysis, spec: Spec, inputs: dict[str, Any], handle: ModelHandle,
+                progress: Progress = no_progress, est: Estimate | None = None) -> tuple[Result, float]:
+    """(result, seconds) of one computation whose inputs are resolved, in a model session; the part of a run
+    that a batch worker does too (it never touches the store). Refuses a run that cannot fit free memory."""
+    if est is None:
+        est = estimate_run(analysis, spec, handle)
+        if est is not None:
+            check_fits(est)
+    t0 = time.perf_counter()
+    with ModelSession(handle) as session:
+        result = analysis.compute(session, spec, inputs, progress)
+    seconds = time.perf_counter() - t0
+    if est is not None:
+        learn(est, spec.dtype, handle.summary.d_model, seconds)
+        result.meta.setdefault("estimate", _estimate_meta(est))
+    result.meta.setdefault("model_summary", handle.summary.as_dict())
+    return result, seconds
+
+
+def make_record(key: str, spec: Spec, fingerprint: str, analysis: Analysis, author: str, seconds: float,
+                worker: str = "") -> RunRecord:
+    return RunRecord(key=key, analysis=spec.analysis, spec=spec.to_dict(), model=spec.model, fingerprint=fingerprint,
+                     version=analysis.version, author=author, duration_s=seconds, worker=worker or where())
+
+
+def where() -> str:
+    """Where this process runs, for the run record: the Ray node when it is a Ray worker, else host and pid."""
+    ray = sys.modules.get("ray")  # only a process that imported Ray can be one of its workers
+    if ray is not None and ray.is_initialized():
+        return f"node {ray.get_runtime_context().get_node_id()[:12]} pid {os.getpid()}"
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _estimate_meta(est: Estimate) -> dict:

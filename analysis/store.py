@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import random
@@ -31,13 +30,11 @@ from typing import Iterator
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .errors import WorkbenchError
-from .result import Result, RunRecord
+from .result import Result, RunRecord, from_parquet, to_parquet
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a released step; add a new one.
 MIGRATIONS: list[list[str]] = [
@@ -65,6 +62,13 @@ MIGRATIONS: list[list[str]] = [
             id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, kind VARCHAR NOT NULL, n_rows BIGINT NOT NULL,
             columns VARCHAR NOT NULL, parquet BLOB NOT NULL, author VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
     ],
+    [  # 3 -> 4: where each run was computed (a batch's Ray node), and batches in progress for the Runs page
+        "ALTER TABLE runs ADD COLUMN worker VARCHAR DEFAULT ''",
+        """CREATE TABLE IF NOT EXISTS batches (
+            id VARCHAR PRIMARY KEY, executor VARCHAR NOT NULL, status VARCHAR NOT NULL, total BIGINT NOT NULL,
+            done BIGINT NOT NULL, hits BIGINT NOT NULL, failed BIGINT NOT NULL, created TIMESTAMP NOT NULL,
+            updated TIMESTAMP NOT NULL)""",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 TABLES = ("runs", "results", "findings", "models", "datasets")
@@ -77,16 +81,6 @@ def default_store_path() -> Path:
         return Path(env).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "interp-workbench" / "store.duckdb"
-
-
-def _to_parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
-    return buf.getvalue()
-
-
-def _from_parquet(blob: bytes) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(blob)).to_pandas()
 
 
 def _sql_str(path: Path) -> str:
@@ -216,7 +210,7 @@ class Store:
     # -- runs and results -----------------------------------------------------------------------------------
     def put(self, run: RunRecord, result: Result) -> None:
         """Store a run and all its tables in one transaction (an interrupted put leaves nothing)."""
-        blobs = [(name, len(df), _to_parquet(df)) for name, df in result.tables().items()]
+        blobs = [(name, len(df), to_parquet(df)) for name, df in result.tables().items()]
         meta = json.dumps(result.meta, default=str)
         created = run.created or datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -225,9 +219,9 @@ class Store:
             con.execute("DELETE FROM runs WHERE key = ?", [run.key])
             con.execute(
                 "INSERT INTO runs (key, analysis, spec, model, fingerprint, version, created, duration_s, status, "
-                "metadata, author) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "metadata, author, worker) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [run.key, run.analysis, json.dumps(run.spec, sort_keys=True), run.model, run.fingerprint,
-                 run.version, created, run.duration_s, run.status, meta, run.author])
+                 run.version, created, run.duration_s, run.status, meta, run.author, run.worker])
             con.executemany("INSERT INTO results (key, name, n_rows, parquet) VALUES (?, ?, ?, ?)",
                             [[run.key, n, rows, blob] for n, rows, blob in blobs])
 
@@ -245,29 +239,58 @@ class Store:
         if found is None:
             return None
         meta, parts = found
-        tables = {name: _from_parquet(blob) for name, blob in parts}
+        tables = {name: from_parquet(blob) for name, blob in parts}
         return Result(table=tables.pop("main"), meta=json.loads(meta or "{}"), extra=tables)
 
     def run(self, key: str) -> RunRecord | None:
         def read(con):
             return con.execute("SELECT key, analysis, spec, model, fingerprint, version, author, created, "
-                               "duration_s, status FROM runs WHERE key = ?", [key]).fetchone()
+                               "duration_s, status, worker FROM runs WHERE key = ?", [key]).fetchone()
 
         row = self._read(read)
         if row is None:
             return None
         return RunRecord(key=row[0], analysis=row[1], spec=json.loads(row[2]), model=row[3], fingerprint=row[4],
-                         version=row[5], author=row[6] or "", created=row[7], duration_s=row[8], status=row[9])
+                         version=row[5], author=row[6] or "", created=row[7], duration_s=row[8], status=row[9],
+                         worker=row[10] or "")
 
     def runs(self, analysis: str | None = None) -> pd.DataFrame:
-        sql = ("SELECT key, analysis, model, fingerprint, version, author, created, duration_s, status, spec "
-               "FROM runs")
+        sql = ("SELECT key, analysis, model, fingerprint, version, author, created, duration_s, status, worker, "
+               "spec FROM runs")
         args: list = []
         if analysis:
             sql += " WHERE analysis = ?"
             args.append(analysis)
         sql += " ORDER BY created DESC"
         return self._read(lambda con: con.execute(sql, args).df())
+
+    def stored_keys(self, keys: list[str]) -> set[str]:
+        """Which of these run keys the store holds (one query)."""
+        if not keys:
+            return set()
+        return {r[0] for r in self._read(lambda con: con.execute(
+            "SELECT key FROM runs WHERE status = 'done' AND key IN (SELECT unnest(?::VARCHAR[]))",
+            [list(keys)]).fetchall())}
+
+    # -- batches (progress for the Runs page; a batch's results are ordinary runs) ----------------------------
+    def start_batch(self, batch_id: str, *, total: int, hits: int, failed: int, executor: str) -> None:
+        self._transaction(lambda con: con.execute(
+            f"INSERT OR REPLACE INTO batches VALUES (?, ?, 'running', ?, 0, ?, ?, {_NOW}, {_NOW})",
+            [batch_id, executor, total, hits, failed]))
+
+    def update_batch(self, batch_id: str, *, status: str | None = None, done: int | None = None,
+                     hits: int | None = None, failed: int | None = None) -> None:
+        sets = {k: v for k, v in {"status": status, "done": done, "hits": hits, "failed": failed}.items()
+                if v is not None}
+        assign = ", ".join(f"{k} = ?" for k in sets)
+        self._transaction(lambda con: con.execute(
+            f"UPDATE batches SET {assign}, updated = {_NOW} WHERE id = ?", [*sets.values(), batch_id]))
+
+    def batches(self, status: str | None = None) -> pd.DataFrame:
+        sql, args = "SELECT * FROM batches", []
+        if status:
+            sql, args = sql + " WHERE status = ?", [status]
+        return self._read(lambda con: con.execute(sql + " ORDER BY created DESC", args).df())
 
     def count(self, table: str = "runs") -> int:
         if table not in TABLES:
@@ -338,7 +361,7 @@ class Store:
         same id on every machine and a second upload changes nothing."""
         canonical = df.to_json(orient="split", index=False)
         ds_id = hashlib.sha256(f"{kind}\n{canonical}".encode()).hexdigest()[:16]
-        blob = _to_parquet(df)
+        blob = to_parquet(df)
 
         def write(con):
             con.execute("INSERT OR IGNORE INTO datasets (id, name, kind, n_rows, columns, parquet, author, created) "
@@ -350,7 +373,7 @@ class Store:
 
     def get_dataset(self, ds_id: str) -> pd.DataFrame | None:
         row = self._read(lambda con: con.execute("SELECT parquet FROM datasets WHERE id = ?", [ds_id]).fetchone())
-        return None if row is None else _from_parquet(row[0])
+        return None if row is None else from_parquet(row[0])
 
     def datasets(self, kind: str | None = None) -> pd.DataFrame:
         sql = "SELECT id, name, kind, n_rows, columns, author, created FROM datasets"

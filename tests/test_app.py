@@ -242,3 +242,36 @@ def test_quantization_page_runs_links_and_reopens_from_the_store(own_store):
     assert sum("from the store" in c.value for c in again.caption) >= 1
     bad = _run(page="quant", **{**query, "budget_bits": "1.2"})
     assert not bad.exception and any("No assignment fits" in e.value for e in bad.error)
+
+
+def test_runs_page_lists_runs_with_links_and_batch_progress(own_store):
+    """The Runs page: stored runs with a link that opens each on its page (from the store), and a batch's
+    progress as the store records it."""
+    from urllib.parse import parse_qs, urlparse
+
+    from analysis.batch import LocalExecutor, execute, plan
+    from analysis.runner import get_store, spec_from_dict
+
+    store = get_store()
+    specs = [spec_from_dict({"analysis": "lens", "prompt": "The capital of France is"}),
+             spec_from_dict({"analysis": "probes", "max_sentences": 80})]
+    execute(plan(specs, store), store, LocalExecutor())
+    store.start_batch("b-running", total=16, hits=2, failed=1, executor="ray")
+    store.update_batch("b-running", done=5)
+    at = _run("runs")
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert {"concept_activations", "lens", "probes"} <= set(table["analysis"])  # (and the Model page's own run)
+    links = dict(zip(table["analysis"], table["open"]))
+    assert links["concept_activations"].startswith("/concepts?")  # the Concepts page is the activations' page
+    lens = urlparse(links["lens"])
+    assert lens.path == "/lens" and parse_qs(lens.query)["token_ids"][0].startswith("0,")
+    probes = urlparse(links["probes"])
+    assert probes.path == "/concepts" and parse_qs(probes.query)["section"] == ["probes"]
+    bars = [p for p in at.get("progress")]
+    assert any("b-running" in str(p.proto) and "5 computed, 2 from the store, 1 failed of 16" in str(p.proto)
+               for p in bars)
+    # the lens link opens the run on its page from the store
+    page = _run("lens", **{k: v[0] for k, v in parse_qs(lens.query).items()})
+    assert not page.exception and not page.error
+    assert store.hits >= 1

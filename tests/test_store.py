@@ -133,7 +133,7 @@ def test_old_schema_store_migrates(tmp_path):
         con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         con.execute("INSERT INTO runs VALUES ('old', 'test', '{\"a\": 1}', 'm', 'f', '1', now(), 0.5, 'done', '{}')")
         con.execute("INSERT INTO results VALUES ('old', 'main', 1, ?)",
-                    [__import__("analysis.store", fromlist=["_to_parquet"])._to_parquet(pd.DataFrame({"x": [7]}))])
+                    [__import__("analysis.result", fromlist=["to_parquet"]).to_parquet(pd.DataFrame({"x": [7]}))])
     store = Store(path)
     assert store.schema_version() == SCHEMA_VERSION
     assert store.get("old").table["x"].tolist() == [7]

@@ -1,0 +1,85 @@
+"""Runs: what the store holds (analysis, model, when, time taken, where, key, a link that opens it) and the
+batches in progress (specs done of total), refreshed while one runs, so a team sees a batch's results appear."""
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from analysis import WorkbenchError
+from analysis.registry import REGISTRY
+from views.common import store
+
+MAX_ROWS = 2000
+
+
+def run_link(analysis: str, spec_json: str) -> str | None:
+    """The app's link to a stored run (its page with the run's fields, token ids included, so it opens from the
+    store); None for an analysis without a page of its own (an input such as the concept activations)."""
+    a = REGISTRY.get(analysis)
+    if a is None or a.page is None:
+        return None
+    try:
+        spec = json.loads(spec_json)
+    except ValueError:
+        return None
+    params = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in spec.items()
+              if v not in ("", [], None) and not (k in ("bos",) and v == "auto")}
+    path = a.page.url_path
+    if a.page.section_of:
+        owner = next(o for o in REGISTRY.values() if o.page is not None and o.page.url_path == a.page.section_of)
+        path, params = owner.page.url_path, {**params, "section": analysis}
+    return f"/{path}?{urlencode(params)}"
+
+
+@st.fragment(run_every=3)
+def batches() -> None:
+    """Batches in the store: those running first, with their progress (refreshed every few seconds)."""
+    try:
+        df = store().batches()
+    except WorkbenchError as e:
+        st.error(str(e))
+        return
+    if df.empty:
+        return
+    st.subheader("Batches", anchor=False)
+    for b in df.head(10).itertuples(index=False):
+        finished = b.done + b.hits + b.failed
+        label = (f"`{b.id}` · {b.executor} · {b.status} · {b.done} computed, {b.hits} from the store, "
+                 f"{b.failed} failed of {b.total} · updated {b.updated:%Y-%m-%d %H:%M:%S}")
+        if b.status == "running":
+            st.progress(min(finished / max(b.total, 1), 1.0), text=label)
+        else:
+            st.caption(label)
+
+
+st.title("Runs")
+st.caption("Every run in the result store, newest first: from pages, the command line and batches "
+           "(`python -m analysis batch`). A link opens the run's page with its settings, from the store.")
+batches()
+try:
+    runs = store().runs()
+except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
+    st.error(str(e))
+    st.stop()
+if runs.empty:
+    st.info("The store holds no runs yet. Run an analysis on any page, or a batch from the command line.")
+    st.stop()
+c1, c2 = st.columns(2)
+names = sorted(runs["analysis"].unique())
+pick = c1.multiselect("Analyses", names, default=[], placeholder="all")
+model = c2.text_input("Model contains", max_chars=200)
+if pick:
+    runs = runs[runs["analysis"].isin(pick)]
+if model:
+    runs = runs[runs["model"].str.contains(model, regex=False, case=False)]
+shown = runs.head(MAX_ROWS).copy()
+shown["open"] = [run_link(a, s) for a, s in zip(shown["analysis"], shown["spec"])]
+st.caption(f"{len(runs):,} runs" + (f" (the newest {MAX_ROWS:,} shown)" if len(runs) > MAX_ROWS else ""))
+st.dataframe(
+    shown[["analysis", "model", "created", "duration_s", "author", "worker", "key", "open"]],
+    hide_index=True, width="stretch",
+    column_config={"open": st.column_config.LinkColumn("Open", display_text="open"),
+                   "duration_s": st.column_config.NumberColumn("Time taken (s)", format="%.2f"),
+                   "created": st.column_config.DatetimeColumn("When", format="YYYY-MM-DD HH:mm:ss")})
