@@ -25,12 +25,21 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from .contract import Dataset, Needs
 from .errors import WorkbenchError
 from .models import load_model
 from .registry import get_analysis
 from .result import Result, decode_result, encode_result
-from .runner import compute_run, make_record, resolve_tokens, run, run_key, spec_from_dict, where, with_smaller_defaults
+from .runner import (
+    compute_run,
+    declared_inputs,
+    make_record,
+    resolve_tokens,
+    run,
+    run_key,
+    spec_from_dict,
+    where,
+    with_smaller_defaults,
+)
 from .specs import Spec
 from .store import Store
 
@@ -76,18 +85,8 @@ def plan(specs: Iterable[Spec], store: Store, *, device: str = "auto") -> list[I
         if key in by_key:
             items[by_key[key]].given |= given
             return by_key[key]
-        inputs: dict[str, tuple[str, Any]] = {}
-        got: dict[str, Any] = {}
-        for need in analysis.inputs:
-            if isinstance(need, Dataset):
-                got[need.name] = need.load(getattr(spec, need.field), store.get_dataset)
-                inputs[need.name] = ("data", got[need.name])
-            elif isinstance(need, Needs):
-                sub = need.spec(spec, got)
-                if sub is not None and need.scaled:
-                    sub, _ = with_smaller_defaults(sub, handle.summary)
-                if sub is not None:
-                    inputs[need.name] = ("run", add(sub, False))
+        declared = declared_inputs(analysis, spec, store.get_dataset, handle, lambda sub: ("run", add(sub, False)))
+        inputs = {name: value if isinstance(value, tuple) else ("data", value) for name, value in declared.items()}
         item = Item(len(items), spec, key, handle.fingerprint, (spec.model, spec.revision, spec.dtype), inputs, given)
         items.append(item)
         by_key[key] = item.index
@@ -315,8 +314,6 @@ class RayExecutor:
         store.put(record, result)
         item.status = "computed"
 
-    def busy_actors(self) -> list:
-        return [actor for actor, _ in self.busy.values()]
 
 
 def ray_runtime_env() -> dict:
@@ -340,9 +337,6 @@ class BatchWorker:
 
     def compute(self, job: dict) -> dict:
         return compute_payload(job, self.device)
-
-    def where(self) -> str:
-        return where()
 
 
 # ----------------------------------------------------------------------------------------------------------

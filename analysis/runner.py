@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .contract import Analysis, Dataset, Needs
 from .errors import WorkbenchError
@@ -184,16 +184,25 @@ def resolve_inputs(analysis: Analysis, spec: Spec, *, store: Store, device: str 
                    progress: Progress = no_progress, handle: ModelHandle | None = None) -> dict[str, Any]:
     """The declared inputs of a run, in order: datasets read (the shipped one, or an upload from the store),
     stored runs read from the store or run first (a `scaled` input with the smaller settings for a large model)."""
+    return declared_inputs(analysis, spec, store.get_dataset, handle,
+                           lambda sub: run(sub, store=store, device=device, author=author, progress=progress))
+
+
+def declared_inputs(analysis: Analysis, spec: Spec, get_dataset, handle: ModelHandle | None,
+                    resolve: Callable[[Spec], Any]) -> dict[str, Any]:
+    """Walk an analysis's declared inputs in order: a dataset is loaded (`get_dataset` reads an upload), a stored
+    run's spec is derived (with the smaller settings for a large model when `scaled`) and handed to `resolve`,
+    whose answer is the input (the runner runs it; a batch plan adds it as an item)."""
     inputs: dict[str, Any] = {}
     for need in analysis.inputs:
         if isinstance(need, Dataset):
-            inputs[need.name] = need.load(getattr(spec, need.field), store.get_dataset)
+            inputs[need.name] = need.load(getattr(spec, need.field), get_dataset)
         elif isinstance(need, Needs):
             sub = need.spec(spec, inputs)
             if sub is not None and need.scaled and handle is not None:
                 sub, _ = with_smaller_defaults(sub, handle.summary)
             if sub is not None:
-                inputs[need.name] = run(sub, store=store, device=device, author=author, progress=progress)
+                inputs[need.name] = resolve(sub)
         else:
             raise TypeError(f"unknown input declaration {need!r}")
     return inputs

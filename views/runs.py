@@ -25,7 +25,7 @@ def run_link(analysis: str, spec_json: str) -> str | None:
     except ValueError:
         return None
     params = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in spec.items()
-              if v not in ("", [], None) and not (k in ("bos",) and v == "auto")}
+              if v not in ("", [], None) and not (k == "bos" and v == "auto")}
     path = a.page.url_path
     if a.page.section_of:
         owner = next(o for o in REGISTRY.values() if o.page is not None and o.page.url_path == a.page.section_of)
