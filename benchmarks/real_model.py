@@ -52,9 +52,11 @@ def page_spec(name: str, model: str, summary):
     return with_smaller_defaults(a.spec(**fields), summary, given=set(fields))
 
 
-def patching_against_tl(handle, spec, repeats: int) -> str:
-    """The activation sweep of the spec's first component over its pairs (one token length), ours against
-    TransformerLens's `patching` with the same metric (logit difference, clean into corrupted)."""
+def patching_against_tl(handle, spec, repeats: int, components: tuple[str, ...]) -> str:
+    """The activation sweep of each of `components` over the spec's pairs (one token length), ours against
+    TransformerLens's `patching` with the same metric (logit difference, clean into corrupted). TransformerLens
+    runs one hooked forward per patched unit: per layer and head for z_all_pos (270 on SmolLM2), per layer and
+    position for resid_pre / attn_out / mlp_out (several hundred each, over half an hour on 2 cores)."""
     import json
 
     sweeps = {"resid_pre": tl.get_act_patch_resid_pre, "attn_out": tl.get_act_patch_attn_out,
@@ -78,7 +80,7 @@ def patching_against_tl(handle, spec, repeats: int) -> str:
         return (logits.gather(1, ans.repeat(n)[:, None]) - logits.gather(1, wrong.repeat(n)[:, None]))[:, 0]
 
     lines = []
-    for comp in spec.components:
+    for comp in components:
         if comp not in sweeps:
             continue
         with torch.no_grad():
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-tl", action="store_true", help="skip the comparison with TransformerLens's patching")
+    ap.add_argument("--tl-components", default="z_all_pos",
+                    help="components compared with TransformerLens (resid_pre, attn_out, mlp_out, z_all_pos)")
     args = ap.parse_args()
     model = str(gguf())
     import time
@@ -139,7 +143,27 @@ def main() -> None:
               f"{fmt_bytes(est.parts['weights'] + peak.extra_bytes):>10s} {fmt_bytes(est.total_bytes):>10s}  {note}",
               flush=True)
         if name == "patching" and not args.no_tl:
-            print(patching_against_tl(handle, spec, args.repeats), flush=True)
+            print(patching_against_tl(handle, spec, args.repeats, tuple(args.tl_components.split(","))), flush=True)
+    if "quant_sensitivity" in names:
+        print(quant_page(model, handle.summary), flush=True)
+
+
+def quant_page(model: str, summary) -> str:
+    """The Quantization page opened on an empty store: its sweep (with the Hessian traces it reads) and the bit
+    allocation it shows below, as the page derives them."""
+    import time
+
+    from analysis.analyses.quant.compute import TEXT_FIELDS, QuantAllocationSpec
+
+    store = Store(Path(tempfile.mkdtemp()) / "quant.duckdb")
+    sens, _ = page_spec("quant_sensitivity", model, summary)
+    t0 = time.perf_counter()
+    run(sens, store=store)
+    t1 = time.perf_counter()
+    run(QuantAllocationSpec(model=model, **{f: getattr(sens, f) for f in TEXT_FIELDS}), store=store)
+    t2 = time.perf_counter()
+    return (f"Quantization page from an empty store: sweep with its Hessian traces {t1 - t0:.1f} s + bit allocation "
+            f"{t2 - t1:.1f} s = {t2 - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ WARM = {  # the warm-up run: small settings (it is there for imports and compila
     "intervention": {"max_sentences": 60},
     "tcav": {"n_examples": 10, "n_random": 2, "n_inputs": 10},
     "atlas": {"max_sentences": 60, "max_points": 50},
+    "quant_traces": {"n_seqs": 1, "seq_len": 8, "min_samples": 2, "max_samples": 2},
     "quant_sensitivity": {"formats": ("int8-channel",), "activation_formats": (), "units": ("type",), "n_seqs": 1,
                           "seq_len": 8, "min_samples": 2, "max_samples": 2},
     "quant_allocation": {"formats": ("int8-channel", "int4-g32"), "n_seqs": 1, "seq_len": 8, "min_samples": 2,

@@ -59,7 +59,8 @@ def check_within(rows: list[dict], names) -> None:
 
 # the quantization sweep's defaults take over a minute here; these keep what sets its peak (the evaluation text's
 # size, the Hessian traces) and drop what only adds time (more units and formats, more Hutchinson samples)
-LIGHTER = {"quant_sensitivity": {"units": ("type",), "activation_formats": (), "max_samples": 8},
+LIGHTER = {"quant_traces": {"max_samples": 8},
+           "quant_sensitivity": {"units": ("type",), "activation_formats": (), "max_samples": 8},
            "quant_allocation": {"max_samples": 8}}
 
 

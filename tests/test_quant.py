@@ -6,6 +6,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -210,7 +211,7 @@ def test_monotone_assignments_and_the_pick_equal_a_brute_force():
 
 
 def test_allocation_meets_the_budget_and_is_measured(tmp_path):
-    from analysis.analyses.quant.compute import QuantAllocationSpec
+    from analysis.analyses.quant.compute import QuantAllocationSpec, QuantSensitivitySpec
 
     store = Store(tmp_path / "s.duckdb")
     out = run(QuantAllocationSpec(budget_bits=4.2, n_seqs=8, seq_len=32, max_samples=12), store=store)
@@ -225,7 +226,15 @@ def test_allocation_meets_the_budget_and_is_measured(tmp_path):
     assert measured.loc["chosen", "kl"] < measured.loc["all int2-g128", "kl"]
     pareto = out.result.extra["pareto"]
     assert pareto["chosen"].sum() == 1 and (np.diff(pareto["total_omega"]) < 0).all()
-    assert len(store.runs("quant_sensitivity")) == 1  # built on a stored sensitivity run
+    assert len(store.runs("quant_traces")) == 1  # built on a stored traces run
+    # Omega of the pick equals the stored trace (negative ones taken as 0) times the squared error a per-matrix
+    # sweep measures in the model
+    sweep = run(QuantSensitivitySpec(formats=m["formats"], activation_formats=(), units=("matrix",), n_seqs=8,
+                                     seq_len=32, max_samples=12), store=store)
+    assert len(store.runs("quant_traces")) == 1  # the sweep reads the same traces
+    o = sweep.result.extra["omega"]
+    omega = (o["trace_per_param"].clip(lower=0) * o["sq_error"]).set_axis(pd.MultiIndex.from_frame(o[["unit", "format"]]))
+    np.testing.assert_allclose(t["omega"], [omega[(u, f)] for u, f in zip(t["unit"], t["format"])], rtol=1e-5)
     with pytest.raises(WorkbenchError, match="No assignment fits"):
         run(QuantAllocationSpec(budget_bits=1.5, n_seqs=8, seq_len=32, max_samples=12), store=store)
     assert len(store.runs("quant_allocation")) == 1
@@ -243,6 +252,7 @@ def test_quantization_runs_on_three_architectures(tiny_dirs, tmp_path):
         assert set(s.table["unit_kind"]) == {"matrix", "layer", "type", "activation"}
         a = run(QuantAllocationSpec(budget_bits=6.0, **spec), store=store).result
         assert a.meta["chosen_avg_bits"] <= 6.0 and len(a.extra["measured"]) == 5
+        assert a.meta["traces_run"] == s.meta["traces_run"]  # one Hutchinson run serves both
 
 
 def test_bad_quantization_requests_are_refused():

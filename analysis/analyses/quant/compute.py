@@ -39,7 +39,14 @@ import pandas as pd
 import torch
 
 from kernels.patching import BlockRunner
-from kernels.quant import WEIGHT_FORMATS, fake_quant_activation, fake_quant_weight, parse_format, squared_error
+from kernels.quant import (
+    WEIGHT_FORMATS,
+    fake_quant_activation,
+    fake_quant_weight,
+    parse_format,
+    sq_error,
+    squared_error,
+)
 
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan
@@ -206,6 +213,18 @@ class QuantRunner:
                     p.copy_(old)
 
 
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A vector of +-1 (each with probability 1/2) shaped and typed like `like`: eight signs from each random
+    byte (drawing one integer per element and scaling it was half of Hutchinson's time on a 135 M model)."""
+    n = like.numel()
+    b = torch.randint(0, 256, ((n + 7) // 8,), generator=gen, dtype=torch.uint8)
+    signs = ((b[:, None] >> _SHIFTS) & 1).reshape(-1)[:n]
+    return signs.to(like.dtype).mul_(2).sub_(1).reshape(like.shape).to(like.device)
+
+
 def hutchinson(session: ModelSession, tokens: torch.Tensor, units: list[Unit], tol: float, min_samples: int,
                max_samples: int, seed: int, progress=None) -> pd.DataFrame:
     """Per unit: Tr(H)/n of the mean next-token loss, its standard error and the samples drawn."""
@@ -220,7 +239,7 @@ def hutchinson(session: ModelSession, tokens: torch.Tensor, units: list[Unit], t
         live = [j for j, g in enumerate(grads) if g is not None]
         samples: list[list[float]] = [[] for _ in units]
         for k in range(max_samples):
-            vs = [(torch.randint(0, 2, params[j].shape, generator=gen) * 2 - 1).to(params[j]) for j in live]
+            vs = [rademacher(params[j], gen) for j in live]
             hv = torch.autograd.grad([grads[j] for j in live], [params[j] for j in live], grad_outputs=vs,
                                      retain_graph=True, allow_unused=True)
             per_unit = [0.0] * len(units)
@@ -258,6 +277,53 @@ def _check_formats(formats, what="format") -> tuple[str, ...]:
     if not out:
         raise WorkbenchError(f"Pick at least one {what}.")
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class HessianTracesSpec(Spec):
+    """Tr(H)/n of the next-token loss per weight matrix (Hutchinson), on text the model samples itself."""
+
+    analysis: ClassVar[str] = "quant_traces"
+    title: ClassVar[str] = "Hessian traces per weight matrix (Hutchinson) on the model's own text"
+    n_seqs: int = param(16, "sequences of the model's own text", min=1, max=512)
+    seq_len: int = param(64, "tokens per sequence (with BOS)", min=4, max=2048)
+    tol: float = param(0.1, "Hutchinson: stop when every standard error is within this fraction of its trace",
+                    min=1e-4, max=1.0)
+    min_samples: int = param(8, "Hutchinson: samples drawn at least (capped by max_samples)", min=2, max=10_000)
+    max_samples: int = param(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
+    seed: int = param(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
+
+
+TEXT_FIELDS = ("n_seqs", "seq_len", "tol", "min_samples", "max_samples", "seed")
+
+
+def traces_spec(spec, inputs=None) -> HessianTracesSpec:
+    """The traces a sensitivity sweep or an allocation builds on: the same text and Hutchinson settings (one
+    stored run serves both, and every format and unit choice)."""
+    return HessianTracesSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
+                             **{f: getattr(spec, f) for f in TEXT_FIELDS})
+
+
+def compute_traces(session: ModelSession, spec: HessianTracesSpec, inputs, progress) -> Result:
+    progress(0.0, "the model's own text")
+    tokens = model_text(session, spec.n_seqs, spec.seq_len, spec.seed)
+    units = weight_units(session)
+    progress(0.1, "Hessian traces")
+    traces = hutchinson(session, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
+                        progress=lambda frac, what: progress(0.1 + 0.89 * frac, what))
+    return Result(table=traces, meta={"n_tokens": int(tokens.numel()),
+                                      "hutchinson_samples": int(traces["samples"].iloc[0]), "n_units": len(units),
+                                      "n_params": int(sum(u.n for u in units)),
+                                      "negative_traces": int((traces["trace"] < 0).sum())},
+                  extra={"tokens": pd.DataFrame({"seq": np.repeat(np.arange(tokens.shape[0]), tokens.shape[1]),
+                                                 "token_id": tokens.cpu().reshape(-1).numpy()})})
+
+
+def traces_text(session: ModelSession, traces) -> torch.Tensor:
+    """The [n_seqs, seq_len] text a stored traces run was measured on."""
+    t = traces.result.extra["tokens"]
+    n = int(t["seq"].max()) + 1
+    return torch.tensor(t["token_id"].to_numpy(), dtype=torch.long, device=session.device).reshape(n, -1)
 
 
 @dataclass(frozen=True)
@@ -342,15 +408,11 @@ def compute_sensitivity(session: ModelSession, spec: QuantSensitivitySpec, input
     from scipy.stats import spearmanr
 
     formats = _check_formats(spec.formats)
-    progress(0.0, "the model's own text")
-    tokens = model_text(session, spec.n_seqs, spec.seq_len, spec.seed)
+    tokens = traces_text(session, inputs["traces"])
+    traces = inputs["traces"].result.table
     units = weight_units(session)
     sweep, full_loss = measure_sweep(session, tokens, unit_groups(session, units, spec.units), formats,
-                                     spec.activation_formats,
-                                     progress=lambda frac, what: progress(0.05 + 0.55 * frac, what))
-    progress(0.6, "Hessian traces")
-    traces = hutchinson(session, tokens, units, spec.tol, spec.min_samples, spec.max_samples, spec.seed,
-                        progress=lambda frac, what: progress(0.6 + 0.38 * frac, what))
+                                     spec.activation_formats, progress=lambda frac, what: progress(0.98 * frac, what))
     mats = sweep[sweep["unit_kind"] == "matrix"].merge(traces[["unit", "trace_per_param"]], on="unit")
     mats["omega"] = mats["trace_per_param"] * mats["sq_error"]
     corr = []
@@ -360,7 +422,8 @@ def compute_sensitivity(session: ModelSession, spec: QuantSensitivitySpec, input
     return Result(table=sweep, meta={"n_tokens": int(tokens.numel()), "full_loss": full_loss,
                                      "hutchinson_samples": int(traces["samples"].iloc[0]),
                                      "n_units": len(units), "n_params": int(sum(u.n for u in units)),
-                                     "negative_traces": int((traces["trace"] < 0).sum())},
+                                     "negative_traces": int((traces["trace"] < 0).sum()),
+                                     "traces_run": inputs["traces"].key},
                   extra={"traces": traces, "omega": mats[["unit", "layer", "type", "format", "omega", "kl",
                                                           "trace_per_param", "sq_error"]],
                          "correlation": pd.DataFrame(corr),
@@ -400,30 +463,20 @@ def monotone_assignments(m: int, k: int):
     return np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m, np.int64)], 1)
 
 
-def sensitivity_spec(spec: QuantAllocationSpec, inputs=None) -> QuantSensitivitySpec:
-    """The sensitivity run an allocation builds on: the same text and Hutchinson settings, its formats, matrices
-    only."""
-    fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
-                  key=lambda f: -f.bits)
-    return QuantSensitivitySpec(model=spec.model, revision=spec.revision, dtype=spec.dtype,
-                                formats=tuple(f.name for f in fmts), activation_formats=(), units=("matrix",),
-                                n_seqs=spec.n_seqs, seq_len=spec.seq_len, tol=spec.tol, min_samples=spec.min_samples,
-                                max_samples=spec.max_samples, seed=spec.seed)
-
-
 def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs, progress) -> Result:
     fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
                   key=lambda f: -f.bits)
-    sens = inputs["sensitivity"]
-    traces = sens.result.extra["traces"].set_index("unit")
+    traces = inputs["traces"].result.table.set_index("unit")
     units = weight_units(session)
     tpp = np.array([max(float(traces.loc[u.name, "trace_per_param"]), 0.0) for u in units])
     order = np.argsort(-tpp, kind="stable")  # most sensitive first
     units = [units[i] for i in order]
     tpp = tpp[order]
     n = np.array([u.n for u in units], dtype=np.float64)
-    sq = sens.result.extra["omega"].set_index(["unit", "format"])["sq_error"]  # ||Q(W) - W||^2, measured there
-    omega = np.array([[tpp[i] * float(sq[(u.name, f.name)]) for f in fmts] for i, u in enumerate(units)])
+    progress(0.1, "quantization error of each matrix in each format")
+    with torch.no_grad():  # ||Q(W) - W||^2
+        sq = np.array([[sq_error(u.weight, f, u.out_dim) for f in fmts] for u in units])
+    omega = tpp[:, None] * sq
     bits = np.array([[f.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else tuple(u.weight.shape[::-1]))
                       for f in fmts] for u in units])
     bounds = monotone_assignments(len(units), len(fmts))
@@ -455,7 +508,7 @@ def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs,
     candidates += [(f"all {f.name}", np.full(len(units), j), float(omega[:, j].sum()), float(size_of[j]))
                    for j, f in enumerate(fmts)]
     progress(0.6, "measuring the chosen assignment")
-    tokens = model_text(session, spec.n_seqs, spec.seq_len, spec.seed)
+    tokens = traces_text(session, inputs["traces"])
     measured = []
     qr = QuantRunner(session, tokens)
     damage = Damage(tokens, qr.full_logits)
@@ -472,7 +525,7 @@ def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs,
                            "chosen": frontier == pick})
     return Result(table=table, meta={"budget_bits": spec.budget_bits, "chosen_avg_bits": float(avg_bits[pick]),
                                      "chosen_omega": float(total_omega[pick]), "n_assignments": int(len(bounds)),
-                                     "formats": [f.name for f in fmts], "sensitivity_run": sens.key},
+                                     "formats": [f.name for f in fmts], "traces_run": inputs["traces"].key},
                   extra={"pareto": pareto, "measured": pd.DataFrame(measured)})
 
 
@@ -496,11 +549,48 @@ def _hutchinson_cost(s, n: int, t: int, samples: int) -> tuple[int, float]:
     return peak, s.backward_flops(n, t) + samples * 4 * s.backward_flops(n, t)
 
 
+# seconds per parameter on the reference machine (2 CPU cores, float32) of work that is not matrix products,
+# measured on SmolLM2-135M
+QUANTIZE_S_PER_PARAM = 9e-9  # quantizing a weight (and restoring it, or its squared error), per format
+UNITS_S_PER_PARAM = 8e-9  # finding the weights the forward uses: a backward with every weight's gradient
+GRAPH_S_PER_PARAM = 6e-8  # Hutchinson: the loss's gradient with its graph kept, once
+RADEMACHER_S_PER_PARAM = 2e-9  # Hutchinson: a random sign per parameter, per sample
+
+
+def estimate_traces(plan) -> Estimate:
+    """The model's own text, sampled a token at a time, and Hutchinson's Hessian-vector products: the graph of
+    the gradient kept (its parameter-sized work once), and per sample a Rademacher vector and a product
+    (the tolerance usually stops it between min_samples and max_samples)."""
+    spec, s = plan.spec, plan.shape
+    n, t = spec.n_seqs, spec.seq_len
+    samples = (spec.min_samples + spec.max_samples) // 2
+    text_peak, text_flops = _text_cost(s, n, t)
+    hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, samples)
+    return Estimate(parts={"Hessian traces": max(hutch_peak, text_peak)}, flops=text_flops + hutch_flops,
+                    extra_seconds=s.n_params * (UNITS_S_PER_PARAM + GRAPH_S_PER_PARAM
+                                                + samples * RADEMACHER_S_PER_PARAM),
+                    lower="n_seqs, seq_len or max_samples")
+
+
+def _largest_group(s, units) -> int:
+    """Parameters quantized at once by the largest group of the unit kinds asked for."""
+    per_layer_mlp_in = (2 if s.gated else 1) * s.d_model * s.d_mlp
+    out = 0
+    if "matrix" in units:
+        out = max(out, s.embed_params, per_layer_mlp_in // (2 if s.gated else 1))
+    if "layer" in units:
+        out = max(out, (s.n_params - s.embed_params) // s.n_layers)
+    if "type" in units:
+        out = max(out, s.embed_params, s.n_layers * per_layer_mlp_in)
+    return out
+
+
 def estimate_sensitivity(plan) -> Estimate:
     """Every block's input recorded for the evaluation text, the full-precision log-probabilities and the
-    quantized run's (float32, every position), a weight copy per quantized unit, and Hutchinson's Hessian traces;
-    work: each unit in each format reruns the model from its first block, each block input in each activation
-    format from that block."""
+    quantized run's (float32, every position), a copy of the largest group's weights and the quantization's
+    float32 temporaries of its largest matrix; work: each unit in each format reruns the model from its first
+    block, each block input in each activation format from that block, and every weight is quantized once per
+    format and unit kind; the Hessian traces it builds on when not stored yet."""
     spec, s = plan.spec, plan.shape
     n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
     F = len(spec.formats)
@@ -512,22 +602,24 @@ def estimate_sensitivity(plan) -> Estimate:
     if "type" in spec.units:
         passes += F * 6
     passes += len(spec.activation_formats) * L * 0.5
-    text_peak, text_flops = _text_cost(s, n, t)
-    hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, (spec.min_samples + spec.max_samples) // 2)
-    sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights // L
-    return Estimate(parts={"sweep": max(sweep, text_peak), "Hessian traces": hutch_peak},
-                    flops=text_flops + passes * s.forward_flops(n, t) + hutch_flops,
-                    lower="n_seqs, seq_len, formats or units (matrix is the largest)")
+    kinds = sum(k in spec.units for k in ("matrix", "layer", "type"))
+    copies = s.itemsize * _largest_group(s, spec.units) + 3 * 4 * max(s.embed_params, s.d_model * s.d_mlp)
+    sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + copies
+    upstream = estimate_traces(Plan(s, traces_spec(spec), plan.handle))
+    return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t),
+                    extra_seconds=s.n_params * (UNITS_S_PER_PARAM + F * kinds * QUANTIZE_S_PER_PARAM),
+                    lower="n_seqs, seq_len, formats or units (matrix is the largest)", upstream=[upstream])
 
 
 def estimate_allocation(plan) -> Estimate:
-    """The evaluation text's recorded run and log-probabilities, and a quantized run per candidate on the
-    frontier (about a dozen); the sensitivity run it builds on when not stored yet."""
+    """The evaluation text's recorded run and log-probabilities, each matrix quantized in each format, and a
+    quantized run per candidate (the pick and each format alone); the Hessian traces it builds on when not
+    stored yet."""
     spec, s = plan.spec, plan.shape
     n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
-    text_peak, text_flops = _text_cost(s, n, t)
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights
-    upstream = estimate_sensitivity(Plan(s, sensitivity_spec(spec), plan.handle))
-    return Estimate(parts={"candidates": max(sweep, text_peak)},
-                    flops=text_flops + (12 + len(spec.formats)) * s.forward_flops(n, t),
+    upstream = estimate_traces(Plan(s, traces_spec(spec), plan.handle))
+    F = len(spec.formats)  # each format's squared errors, then the pick and each format alone measured
+    return Estimate(parts={"candidates": sweep}, flops=(2 + F) * s.forward_flops(n, t),
+                    extra_seconds=s.n_params * (UNITS_S_PER_PARAM + (2 * F + 1) * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs or seq_len", upstream=[upstream])

@@ -69,3 +69,19 @@ def pareto_plot(pareto: pd.DataFrame, measured: pd.DataFrame) -> go.Figure:
 
 def allocation_figures(result: Result) -> dict[str, go.Figure]:
     return {"pareto": pareto_plot(result.extra["pareto"], result.extra["measured"])}
+
+
+def traces_plot(traces: pd.DataFrame) -> go.Figure:
+    """Tr(H)/n per weight matrix with its standard error, in the model's order."""
+    pts = go.Scatter(x=traces["unit"], y=traces["trace_per_param"], mode="markers",
+                     error_y=dict(type="data", array=traces["trace_per_param_se"]), marker=dict(size=7),
+                     customdata=traces[["type", "samples"]].to_numpy(),
+                     hovertemplate="%{x}<br>%{customdata[0]}<br>Tr(H)/n %{y:.3g}<br>%{customdata[1]} samples"
+                                   "<extra></extra>")
+    return go.Figure(pts, layout=dict(title="Hessian trace per parameter of each weight matrix (Hutchinson)",
+                                      height=420, margin=_MARGIN, xaxis=dict(title="", showticklabels=False),
+                                      yaxis_title="Tr(H)/n"))
+
+
+def traces_figures(result: Result) -> dict[str, go.Figure]:
+    return {"traces": traces_plot(result.table)}

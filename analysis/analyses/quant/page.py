@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kernels.quant import WEIGHT_FORMATS
 
 from ...contract import Page, ViewState, Widget
-from .compute import ALLOC_FORMATS, QuantAllocationSpec, QuantSensitivitySpec
+from .compute import ALLOC_FORMATS, TEXT_FIELDS, QuantAllocationSpec, QuantSensitivitySpec
 from .figures import pareto_plot, quant_heatmap, quant_scatter
 
 METRICS = {"kl": "KL to full precision", "delta_loss": "Δ loss", "top1_agreement": "top-1 agreement"}
@@ -78,10 +78,9 @@ def render(ctx) -> None:
 
     st.subheader("Bit allocation")
     s = outcome.spec
-    alloc = ctx.run(lambda: QuantAllocationSpec(
+    alloc = ctx.run(lambda: QuantAllocationSpec(  # the sweep's text and Hessian traces (one stored traces run)
         model=s.model, revision=s.revision, dtype=s.dtype, formats=ALLOC_FORMATS, budget_bits=float(budget),
-        n_seqs=s.n_seqs, seq_len=s.seq_len, tol=s.tol, min_samples=s.min_samples, max_samples=s.max_samples,
-        seed=s.seed), model)
+        **{f: getattr(s, f) for f in TEXT_FIELDS}), model)
     am = alloc.result.meta
     pareto = pareto_plot(alloc.result.extra["pareto"], alloc.result.extra["measured"])
     st.plotly_chart(pareto, width="stretch")
