@@ -150,7 +150,7 @@ class Estimate:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.parts.items() if v >= 0.5 * MiB)
         text = f"≈ {fmt_bytes(self.total_bytes)} peak ({parts}) · ≈ {fmt_seconds(self.seconds)} on {self.device}"
         if self.upstream:
-            text += f" (+ ≈ {fmt_seconds(upstream_seconds(self))} for the runs it builds on, unless stored)"
+            text += f" (+ ≈ {fmt_seconds(upstream_seconds(self))} for the runs it builds on)"
         return text
 
 
@@ -233,12 +233,22 @@ def timed(est: Estimate, dtype: str, width: int) -> Estimate:
     """Fill in the seconds of the estimate and of the runs it builds on (each with theirs)."""
     rate = matmul_throughput(est.device, dtype, width) * efficiency(est.analysis, est.device)
 
-    def fill(e: Estimate) -> float:
+    def fill(e: Estimate) -> float:  # an input run at its own analysis's pace
         e.device = est.device
-        e.seconds = e.flops / rate + e.extra_seconds
+        own = rate if not e.analysis or e.analysis == est.analysis else (
+            matmul_throughput(est.device, dtype, width) * efficiency(e.analysis, est.device))
+        e.seconds = e.flops / own + e.extra_seconds
         return e.seconds + sum(fill(u) for u in e.upstream)
 
     fill(est)
+    return est
+
+
+def input_estimate(estimate: Callable[["Plan"], Estimate], plan: "Plan") -> Estimate:
+    """The estimate of a run this one builds on (`upstream`), named by its analysis so that it is timed at that
+    analysis's pace and dropped when the store holds it."""
+    est = estimate(plan)
+    est.analysis = plan.spec.analysis
     return est
 
 

@@ -113,7 +113,7 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
         log.info("store hit %s %s", spec.analysis, key)
         progress(1.0, "from the store")
         return RunOutcome(key, spec, cached, True, record)
-    est = estimate_run(analysis, spec, handle, store.get_dataset)
+    est = estimate_unstored(analysis, spec, handle, store)
     if est is not None:
         check_fits(est)  # before its inputs run: a run that cannot fit is refused before anything is computed
     inputs = resolve_inputs(analysis, spec, store=store, device=device, author=author, progress=progress,
@@ -125,6 +125,26 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
     store.put(record, result)
     progress(1.0, "done")
     return RunOutcome(key, spec, result, False, store.run(key) or record)
+
+
+def estimate_unstored(analysis: Analysis, spec: Spec, handle: ModelHandle, store: Store) -> Estimate | None:
+    """The run's estimate (tokens resolved), without the input runs the store already holds: what running it
+    now costs."""
+    est = estimate_run(analysis, spec, handle, store.get_dataset)
+    if est is None or not est.upstream:
+        return est
+
+    def held(sub: Spec) -> str:
+        key = run_key(handle.fingerprint, resolve_tokens(sub, handle), get_analysis(sub.analysis).version)
+        return sub.analysis if store.stored_keys([key]) else ""
+
+    try:
+        stored = {v for v in declared_inputs(analysis, spec, store.get_dataset, handle, held).values()
+                  if isinstance(v, str) and v}
+    except WorkbenchError:  # an input that cannot be derived fails when it runs, with its message
+        return est
+    est.upstream = [u for u in est.upstream if u.analysis not in stored]
+    return est
 
 
 def compute_run(analysis: Analysis, spec: Spec, inputs: dict[str, Any], handle: ModelHandle,

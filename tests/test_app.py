@@ -244,6 +244,16 @@ def test_quantization_page_runs_links_and_reopens_from_the_store(own_store):
     assert not bad.exception and any("No assignment fits" in e.value for e in bad.error)
 
 
+def test_quantization_page_without_single_matrices_says_so(own_store):
+    """A sweep by layer and type (as the page picks for a large model) has no per-matrix damage to set against
+    the prediction: the page says so instead of failing on an empty correlation table."""
+    at = _run(page="quant", units="layer,type", formats="int8-channel", activation_formats="", n_seqs="2",
+              seq_len="16", max_samples="4")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("add 'matrix'" in i.value for i in at.info)
+    assert len(at.get("plotly_chart")) == 2  # heatmap and Pareto
+
+
 def test_runs_page_lists_runs_with_links_and_batch_progress(own_store):
     """The Runs page: stored runs with a link that opens each on its page (from the store), and a batch's
     progress as the store records it."""

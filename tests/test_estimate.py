@@ -135,3 +135,27 @@ def test_a_large_model_gets_smaller_defaults_and_given_fields_stay():
     assert scaled.n_pairs == 8 and "n_pairs" not in changed and "components" in changed
     tcav, _ = with_smaller_defaults(get_analysis("tcav").spec(model="default"), summary)
     assert 2 < len(tcav.layers) < 31 and min(tcav.layers) == -1 and max(tcav.layers) == 29
+
+
+def test_inputs_count_until_stored_at_their_own_pace(tmp_path, monkeypatch):
+    """An allocation's estimate carries its Hessian traces run (named, timed at that analysis's learnt pace)
+    until the store holds it; then only its own work is shown."""
+    from analysis.analyses.quant.compute import HessianTracesSpec, QuantAllocationSpec
+    from analysis.runner import estimate_unstored
+
+    handle = load_model("default")
+    store = Store(tmp_path / "s.duckdb")
+    spec = QuantAllocationSpec(n_seqs=2, seq_len=16, max_samples=4)
+    analysis = get_analysis("quant_allocation")
+    pace = estimate_mod.DEFAULT_EFFICIENCY
+    monkeypatch.setitem(estimate_mod._EFFICIENCY, ("quant_traces", "cpu"), [pace])
+    before = estimate_unstored(analysis, spec, handle, store)
+    assert [u.analysis for u in before.upstream] == ["quant_traces"]
+    monkeypatch.setitem(estimate_mod._EFFICIENCY, ("quant_traces", "cpu"), [pace / 4])
+    slow = estimate_unstored(analysis, spec, handle, store)
+    u0, u1 = before.upstream[0], slow.upstream[0]
+    assert (u1.seconds - u1.extra_seconds) == pytest.approx(4 * (u0.seconds - u0.extra_seconds), rel=1e-6)
+    assert slow.seconds == pytest.approx(before.seconds)  # its own pace is its own
+    run(HessianTracesSpec(n_seqs=2, seq_len=16, max_samples=4), store=store)
+    after = estimate_unstored(analysis, spec, handle, store)
+    assert after.upstream == [] and "builds on" not in after.describe()

@@ -140,12 +140,12 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     """The run's memory and time estimate (beside the Run button when the page has one), and whether the page
     chose smaller settings than the defaults for this model; a run that cannot fit free memory is refused here."""
     from analysis import load_model
-    from analysis.estimate import check_fits, estimate_run, fmt_seconds
+    from analysis.estimate import check_fits, fmt_seconds
     from analysis.registry import get_analysis
-    from analysis.runner import resolve_tokens
+    from analysis.runner import estimate_unstored, resolve_tokens
 
     handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
-    est = estimate_run(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store().get_dataset)
+    est = estimate_unstored(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store())
     if est is None:
         return
     text = f"Estimated {est.describe()}"

@@ -17,7 +17,7 @@ from kernels.atlas import pca_2d, umap_2d
 
 from ... import concept_data
 from ...errors import WorkbenchError
-from ...estimate import Estimate, Plan, batches, largest
+from ...estimate import Estimate, Plan, batches, input_estimate, largest
 from ...result import Result
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
@@ -126,7 +126,7 @@ def estimate(plan) -> Estimate:
     else:
         n_points, peak, flops = len(lengths), 0, 0.0
         kept = stored_activations(s, len(lengths))
-        upstream.append(estimate_activations(Plan(s, activations_spec(spec), plan.handle, plan.dataset,
+        upstream.append(input_estimate(estimate_activations, Plan(s, activations_spec(spec), plan.handle, plan.dataset,
                                                   plan.get_stored)))
     m = min(spec.max_points, n_points)
     embed = m * s.d_model * 8 * 3 + m * spec.n_neighbors * 64

@@ -25,7 +25,7 @@ import pandas as pd
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
-from ...estimate import Estimate, Plan
+from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
@@ -207,7 +207,8 @@ def estimate(plan) -> Estimate:
     n = len(lengths)
     peak, flops = forward_batches(plan, lengths) if spec.target == "next_token" else (0, 0.0)
     n_train = int(n * (1 - spec.test_fraction))
-    upstream = estimate_probes(Plan(s, probes_spec(spec, spec.concepts), plan.handle, plan.dataset, plan.get_stored))
+    upstream = input_estimate(estimate_probes, Plan(s, probes_spec(spec, spec.concepts), plan.handle, plan.dataset,
+                                                    plan.get_stored))
     then = peak + n * s.d_vocab * 4 + 4 * n * s.d_model * 8  # the forward, every text's logits, the heads
     return Estimate(parts={"activations, forward and heads": stored_activations(s, n, then)},
                     flops=flops, extra_seconds=FIT_SECONDS * n_train * (s.d_model * 3 + 10 * spec.n_random),

@@ -24,7 +24,7 @@ import torch
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
-from ...estimate import Estimate, Plan, batches, largest
+from ...estimate import Estimate, Plan, batches, input_estimate, largest
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -255,7 +255,8 @@ def estimate_probes(plan) -> Estimate:
     concepts = list(spec.concepts) or plan.concepts()
     n_train = int(n * (1 - spec.test_fraction))
     fits = 2 * len(concepts) * (s.n_layers + 1)
-    upstream = estimate_activations(Plan(s, activations_spec(spec), plan.handle, plan.dataset, plan.get_stored))
+    upstream = input_estimate(estimate_activations, Plan(s, activations_spec(spec), plan.handle, plan.dataset,
+                                                         plan.get_stored))
     return Estimate(parts={"activations and fits": stored_activations(s, n, 3 * n * s.d_model * 8)},
                     flops=0.0, extra_seconds=fits * FIT_SECONDS * n_train * s.d_model * 3,
                     lower="max_sentences or concepts", upstream=[upstream])

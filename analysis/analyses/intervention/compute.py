@@ -19,7 +19,7 @@ import torch
 
 from ... import concept_data
 from ...errors import WorkbenchError
-from ...estimate import Estimate, Plan
+from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession, check_layer, resid_after_name
 from ...specs import PromptSpec, param
@@ -130,7 +130,7 @@ def estimate(plan) -> Estimate:
     spec, s, P = plan.spec, plan.shape, plan.n_tokens()
     n = len(plan.lengths(spec.max_sentences))
     A = len(spec.amounts)
-    upstream = estimate_probes(Plan(s, probes_spec(spec, (spec.concept,)), plan.handle, plan.dataset,
+    upstream = input_estimate(estimate_probes, Plan(s, probes_spec(spec, (spec.concept,)), plan.handle, plan.dataset,
                                     plan.get_stored))
     return Estimate(parts={"activations and forward": stored_activations(s, n, s.forward_bytes(A, P, P, 2))},
                     flops=s.forward_flops(A, P), lower="amounts or max_sentences", upstream=[upstream])

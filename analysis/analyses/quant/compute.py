@@ -49,7 +49,7 @@ from kernels.quant import (
 )
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate, Plan
+from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -426,7 +426,7 @@ def compute_sensitivity(session: ModelSession, spec: QuantSensitivitySpec, input
                                      "traces_run": inputs["traces"].key},
                   extra={"traces": traces, "omega": mats[["unit", "layer", "type", "format", "omega", "kl",
                                                           "trace_per_param", "sq_error"]],
-                         "correlation": pd.DataFrame(corr),
+                         "correlation": pd.DataFrame(corr, columns=["format", "spearman", "n_units"]),
                          "tokens": pd.DataFrame({"seq": np.repeat(np.arange(tokens.shape[0]), tokens.shape[1]),
                                                  "token_id": tokens.cpu().reshape(-1).numpy()})})
 
@@ -605,7 +605,7 @@ def estimate_sensitivity(plan) -> Estimate:
     kinds = sum(k in spec.units for k in ("matrix", "layer", "type"))
     copies = s.itemsize * _largest_group(s, spec.units) + 3 * 4 * max(s.embed_params, s.d_model * s.d_mlp)
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + copies
-    upstream = estimate_traces(Plan(s, traces_spec(spec), plan.handle))
+    upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
     return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + F * kinds * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs, seq_len, formats or units (matrix is the largest)", upstream=[upstream])
@@ -618,7 +618,7 @@ def estimate_allocation(plan) -> Estimate:
     spec, s = plan.spec, plan.shape
     n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights
-    upstream = estimate_traces(Plan(s, traces_spec(spec), plan.handle))
+    upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
     F = len(spec.formats)  # each format's squared errors, then the pick and each format alone measured
     return Estimate(parts={"candidates": sweep}, flops=(2 + F) * s.forward_flops(n, t),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + (2 * F + 1) * QUANTIZE_S_PER_PARAM),

@@ -73,6 +73,9 @@ def render(ctx) -> None:
         st.dataframe(corr, hide_index=True, width="stretch")
         st.caption("Spearman rank correlation between Ω = Tr(H)/n · ‖Q(W) − W‖² and the measured KL, per format, "
                    "over the matrices.")
+    else:
+        st.info("Predicted against measured compares single matrices: add 'matrix' to 'Quantize at a time' to see "
+                "it (the Hessian traces per matrix are below either way).")
     with st.expander("Hessian traces per matrix"):
         st.dataframe(result.extra["traces"], hide_index=True, width="stretch")
 
