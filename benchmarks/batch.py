@@ -5,10 +5,11 @@ into a fresh store; prints wall times, the speed-up, and the time Ray adds per s
     python benchmarks/batch.py [--repeats 3] [--gpu]
 
 Ray's cost per spec is read off a one-actor run: its wall time minus the seconds the actor spent computing
-(model loads included), over the specs: planning the payload, moving inputs and results as Parquet, the
-driver's writes, scheduling. The two-actor run is the speed-up a 2-core machine gets (each actor one thread,
-the local executor two). With --gpu (a GPU machine): one GPU actor on a GPT-2-small-shaped model against the
-local executor on the GPU.
+(model loads not included), over the specs; then split into the actor's start-up (to its first result) and the
+steady cost per spec after it: planning the payload, moving inputs and results as Parquet, the driver's writes,
+scheduling, and the actor's loads of the next model. The two-actor run is the speed-up a 2-core machine gets
+(each actor one thread, the local executor two). With --gpu (a GPU machine): one GPU actor on a
+GPT-2-small-shaped model against the local executor on the GPU.
 """
 from __future__ import annotations
 
@@ -45,13 +46,20 @@ def specs(models: list[str]) -> list:
 def one_batch(items_specs, executor, folder: Path, tag: str) -> dict:
     store = Store(folder / f"{tag}.duckdb")
     items = plan(items_specs, store)
+    arrived: list[tuple[float, float]] = []  # (when a result was written, the worker's compute seconds)
+    if isinstance(executor, RayExecutor):
+        executor.on_result = lambda ex, item: arrived.append((time.perf_counter(), item.seconds))
     t0 = time.perf_counter()
     report = execute(items, store, executor)
     wall = time.perf_counter() - t0
     counts = report.counts()
     assert counts["failed"] == 0 and counts["computed"] == len(items), report.table()
-    return {"wall": wall, "compute": sum(i.seconds for i in items), "n": len(items),
-            "workers": sorted({i.worker for i in items})}
+    out = {"wall": wall, "compute": sum(i.seconds for i in items), "n": len(items),
+           "workers": sorted({i.worker for i in items})}
+    if len(arrived) > 1:  # start-up: to the first result; then the time between results beyond their compute
+        out["first"] = arrived[0][0] - t0
+        out["steady"] = (arrived[-1][0] - arrived[0][0] - sum(c for _, c in arrived[1:])) / (len(arrived) - 1)
+    return out
 
 
 def main() -> None:
@@ -91,7 +99,8 @@ def main() -> None:
             for name, make in runs.items():
                 got[name].append(one_batch(batch, make(), Path(tmp), f"{name}-{r}".replace(" ", "_").replace(",", "")))
     ray.shutdown()
-    med = {k: {f: statistics.median(x[f] for x in v) for f in ("wall", "compute")} for k, v in got.items()}
+    med = {k: {f: statistics.median(x[f] for x in v) for f in ("wall", "compute", "first", "steady") if f in v[0]}
+           for k, v in got.items()}
     base = next(iter(med))
     for name, m in med.items():
         line = (f"{name:>18}: wall {m['wall']:6.2f} s (median of {args.repeats}), compute {m['compute']:6.2f} s, "
@@ -104,6 +113,9 @@ def main() -> None:
     print(f"Ray's cost per spec (one actor: wall minus the actor's compute, over {n} specs): "
           f"{1000 * (med[one]['wall'] - med[one]['compute']) / n:.0f} ms; "
           f"local executor's own cost per spec: {1000 * (med[base]['wall'] - med[base]['compute']) / n:.0f} ms")
+    print(f"of which: actor start-up to the first result {med[one]['first']:.2f} s (process, imports, first model "
+          f"load); after it, per spec beyond the actor's compute {1000 * med[one]['steady']:.0f} ms (Parquet both "
+          f"ways, the driver's write, scheduling, the actor's loads of the next model)")
 
 
 if __name__ == "__main__":
