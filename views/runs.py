@@ -35,12 +35,17 @@ def run_link(analysis: str, spec_json: str) -> str | None:
 
 @st.fragment(run_every=3)
 def batches() -> None:
-    """Batches in the store: those running first, with their progress (refreshed every few seconds)."""
+    """Batches in the store: those running first, with their progress (refreshed every few seconds). When a
+    batch starts or ends, the whole page reruns, so the run list refreshes while one is running."""
     try:
         df = store().batches()
     except WorkbenchError as e:
         st.error(str(e))
         return
+    running = sorted(df.loc[df["status"] == "running", "id"]) if not df.empty else []
+    if st.session_state.setdefault("runs_running", running) != running:
+        st.session_state["runs_running"] = running
+        st.rerun(scope="app")
     if df.empty:
         return
     st.subheader("Batches", anchor=False)
@@ -54,32 +59,38 @@ def batches() -> None:
             st.caption(label)
 
 
+def listing() -> None:
+    """The stored runs, newest first, filtered by analysis and model."""
+    try:
+        runs = store().runs()
+    except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
+        st.error(str(e))
+        return
+    if runs.empty:
+        st.info("The store holds no runs yet. Run an analysis on any page, or a batch from the command line.")
+        return
+    c1, c2 = st.columns(2)
+    names = sorted(runs["analysis"].unique())
+    pick = c1.multiselect("Analyses", names, default=[], placeholder="all", key="runs_pick")
+    model = c2.text_input("Model contains", max_chars=200, key="runs_model")
+    if pick:
+        runs = runs[runs["analysis"].isin(pick)]
+    if model:
+        runs = runs[runs["model"].str.contains(model, regex=False, case=False)]
+    shown = runs.head(MAX_ROWS).copy()
+    shown["open"] = [run_link(a, s) for a, s in zip(shown["analysis"], shown["spec"])]
+    st.caption(f"{len(runs):,} runs" + (f" (the newest {MAX_ROWS:,} shown)" if len(runs) > MAX_ROWS else ""))
+    st.dataframe(
+        shown[["analysis", "model", "created", "duration_s", "author", "worker", "key", "open"]],
+        hide_index=True, width="stretch",
+        column_config={"open": st.column_config.LinkColumn("Open", display_text="open"),
+                       "duration_s": st.column_config.NumberColumn("Time taken (s)", format="%.2f"),
+                       "created": st.column_config.DatetimeColumn("When", format="YYYY-MM-DD HH:mm:ss")})
+
+
 st.title("Runs")
 st.caption("Every run in the result store, newest first: from pages, the command line and batches "
            "(`python -m analysis batch`). A link opens the run's page with its settings, from the store.")
 batches()
-try:
-    runs = store().runs()
-except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
-    st.error(str(e))
-    st.stop()
-if runs.empty:
-    st.info("The store holds no runs yet. Run an analysis on any page, or a batch from the command line.")
-    st.stop()
-c1, c2 = st.columns(2)
-names = sorted(runs["analysis"].unique())
-pick = c1.multiselect("Analyses", names, default=[], placeholder="all")
-model = c2.text_input("Model contains", max_chars=200)
-if pick:
-    runs = runs[runs["analysis"].isin(pick)]
-if model:
-    runs = runs[runs["model"].str.contains(model, regex=False, case=False)]
-shown = runs.head(MAX_ROWS).copy()
-shown["open"] = [run_link(a, s) for a, s in zip(shown["analysis"], shown["spec"])]
-st.caption(f"{len(runs):,} runs" + (f" (the newest {MAX_ROWS:,} shown)" if len(runs) > MAX_ROWS else ""))
-st.dataframe(
-    shown[["analysis", "model", "created", "duration_s", "author", "worker", "key", "open"]],
-    hide_index=True, width="stretch",
-    column_config={"open": st.column_config.LinkColumn("Open", display_text="open"),
-                   "duration_s": st.column_config.NumberColumn("Time taken (s)", format="%.2f"),
-                   "created": st.column_config.DatetimeColumn("When", format="YYYY-MM-DD HH:mm:ss")})
+# while a batch runs, the list refreshes with it, so its results appear as they are written
+st.fragment(listing, run_every=3 if st.session_state.get("runs_running") else None)()
