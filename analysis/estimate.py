@@ -231,13 +231,11 @@ def learn(est: Estimate, dtype: str, width: int, seconds: float) -> None:
 
 def timed(est: Estimate, dtype: str, width: int) -> Estimate:
     """Fill in the seconds of the estimate and of the runs it builds on (each with theirs)."""
-    rate = matmul_throughput(est.device, dtype, width) * efficiency(est.analysis, est.device)
+    throughput = matmul_throughput(est.device, dtype, width)
 
     def fill(e: Estimate) -> float:  # an input run at its own analysis's pace
         e.device = est.device
-        own = rate if not e.analysis or e.analysis == est.analysis else (
-            matmul_throughput(est.device, dtype, width) * efficiency(e.analysis, est.device))
-        e.seconds = e.flops / own + e.extra_seconds
+        e.seconds = e.flops / (throughput * efficiency(e.analysis or est.analysis, est.device)) + e.extra_seconds
         return e.seconds + sum(fill(u) for u in e.upstream)
 
     fill(est)
