@@ -19,7 +19,7 @@ from analysis.models import DEVICES, DTYPES, list_checkpoints
 from analysis.registry import ANALYSES
 from analysis.settings import allow_local_folders, allow_remote_code, review_mode
 from analysis.specs import BOS_CHOICES, Spec
-from views.common import ModelChoice, query, store
+from views.common import ModelChoice, query, show_error, store
 from views.page import PageContext
 
 st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
@@ -37,7 +37,7 @@ def sidebar() -> ModelChoice | None:
         qp = query()
         url = Spec.from_dict({k: qp[k] for k in ("model", "revision", "dtype", "bos") if k in qp})
     except WorkbenchError as e:
-        st.sidebar.error(f"This link's model settings are not valid: {e}")
+        show_error(f"This link's model settings are not valid: {e}", st.sidebar)
         url = Spec()
         qp = {}
     ckpts = _checkpoints()
@@ -85,7 +85,7 @@ def sidebar() -> ModelChoice | None:
                                         trust_remote_code=trust)
                 summary = {**handle.summary.as_dict(), "prepends_bos": handle.prepends_bos}
         except WorkbenchError as e:
-            st.error(str(e))
+            show_error(e)
             return None
         st.session_state["model_summary"] = summary  # pages pick smaller defaults for a large model from it
         adds = summary.get("prepends_bos", True)  # records from before it was kept: every run had a BOS

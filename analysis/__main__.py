@@ -233,13 +233,13 @@ def _smaller(spec, given: set[str], device: str):
 def _write_outputs(args, outcomes: list["RunOutcome"]) -> None:
     import pandas as pd
 
-    from .export import html_report, item_from_result
+    from .export import html_report, item_from_result, to_csv
 
     def table(o: "RunOutcome"):
         return o.result.table.assign(run_key=o.key) if len(outcomes) > 1 else o.result.table
 
     if args.csv:
-        pd.concat([table(o) for o in outcomes]).to_csv(args.csv, index=False)
+        args.csv.write_bytes(to_csv(pd.concat([table(o) for o in outcomes])))
     if args.parquet:
         pd.concat([table(o) for o in outcomes]).to_parquet(args.parquet, index=False)
     if args.html:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from .registry import REGISTRY
-        from .runner import get_store, run
+        from .runner import check_run_key, get_store, run
 
         store = Store(args.store) if args.store else get_store()
         if args.command == "batch":
@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "import-parquet":
-            print(json.dumps(store.import_parquet(args.path)))
+            print(json.dumps(store.import_parquet(args.path, check_run=check_run_key)))
             return 0
         if args.command == "import-store":
-            print(json.dumps(store.import_store(args.path)))
+            print(json.dumps(store.import_store(args.path, check_run=check_run_key)))
             return 0
         if args.command == "warm-up":
             import time

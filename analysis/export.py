@@ -1,7 +1,9 @@
 """Export: the tidy table as CSV, and self-contained HTML reports (plotly.js inlined, so they open offline).
 
 Every piece of text a person typed (prompts, tokens, notes, titles, specs) is HTML-escaped; figure data goes in
-through plotly's own JSON encoder, which escapes '<' and '/' inside strings.
+through plotly's own JSON encoder, which escapes '<' and '/' inside strings. A link is live only when it leads
+into the app the report came from (`app_url`); any other (another site, `javascript:`) is plain text, so
+opening or clicking in a report fetches and runs nothing from elsewhere.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import plotly.graph_objects as go
 from .registry import REGISTRY
 from .result import Result
 from .store import Store
+from .untrusted import app_link, csv_safe
 
 
 def to_csv(df: pd.DataFrame) -> bytes:
-    return df.to_csv(index=False).encode()
+    """Every CSV we write: text cells that a spreadsheet would run as formulas are neutralised (untrusted.py)."""
+    return csv_safe(df).to_csv(index=False).encode()
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,13 +95,18 @@ def _cell(v) -> str:
     return repr(v) if isinstance(v, str) and v != v.strip() else str(v)
 
 
-def _item_html(item: ReportItem) -> str:
+def _link_html(link: str, app_url: str) -> str:
+    if app_link(link, app_url):
+        return f"<a href=\"{html.escape(link, quote=True)}\">{html.escape(link)}</a>"
+    return f"<code>{html.escape(link)}</code>"
+
+
+def _item_html(item: ReportItem, app_url: str = "") -> str:
     parts = [f"<h2>{html.escape(item.title)}</h2>",
              f"<p class='meta'>analysis <code>{html.escape(item.analysis)}</code> · run key "
              f"<code>{html.escape(item.run_key)}</code></p>"]
     if item.link:
-        parts.append(f"<p class='meta'>Link: <a href=\"{html.escape(item.link, quote=True)}\">"
-                     f"{html.escape(item.link)}</a></p>")
+        parts.append(f"<p class='meta'>Link: {_link_html(item.link, app_url)}</p>")
     if item.notes:
         parts.append(f"<div class='notes'>{html.escape(item.notes)}</div>")
     for name, fig in item.figures.items():
@@ -113,10 +122,10 @@ def _item_html(item: ReportItem) -> str:
     return "\n".join(parts)
 
 
-def html_report(title: str, items: list[ReportItem], *, intro: str = "") -> str:
-    """A single self-contained HTML file: no network needed to open it."""
+def html_report(title: str, items: list[ReportItem], *, intro: str = "", app_url: str = "") -> str:
+    """A single self-contained HTML file: no network needed to open it (links into `app_url` stay live)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = "\n".join(_item_html(i) for i in items)
+    body = "\n".join(_item_html(i, app_url) for i in items)
     intro_html = f"<div class='notes'>{html.escape(intro)}</div>" if intro else ""
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style><script type='text/javascript'>{_plotly_js()}</script></head><body>"
@@ -124,7 +133,7 @@ def html_report(title: str, items: list[ReportItem], *, intro: str = "") -> str:
             f"{intro_html}{body}</body></html>")
 
 
-def findings_report(store: Store) -> tuple[str, bytes]:
+def findings_report(store: Store, app_url: str = "") -> tuple[str, bytes]:
     """All findings as one HTML report (with the figures of every linked stored run) and one CSV."""
     df = store.findings()
     items: list[ReportItem] = []
@@ -139,4 +148,4 @@ def findings_report(store: Store) -> tuple[str, bytes]:
                 items.append(item_from_result(f"{f.title}: {rec.analysis} run", rec.analysis, rec.key, rec.spec,
                                               res))
     csv_df = df.assign(runs=df["runs"].map(lambda r: " ".join(r)), links=df["links"].map(lambda r: " ".join(r)))
-    return html_report("Findings", items), to_csv(csv_df)
+    return html_report("Findings", items, app_url=app_url), to_csv(csv_df)

@@ -41,7 +41,7 @@ from .tokens import bos_flag, check_token_ids, encode
 
 log = logging.getLogger("workbench.runner")
 
-__all__ = ["REGISTRY", "RunOutcome", "get_store", "run", "run_key", "spec_from_dict"]
+__all__ = ["REGISTRY", "RunOutcome", "check_run_key", "get_store", "run", "run_key", "spec_from_dict"]
 
 
 @dataclass
@@ -76,6 +76,14 @@ def run_key(fingerprint: str, spec: Spec, version: str) -> str:
     blob = json.dumps({"analysis": spec.analysis, "version": version, "fingerprint": fingerprint,
                        "spec": payload}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def check_run_key(row: dict) -> None:
+    """Raise unless a run row's key is the hash of its own fingerprint, spec and version, so an imported row
+    cannot claim another run's key (store.import_store and import_parquet call it on every run row)."""
+    spec = get_analysis(row["analysis"]).spec.from_dict(json.loads(row["spec"]))
+    if run_key(row["fingerprint"], spec, row["version"]) != row["key"]:
+        raise ValueError("its key is not the hash of its fingerprint, spec and version")
 
 
 def resolve_tokens(spec: Spec, handle: ModelHandle) -> Spec:

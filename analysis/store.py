@@ -15,12 +15,9 @@ Tables are stored as Parquet bytes (never pickle): each result table is one BLOB
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -31,6 +28,7 @@ from typing import Iterator
 import duckdb
 import pandas as pd
 
+from . import store_import
 from .errors import WorkbenchError
 from .result import Result, RunRecord, from_parquet, to_parquet
 
@@ -71,7 +69,7 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
-TABLES = ("runs", "results", "findings", "models", "datasets")
+TABLES = store_import.TABLES
 _NOW = "now()::TIMESTAMP"
 
 
@@ -88,10 +86,26 @@ def _sql_str(path: Path) -> str:
     return path.as_posix().replace("'", "''")
 
 
-def _retryable(e: Exception) -> bool:
+_IO_FAULTS = ("no space left", "read-only file system", "permission denied", "disk quota", "input/output error")
+MAX_KEY_RACES = 20  # retries of a transaction that lost a race to insert the same key
+
+
+def _io_fault(e: Exception) -> bool:
+    """The disk refused (full, read-only, no permission): waiting will not help."""
+    return any(s in str(e).lower() for s in _IO_FAULTS)
+
+
+def _lock_conflict(e: Exception) -> bool:
+    """Another process holds the file, or another thread's transaction touched the same rows: retry."""
     text = str(e).lower()
-    return ("could not set lock" in text or "conflict" in text or "database is locked" in text
-            or isinstance(e, duckdb.TransactionException))
+    return not _io_fault(e) and ("could not set lock" in text or "conflict" in text or "database is locked" in text)
+
+
+def _key_race(e: Exception) -> bool:
+    """Two transactions inserted the same key at once (two sessions recording the same model or run): the loser
+    retries, and then finds the winner's row (every racing write replaces or ignores an existing row)."""
+    return isinstance(e, (duckdb.ConstraintException, duckdb.TransactionException)) and \
+        "duplicate key" in str(e).lower()
 
 
 class Store:
@@ -113,14 +127,20 @@ class Store:
     def _retry(self, attempt, what: str):
         """attempt() until it succeeds, retrying with jittered backoff while another process holds the file or
         another thread's transaction conflicts; past the deadline, a WorkbenchError that says so."""
-        deadline, delay = time.monotonic() + self.timeout_s, 0.005
+        deadline, delay, races = time.monotonic() + self.timeout_s, 0.005, 0
         while True:
             try:
                 return attempt()
             except duckdb.Error as e:
-                if not _retryable(e):
+                if _key_race(e) and races < MAX_KEY_RACES:
+                    races += 1
+                elif _io_fault(e):
+                    raise WorkbenchError(f"The result store {self.path} could not {what}: the disk refused ({e}).",
+                                         hint="Free space on that disk, or point WORKBENCH_STORE at a writable file "
+                                              "(a read-only store can be browsed with WORKBENCH_REVIEW_MODE=1).") from e
+                elif not _lock_conflict(e):
                     raise WorkbenchError(f"The result store {self.path} could not {what}: {e}") from e
-                if time.monotonic() > deadline:
+                elif time.monotonic() > deadline:
                     raise WorkbenchError(
                         f"The result store {self.path} is busy: another process has held it for over "
                         f"{self.timeout_s:g} s.", hint="Wait for the other job (a batch run, another app) to finish, "
@@ -359,8 +379,7 @@ class Store:
     def put_dataset(self, df: pd.DataFrame, *, name: str, kind: str, author: str = "") -> str:
         """Keep a user's dataset (already validated); its id is a hash of its content, so the same data gets the
         same id on every machine and a second upload changes nothing."""
-        canonical = df.to_json(orient="split", index=False)
-        ds_id = hashlib.sha256(f"{kind}\n{canonical}".encode()).hexdigest()[:16]
+        ds_id = store_import.dataset_id(kind, df)
         blob = to_parquet(df)
 
         def write(con):
@@ -390,37 +409,14 @@ class Store:
         df["links"] = df["links"].map(json.loads)
         return df
 
-    # -- bringing results in from elsewhere -----------------------------------------------------------------
-    def import_store(self, other: str | Path) -> dict[str, int]:
-        """Copy every run, result, finding and model record of another store file into this one.
-
-        The other file is migrated on a temporary copy (it is never modified); rows already here are kept."""
-        other = Path(other)
-        if not other.is_file():
-            raise WorkbenchError(f"There is no store file at {other}.")
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / "import.duckdb"
-            shutil.copy(other, copy)
-            wal = other.with_name(other.name + ".wal")
-            if wal.exists():
-                shutil.copy(wal, copy.with_name(copy.name + ".wal"))
-            Store(copy)  # migrate the copy to this schema
-
-            def merge(con):  # the connection (and with it the ATTACH) closes right after the transaction
-                con.execute("ATTACH ? AS src (READ_ONLY)", [str(copy)])
-                return {t: self._merge_table(con, "src", t) for t in TABLES}
-
-            return self._transaction(merge)
-
-    @staticmethod
-    def _merge_table(con, src: str, table: str) -> int:
-        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        cols = [r[0] for r in con.execute(f"SELECT column_name FROM information_schema.columns "
-                                          f"WHERE table_name = '{table}' AND table_catalog = current_database() "
-                                          "ORDER BY ordinal_position").fetchall()]
-        col_list = ", ".join(cols)
-        con.execute(f"INSERT OR IGNORE INTO {table} ({col_list}) SELECT {col_list} FROM {src}.main.{table}")
-        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - before
+    # -- bringing results in from elsewhere (store_import validates every row; see there) --------------------
+    def import_store(self, other: str | Path, *, check_run) -> dict:
+        """Copy the valid runs, results, findings, model records and datasets of another store file into this one
+        (rows already here are kept). `check_run(row)` raises when a run row is not what its key says (the runner
+        passes one that recomputes the key)."""
+        good, skipped, why = store_import.read_store_file(Path(other), check_run, self.stored_run_keys,
+                                                          lambda copy: Store(copy))
+        return store_import.summary(self._transaction(lambda con: store_import.insert(con, good)), skipped, why)
 
     def export_parquet(self, folder: str | Path) -> list[Path]:
         """Write every table as one Parquet file in `folder` (results keep their Parquet bytes in a column)."""
@@ -433,31 +429,15 @@ class Store:
             out.append(path)
         return out
 
-    def import_parquet(self, folder: str | Path) -> dict[str, int]:
-        """Bring in a folder written by export_parquet (e.g. by a batch job on another machine)."""
-        folder = Path(folder)
-        missing = [t for t in TABLES if not (folder / f"{t}.parquet").is_file()]
-        if missing:
-            raise WorkbenchError(f"{folder} is not an exported store: {', '.join(m + '.parquet' for m in missing)} "
-                                 "missing.", hint="Export one with `python -m analysis export-parquet FOLDER`.")
+    def import_parquet(self, folder: str | Path, *, check_run) -> dict:
+        """Bring in a folder written by export_parquet (e.g. by a batch job on another machine), validated as
+        import_store does."""
+        good, skipped, why = store_import.read_parquet_folder(Path(folder), check_run, self.stored_run_keys)
+        return store_import.summary(self._transaction(lambda con: store_import.insert(con, good)), skipped, why)
 
-        def merge(con):
-            added = {}
-            for t in TABLES:
-                con.execute("CREATE TEMP TABLE imp AS SELECT * FROM read_parquet(?)", [str(folder / f"{t}.parquet")])
-                try:
-                    added[t] = self._merge_from(con, t)
-                finally:
-                    con.execute("DROP TABLE imp")
-            return added
-
-        return self._transaction(merge)
-
-    @staticmethod
-    def _merge_from(con, table: str) -> int:
-        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = 'imp' ORDER BY ordinal_position").fetchall()]
-        col_list = ", ".join(cols)
-        con.execute(f"INSERT OR IGNORE INTO {table} ({col_list}) SELECT {col_list} FROM imp")
-        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - before
+    def stored_run_keys(self, keys: list[str]) -> set[str]:
+        """Which of these keys have a run row (whatever its status)."""
+        if not keys:
+            return set()
+        return {r[0] for r in self._read(lambda con: con.execute(
+            "SELECT key FROM runs WHERE key IN (SELECT unnest(?::VARCHAR[]))", [list(keys)]).fetchall())}

@@ -130,12 +130,34 @@ def test_review_mode_browses_stored_and_refuses_to_compute(monkeypatch):
 
 def test_findings_page_lists_saved_findings(own_store):
     Store(own_store).add_finding("IOI works", notes="<b>not bold</b>", author="ada", runs=[],
-                                 links=["http://localhost:8501/?model=default", "javascript:alert(1)"])
+                                 links=["?model=default", "javascript:alert(1)", "http://elsewhere.example/x"])
     at = _run(page="views/findings.py")
     assert not at.exception
     assert at.title[0].value == "Findings"
     assert any(s.value == "IOI works" for s in at.subheader)
     assert any("<b>not bold</b>" in t.value for t in at.text)
+    buttons = at.get("link_button")
+    assert [b.proto.url for b in buttons] == ["?model=default"]  # only the link into the app is live
+    assert any("javascript:alert(1)" in t.value for t in at.text) and any("elsewhere" in t.value for t in at.text)
+
+
+def test_findings_page_renders_no_markdown_from_titles_authors_or_notes(own_store):
+    """An image in a finding would be fetched by every reader's browser (a tracking pixel)."""
+    pixel = "![x](http://tracker.example/pixel.png)"
+    Store(own_store).add_finding(f"Result {pixel}", notes=pixel, author=f"[ada](http://tracker.example) {pixel}")
+    at = _run(page="views/findings.py")
+    assert not at.exception
+    shown = [e.value for e in (*at.subheader, *at.caption, *at.markdown)]
+    assert not any("](http" in v or "![" in v for v in shown), shown  # every bracket is escaped
+    assert any(v.startswith("Result \\!\\[x\\]") for v in shown), shown
+    assert any(pixel == t.value for t in at.text)  # the notes: plain text, as typed
+
+
+def test_error_messages_quoting_a_link_render_no_markdown():
+    at = _run(model="![x](http://tracker.example/pixel.png)")
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert errors and all("![" not in e and "](http" not in e for e in errors), errors
 
 
 def test_findings_page_when_empty():

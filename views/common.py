@@ -12,6 +12,7 @@ from analysis import WorkbenchError
 from analysis.export import html_report, item_from_result, to_csv
 from analysis.runner import RunOutcome, get_store
 from analysis.settings import review_mode
+from analysis.untrusted import md_escape
 
 MAX_QUERY_CHARS = 40_000
 
@@ -43,12 +44,23 @@ def spec_from_link(spec_cls, fields: tuple[str, ...], defaults: dict | None = No
         data = {k: qp[k] for k in fields if k in qp}
         return qp, spec_cls.from_dict(data if "token_ids" in data else {**defaults, **data})
     except WorkbenchError as e:
-        st.error(f"This link's settings are not valid: {e}")
+        show_error(f"This link's settings are not valid: {e}")
         return {}, spec_cls(**defaults)
 
 
 def store():
     return get_store()
+
+
+def show_error(e: Exception | str, where=None) -> None:
+    """A WorkbenchError's message (which may quote what a person typed) as plain text in an error box: no
+    Markdown in it renders, so nothing is fetched and no link is live."""
+    (where or st).error(md_escape(str(e)))
+
+
+def app_url() -> str:
+    """This app's address without the query (links into it stay live in exports)."""
+    return (st.context.url or "").split("?", 1)[0]
 
 
 def choice() -> ModelChoice | None:
@@ -83,8 +95,7 @@ def sync_url(params: dict[str, object]) -> None:
 
 
 def share_link() -> str:
-    base = (st.context.url or "").split("?", 1)[0]
-    return f"{base}?{urlencode(st.query_params.to_dict())}"
+    return f"{app_url()}?{urlencode(st.query_params.to_dict())}"
 
 
 def spec_params(spec) -> dict[str, object]:
@@ -97,7 +108,8 @@ def downloads(outcome: RunOutcome, figures: dict, title: str, link: str) -> None
     c1.download_button("Download CSV", to_csv(outcome.result.table), file_name=f"{outcome.spec.analysis}-"
                        f"{outcome.key[:8]}.csv", mime="text/csv", key=f"csv-{outcome.key}")
     report = html_report(title, [item_from_result(title, outcome.spec.analysis, outcome.key, outcome.spec.to_dict(),
-                                                  outcome.result, link=link, figures=figures)])
+                                                  outcome.result, link=link, figures=figures)],
+                         app_url=app_url())
     c2.download_button("Download HTML report", report.encode(), file_name=f"{outcome.spec.analysis}-"
                        f"{outcome.key[:8]}.html", mime="text/html", key=f"html-{outcome.key}")
 
@@ -112,7 +124,7 @@ def save_finding(outcome: RunOutcome, link: str) -> None:
                 try:
                     fid = store().add_finding(title, notes, author, runs=[outcome.key], links=[link])
                 except WorkbenchError as e:
-                    st.error(str(e))
+                    show_error(e)
                 else:
                     st.success(f"Saved finding {fid}. It is listed on the Findings page.")
 
@@ -180,7 +192,7 @@ def run_or_stop(make_spec, model: ModelChoice, slot=None, smaller: dict | None =
         return run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
     except WorkbenchError as e:
         progress(1.0, "")  # take the bar away
-        st.error(str(e))
+        show_error(e)
         st.stop()
 
 

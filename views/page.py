@@ -97,6 +97,10 @@ class PageContext:
         """The page's view state (not part of a spec) from the link; values that do not parse are defaults."""
         return view_cls.from_query(self.query())
 
+    def error(self, e: Exception | str) -> None:
+        """A message that may quote what a person typed, shown as plain text (no Markdown renders)."""
+        common.show_error(e)
+
     def store(self):
         return common.store()
 

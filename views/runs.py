@@ -9,7 +9,7 @@ import streamlit as st
 
 from analysis import WorkbenchError
 from analysis.registry import REGISTRY
-from views.common import store
+from views.common import show_error, store
 
 MAX_ROWS = 2000
 
@@ -40,7 +40,7 @@ def batches() -> None:
     try:
         df = store().batches()
     except WorkbenchError as e:
-        st.error(str(e))
+        show_error(e)
         return
     running = sorted(df.loc[df["status"] == "running", "id"]) if not df.empty else []
     if st.session_state.setdefault("runs_running", running) != running:
@@ -64,7 +64,7 @@ def listing() -> None:
     try:
         runs = store().runs()
     except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
-        st.error(str(e))
+        show_error(e)
         return
     if runs.empty:
         st.info("The store holds no runs yet. Run an analysis on any page, or a batch from the command line.")

@@ -7,6 +7,7 @@ from ... import concept_data
 from ...contract import Page, Widget
 from ...errors import WorkbenchError
 from ...settings import review_mode
+from ...untrusted import md_escape
 from .compute import ProbeSpec
 from .figures import probe_accuracy
 
@@ -69,9 +70,9 @@ def _dataset(ctx, qp: dict, store) -> str:
                 try:
                     new_id = concept_data.save_concepts_csv(store, upload.getvalue(), name=upload.name)
                 except WorkbenchError as e:
-                    st.error(str(e))
+                    ctx.error(e)
                 else:
-                    st.success(f"{upload.name} is dataset {new_id}.")
+                    st.success(f"{md_escape(upload.name)} is dataset {new_id}.")
                     names.setdefault(new_id, f"{upload.name} · {new_id}")
                     if st.session_state.get("uploaded_id") != new_id:  # select it once, then the user decides
                         st.session_state["uploaded_id"] = new_id
@@ -92,7 +93,7 @@ def render(ctx) -> None:
     try:
         dataset = _dataset(ctx, qp, ctx.store())
     except WorkbenchError as e:  # the store is busy or unreadable: say so, change nothing
-        st.error(str(e))
+        ctx.error(e)
         st.stop()
     _warm_umap(st)
     sections = {a.name: a for a in ctx.sections("concepts")}

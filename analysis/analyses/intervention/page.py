@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ...contract import Page, Widget
+from ...untrusted import md_escape
 from .compute import InterventionSpec
 from .figures import dose_response
 
@@ -30,7 +31,8 @@ def section(ctx, model, common: dict):
     m = outcome.result.meta
     fig = dose_response(outcome.result.table, outcome.result.extra["groups"], m["toward"])
     st.plotly_chart(fig, width="stretch")
-    st.caption(f"Pushed along the {m['concept']} probe toward {m['toward']!r} at layer {m['layer']} "
+    st.caption(f"Pushed along the {md_escape(m['concept'])} probe toward {md_escape(repr(m['toward']))} at layer "
+               f"{m['layer']} "
                f"(probe accuracy {m['probe_accuracy']:.3f}); one unit = {m['residual_norm']:.2f}, the mean residual "
                "norm there.")
     top = outcome.result.extra["top"]

@@ -1,0 +1,220 @@
+"""Trust defects found by using the workbench as a team would (issue 15): concurrent writers, imported files
+that are not what they claim, restrictions of a shared deployment, hostile text. Each test failed before its
+fix."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_store import _result, _run
+
+from analysis import WorkbenchError
+from analysis.runner import check_run_key, run, run_key
+from analysis.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _no_check(row):
+    """Store-level tests use made-up run keys; the key check itself is tested with real runs below."""
+
+
+# -- concurrent writers ---------------------------------------------------------------------------------------
+def _record_everything(path: Path, i: int) -> None:
+    st = Store(path)  # a Store object per writer, as separate sessions and processes have
+    st.remember_model("default", "", "float32", "f" * 32, {"n_layers": 2})
+    st.put(_run("same-key"), _result(seed=0))
+    st.put_dataset(pd.DataFrame({"text": ["a", "b"], "mood": ["x", "y"]}), name="m.csv", kind="concepts")
+    st.add_finding(f"finding {i}")
+
+
+def test_threads_and_a_process_recording_the_same_model_and_run_at_once(tmp_path):
+    """Four browser sessions on a fresh store showed `Duplicate key "model: default ..."`: two runs recorded the
+    same model at the same time. Every racing write is an idempotent upsert."""
+    path = tmp_path / "s.duckdb"
+    Store(path)
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+            "from test_trust import _record_everything\nfrom pathlib import Path\n"
+            f"for i in range(5): _record_everything(Path({str(path)!r}), 100 + i)\nprint('ok')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            for j in range(3):
+                _record_everything(path, i * 10 + j)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out, err = proc.communicate(timeout=300)
+    assert errors == [] and proc.returncode == 0, (errors, err[-2000:])
+    st = Store(path)
+    assert st.count("models") == 1 and st.count("runs") == 1 and st.count("results") == 2
+    assert st.count("datasets") == 1 and st.count("findings") == 8 * 3 + 5
+    assert st.get("same-key").meta["seed"] == 0
+
+
+# -- importing files that are not what they claim --------------------------------------------------------------
+@pytest.fixture()
+def secret(tmp_path) -> Path:
+    path = tmp_path / "secret.txt"
+    path.write_text("root:x:0:0:the server's secret\n")
+    return path
+
+
+def _exported(tmp_path) -> Path:
+    src = Store(tmp_path / "src.duckdb")
+    src.put(_run("b1"), _result(seed=1))
+    src.add_finding("a real finding")
+    src.export_parquet(tmp_path / "export")
+    return tmp_path / "export"
+
+
+def test_import_parquet_does_not_paste_column_names_into_sql(tmp_path, secret):
+    folder = _exported(tmp_path)
+    evil = (f"id, title, notes, author, runs, links, created) SELECT 'abc', 'pwned', content, '', '[]', '[]', "
+            f"now()::TIMESTAMP FROM read_text('{secret}') --")
+    pq.write_table(pa.table({evil: ["x"]}), folder / "findings.parquet")
+    app = Store(tmp_path / "app.duckdb")
+    with pytest.raises(WorkbenchError, match="unexpected columns"):
+        app.import_parquet(folder, check_run=_no_check)
+    assert app.count("findings") == 0 and app.count("runs") == 0  # refused whole: nothing changed
+
+
+def test_import_store_reads_tables_never_views(tmp_path, secret):
+    path = tmp_path / "evil.duckdb"
+    Store(path).put(_run("b1"), _result(seed=1))
+    with duckdb.connect(str(path)) as con:
+        con.execute("DROP TABLE findings")
+        con.execute(f"CREATE VIEW findings AS SELECT 'abcd' AS id, 'pwned' AS title, content AS notes, '' AS author, "
+                    f"'[]' AS runs, '[]' AS links, now()::TIMESTAMP AS created FROM read_text('{secret}')")
+    app = Store(tmp_path / "app.duckdb")
+    with pytest.raises(WorkbenchError, match="view"):
+        app.import_store(path, check_run=_no_check)
+    assert app.count("findings") == 0 and app.count("runs") == 0
+    assert "secret" not in app.findings().to_string()
+
+
+def test_import_store_skips_malformed_rows_and_keeps_the_good_ones(tmp_path):
+    path = tmp_path / "mixed.duckdb"
+    src = Store(path)
+    src.put(_run("good"), _result(seed=1))
+    src.add_finding("fine")
+    with duckdb.connect(str(path)) as con:
+        con.execute("INSERT INTO findings VALUES ('00ff', 'broken runs', '', '', 'not json', '[]', now())")
+        con.execute("INSERT INTO findings VALUES ('00fe', '', 'no title', '', '[]', '[]', now())")
+        con.execute("INSERT INTO runs (key, analysis, spec, model, fingerprint, version, created, status) "
+                    "VALUES ('junk', 'test', '{}', 'm', 'f', '1', now(), 'done')")
+        con.execute("INSERT INTO results VALUES ('junk', 'main', 1, 'PAR1 not really'::BLOB)")
+        con.execute("INSERT INTO results VALUES ('orphan', 'main', 1, 'x'::BLOB)")
+    app = Store(tmp_path / "app.duckdb")
+    added = app.import_store(path, check_run=_no_check)
+    assert {k: added[k] for k in ("runs", "results", "findings")} == {"runs": 1, "results": 2, "findings": 1}
+    assert added["skipped"] == {"findings": 2, "results": 2, "runs": 1}
+    assert any("not JSON" in w for w in added["why"])
+    assert app.get("good").meta["seed"] == 1 and app.get("junk") is None
+    assert list(app.findings()["title"]) == ["fine"]  # the Findings page reads this
+
+
+def test_import_refuses_more_rows_than_the_limit(tmp_path, monkeypatch):
+    path = tmp_path / "big.duckdb"
+    src = Store(path)
+    for i in range(12):
+        src.add_finding(f"f{i}")
+    monkeypatch.setenv("WORKBENCH_IMPORT_MAX_ROWS", "10")
+    app = Store(tmp_path / "app.duckdb")
+    with pytest.raises(WorkbenchError, match="at most 10"):
+        app.import_store(path, check_run=_no_check)
+    assert app.count("findings") == 0
+
+
+def test_imported_runs_cannot_claim_another_runs_key(tmp_path):
+    """A row under a real run key must be that run: its key is the hash of its fingerprint, spec and version."""
+    from analysis.analyses.model_view.spec import ModelViewSpec
+
+    src = Store(tmp_path / "src.duckdb")
+    honest = run(ModelViewSpec(prompt="The capital of France is"), store=src)
+    other = run(ModelViewSpec(prompt="Two plus two is"), store=Store(tmp_path / "elsewhere.duckdb"))
+    check_run_key({"key": honest.key, "analysis": "model", "spec": json.dumps(honest.record.spec),
+                   "fingerprint": honest.record.fingerprint, "version": honest.record.version})
+    # plant the first run's result under the second run's key
+    with duckdb.connect(str(tmp_path / "src.duckdb")) as con:
+        con.execute("UPDATE results SET key = ? WHERE key = ?", [other.key, honest.key])
+        con.execute("UPDATE runs SET key = ? WHERE key = ?", [other.key, honest.key])
+    app = Store(tmp_path / "app.duckdb")
+    added = app.import_store(tmp_path / "src.duckdb", check_run=check_run_key)
+    assert added["runs"] == 0 and added["skipped"]["runs"] == 1 and "hash" in added["why"][0]
+    assert app.get(other.key) is None
+    assert run_key(other.record.fingerprint, other.spec, other.record.version) == other.key
+
+
+# -- hostile text in every output -------------------------------------------------------------------------------
+PIXEL = "![x](http://tracker.example/pixel.png)"
+FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"x\")", "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+
+
+def _csv_cells(data: bytes) -> list[str]:
+    import csv
+    import io
+
+    return [c for row in csv.reader(io.StringIO(data.decode(), newline="")) for c in row]
+
+
+def test_csv_neutralises_spreadsheet_formulas_in_every_cell_and_header():
+    from analysis.export import to_csv
+
+    df = pd.DataFrame({"text": FORMULAS + ["plain"], "=label": ["a"] * 7, "value": [-1.5] * 7})
+    cells = _csv_cells(to_csv(df))
+    assert not [c for c in cells if c.startswith(("=", "+", "@", "\t", "\r")) or c.startswith("-") and c != "-1.5"]
+    assert "'=HYPERLINK(\"http://evil.example\",\"x\")" in cells and "'=label" in cells and "-1.5" in cells
+
+
+def test_findings_export_and_cli_csv_carry_no_formulas_live_links_or_images(tmp_path):
+    from analysis.analyses.model_view.spec import ModelViewSpec
+    from analysis.export import findings_report
+
+    store = Store(tmp_path / "s.duckdb")
+    out = run(ModelViewSpec(prompt="=1+1 is"), store=store)
+    app = "http://localhost:8501/"
+    store.add_finding(f"=cmd {PIXEL}", notes=f"see {PIXEL} and [here](http://elsewhere.example)", author=PIXEL,
+                      runs=[out.key], links=["javascript:alert(1)"])
+    store.add_finding("ours", links=[f"{app}?model=default&prompt=x"])
+    doc, csv = findings_report(store, app)
+    assert "<img" not in doc and 'href="javascript' not in doc and "href=\"http://elsewhere" not in doc
+    assert f'href="{app}?model=default&amp;prompt=x"' in doc  # a link into the app stays live
+    assert "<code>javascript:alert(1)</code>" in doc
+    assert not [c for c in _csv_cells(csv) if c.startswith(("=", "+", "-", "@"))]
+    cli = subprocess.run([sys.executable, "-m", "analysis", "lens", "--prompt", "=1+1 is", "--store",
+                          str(tmp_path / "s.duckdb"), "--csv", str(tmp_path / "m.csv")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    cells = _csv_cells((tmp_path / "m.csv").read_bytes())  # the prompt's tokens, one row per layer and position
+    assert "'=" in cells and not [c for c in cells if c.startswith(("=", "+", "@"))]
+
+
+def test_markdown_escape_shows_text_as_typed():
+    from markdown_it import MarkdownIt
+
+    from analysis.untrusted import md_escape
+
+    md = MarkdownIt("commonmark")
+    for text in (PIXEL, "[a](javascript:alert(1))", "<img src=http://x/p.png>", "see http://x.example/p now",
+                 ":red[alarm] :material/home:", "# heading *bold* `code`"):
+        rendered = md.render(md_escape(text))
+        assert "<img" not in rendered and "<a" not in rendered and "<h1" not in rendered and "<em" not in rendered
+        assert text.replace("<", "&lt;").replace(">", "&gt;") in rendered.replace("&quot;", '"')
+        assert "://" not in md_escape(text) and "www." not in md_escape(text)  # no GFM autolink literal either
