@@ -10,14 +10,13 @@ WORKBENCH_REVIEW_MODE=1 turns the app into a viewer of stored results and findin
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import streamlit as st
 
 from analysis import DEFAULT_MODEL, WorkbenchError, load_model
 from analysis.models import DEVICES, DTYPES, list_checkpoints
 from analysis.registry import ANALYSES
-from analysis.settings import allow_local_folders, allow_remote_code, review_mode
+from analysis.settings import allow_remote_code, review_mode
 from analysis.specs import BOS_CHOICES, Spec
 from views.common import ModelChoice, query, show_error, store
 from views.page import PageContext
@@ -76,10 +75,6 @@ def sidebar() -> ModelChoice | None:
                                          hint="Review mode only shows stored results.")
                 summary = rec["summary"]
             else:
-                if not allow_local_folders() and name not in (DEFAULT_MODEL, *ckpts.values()) and \
-                        Path(name).expanduser().exists():
-                    raise WorkbenchError("This deployment does not load local folders.",
-                                         hint="Pick the default model or a Hugging Face id.")
                 with st.spinner(f"Loading {name}…"):
                     handle = load_model(name, revision=revision or None, device=device, dtype=dtype,
                                         trust_remote_code=trust)

@@ -314,14 +314,14 @@ class Plan:
         return [len(s) for s in encode_texts(self.handle, list(texts), 0, self.spec.bos)]
 
 
-def other_models_bytes(plan: Plan, series: list[tuple[int, str, str | None]]) -> int:
+def other_models_bytes(plan: Plan, series: list) -> int:
     """Weights of the models of a checkpoint series that are not loaded yet: the model cache's free slots fill
     up, and once it is full a load holds one model more until the least recently used one is let go."""
     from .models import MODEL_CACHE
 
     spec, shape = plan.spec, plan.shape
-    missing = sum(1 for _, name, rev in series if not (name == spec.model and (rev or "") == spec.revision)
-                  and not MODEL_CACHE.has(name, revision=rev, device=shape.device, dtype=spec.dtype))
+    missing = sum(1 for c in series if not (c.name == spec.model and (c.revision or "") == spec.revision)
+                  and not MODEL_CACHE.has(c.name, revision=c.revision, device=shape.device, dtype=spec.dtype))
     slots = max(0, MODEL_CACHE.max_models - len(MODEL_CACHE.loaded()))
     return int((min(missing, slots) + (missing > slots)) * shape.weights * 1.1)
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import WorkbenchError
+from .settings import allow_local_folders, allow_remote_code, review_mode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -132,22 +133,56 @@ def resolve_dtype(dtype: str | None) -> str:
     return dtype
 
 
-def checkpoint_series(model: str, revision: str, checkpoints) -> list[tuple[int, str, str | None]]:
-    """(step, model name, revision) in training order: the given checkpoint entries (folders, hub ids,
-    id@revision; the step read from a "step-N" in the name, else the entry's position), or for the default model
-    its shipped checkpoints and the final model, or the model alone."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model of a series tracked over training."""
+
+    step: int | None  # its training step when known (a "step-N" in the entry, the folder's trainer state, the
+    # default model's training record), else None
+    name: str
+    revision: str | None
+    label: str  # "step N" when the step is known, else the entry as given (unique within a series)
+
+
+def checkpoint_series(model: str, revision: str, checkpoints) -> list[Checkpoint]:
+    """The checkpoints to track, in the order given (folders, hub ids, id@revision), or for the default model its
+    shipped checkpoints and the final model, or the model alone. Every entry is checked against the deployment's
+    restrictions here, before anything runs."""
     if checkpoints:
-        out = []
-        for i, entry in enumerate(checkpoints):
+        entries = []
+        for entry in checkpoints:
             name, _, rev = entry.partition("@")
-            m = re.search(r"step[-_]?(\d+)", entry)
-            out.append((int(m.group(1)) if m else i, name.strip(), rev.strip() or None))
-        return out
-    if model == DEFAULT_MODEL and not revision:
-        final_step = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text()).get("final_step", 0)
-        return [(step, str(path), None) for step, path in list_checkpoints()] + [(int(final_step), DEFAULT_MODEL,
-                                                                                  None)]
-    return [(0, model, revision or None)]
+            name, rev = name.strip(), rev.strip() or None
+            check_allowed(name)
+            entries.append((_known_step(entry, name), name, rev, entry.strip()))
+    elif model == DEFAULT_MODEL and not revision:
+        entries = [(step, str(path), None, "") for step, path in list_checkpoints()]
+        entries.append((_known_step(DEFAULT_MODEL, DEFAULT_MODEL), DEFAULT_MODEL, None, DEFAULT_MODEL))
+    else:
+        entries = [(None, model, revision or None, f"{model}@{revision}" if revision else model)]
+    out, seen = [], collections.Counter()
+    for step, name, rev, given in entries:
+        label = f"step {step}" if step is not None else given
+        seen[label] += 1
+        out.append(Checkpoint(step, name, rev, label if seen[label] == 1 else f"{label} ({seen[label]})"))
+    return out
+
+
+def _known_step(entry: str, name: str) -> int | None:
+    """The training step an entry names ("step-2000", "pythia-70m@step3000"), the default model's final step, or
+    the step a local checkpoint folder's trainer state records; None when nothing says."""
+    m = re.search(r"step[-_]?(\d+)", entry)
+    if m:
+        return int(m.group(1))
+    if name == DEFAULT_MODEL:
+        return int(json.loads((DEFAULT_MODEL_DIR / "training.json").read_text()).get("final_step", 0))
+    state = Path(name).expanduser() / "trainer_state.json"
+    if allow_local_folders() and state.is_file():
+        try:
+            return int(json.loads(state.read_text())["global_step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
 
 
 def list_checkpoints(model_dir: Path | None = None) -> list[tuple[int, Path]]:
@@ -239,6 +274,34 @@ class _Request:
         return (self.target, self.revision, self.device, self.dtype, self.trust_remote_code, self.stamp)
 
 
+def _shipped(name: str) -> bool:
+    """The default model or one of its shipped checkpoints (by path, as given or resolved)."""
+    if name == DEFAULT_MODEL:
+        return True
+    path = Path(name).expanduser().resolve()  # no filesystem check: nothing is revealed about other paths
+    return path == DEFAULT_MODEL_DIR.resolve() or path.parent == CHECKPOINTS_DIR.resolve()
+
+
+def check_allowed(name: str, trust_remote_code: bool = False) -> None:
+    """Refuse what this deployment does not load (every model load passes here, whichever field named it):
+    anything in review mode, a repository's own code unless WORKBENCH_ALLOW_REMOTE_CODE=1, and with
+    WORKBENCH_ALLOW_LOCAL_FOLDERS=0 any server path but the shipped models. The messages are the same whether
+    or not a path exists."""
+    if review_mode():
+        raise WorkbenchError("Review mode: this server loads no model and computes nothing.",
+                             hint="Open a link to a stored result.")
+    if trust_remote_code and not allow_remote_code():
+        raise WorkbenchError("This server does not run a model repository's own code (trust_remote_code).",
+                             hint="Whoever runs the server can allow it with WORKBENCH_ALLOW_REMOTE_CODE=1.")
+    if not allow_local_folders() and isinstance(name, str) and not _shipped(name.strip()):
+        name = name.strip()
+        if _looks_like_path(name) or not _HUB_ID.match(name) or "--" in name or ".." in name or \
+                name.lower().endswith(".gguf"):
+            raise WorkbenchError("This deployment loads the shipped models and Hugging Face ids only, not folders "
+                                 "or files on the server.", hint="Pick the default model, one of its checkpoints, "
+                                                                 "or a hub id like 'EleutherAI/pythia-70m'.")
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
 
@@ -249,6 +312,7 @@ def _resolve_request(name, revision, device, dtype, trust_remote_code) -> _Reque
     name = name.strip()
     if len(name) > 1024:
         raise WorkbenchError("That model name is too long to be a hub id or a folder.")
+    check_allowed(name, trust_remote_code)
     revision = (revision or "").strip() or None
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     trust_remote_code = bool(trust_remote_code)
@@ -260,7 +324,7 @@ def _resolve_request(name, revision, device, dtype, trust_remote_code) -> _Reque
                                  hint="Restore data/ from git, or rebuild it: python data/build_default_model.py")
     else:
         path = Path(name).expanduser()
-    if name == DEFAULT_MODEL or path.exists():
+    if name == DEFAULT_MODEL or ((allow_local_folders() or _shipped(name)) and path.exists()):
         path = path.resolve()
         if revision is not None:
             raise WorkbenchError(f"A revision ({revision!r}) applies to hub ids, not to a local folder.",

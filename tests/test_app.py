@@ -212,11 +212,31 @@ def test_entropy_page_tracks_the_shipped_checkpoints(own_store):
     assert len(at.get("plotly_chart")) == 3  # heads heatmap, predictive heatmap, curves over training
     summary = [d.value for d in at.dataframe if "collapsed_heads" in d.value.columns][0]
     assert list(summary["step"]) == [100, 250, 500, 1000, 2000, 3000, 4000]
-    assert _qp(at, "view_step") == "4000"
+    assert _qp(at, "view_checkpoint") == "step 4000"
     link = {k: _qp(at, k) for k in at.query_params}
-    again = _run(page="entropy", **{**link, "view_step": "1000"})
+    again = _run(page="entropy", **{**link, "view_checkpoint": "step 1000"})
     assert not again.exception and any("from the store" in c.value for c in again.caption)
     assert any("step 1000" in c.value for c in again.caption)
+
+
+def test_no_local_folders_holds_on_every_field_that_names_a_model(own_store, monkeypatch, tiny_dirs):
+    """With WORKBENCH_ALLOW_LOCAL_FOLDERS=0 the sidebar refused a server path, but the Entropy and Information-plane
+    pages loaded any folder named in their checkpoint lists."""
+    folder = str(tiny_dirs["gpt2"])
+    monkeypatch.setenv("WORKBENCH_ALLOW_LOCAL_FOLDERS", "0")
+    import analysis.models as models
+
+    for page, query in [("entropy", {"checkpoints": folder}), ("infoplane", {"checkpoints": folder}),
+                        ("entropy", {"checkpoints": "/no/such/folder"})]:
+        at = _run(page=page, **query)
+        assert not at.exception
+        assert any("not folders or files on the server" in e.value for e in at.error), (page, query)
+    sidebar = _run(model=folder)
+    assert any("not folders or files on the server" in e.value for e in sidebar.error)
+    assert not [h for h in models.MODEL_CACHE.loaded() if "tiny" in h.name]  # nothing from the server's folders
+    assert set(Store(own_store).runs()["analysis"]) <= {"model"}  # only the start page's own run was stored
+    shipped = _run(page="entropy", checkpoints="data/checkpoints/step-02000")  # the shipped ones stay open
+    assert not shipped.exception and not shipped.error
 
 
 def test_information_plane_page_says_what_it_measures(own_store):

@@ -201,14 +201,15 @@ def test_default_model_task_ids_are_built_without_changes(default_handle):
 # Run keys of each analysis's default spec (a prompt where it takes one) on the default model, as derived by the
 # code before issue 13 moved the task data to text and made the BOS token follow the tokenizer: stores written
 # before then must open as hits. A deliberate version bump of an analysis changes its key here too: the
-# quantization sweep and allocation (version 2) read their Hessian traces from the quant_traces run added since.
+# quantization sweep and allocation (version 2) read their Hessian traces from the quant_traces run added since;
+# entropy and the information plane (version 2) label each checkpoint by its step or name (issue 15).
 KEYS_BEFORE_ISSUE_13 = {
     "model": "27694af2770be7e137ddf51d5201f04d",
     "patching": "bdd9460526a2b6bf0572af5ebb00268a",
     "lens": "f008e8f96c7e5a32874c26bad4a4fcf7",
     "tuned_lens": "5fa0cc683071040e7910a07f4c780585",
-    "entropy": "94ff56cd4de71c416e8fac527252d8a6",
-    "infoplane": "9157b9e8583021bb492487313b7748a2",
+    "entropy": "70a2887d34937c5441054fa94dbba5b1",  # version 2 (issue 15): checkpoints labelled, in given order
+    "infoplane": "e1ada7da8a52616850e85e03676c7ac9",
     "concept_activations": "788451ceb00cb650a82cce10a604014e",
     "probes": "77ac8873bf83fc907015c6cfd139dc55",
     "bottleneck": "b0ce9b898a80c30f9022d8d0c215ccab",

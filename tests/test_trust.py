@@ -218,3 +218,50 @@ def test_markdown_escape_shows_text_as_typed():
         assert "<img" not in rendered and "<a" not in rendered and "<h1" not in rendered and "<em" not in rendered
         assert text.replace("<", "&lt;").replace(">", "&gt;") in rendered.replace("&quot;", '"')
         assert "://" not in md_escape(text) and "www." not in md_escape(text)  # no GFM autolink literal either
+
+
+# -- a shared deployment's restrictions, wherever a model is named ---------------------------------------------
+def test_restrictions_are_enforced_where_a_model_loads(tiny_dirs, monkeypatch, tmp_path):
+    from analysis import load_model
+    from analysis.analyses.entropy.compute import EntropySpec
+    from analysis.analyses.infoplane.compute import InfoPlaneSpec
+    from analysis.models import MODEL_CACHE
+
+    folder = str(tiny_dirs["llama"])
+    monkeypatch.setenv("WORKBENCH_ALLOW_LOCAL_FOLDERS", "0")
+    store = Store(tmp_path / "s.duckdb")
+    messages = set()
+    for attempt in (lambda: load_model(folder), lambda: load_model("/no/such/folder"),
+                    lambda: load_model(folder + "/../llama"), lambda: load_model("~/model.gguf"),
+                    lambda: run(EntropySpec(prompt="Hello there", checkpoints=(folder,)), store=store),
+                    lambda: run(InfoPlaneSpec(checkpoints=("default", "/etc"), n_samples=50), store=store)):
+        with pytest.raises(WorkbenchError) as e:
+            attempt()
+        messages.add(str(e.value))
+    assert len(messages) == 1  # the same words whether or not the path exists: nothing about the server leaks
+    assert not [h for h in MODEL_CACHE.loaded() if "tiny" in str(h.name)] and store.count("runs") == 0
+    assert load_model("data/checkpoints/step-02000").summary.n_layers == 6  # the shipped models stay open
+    cli = subprocess.run([sys.executable, "-m", "analysis", "entropy", "--prompt", "Hi", "--checkpoints", folder, "--store",
+                          str(tmp_path / "s.duckdb")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "WORKBENCH_ALLOW_LOCAL_FOLDERS": "0"})
+    assert cli.returncode == 2 and "not folders or files on the server" in cli.stderr and "Traceback" not in cli.stderr
+    monkeypatch.setenv("WORKBENCH_ALLOW_LOCAL_FOLDERS", "1")
+    with pytest.raises(WorkbenchError, match="trust_remote_code"):
+        load_model(folder, trust_remote_code=True)
+    monkeypatch.setenv("WORKBENCH_REVIEW_MODE", "1")
+    with pytest.raises(WorkbenchError, match="Review mode"):
+        load_model("default")
+
+
+def test_checkpoint_labels_are_training_steps_or_names_in_the_order_given(tmp_path):
+    """`step-02000, default` labelled the final model "step 1" (its place in the list) and sorted it first."""
+    from analysis.analyses.entropy.compute import EntropySpec
+    from analysis.models import checkpoint_series
+
+    out = run(EntropySpec(prompt="John gave a ring to", checkpoints=("data/checkpoints/step-02000", "default")),
+              store=Store(tmp_path / "s.duckdb"))
+    assert out.result.meta["checkpoints"] == ["step 2000", "step 4000"] and out.result.meta["steps"] == [2000, 4000]
+    assert list(out.result.extra["over_training"]["checkpoint"]) == ["step 2000", "step 4000"]
+    series = checkpoint_series("default", "", ["EleutherAI/pythia-70m@step3000", "gpt2", "gpt2", "default"])
+    assert [c.label for c in series] == ["step 3000", "gpt2", "gpt2 (2)", "step 4000"]
+    assert [c.step for c in series] == [3000, None, None, 4000] and series[0].revision == "step3000"

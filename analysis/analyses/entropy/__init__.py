@@ -4,5 +4,5 @@ from .compute import EntropySpec, compute, estimate
 from .figures import figures
 from .page import PAGE
 
-ANALYSIS = Analysis(spec=EntropySpec, version="1", compute=compute, figures=figures, page=PAGE, estimate=estimate)
+ANALYSIS = Analysis(spec=EntropySpec, version="2", compute=compute, figures=figures, page=PAGE, estimate=estimate)
 ANALYSES = [ANALYSIS]

@@ -51,17 +51,23 @@ class EntropySpec(PromptSpec):
 
 
 def series_sessions(session: ModelSession, spec, progress):
-    """(step, session) for each model of the spec's checkpoint series, in order (the run's own model is not
-    loaded twice); every model must share the run's vocabulary (the token ids are the run's)."""
+    """(checkpoint, session) for each model of the spec's checkpoint series, in the order given (the run's own
+    model is not loaded twice); every model must share the run's vocabulary (the token ids are the run's)."""
     series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
-    for i, (step, name, rev) in enumerate(series):
-        progress(i / len(series), f"model {i + 1} of {len(series)} (step {step})")
-        with session.other(name, rev, spec.dtype) as s:
+    for i, ckpt in enumerate(series):
+        progress(i / len(series), f"model {i + 1} of {len(series)} ({ckpt.label})")
+        with session.other(ckpt.name, ckpt.revision, spec.dtype) as s:
             if s.summary.d_vocab != session.summary.d_vocab:
-                raise WorkbenchError(f"{name} has a vocabulary of {s.summary.d_vocab} tokens, the model "
+                raise WorkbenchError(f"{ckpt.label} has a vocabulary of {s.summary.d_vocab} tokens, the model "
                                      f"{session.summary.d_vocab}: they are not checkpoints of one model.",
                                      hint="Track checkpoints that share one tokenizer.")
-            yield step, s
+            yield ckpt, s
+
+
+def checkpoint_columns(ckpt) -> dict:
+    """The columns that name a checkpoint in a series' tables: its label (what plots and pages show, in the
+    order given) and its training step (NaN when unknown)."""
+    return {"checkpoint": ckpt.label, "step": float("nan") if ckpt.step is None else ckpt.step}
 
 
 def model_entropy(session: ModelSession, ids: list[int]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -87,30 +93,33 @@ def compute(session: ModelSession, spec: EntropySpec, inputs, progress) -> Resul
     ids = list(spec.token_ids)
     heads, tokens_rows, models = [], [], []
     with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
-        for step, h in series:
+        for ckpt, h in series:
             hd, pred = model_entropy(h, ids)
-            hd.insert(0, "step", step)
+            for i, (k, v) in enumerate(checkpoint_columns(ckpt).items()):
+                hd.insert(i, k, v)
             hd["collapsed"] = hd["norm_entropy"] < spec.collapse_below
             heads.append(hd)
             final = pred[-1]
             fork_cut = float(np.quantile(final, spec.fork_quantile))
             L, P = pred.shape
-            tokens_rows.append(pd.DataFrame({"step": step, "layer": np.repeat(np.arange(L), P),
+            tokens_rows.append(pd.DataFrame({**checkpoint_columns(ckpt), "layer": np.repeat(np.arange(L), P),
                                              "pos": np.tile(np.arange(P), L), "entropy": pred.reshape(-1),
                                              "forking": np.tile(final >= fork_cut, L) & (final.std() > 0)}))
-            models.append({"step": step, "model": h.name, "revision": h.handle.revision or "",
+            models.append({**checkpoint_columns(ckpt), "model": h.name, "revision": h.handle.revision or "",
                            "fingerprint": h.fingerprint})
     heads_t = pd.concat(heads, ignore_index=True)
     tok_t = pd.concat(tokens_rows, ignore_index=True)
     tok_df = tokenize(session, ids)
     tok_t["token"] = tok_df["token"].to_numpy()[tok_t["pos"].to_numpy()]
-    summary = heads_t.groupby("step").agg(mean_norm_entropy=("norm_entropy", "mean"),
-                                          collapsed_heads=("collapsed", "sum")).reset_index()
+    by = ["checkpoint", "step"]
+    summary = heads_t.groupby(by, sort=False, dropna=False).agg(mean_norm_entropy=("norm_entropy", "mean"),
+                                                                collapsed_heads=("collapsed", "sum")).reset_index()
     last_layer = tok_t[tok_t["layer"] == tok_t["layer"].max()]
-    summary = summary.merge(last_layer.groupby("step")["entropy"].mean().rename("mean_predictive_entropy")
-                            .reset_index(), on="step")
+    summary["mean_predictive_entropy"] = last_layer.groupby("checkpoint", sort=False)["entropy"].mean() \
+        .reindex(summary["checkpoint"]).to_numpy()
     progress(1.0, "done")
-    return Result(table=heads_t, meta={"n_tokens": len(ids), "steps": [m["step"] for m in models]},
+    return Result(table=heads_t, meta={"n_tokens": len(ids), "checkpoints": [m["checkpoint"] for m in models],
+                                       "steps": [None if m["step"] != m["step"] else int(m["step"]) for m in models]},
                   extra={"tokens": tok_df, "predictive": tok_t, "over_training": summary,
                          "models": pd.DataFrame(models)})
 

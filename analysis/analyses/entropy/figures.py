@@ -10,9 +10,18 @@ from ...plots import token_labels
 from ...result import Result
 
 
-def attention_entropy_heatmap(heads: pd.DataFrame, step: int) -> go.Figure:
-    """Layer x head normalised attention entropy at one training step; collapsed heads marked."""
-    sub = heads[heads["step"] == step]
+def training_axis(df: pd.DataFrame) -> tuple[pd.Series, dict]:
+    """The x values of a plot over a checkpoint series and its axis: the training step when every checkpoint's
+    is known, else the checkpoints' labels in the order given."""
+    if df["step"].notna().all():
+        return df["step"], dict(title="training step")
+    return df["checkpoint"], dict(title="checkpoint", type="category",
+                                  categoryorder="array", categoryarray=list(dict.fromkeys(df["checkpoint"])))
+
+
+def attention_entropy_heatmap(heads: pd.DataFrame, checkpoint: str) -> go.Figure:
+    """Layer x head normalised attention entropy at one checkpoint; collapsed heads marked."""
+    sub = heads[heads["checkpoint"] == checkpoint]
     L, H = int(sub["layer"].max()) + 1, int(sub["head"].max()) + 1
     z = np.full((L, H), np.nan)
     text = np.full((L, H), "", dtype=object)
@@ -21,13 +30,13 @@ def attention_entropy_heatmap(heads: pd.DataFrame, step: int) -> go.Figure:
     heat = go.Heatmap(z=z, x=[f"H{h}" for h in range(H)], y=[f"L{layer}" for layer in range(L)], text=text,
                       texttemplate="%{text}", colorscale="Viridis", zmin=0, zmax=1, colorbar_title="H / log keys",
                       hovertemplate="%{y} %{x}<br>normalised entropy %{z:.3f}<extra></extra>")
-    return go.Figure(heat, layout=dict(title=f"Attention entropy per head, normalised (step {step})",
+    return go.Figure(heat, layout=dict(title=f"Attention entropy per head, normalised ({checkpoint})",
                                        height=max(280, 40 * L), margin=_MARGIN, yaxis=dict(autorange="reversed")))
 
 
-def predictive_entropy_heatmap(pred: pd.DataFrame, tokens: pd.DataFrame, step: int) -> go.Figure:
-    """Layer x position predictive entropy (logit lens at resid_post) at one step; forking tokens starred."""
-    sub = pred[pred["step"] == step]
+def predictive_entropy_heatmap(pred: pd.DataFrame, tokens: pd.DataFrame, checkpoint: str) -> go.Figure:
+    """Layer x position predictive entropy (logit lens at resid_post) at one checkpoint; forking tokens starred."""
+    sub = pred[pred["checkpoint"] == checkpoint]
     L, P = int(sub["layer"].max()) + 1, len(tokens)
     z = np.full((L, P), np.nan)
     z[sub["layer"].to_numpy(), sub["pos"].to_numpy()] = sub["entropy"].to_numpy()
@@ -35,7 +44,7 @@ def predictive_entropy_heatmap(pred: pd.DataFrame, tokens: pd.DataFrame, step: i
     labels = [("★ " if p in fork else "") + lab for p, lab in zip(tokens["pos"], token_labels(tokens))]
     heat = go.Heatmap(z=z, x=labels, y=[f"L{layer}" for layer in range(L)], colorscale="Magma",
                       colorbar_title="nats", hovertemplate="%{y} · %{x}<br>entropy %{z:.3f} nats<extra></extra>")
-    return go.Figure(heat, layout=dict(title=f"Predictive entropy through the layers (step {step}; ★ forking tokens)",
+    return go.Figure(heat, layout=dict(title=f"Predictive entropy through the layers ({checkpoint}; ★ forking tokens)",
                                        height=max(280, 40 * L), margin=_MARGIN, xaxis=dict(tickangle=-60),
                                        yaxis=dict(autorange="reversed")))
 
@@ -43,20 +52,22 @@ def predictive_entropy_heatmap(pred: pd.DataFrame, tokens: pd.DataFrame, step: i
 def entropy_over_training(heads: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
     """Mean normalised attention entropy per layer over training steps, and the final layer's mean predictive
     entropy (right axis)."""
-    per_layer = heads.groupby(["layer", "step"])["norm_entropy"].mean().reset_index()
-    lines = [go.Scatter(x=g["step"], y=g["norm_entropy"], mode="lines+markers", name=f"attention, layer {layer}")
-             for layer, g in per_layer.groupby("layer")]
-    lines.append(go.Scatter(x=summary["step"], y=summary["mean_predictive_entropy"], mode="lines+markers",
+    per_layer = heads.groupby(["layer", "checkpoint", "step"], sort=False, dropna=False)["norm_entropy"].mean() \
+        .reset_index()
+    lines = [go.Scatter(x=training_axis(g)[0], y=g["norm_entropy"], mode="lines+markers",
+                        name=f"attention, layer {layer}") for layer, g in per_layer.groupby("layer")]
+    x, axis = training_axis(summary)
+    lines.append(go.Scatter(x=x, y=summary["mean_predictive_entropy"], mode="lines+markers",
                             name="predictive entropy (final layer)", yaxis="y2", line=dict(dash="dash", width=3)))
     return go.Figure(lines, layout=dict(
-        title="Entropy over training", height=420, margin=_MARGIN, xaxis_title="training step",
+        title="Entropy over training", height=420, margin=_MARGIN, xaxis=axis,
         yaxis=dict(title="normalised attention entropy", range=[0, 1]),
         yaxis2=dict(title="predictive entropy (nats)", overlaying="y", side="right", showgrid=False)))
 
 
-def figures(result: Result, step: int | None = None) -> dict[str, go.Figure]:
+def figures(result: Result, checkpoint: str | None = None) -> dict[str, go.Figure]:
     heads = result.table
-    step = int(heads["step"].max()) if step is None else step
-    return {"attention": attention_entropy_heatmap(heads, step),
-            "predictive": predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], step),
+    checkpoint = result.meta["checkpoints"][-1] if checkpoint is None else checkpoint
+    return {"attention": attention_entropy_heatmap(heads, checkpoint),
+            "predictive": predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], checkpoint),
             "training": entropy_over_training(heads, result.extra["over_training"])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...contract import Page, ViewState, Widget
+from ...untrusted import md_escape
 from .compute import EntropySpec
 from .figures import attention_entropy_heatmap, entropy_over_training, predictive_entropy_heatmap
 
@@ -21,7 +22,7 @@ WIDGETS = {
 
 @dataclass(frozen=True)
 class EntropyView(ViewState):
-    view_step: int = -1
+    view_checkpoint: str = ""
 
 
 def render(ctx) -> None:
@@ -39,11 +40,11 @@ def render(ctx) -> None:
 
     result = outcome.result
     heads, summary = result.table, result.extra["over_training"]
-    steps = [int(s) for s in result.meta["steps"]]
-    step = ctx.choose(view, "view_step", "Checkpoint (training step)", steps, fallback=steps[-1],
-                      kind="slider") if len(steps) > 1 else steps[0]
-    att = attention_entropy_heatmap(heads, step)
-    pred = predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], step)
+    ckpts = list(result.meta["checkpoints"])
+    ckpt = ctx.choose(view, "view_checkpoint", "Checkpoint", ckpts, fallback=ckpts[-1],
+                      kind="slider") if len(ckpts) > 1 else ckpts[0]
+    att = attention_entropy_heatmap(heads, ckpt)
+    pred = predictive_entropy_heatmap(result.extra["predictive"], result.extra["tokens"], ckpt)
     training = entropy_over_training(heads, summary)
     left, right = st.columns(2)
     left.plotly_chart(att, width="stretch")
@@ -51,12 +52,12 @@ def render(ctx) -> None:
     st.plotly_chart(training, width="stretch")
     st.subheader("Over training")
     st.dataframe(summary, hide_index=True, width="stretch")
-    collapsed = heads[(heads["step"] == step) & heads["collapsed"]]
-    st.caption(f"Collapsed heads at step {step}: " + (", ".join(f"L{r.layer}H{r.head}"
+    collapsed = heads[(heads["checkpoint"] == ckpt) & heads["collapsed"]]
+    st.caption(f"Collapsed heads at {md_escape(ckpt)}: " + (", ".join(f"L{r.layer}H{r.head}"
                                                                 for r in collapsed.itertuples()) or "none"))
 
     ctx.share(outcome, ctx.spec_params(outcome.spec), {"attention": att, "predictive": pred, "training": training},
-              f"Entropy: {values['prompt'][:60]}", view=EntropyView(step))
+              f"Entropy: {values['prompt'][:60]}", view=EntropyView(ckpt))
 
 
 PAGE = Page(title="Entropy", render=render, url_path="entropy", icon=":material/scatter_plot:", order=30,

@@ -33,7 +33,7 @@ from ...session import ModelSession
 from ...specs import Spec, param
 from ...tasks import task_rows
 from ...tokens import encode, encode_texts
-from ..entropy.compute import series_sessions
+from ..entropy.compute import checkpoint_columns, series_sessions
 
 CONCEPTS = ("sentiment", "tense", "number", "topic")
 TARGETS = ("next_token",) + CONCEPTS
@@ -140,7 +140,7 @@ def compute(session: ModelSession, spec: InfoPlaneSpec, inputs, progress) -> Res
     Ky = label_gram(torch.tensor(y_codes))
     rows, models = [], []
     with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
-        for step, h in series:
+        for ckpt, h in series:
             X, T = representations(h, seqs, sample, spec.normalize)
             Kx = gaussian_gram(X)
             s_y = renyi_entropy(Ky, spec.alpha)
@@ -148,18 +148,19 @@ def compute(session: ModelSession, spec: InfoPlaneSpec, inputs, progress) -> Res
                 Kt = gaussian_gram(t)
                 s_t = renyi_entropy(Kt, spec.alpha)
                 dse = diffusion_spectral_entropy(Kt, spec.diffusion_t)
-                rows.append({"step": step, "layer": layer, "estimator": "renyi", "entropy": s_t,
+                rows.append({**checkpoint_columns(ckpt), "layer": layer, "estimator": "renyi", "entropy": s_t,
                              "i_xt": mutual_information(Kx, Kt, spec.alpha),
                              "i_ty": mutual_information(Kt, Ky, spec.alpha),
                              "h_y": s_y})
-                rows.append({"step": step, "layer": layer, "estimator": "dse", "entropy": dse,
+                rows.append({**checkpoint_columns(ckpt), "layer": layer, "estimator": "dse", "entropy": dse,
                              "i_xt": dse - _conditional_dse(Kt, x_tok, spec.diffusion_t),
                              "i_ty": dse - _conditional_dse(Kt, y_codes, spec.diffusion_t), "h_y": np.nan})
-            models.append({"step": step, "model": h.name, "revision": h.handle.revision or "",
+            models.append({**checkpoint_columns(ckpt), "model": h.name, "revision": h.handle.revision or "",
                            "fingerprint": h.fingerprint})
     progress(1.0, "done")
     table = pd.DataFrame(rows)
-    meta = {"n_samples": len(sample), "target": spec.target, "steps": [m["step"] for m in models],
+    meta = {"n_samples": len(sample), "target": spec.target, "checkpoints": [m["checkpoint"] for m in models],
+            "steps": [None if m["step"] != m["step"] else int(m["step"]) for m in models],
             "caveat": CAVEAT}
     return Result(table=table, meta=meta, extra={"models": pd.DataFrame(models)})
 

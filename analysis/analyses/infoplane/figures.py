@@ -9,16 +9,21 @@ from ...result import Result
 
 
 def info_plane(table: pd.DataFrame, estimator: str = "renyi") -> go.Figure:
-    """I(X; T) against I(T; Y): one trajectory per layer over the training steps, markers coloured by step."""
-    sub = table[table["estimator"] == estimator].sort_values(["layer", "step"])
+    """I(X; T) against I(T; Y): one trajectory per layer through the checkpoints in the order given, markers
+    coloured by their place in the series."""
+    sub = table[table["estimator"] == estimator]
+    order = {c: i for i, c in enumerate(dict.fromkeys(sub["checkpoint"]))}
     traces = []
     for layer, g in sub.groupby("layer"):
+        g = g.assign(order=g["checkpoint"].map(order)).sort_values("order")
         traces.append(go.Scatter(
             x=g["i_xt"], y=g["i_ty"], mode="lines+markers", name=f"layer {layer}", line=dict(width=1),
-            marker=dict(size=9, color=g["step"], colorscale="Viridis", colorbar=dict(title="step", x=1.12),
-                        showscale=bool(layer == sub["layer"].min())),
-            customdata=g[["step", "entropy"]].to_numpy(),
-            hovertemplate=f"layer {layer}<br>step %{{customdata[0]}}<br>I(X;T) %{{x:.3f}} bits<br>"
+            marker=dict(size=9, color=g["order"], colorscale="Viridis", showscale=bool(layer == sub["layer"].min()),
+                        cmin=0, cmax=max(1, len(order) - 1),
+                        colorbar=dict(title="checkpoint", x=1.12, tickvals=list(order.values()),
+                                      ticktext=list(order))),
+            customdata=g[["checkpoint", "entropy"]].to_numpy(),
+            hovertemplate=f"layer {layer}<br>%{{customdata[0]}}<br>I(X;T) %{{x:.3f}} bits<br>"
                           "I(T;Y) %{y:.3f} bits<br>S(T) %{customdata[1]:.3f} bits<extra></extra>"))
     name = {"renyi": "matrix-based Rényi", "dse": "diffusion spectral"}[estimator]
     return go.Figure(traces, layout=dict(title=f"Information plane ({name} estimates)", height=480, margin=_MARGIN,
