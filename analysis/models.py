@@ -19,6 +19,7 @@ message that says what to do; nothing is cached for a failed load.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -252,6 +253,64 @@ class ModelCache:
 
 
 MODEL_CACHE = ModelCache()
+
+
+class TorchDefaultsGate:
+    """transformers sets torch's process-wide default dtype while it builds a model (float16 or bfloat16 for such
+    a load, `modeling_utils.local_torch_dtype`); a computation in another thread that made a tensor meanwhile
+    would make it in that dtype, and its result would be stored as if computed in float32. So every model session
+    holds the shared side (`computing`), and building a model holds the exclusive side (`building`): it waits for
+    other threads' computations to end and holds new ones off until it is done. A thread that is computing may
+    build (a checkpoint loaded inside a run); re-entrant on both sides."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._computing: collections.Counter[int] = collections.Counter()  # thread -> depth
+        self._builder: int | None = None
+        self._build_depth = 0
+        self._waiting = 0  # builders waiting: new computations of other threads wait behind them
+
+    @contextlib.contextmanager
+    def computing(self):
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(lambda: self._builder in (None, me) and (
+                not self._waiting or self._computing[me] > 0 or self._builder == me))
+            self._computing[me] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._computing[me] -= 1
+                if not self._computing[me]:
+                    del self._computing[me]
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def building(self, timeout_s: float = 600.0):
+        me = threading.get_ident()
+        with self._cond:
+            self._waiting += 1
+            try:
+                ok = self._cond.wait_for(lambda: self._builder in (None, me)
+                                         and not set(self._computing) - {me}, timeout_s)
+            finally:
+                self._waiting -= 1
+            if not ok:
+                raise WorkbenchError("Other runs kept the server busy for too long to load a model.",
+                                     hint="Try again when they are done.")
+            self._builder, self._build_depth = me, self._build_depth + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._build_depth -= 1
+                if not self._build_depth:
+                    self._builder = None
+                self._cond.notify_all()
+
+
+TORCH_DEFAULTS = TorchDefaultsGate()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -649,17 +708,18 @@ def _load(req: _Request) -> ModelHandle:
     tokenizer = _load_tokenizer(req)
     bos = prepends_bos(tokenizer)
     try:
-        hf_model = None
-        if req.source == "gguf":  # dequantised by transformers, then bridged like any loaded model
-            from transformers import AutoModelForCausalLM
+        with TORCH_DEFAULTS.building():  # transformers sets the process-wide default dtype meanwhile
+            hf_model = None
+            if req.source == "gguf":  # dequantised by transformers, then bridged like any loaded model
+                from transformers import AutoModelForCausalLM
 
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                req.target, gguf_file=req.gguf_file, dtype=DTYPES[req.dtype], attn_implementation="eager",
-            ).to(req.device)
-        bridge = TransformerBridge.boot_transformers(
-            req.target, device=None if hf_model is not None else req.device, dtype=DTYPES[req.dtype],
-            revision=req.revision, trust_remote_code=req.trust_remote_code, tokenizer=tokenizer, hf_model=hf_model,
-        )
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    req.target, gguf_file=req.gguf_file, dtype=DTYPES[req.dtype], attn_implementation="eager",
+                ).to(req.device)
+            bridge = TransformerBridge.boot_transformers(
+                req.target, device=None if hf_model is not None else req.device, dtype=DTYPES[req.dtype],
+                revision=req.revision, trust_remote_code=req.trust_remote_code, tokenizer=tokenizer, hf_model=hf_model,
+            )
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise WorkbenchError(f"Ran out of memory loading {req.name} in {req.dtype} on {req.device}.",
                              hint="Pick bfloat16 or float16, a smaller model, or unload other models.") from e

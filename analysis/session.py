@@ -23,7 +23,7 @@ import torch
 from kernels.grad import requires_grad
 
 from .errors import WorkbenchError
-from .models import ModelHandle, load_model
+from .models import TORCH_DEFAULTS, ModelHandle, load_model
 
 # hook-point names per site, built in one place (TransformerLens 4 TransformerBridge names)
 _SITES = {
@@ -127,6 +127,7 @@ class ModelSession:
         self._state: _ModuleState | None = None
         self._depth = 0
         self._owner: int | None = None
+        self._gates: list = []
 
     # -- opening and closing ---------------------------------------------------------------------------------
     def __enter__(self) -> "ModelSession":
@@ -134,6 +135,13 @@ class ModelSession:
         got = lock.acquire() if self._timeout_s is None else lock.acquire(timeout=self._timeout_s)
         if not got:
             raise WorkbenchError(f"{self.handle.name} is busy with another run.", hint="Try again in a moment.")
+        gate = TORCH_DEFAULTS.computing()  # no model is built (torch's default dtype changed) meanwhile
+        try:
+            gate.__enter__()
+        except BaseException:
+            lock.release()
+            raise
+        self._gates.append(gate)
         self._depth += 1
         if self._depth == 1:
             self._owner = threading.get_ident()
@@ -147,7 +155,10 @@ class ModelSession:
                 self._state = None
         finally:
             self._depth -= 1
-            self.handle.lock.release()
+            try:
+                self._gates.pop().__exit__(None, None, None)
+            finally:
+                self.handle.lock.release()
 
     def _check_open(self) -> None:
         if self._depth == 0 or self._owner != threading.get_ident():

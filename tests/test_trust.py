@@ -265,3 +265,44 @@ def test_checkpoint_labels_are_training_steps_or_names_in_the_order_given(tmp_pa
     series = checkpoint_series("default", "", ["EleutherAI/pythia-70m@step3000", "gpt2", "gpt2", "default"])
     assert [c.label for c in series] == ["step 3000", "gpt2", "gpt2 (2)", "step 4000"]
     assert [c.step for c in series] == [3000, None, None, 4000] and series[0].revision == "step3000"
+
+
+# -- results computed concurrently equal single-user results ----------------------------------------------------
+def test_a_float16_load_does_not_change_a_concurrent_run(tiny_dirs, default_handle):
+    """Loading a float16 checkpoint set torch's process-wide default dtype while transformers built it, so a lens
+    run in another thread was computed (and stored) in float16."""
+    import time
+
+    import torch
+
+    from analysis import models
+    from analysis.session import ModelSession
+
+    ids = [[1, 5, 9, 13, 2, 7]]
+    with ModelSession(default_handle) as s:
+        baseline = s.forward(s.tensor(ids[0]))
+    stop, seen, diffs, errors = threading.Event(), set(), [], []
+
+    def loader():
+        try:
+            req = models._resolve_request(str(tiny_dirs["llama"]), None, "cpu", "float16", False)
+            while not stop.is_set():
+                models._load(req)  # a fresh build every time (the cache is bypassed)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    t = threading.Thread(target=loader)
+    t.start()
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            with ModelSession(default_handle) as s:
+                seen.add(torch.get_default_dtype())
+                made = torch.zeros(3)  # a tensor made without a dtype, as much code does
+                seen.add(made.dtype)
+                diffs.append((s.forward(s.tensor(ids[0])) - baseline).abs().max().item())
+            time.sleep(0.01)  # let the loader in between runs
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert errors == [] and seen == {torch.float32} and max(diffs) == 0.0
