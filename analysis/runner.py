@@ -35,6 +35,7 @@ from .models import ModelHandle, load_model
 from .registry import REGISTRY, get_analysis
 from .result import Progress, Result, RunRecord, no_progress
 from .session import ModelSession
+from .settings import review_mode
 from .specs import PromptSpec, Spec
 from .store import Store
 from .tokens import bos_flag, check_token_ids, encode
@@ -53,10 +54,18 @@ class RunOutcome:
     record: RunRecord
 
 
-@functools.lru_cache(maxsize=8)
 def get_store(path: str | None = None) -> Store:
-    """The process's Store object for a path (one per path; the Store itself is thread-safe)."""
-    return Store(Path(path) if path else None)
+    """The process's Store object for a path (one per path; the Store itself is thread-safe), opened read-only in
+    review mode."""
+    return _store(path, review_mode())
+
+
+@functools.lru_cache(maxsize=8)
+def _store(path: str | None, read_only: bool) -> Store:
+    return Store(Path(path) if path else None, read_only=read_only)
+
+
+get_store.cache_clear = _store.cache_clear  # tests point WORKBENCH_STORE elsewhere and start afresh
 
 
 def spec_from_dict(data: dict) -> Spec:

@@ -86,7 +86,8 @@ def _sql_str(path: Path) -> str:
     return path.as_posix().replace("'", "''")
 
 
-_IO_FAULTS = ("no space left", "read-only file system", "permission denied", "disk quota", "input/output error")
+_IO_FAULTS = ("no space left", "read-only file system", "permission denied", "disk quota", "input/output error",
+              "file too large", "attached in read-only mode")
 MAX_KEY_RACES = 20  # retries of a transaction that lost a race to insert the same key
 
 
@@ -111,16 +112,24 @@ def _key_race(e: Exception) -> bool:
 class Store:
     """The DuckDB result store. Safe to share between threads and to use from several processes at once."""
 
-    def __init__(self, path: str | Path | None = None, *, timeout_s: float | None = None):
+    def __init__(self, path: str | Path | None = None, *, timeout_s: float | None = None, read_only: bool = False):
+        """read_only: open the file read-only (review mode): nothing is created or migrated, several readers
+        share the file, and any write is refused with a message."""
         self.path = Path(path) if path is not None else default_store_path()
         # how long to wait for another process's hold on the file (WORKBENCH_STORE_TIMEOUT_S, default 60 s)
         self.timeout_s = float(os.environ.get("WORKBENCH_STORE_TIMEOUT_S", 60)) if timeout_s is None else timeout_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self.hits = 0  # counters for the "hit or computed" log (per Store object)
         self.misses = 0
         self._counter_lock = threading.Lock()
         self._local = threading.local()  # the connection of an open session(), per thread
         self._remembered: set[tuple] = set()  # model records known to be stored (saves a read per run)
+        if read_only:
+            if self.path.is_file() and self.schema_version() < SCHEMA_VERSION:
+                raise WorkbenchError(f"The result store {self.path} was written by an older version of the "
+                                     "workbench.", hint="Open it once with a computing app or the CLI to upgrade it.")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
     # -- connections ------------------------------------------------------------------------------------------
@@ -134,6 +143,9 @@ class Store:
             except duckdb.Error as e:
                 if _key_race(e) and races < MAX_KEY_RACES:
                     races += 1
+                elif self.read_only and "attached in read-only mode" in str(e).lower():
+                    raise WorkbenchError("Review mode reads the result store and writes nothing to it.",
+                                         hint="Save findings and run analyses in a computing app.") from e
                 elif _io_fault(e):
                     raise WorkbenchError(f"The result store {self.path} could not {what}: the disk refused ({e}).",
                                          hint="Free space on that disk, or point WORKBENCH_STORE at a writable file "
@@ -150,7 +162,10 @@ class Store:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._retry(lambda: duckdb.connect(str(self.path)), "be opened")
+        if self.read_only and not self.path.is_file():
+            raise WorkbenchError("No results have been stored yet (review mode reads a result store and creates "
+                                 "none).", hint="Run analyses in a computing app or with the CLI first.")
+        con = self._retry(lambda: duckdb.connect(str(self.path), read_only=self.read_only), "be opened")
         try:
             yield con
         finally:

@@ -23,6 +23,7 @@ from timing import forward_backward, median_seconds  # noqa: E402
 from transformer_lens import patching as tl  # noqa: E402
 
 from analysis import load_model  # noqa: E402
+from analysis.stats import N_BOOT, bootstrap_interval, resample_weights, sign_flip_p  # noqa: E402
 from analysis.tasks import ioi_pairs  # noqa: E402
 from kernels.attribution import LRPRules, attribution_scores  # noqa: E402
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations  # noqa: E402
@@ -77,6 +78,17 @@ def main() -> None:
         n = results["ours"].numel()
         print(f"{name:10s} {n:5d} patches: ours {times['ours']:.3f} s, TransformerLens {times['TransformerLens']:.3f} s"
               f" -> {times['TransformerLens'] / times['ours']:.1f}x faster; max abs diff {diff:.1e}")
+        per_pair = activation_patch_sweep(BlockRunner(bridge, corr), source, name, ld_rows,
+                                          source_tokens=clean).values.detach().double().reshape(-1, B).numpy()
+        base = ld_rows(BlockRunner(bridge, corr).final_logits).detach().double().numpy()
+
+        def statistics():  # what the patching analysis adds per sweep (issue 15): intervals and p-values
+            low, high = bootstrap_interval(per_pair, resample_weights(B))
+            return low, high, sign_flip_p(per_pair - base[None, :])
+
+        t_stats = median_seconds(statistics, args.repeats)[0]
+        print(f"{'':10s} + 95% bootstrap intervals ({N_BOOT} resamples) and sign-flip p-values (2^{B} patterns): "
+              f"{t_stats:.3f} s = {100 * t_stats / times['ours']:.0f}% of our sweep")
 
     # RelP for all component types at once vs one plain forward + backward
     comps = [a for a in ACTIVATIONS if a.endswith(("_by_pos",)) or a in ("resid_pre", "resid_post", "attn_out",

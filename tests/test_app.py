@@ -44,6 +44,13 @@ def _run(page: str | None = None, **query) -> AppTest:
     return at.run()
 
 
+def _errors(at) -> list[str]:
+    """The error boxes' text as a person reads it (messages are shown with Markdown escaped)."""
+    import re
+
+    return [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]
+
+
 def _predictions(at):
     return [d.value for d in at.dataframe if "prob" in d.value.columns][0]
 
@@ -96,6 +103,28 @@ def test_hostile_links_get_a_clear_message(query, message):
     assert not at.exception
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
     assert at.title[0].value == "Model"
+
+
+def test_a_busy_store_gets_a_message_and_the_page_works_once_it_is_free(own_store, monkeypatch):
+    import subprocess
+    import sys
+
+    Store(own_store)
+    monkeypatch.setenv("WORKBENCH_STORE_TIMEOUT_S", "2")
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, time\n"
+                               f"con = duckdb.connect({str(own_store)!r})\nprint('held', flush=True)\n"
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for page in (None, "views/findings.py", "views/runs.py", "concepts"):
+            at = _run(page=page)
+            assert not at.exception, page
+            assert any("is busy: another process has held it" in e for e in _errors(at)), (page, _errors(at))
+    finally:
+        holder.kill()
+        holder.wait()
+    at = _run()
+    assert not at.exception and not at.error and len(_predictions(at)) > 0
 
 
 def test_empty_prompt_is_an_error_not_a_crash():
@@ -269,6 +298,14 @@ def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
     assert not at.exception
     assert any("not in this store" in e.value for e in at.error)
     assert Store(own_store).count("runs") == 1  # only the Model page's first view
+
+
+def test_quantization_link_beyond_the_models_context_says_so(own_store):
+    """/quant?seq_len=200 raised IndexError: the default model's context is 128 tokens."""
+    at = _run(page="quant", seq_len="200", n_seqs="2")
+    assert not at.exception
+    assert any("beyond this model's context of 128 tokens" in e.value for e in at.error), [e.value for e in at.error]
+    assert set(Store(own_store).runs()["analysis"]) <= {"model"}
 
 
 def test_quantization_page_runs_links_and_reopens_from_the_store(own_store):

@@ -202,10 +202,11 @@ def test_default_model_task_ids_are_built_without_changes(default_handle):
 # code before issue 13 moved the task data to text and made the BOS token follow the tokenizer: stores written
 # before then must open as hits. A deliberate version bump of an analysis changes its key here too: the
 # quantization sweep and allocation (version 2) read their Hessian traces from the quant_traces run added since;
-# entropy and the information plane (version 2) label each checkpoint by its step or name (issue 15).
+# entropy and the information plane (version 2) label each checkpoint by its step or name, and patching (version 2)
+# keeps per-pair values with bootstrap intervals and permutation p-values (issue 15).
 KEYS_BEFORE_ISSUE_13 = {
     "model": "27694af2770be7e137ddf51d5201f04d",
-    "patching": "bdd9460526a2b6bf0572af5ebb00268a",
+    "patching": "e04ead19c0aefd43578afd8658952164",  # version 2 (issue 15): per-pair values, intervals, p-values
     "lens": "f008e8f96c7e5a32874c26bad4a4fcf7",
     "tuned_lens": "5fa0cc683071040e7910a07f4c780585",
     "entropy": "70a2887d34937c5441054fa94dbba5b1",  # version 2 (issue 15): checkpoints labelled, in given order

@@ -199,6 +199,63 @@ def test_pairs_of_different_lengths_run_in_groups(store, metric, component):
     assert len(out.result.extra["tokens"]) == n_tokens
 
 
+@pytest.mark.parametrize("metric", ["logit_diff", "logit_diff_normalized"])
+def test_per_pair_values_bootstrap_intervals_and_permutation_test(store, metric):
+    """Each pair's value is TransformerLens's patching of that pair alone; the value is their mean; the 95%
+    interval agrees with scipy's bootstrap of the same statistic (the normalisation recomputed in each resample)
+    and the p-value with scipy's exact sign-flip permutation test against each pair's unpatched run."""
+    from scipy import stats
+
+    handle = load_model("default")
+    spec = PatchingSpec(pairs=json.dumps(MIXED), components=("resid_pre", "z_all_pos"),
+                        methods=("activation", "atp"), metric=metric)
+    out = run(spec, store=store)
+    pairs, table, per = json.loads(out.spec.pairs), out.result.table, out.result.extra["per_pair"]
+    n, n_tokens = len(pairs), max(len(p["clean_ids"]) for p in pairs)
+    lds = [_mean_logit_diffs(handle, [p]) for p in pairs]  # (base, source) of each pair
+    base = torch.tensor([b for b, _ in lds], dtype=torch.float64)
+    source = torch.tensor([s for _, s in lds], dtype=torch.float64)
+    base_m, source_m = base.mean().item(), source.mean().item()
+
+    def scale(v):
+        return (v - base_m) / (source_m - base_m) if metric == "logit_diff_normalized" else v
+
+    raw = {}
+    for i, p in enumerate(pairs):
+        ref = _tl_reference(handle, [p], "resid_pre", "denoise", "logit_diff").double()  # [layer, pos of the pair]
+        ref = torch.cat([torch.full((ref.shape[0], n_tokens - ref.shape[1]), base[i].item()), ref], 1)
+        raw[i] = ref
+        sub = per[(per["method"] == "activation") & (per["component"] == "resid_pre") & (per["pair"] == i)]
+        got = torch.tensor(sub.sort_values(["layer", "pos"])["value"].to_numpy(), dtype=torch.float64)
+        torch.testing.assert_close(got.reshape(ref.shape), scale(ref), atol=2e-4, rtol=1e-4)
+    key = ["method", "component", "layer", "pos", "head", "dest_pos"]
+    means = per.groupby(key, dropna=False)["value"].mean().reset_index().merge(table, on=key)
+    assert len(means) == len(table) and (means["value_x"] - means["value_y"]).abs().max() < 1e-4
+    assert (table["ci_low"] <= table["value"] + 1e-6).all() and (table["value"] <= table["ci_high"] + 1e-6).all()
+    assert table.loc[table["method"] == "atp", "p_value"].isna().all()
+
+    act = table[(table["method"] == "activation") & (table["component"] == "resid_pre")].set_index(["layer", "pos"])
+    for layer, pos in [(0, n_tokens - 1), (3, n_tokens - 3), (5, n_tokens - 1)]:
+        patched = torch.stack([raw[i][layer, pos] for i in range(n)]).numpy()
+        if metric == "logit_diff_normalized":
+            def stat(x, b, s, axis=-1):
+                return (x.mean(axis) - b.mean(axis)) / (s.mean(axis) - b.mean(axis))
+            data = (patched, base.numpy(), source.numpy())
+        else:
+            def stat(x, axis=-1):
+                return x.mean(axis)
+            data = (patched,)
+        ref_ci = stats.bootstrap(data, stat, paired=True, vectorized=True, n_resamples=20_000, method="percentile",
+                                 random_state=1).confidence_interval
+        row = act.loc[(layer, pos)]
+        width = max(ref_ci.high - ref_ci.low, 1e-3)
+        assert abs(row["ci_low"] - ref_ci.low) < 0.15 * width and abs(row["ci_high"] - ref_ci.high) < 0.15 * width
+        perm = stats.permutation_test((patched - base.numpy(),), lambda d, axis=-1: d.mean(axis),
+                                      permutation_type="samples", n_resamples=10_000, vectorized=True,
+                                      alternative="two-sided")
+        assert row["p_value"] == pytest.approx(perm.pvalue, abs=1e-9)
+
+
 def _mean_logit_diffs(handle, pairs) -> tuple[float, float]:
     """Mean logit difference on the corrupted (base) and clean (source) prompts, by a plain forward."""
     def ld(key):

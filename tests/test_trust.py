@@ -306,3 +306,54 @@ def test_a_float16_load_does_not_change_a_concurrent_run(tiny_dirs, default_hand
         stop.set()
         t.join(timeout=120)
     assert errors == [] and seen == {torch.float32} and max(diffs) == 0.0
+
+
+# -- store errors: what the disk refuses is not a lock conflict; review mode only reads -------------------------
+def test_a_full_disk_is_reported_at_once_not_retried_as_a_lock_conflict(tmp_path):
+    """Disk-full errors were retried for 60 s as if another process held the file, then shown as a traceback."""
+    path = tmp_path / "s.duckdb"
+    Store(path)
+    code = f"""
+import json, resource, signal, sys, time
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+from analysis import WorkbenchError
+from analysis.store import Store
+from test_store import _result, _run
+store = Store({str(path)!r}, timeout_s=60)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, as a full disk fails
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+t0 = time.monotonic()
+try:
+    store.put(_run("big"), _result(n=200_000))
+    print(json.dumps({{"error": None}}))
+except WorkbenchError as e:
+    print(json.dumps({{"error": str(e), "seconds": time.monotonic() - t0}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["error"] and "disk refused" in out["error"] and out["seconds"] < 10, out
+    assert Store(path).get("big") is None  # nothing half-written
+
+
+def test_review_mode_reads_a_store_another_reader_holds_and_writes_nothing(tmp_path):
+    path = tmp_path / "s.duckdb"
+    Store(path).put(_run("k1"), _result(seed=4))
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
+                               f"con = duckdb.connect({str(path)!r}, read_only=True)\nprint('held', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkbenchError, match="busy"):
+            Store(path, timeout_s=2)  # a read-write open waits for the other reader: what review mode did before
+        review = Store(path, timeout_s=2, read_only=True)
+        assert list(review.runs()["key"]) == ["k1"] and review.get("k1").meta["seed"] == 4
+        with pytest.raises(WorkbenchError, match="writes nothing"):
+            review.add_finding("not here")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Store(path).count("findings") == 0
+    with pytest.raises(WorkbenchError, match="No results have been stored yet"):
+        Store(tmp_path / "none.duckdb", read_only=True).runs()
+    assert not (tmp_path / "none.duckdb").exists()

@@ -115,6 +115,8 @@ def downloads(outcome: RunOutcome, figures: dict, title: str, link: str) -> None
 
 
 def save_finding(outcome: RunOutcome, link: str) -> None:
+    if review_mode():  # the store is read-only here: findings are written in a computing app
+        return
     with st.expander("Save as a finding", expanded=False):
         with st.form(f"finding-{outcome.key}", clear_on_submit=True):
             title = st.text_input("Title", max_chars=500)

@@ -5,7 +5,7 @@ from .figures import figures
 from .page import PAGE
 from .spec import PatchingSpec
 
-ANALYSIS = Analysis(spec=PatchingSpec, version="1", compute=compute, figures=figures, page=PAGE, estimate=estimate,
+ANALYSIS = Analysis(spec=PatchingSpec, version="2", compute=compute, figures=figures, page=PAGE, estimate=estimate,
                     smaller=({"n_pairs": 4, "components": ("attn_out", "mlp_out", "z_all_pos")},
                              {"n_pairs": 4, "components": ("attn_out", "z_all_pos")},
                              {"n_pairs": 2, "components": ("z_all_pos",)}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -27,7 +28,7 @@ from ...errors import WorkbenchError
 from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
-from ...stats import pearson
+from ...stats import N_BOOT, bootstrap_interval, pearson, resample_weights, sign_flip_p
 from ...tokens import tokenize
 from .spec import RELP_RULES, PatchingSpec
 
@@ -86,11 +87,22 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
             progress((g + frac) / len(groups), text + (f" · pairs of {length} tokens" if len(groups) > 1 else ""))
 
         part.sweep(report)
-    rows = []
+    order = [i for idx in groups.values() for i in idx]  # pair indices in the order the groups' columns come
+    base_p = torch.cat([part.base_pairs for _, _, part in parts]).double().cpu()  # [N]
+    source_p = torch.cat([part.source_pairs for _, _, part in parts]).double().cpu()
+    weights = resample_weights(n, seed=0)  # one set of resamples for every node: intervals are comparable
+    scale = _Scale(spec.metric, base_p.numpy(), source_p.numpy(), weights)
+    rows, per_pair = [], []
     for (method, comp), (_, axes) in parts[0][2].values.items():
-        mean = sum(w * _pad_positions(part.values[method, comp][0], axes, shift, part.base)
-                   for w, shift, part in parts)
-        rows.append(_tidy(finish(spec.metric, mean, base_m, source_m).cpu(), axes, method, comp))
+        per = torch.cat([_pad_positions(part.values[method, comp][0], axes, shift, part.base_pairs)
+                         for _, shift, part in parts], -1).double().cpu()  # [*axes, N]
+        flat = per.reshape(-1, n).numpy()
+        mean = torch.from_numpy(flat.mean(-1)).reshape(per.shape[:-1])
+        df = _tidy(finish(spec.metric, mean, base_m, source_m).float(), axes, method, comp)
+        df["ci_low"], df["ci_high"] = bootstrap_interval(flat, weights, scale)
+        df["p_value"] = sign_flip_p(flat - base_p.numpy()[None, :]) if method == "activation" else float("nan")
+        rows.append(df)
+        per_pair.append(_per_pair(df, scale.per_pair(flat), order))
     table = pd.concat(rows, ignore_index=True)
     longest = pairs[groups[n_tokens][0]]
     tokens = tokenize(session, longest["clean_ids"])
@@ -104,10 +116,46 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
                              f"final token and labelled with a {n_tokens}-token pair")
     if spec.pairs_note:
         meta["pairs_note"] = spec.pairs_note
-    extra = {"tokens": tokens}
+    meta["statistics"] = (f"value: the mean over {n} pairs; ci_low/ci_high: 95% bootstrap interval over pairs "
+                          f"({N_BOOT} resamples, the normalisation recomputed in each); p_value (activation "
+                          "patching): two-sided sign-flip permutation test of the pairs' effects against their own "
+                          "unpatched run")
+    extra = {"tokens": tokens, "per_pair": pd.concat(per_pair, ignore_index=True)}
     if "activation" in spec.methods and len(spec.methods) > 1:
         extra["faithfulness"] = faithfulness(table, spec.overlap_k)
     return Result(table=table, meta=meta, extra=extra)
+
+
+class _Scale:
+    """Metric values -> reported values, for bootstrap resamples and single pairs: the normalised logit
+    difference divides by the resample's own (source - base) means, so its interval carries that uncertainty."""
+
+    def __init__(self, metric: str, base: np.ndarray, source: np.ndarray, weights: np.ndarray):
+        self.normalized = metric == "logit_diff_normalized"
+        self.base_m, self.source_m = base.mean(), source.mean()
+        self.boot_base, self.boot_source = weights @ base, weights @ source  # [n_boot]
+
+    def __call__(self, boot: np.ndarray) -> np.ndarray:  # [rows, n_boot]
+        if not self.normalized:
+            return boot
+        span = self.boot_source - self.boot_base
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(np.abs(span) > 1e-9, (boot - self.boot_base) / span, np.nan)
+
+    def per_pair(self, flat: np.ndarray) -> np.ndarray:  # [rows, N]: on the reported scale; their mean is it
+        if not self.normalized:
+            return flat
+        return (flat - self.base_m) / (self.source_m - self.base_m)
+
+
+def _per_pair(df: pd.DataFrame, values: np.ndarray, order: list[int]) -> pd.DataFrame:
+    """The per-pair table of one (method, component): a row per node and pair (pairs by their index in the
+    spec), values on the reported scale."""
+    n = len(order)
+    out = df.loc[df.index.repeat(n), ["method", "component", "layer", "pos", "head", "dest_pos"]]
+    out["pair"] = np.tile(np.asarray(order), len(df))
+    out["value"] = values.reshape(-1).astype(np.float32)
+    return out.reset_index(drop=True)
 
 
 def length_groups(pairs: list[dict]) -> dict[int, list[int]]:
@@ -118,20 +166,21 @@ def length_groups(pairs: list[dict]) -> dict[int, list[int]]:
     return groups
 
 
-def _pad_positions(values: torch.Tensor, axes: tuple[str, ...], shift: int, fill: float) -> torch.Tensor:
-    """`values` with `shift` positions put in front of every position axis, holding `fill` (the unpatched
-    metric), so that a shorter pair's positions line up at the end with the longest pair's."""
+def _pad_positions(values: torch.Tensor, axes: tuple[str, ...], shift: int, fill: torch.Tensor) -> torch.Tensor:
+    """`values` [*axes, B] with `shift` positions put in front of every position axis, holding each pair's
+    unpatched metric `fill` [B], so that a shorter pair's positions line up at the end with the longest pair's."""
     for dim, axis in enumerate(axes):
         if shift and axis in ("pos", "dest_pos"):
             shape = list(values.shape)
             shape[dim] = shift
-            values = torch.cat([values.new_full(shape, fill), values], dim)
+            values = torch.cat([fill.to(values).expand(shape), values], dim)
     return values
 
 
 class _Group:
-    """One length group: its base and source runs and mean metrics; `sweep` fills `values`, per (method,
-    component) the mean metric over the group's pairs for each node, before normalisation, with the node axes."""
+    """One length group: its base and source runs and metrics (per pair and mean); `sweep` fills `values`, per
+    (method, component) the metric of each node for each of the group's pairs [*axes, B], before normalisation,
+    with the node axes."""
 
     def __init__(self, session: ModelSession, spec: PatchingSpec, pairs: list[dict]):
         dev = session.device
@@ -149,8 +198,9 @@ class _Group:
             base_logits, source_logits = self.runner.final_logits, self.other.final_logits  # [B, d_vocab]
             clean_logits = source_logits if spec.direction == "denoise" else base_logits
             self.metric = Metric(spec.metric, answer, wrong, clean_logits.float().log_softmax(-1))
-            self.base = self.metric.raw(base_logits).mean().item()
-            self.source = self.metric.raw(source_logits).mean().item()
+            self.base_pairs = self.metric.raw(base_logits).float()  # [B]
+            self.source_pairs = self.metric.raw(source_logits).float()
+            self.base, self.source = self.base_pairs.mean().item(), self.source_pairs.mean().item()
 
     def sweep(self, progress) -> None:
         with torch.no_grad():  # attribution methods switch gradients on for their own pass
@@ -158,7 +208,7 @@ class _Group:
 
     def _sweep(self, progress) -> None:
         spec, bridge, metric, runner, other = self.spec, self.session.bridge, self.metric, self.runner, self.other
-        base_tokens, source_tokens, base_m = self.base_tokens, self.source_tokens, self.base
+        base_tokens, source_tokens = self.base_tokens, self.source_tokens
         steps = len(spec.components) * len(spec.methods)
         step = 0
         for comp in spec.components:
@@ -173,7 +223,7 @@ class _Group:
                 if method == "activation":
                     sweep = activation_patch_sweep(runner, source, comp, metric, progress=report,
                                                    source_tokens=source_tokens)
-                    values, axes = sweep.values.float().mean(-1), sweep.axes  # [layer, ...]
+                    values, axes = sweep.values.float(), sweep.axes  # [layer, ..., B]
                 else:
                     if method == "ig":
                         scores = integrated_gradients(bridge, base_tokens, source_tokens, [comp],
@@ -184,8 +234,10 @@ class _Group:
                         with torch.enable_grad():
                             scores = attribution_scores(bridge, base_tokens, source, [comp],
                                                         lambda logits: metric.raw(logits).mean(), rules)[comp]
-                    # the first-order estimate of the patched mean metric, reported like activation patching
-                    values, axes = base_m + scores.float().sum(-1), ("layer",) + ACTIVATIONS[comp][1]
+                    # the first-order estimate of each pair's patched metric (the scores are of the mean over the
+                    # group's pairs, so a pair's share is scaled back by B), reported like activation patching
+                    values = self.base_pairs.to(scores.device) + self.n * scores.float()  # [layer, ..., B]
+                    axes = ("layer",) + ACTIVATIONS[comp][1]
                     report(1, 1)
                 self.values[method, comp] = (values, axes)
                 step += 1

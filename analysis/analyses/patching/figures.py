@@ -69,11 +69,45 @@ def comparison_scatter(table: pd.DataFrame, method: str, component: str) -> go.F
     return fig
 
 
+def node_label(r, tokens: dict) -> str:
+    pos = r.pos if pd.notna(r.pos) else r.dest_pos
+    return (f"L{r.layer}" + (f"H{r.head}" if pd.notna(r.head) else "")
+            + (f" {tokens.get(int(pos), '')!r}@{int(pos)}" if pd.notna(pos) else ""))
+
+
+def top_nodes_with_intervals(table: pd.DataFrame, per_pair: pd.DataFrame, tokens: pd.DataFrame, method: str,
+                             component: str, k: int = 15, metric: str = "") -> go.Figure:
+    """The k nodes with the largest |effect|: each pair's value (grey dots), the mean over pairs and its 95%
+    bootstrap interval (error bar), and for activation patching the sign-flip p-value in the hover."""
+    key = ["layer", "pos", "head", "dest_pos"]
+    sub = table[(table["method"] == method) & (table["component"] == component)].dropna(subset=["value"])
+    top = sub.reindex(sub["value"].abs().sort_values(ascending=False).index).head(k).iloc[::-1]
+    names = dict(zip(tokens["pos"], tokens["token"]))
+    labels = [node_label(r, names) for r in top.itertuples()]
+    pp = per_pair[(per_pair["method"] == method) & (per_pair["component"] == component)]
+    strip = top[key].assign(label=labels).merge(pp, on=key, how="left")
+    p_text = [f"p = {p:.3g}" if pd.notna(p) else "" for p in top["p_value"]]
+    return go.Figure([
+        go.Scatter(x=strip["value"], y=strip["label"], mode="markers", name="one pair",
+                   marker=dict(color="rgba(120,120,120,0.45)", size=6), customdata=strip["pair"],
+                   hovertemplate="%{y} · pair %{customdata}<br>%{x:.4f}<extra></extra>"),
+        go.Scatter(x=top["value"], y=labels, mode="markers", name="mean, 95% interval",
+                   marker=dict(color="#1f5fa8", size=10, symbol="diamond"), text=p_text,
+                   error_x=dict(type="data", symmetric=False, array=top["ci_high"] - top["value"],
+                                arrayminus=top["value"] - top["ci_low"], thickness=2),
+                   hovertemplate="%{y}<br>mean %{x:.4f}<br>%{text}<extra></extra>"),
+    ], layout=dict(title=f"{method} · {component}: top {len(top)} nodes, each pair and the mean with its 95% "
+                         "bootstrap interval", height=max(320, 24 * len(top) + 140), margin=_MARGIN,
+                   xaxis_title=metric or "value", legend=dict(orientation="h", y=-0.15)))
+
+
 def figures(result: Result, method: str | None = None, component: str | None = None) -> dict[str, go.Figure]:
     t = result.table
     method = method or t["method"].iloc[0]
     component = component or t["component"].iloc[0]
-    figs = {"heatmap": patching_heatmap(t, result.extra["tokens"], method, component, result.meta.get("metric", ""))}
+    figs = {"heatmap": patching_heatmap(t, result.extra["tokens"], method, component, result.meta.get("metric", "")),
+            "top_nodes": top_nodes_with_intervals(t, result.extra["per_pair"], result.extra["tokens"], method,
+                                                  component, metric=result.meta.get("metric", ""))}
     if method != "activation" and (t["method"] == "activation").any():
         figs["comparison"] = comparison_scatter(t, method, component)
     return figs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ...contract import Page, ViewState, Widget
-from .figures import comparison_scatter, patching_heatmap
+from .figures import comparison_scatter, patching_heatmap, top_nodes_with_intervals
 from .spec import PatchingSpec
 
 EXAMPLE_PAIRS = """[
@@ -86,6 +86,11 @@ def render(ctx) -> None:
             figures["comparison"] = scatter
 
     st.subheader("Top components")
+    spread = top_nodes_with_intervals(table, result.extra["per_pair"], tokens, method, component,
+                                      metric=meta["metric"])
+    st.plotly_chart(spread, width="stretch")
+    figures["top_nodes"] = spread
+    st.caption(meta["statistics"])
     sub = table[(table["method"] == method) & (table["component"] == component)].dropna(subset=["value"])
     top = sub.reindex(sub["value"].abs().sort_values(ascending=False).index).head(20)
     labels = dict(zip(tokens["pos"], tokens["token"]))

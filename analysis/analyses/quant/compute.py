@@ -293,8 +293,20 @@ class HessianTracesSpec(Spec):
     max_samples: int = param(100, "Hutchinson: samples drawn at most", min=2, max=10_000)
     seed: int = param(0, "text sampling and Rademacher seed", min=0, max=2**31 - 1)
 
+    def resolve(self, model):
+        return check_seq_len(self, model)
+
 
 TEXT_FIELDS = ("n_seqs", "seq_len", "tol", "min_samples", "max_samples", "seed")
+
+
+def check_seq_len(spec, model):
+    """A spec's seq_len against the model's context (else the sampler indexes past the position embedding)."""
+    n_ctx = model.summary.n_ctx
+    if spec.seq_len > n_ctx:
+        raise WorkbenchError(f"seq_len {spec.seq_len} is beyond this model's context of {n_ctx} tokens.",
+                             hint=f"Pick at most {n_ctx}.")
+    return spec
 
 
 def traces_spec(spec, inputs=None) -> HessianTracesSpec:
@@ -349,6 +361,9 @@ class QuantSensitivitySpec(Spec):
         _check_formats(self.formats)
         if self.activation_formats:
             _check_formats(self.activation_formats, "activation format")
+
+    def resolve(self, model):
+        return check_seq_len(self, model)
 
 
 def unit_groups(session: ModelSession, units: list[Unit], kinds) -> list[tuple[str, str, int, str, list[Unit]]]:
@@ -449,6 +464,9 @@ class QuantAllocationSpec(Spec):
 
     def validate(self) -> None:
         _check_formats(self.formats)
+
+    def resolve(self, model):
+        return check_seq_len(self, model)
 
 
 def monotone_assignments(m: int, k: int):
