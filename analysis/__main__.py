@@ -43,7 +43,7 @@ def _add_spec_flags(p: argparse.ArgumentParser, spec_cls) -> None:
         if typing.get_origin(typ) is tuple:
             help_ += " (comma-separated)"
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=f.name.upper(),
-                       help=help_)
+                       help=help_.replace("%", "%%"))  # argparse formats help with %
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, a in sorted(REGISTRY.items()):
-        p = sub.add_parser(name, help=a.title, description=f"{a.title} (analysis version {a.version})")
+        p = sub.add_parser(name, help=a.title.replace("%", "%%"),
+                           description=f"{a.title} (analysis version {a.version})")
         _add_spec_flags(p, a.spec_cls)
         p.add_argument("--spec", type=Path, help="a JSON file: one spec object, or a list of them (a batch); "
                                                  "flags given here override its fields")

@@ -207,8 +207,8 @@ def test_default_model_task_ids_are_built_without_changes(default_handle):
 KEYS_BEFORE_ISSUE_13 = {
     "model": "27694af2770be7e137ddf51d5201f04d",
     "patching": "e04ead19c0aefd43578afd8658952164",  # version 2 (issue 15): per-pair values, intervals, p-values
-    "lens": "f008e8f96c7e5a32874c26bad4a4fcf7",
-    "tuned_lens": "5fa0cc683071040e7910a07f4c780585",
+    "lens": "19bcc8ea3bfaeeaa8d7b2c9e064ebf5b",  # version 2 (issue 15): per-layer summary with intervals
+    "tuned_lens": "347b0a885c15413d568cef71da11225f",  # version 2: held out by sentence, with intervals
     "entropy": "70a2887d34937c5441054fa94dbba5b1",  # version 2 (issue 15): checkpoints labelled, in given order
     "infoplane": "e1ada7da8a52616850e85e03676c7ac9",
     "concept_activations": "788451ceb00cb650a82cce10a604014e",

@@ -145,8 +145,41 @@ def test_untrained_tuned_lens_is_the_logit_lens_and_training_beats_it(tmp_path):
     t = trained.result.table
     L = len(t)
     assert (t["tuned_lens_kl"][: L - 1] < t["logit_lens_kl"][: L - 1]).all()
-    assert t["tuned_lens_kl"][0] < 0.2 * t["logit_lens_kl"][0]  # held-out KL, 17 nats -> ~0.3 at the embedding
-    assert trained.result.meta["n_eval_tokens"] > 100
+    # held-out KL on the shipped sentences held out whole (templated like the training ones): 17 -> ~0.3 nats
+    assert t["tuned_lens_kl"][0] < 0.2 * t["logit_lens_kl"][0]
+    assert trained.result.meta["n_eval_sentences"] > 100 and "held out whole" in trained.result.meta["held_out"]
+    assert (t["tuned_lens_low"] <= t["tuned_lens_kl"]).all() and (t["tuned_lens_kl"] <= t["tuned_lens_high"]).all()
+
+
+PROSE = ["The old lighthouse keeper climbed the stairs every evening to light the lamp.",
+         "Rain fell softly on the roof while the children read their books by the fire.",
+         "A small boat drifted across the lake, its sail catching the last of the wind.",
+         "The market opened early, and the baker sold warm bread to the first customers."]
+
+
+def test_tuned_lens_is_evaluated_on_sentences_it_never_trained_on(default_handle, tmp_path):
+    """The held-out KL was measured on a random 10% of the tokens of the sentences it trained on; now whole
+    sentences are held out (or the user's own text), and the figure is the logit lens's own KL on them."""
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.analyses.tuned_lens.compute import TunedLensSpec, split_sentences
+    from analysis.runner import run
+    from analysis.session import ModelSession
+    from analysis.store import Store
+
+    with ModelSession(default_handle) as s:
+        train, held, what = split_sentences(s, TunedLensSpec())
+    assert not set(map(tuple, train)) & set(map(tuple, held)) and len(held) == (len(train) + len(held)) // 10
+    store = Store(tmp_path / "s.duckdb")
+    out = run(TunedLensSpec(steps=50, heldout_text="\n".join(PROSE)), store=store)
+    t = out.result.table
+    assert out.result.meta["n_eval_sentences"] == len(PROSE) and "the user gave" in out.result.meta["held_out"]
+    # the logit lens's held-out KL, independently: the lens analysis on each sentence, resid_pre of each layer
+    per_sentence = []
+    for line in PROSE:
+        lens = run(LensSpec(prompt=line, sites=("resid_pre",)), store=store).result.table
+        per_sentence.append(lens.groupby("layer")["kl_to_final"].mean().to_numpy())
+    expected = sum(per_sentence) / len(PROSE)
+    assert abs(t["logit_lens_kl"].to_numpy() - expected).max() < 1e-3 * max(1.0, expected.max())
 
 
 def test_tuned_lens_beside_the_logit_lens_is_stored_once_per_model(tiny_dirs, tmp_path):
@@ -170,3 +203,24 @@ def test_tuned_lens_beside_the_logit_lens_is_stored_once_per_model(tiny_dirs, tm
     for folder in tiny_dirs.values():  # the three architectures
         out = run(LensSpec(model=str(folder), prompt="The capital of France is", lenses=("tuned",)), store=store)
         assert out.result.table["kl_to_final"].notna().all()
+
+
+def test_lens_summary_by_layer_has_bootstrap_intervals_over_positions(tmp_path):
+    from scipy import stats
+
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    out = run(LensSpec(prompt="Then, John and Mary went to the store. John gave a ring to", sites=("resid_post",)),
+              store=Store(tmp_path / "s.duckdb"))
+    t, by = out.result.table, out.result.extra["by_layer"]
+    assert out.spec.bos == "yes" and (by["n_positions"] == out.result.meta["n_tokens"] - 1).all()  # BOS left out
+    for layer in (0, 3):
+        kl = t[(t["layer"] == layer) & (t["pos"] >= 1)]["kl_to_final"].to_numpy()
+        row = by[by["layer"] == layer].iloc[0]
+        assert row["kl_mean"] == pytest.approx(kl.mean(), rel=1e-6)
+        ref = stats.bootstrap((kl,), lambda x, axis=-1: x.mean(axis), vectorized=True, n_resamples=20_000,
+                              method="percentile", random_state=0).confidence_interval
+        width = ref.high - ref.low
+        assert abs(row["kl_low"] - ref.low) < 0.15 * width and abs(row["kl_high"] - ref.high) < 0.15 * width

@@ -268,3 +268,15 @@ def test_cli_adds_a_concept_csv_and_probes_it(tmp_path):
     (tmp_path / "bad.csv").write_text("words,tense\na,past\n")
     bad = _cli("add-concepts", str(tmp_path / "bad.csv"), "--store", str(db))
     assert bad.returncode == 2 and "no 'text' column" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_command_has_help(capsys):
+    """A '%' in a field's description broke `--help` (argparse formats help strings with %)."""
+    from analysis.__main__ import _parser
+    from analysis.registry import REGISTRY
+
+    for name in REGISTRY:
+        with pytest.raises(SystemExit) as e:
+            _parser().parse_args([name, "--help"])
+        assert e.value.code == 0, name
+    assert "10% of the training" in " ".join(capsys.readouterr().out.split())

@@ -14,6 +14,6 @@ def _tuned_lens(spec: LensSpec, inputs) -> TunedLensSpec | None:
     return TunedLensSpec(model=spec.model, revision=spec.revision, dtype=spec.dtype)
 
 
-ANALYSIS = Analysis(spec=LensSpec, version="1", compute=compute, figures=figures, page=PAGE,
+ANALYSIS = Analysis(spec=LensSpec, version="2", compute=compute, figures=figures, page=PAGE,
                     inputs=(Needs("tuned_lens", _tuned_lens, scaled=True),), estimate=estimate)
 ANALYSES = [ANALYSIS]

@@ -10,6 +10,7 @@ statistics run through `kernels.lens`, which never holds a layers x positions x 
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -20,6 +21,7 @@ from ...errors import WorkbenchError
 from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
+from ...stats import N_BOOT, mean_ci
 from ...tokens import token_strings, tokenize
 from ..tuned_lens.compute import Translators, translate
 from .spec import LensSpec
@@ -134,13 +136,35 @@ def compute(session: ModelSession, spec: LensSpec, inputs, progress) -> Result:
             targets.append(tg)
     progress(0.9, "tables")
     table = pd.concat(tables, ignore_index=True)
-    extra = {"tokens": tokenize(session, ids), "top": pd.concat(tops, ignore_index=True)}
+    first = 1 if spec.bos == "yes" and P > 1 else 0  # the BOS position predicts nothing of the text
+    extra = {"tokens": tokenize(session, ids), "top": pd.concat(tops, ignore_index=True),
+             "by_layer": layer_summary(table, first)}
     if targets:
         extra["targets"] = pd.concat(targets, ignore_index=True)
     meta = {"n_tokens": P, "n_layers": bridge.cfg.n_layers,
+            "statistics": f"by layer: the mean over positions {first}..{P - 1} of this prompt with a 95% bootstrap "
+                          f"interval over those positions ({N_BOOT} resamples); positions of one prompt are not "
+                          "independent samples, so the interval describes this prompt's spread, not a population's",
             "sites": [s for s in spec.sites if any(k[0] == s for k in keys)], "lenses": list(spec.lenses),
             **extra_meta}
     return Result(table=table, meta=meta, extra=extra)
+
+
+def layer_summary(table: pd.DataFrame, first: int = 0) -> pd.DataFrame:
+    """Per lens, site and layer: the mean over positions (from `first`) of the KL to the final distribution and
+    of top-1 agreement with the model's own prediction, each with its 95% bootstrap interval over positions."""
+    rows = []
+    for (lens, site), g in table[table["pos"] >= first].groupby(["lens", "site"], sort=False):
+        g = g.sort_values(["layer", "pos"])
+        layers = g["layer"].unique()
+        kl = g["kl_to_final"].to_numpy(np.float64).reshape(len(layers), -1)  # [layer, positions]
+        agree = (g["top_token"] == g["final_token"]).to_numpy(np.float64).reshape(len(layers), -1)
+        kl_m, kl_lo, kl_hi = mean_ci(kl)
+        ag_m, ag_lo, ag_hi = mean_ci(agree)
+        rows.append(pd.DataFrame({"lens": lens, "site": site, "layer": layers, "n_positions": kl.shape[1],
+                                  "kl_mean": kl_m, "kl_low": kl_lo, "kl_high": kl_hi, "top1_agree": ag_m,
+                                  "agree_low": ag_lo, "agree_high": ag_hi}))
+    return pd.concat(rows, ignore_index=True)
 
 
 def estimate(plan) -> Estimate:

@@ -39,16 +39,30 @@ def lens_heatmap(table: pd.DataFrame, tokens: pd.DataFrame, site: str = "resid_p
                                        margin=_MARGIN, xaxis=dict(tickangle=-60), yaxis=dict(autorange="reversed")))
 
 
-def lens_kl_by_layer(table: pd.DataFrame) -> go.Figure:
-    """Mean KL from the final distribution per layer, one line per site (and per lens, when there are several)."""
+def lens_kl_by_layer(table: pd.DataFrame, by_layer: pd.DataFrame | None = None) -> go.Figure:
+    """Mean KL from the final distribution per layer, one line per site (and per lens, when there are several),
+    with its 95% bootstrap interval over positions as a band when the run has it (`by_layer`)."""
     group = ["lens", "site"] if "lens" in table else ["site"]
     lines = []
     for key, g in table.groupby(group, sort=False):
-        m = g.groupby("layer")["kl_to_final"].mean()
         name = " · ".join(key) if isinstance(key, tuple) else str(key)
+        if by_layer is not None:
+            b = by_layer[(by_layer["lens"] == key[0]) & (by_layer["site"] == key[1])]
+            x = b["layer"].to_numpy()
+            lines.append(go.Scatter(x=[*x, *x[::-1]], y=[*b["kl_high"], *b["kl_low"][::-1]], fill="toself",
+                                    line=dict(width=0), opacity=0.2, hoverinfo="skip", showlegend=False,
+                                    name=f"{name} 95% interval"))
+            lines.append(go.Scatter(x=x, y=b["kl_mean"], mode="lines+markers", name=name,
+                                    customdata=b[["kl_low", "kl_high", "n_positions"]].to_numpy(),
+                                    hovertemplate="layer %{x}: %{y:.3f} nats (95% interval %{customdata[0]:.3f}–"
+                                                  "%{customdata[1]:.3f}, %{customdata[2]} positions)<extra></extra>"))
+            continue
+        m = g.groupby("layer")["kl_to_final"].mean()
         lines.append(go.Scatter(x=m.index.to_numpy(), y=m.to_numpy(), mode="lines+markers", name=name))
-    return go.Figure(lines, layout=dict(title="KL from the model's final distribution, mean over positions",
-                                        height=360, margin=_MARGIN, xaxis_title="layer", yaxis_title="nats"))
+    title = "KL from the model's final distribution, mean over positions" + (
+        " (band: 95% bootstrap interval over positions)" if by_layer is not None else "")
+    return go.Figure(lines, layout=dict(title=title, height=360, margin=_MARGIN, xaxis_title="layer",
+                                        yaxis_title="nats"))
 
 
 def figures(result: Result, site: str | None = None, colour: str = "final_prob",
@@ -56,4 +70,5 @@ def figures(result: Result, site: str | None = None, colour: str = "final_prob",
     t = result.table
     site = site or ("resid_post" if (t["site"] == "resid_post").any() else t["site"].iloc[0])
     lens = lens or t["lens"].iloc[0]
-    return {"lens": lens_heatmap(t, result.extra["tokens"], site, colour, lens), "kl": lens_kl_by_layer(t)}
+    return {"lens": lens_heatmap(t, result.extra["tokens"], site, colour, lens),
+            "kl": lens_kl_by_layer(t, result.extra.get("by_layer"))}

@@ -53,8 +53,12 @@ def render(ctx) -> None:
     colour = ctx.choose(view, "view_colour", "Colour by", colours, slot=v2, format_func=lambda c: LENS_COLOURS[c][0])
     heat = lens_heatmap(table, tokens, site, colour, lens)
     st.plotly_chart(heat, width="stretch")
-    kl = lens_kl_by_layer(table)
+    kl = lens_kl_by_layer(table, result.extra["by_layer"])
     st.plotly_chart(kl, width="stretch")
+    st.caption(result.meta["statistics"])
+    by_layer = result.extra["by_layer"]
+    st.dataframe(by_layer[(by_layer["lens"] == lens) & (by_layer["site"] == site)].drop(columns=["lens", "site"]),
+                 hide_index=True, width="stretch")
 
     if "targets" in result.extra:
         st.subheader("Target tokens")

@@ -22,6 +22,7 @@ from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
+from ...stats import N_BOOT, mean_ci
 from ...tasks import fact_prompts, induction_prompts, ioi_pairs, task_rows
 from ...tokens import encode
 
@@ -38,8 +39,10 @@ class TunedLensSpec(Spec):
     steps: int = param(250, "Adam steps", min=0, max=20_000)
     lr: float = param(3e-3, "learning rate", min=1e-6, max=1.0)
     batch_tokens: int = param(512, "tokens per step", min=16, max=65_536)
-    max_tokens: int = param(16_384, "tokens of text used (10% held out for evaluation)", min=256, max=262_144)
+    max_tokens: int = param(16_384, "tokens of training text used", min=256, max=262_144)
     seed: int = param(0, "seed for the split and the batches", min=0, max=2**31 - 1)
+    heldout_text: str = param("", "text to evaluate on, one passage per line (empty: 10% of the training "
+                                  "sentences, held out whole before training)", max_len=500_000)
 
     def validate(self) -> None:
         if self.dataset == "text" and not self.text.strip():
@@ -55,8 +58,29 @@ def _training_sequences(session: ModelSession, spec: TunedLensSpec) -> list[list
     return [encode(session, line, spec.bos)[: session.summary.n_ctx] for line in spec.text.splitlines() if line.strip()]
 
 
-def hidden_states(session: ModelSession, seqs: list[list[int]], max_tokens: int):
-    """(hidden states [N, L, d] entering each block, final residual [N, d]) for up to max_tokens tokens."""
+def split_sentences(session: ModelSession, spec: TunedLensSpec) -> tuple[list[list[int]], list[list[int]], str]:
+    """(training sequences, held-out sequences, what the held-out figure is measured on): the user's held-out
+    text, else 10% of the sentences (at least one), drawn with the seed and held out whole, so that no token of
+    an evaluation sentence is trained on."""
+    seqs = list(dict.fromkeys(map(tuple, _training_sequences(session, spec))))  # a repeated sentence is one
+    seqs = [list(q) for q in seqs]
+    if spec.heldout_text.strip():
+        held = [encode(session, line, spec.bos)[: session.summary.n_ctx]
+                for line in spec.heldout_text.splitlines() if line.strip()]
+        return seqs, held, f"{len(held)} passages of held-out text the user gave"
+    if len(seqs) < 2:
+        raise WorkbenchError("Held-out evaluation needs at least two sentences (one is held out).",
+                             hint="Give more lines of text, or held-out text of your own.")
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    n_held = max(1, len(seqs) // 10)
+    held = [seqs[i] for i in sorted(order[:n_held])]
+    train = [seqs[i] for i in sorted(order[n_held:])]
+    return train, held, f"{n_held} of {len(seqs)} sentences held out whole before training (seed {spec.seed})"
+
+
+def hidden_states(session: ModelSession, seqs: list[list[int]], max_tokens: int, with_sequence: bool = False):
+    """(hidden states [N, L, d] entering each block, final residual [N, d]) for up to max_tokens tokens; with
+    `with_sequence`, also the index in `seqs` of each row's sequence [N]."""
     L, d = session.n_layers, session.cfg.d_model
     pre = [session.hook("resid_pre", layer) for layer in range(L)]
     last = session.hook("resid_post", L - 1)
@@ -66,16 +90,19 @@ def hidden_states(session: ModelSession, seqs: list[list[int]], max_tokens: int)
             break
         kept.append(s)
         total += len(s)
-    hs, finals = [], []
+    hs, finals, which = [], [], []
 
     def keep(idx, cache):
         hs.append(torch.stack([cache[name] for name in pre], 2).float().reshape(-1, L, d))
         finals.append(cache[last].float().reshape(-1, d))
+        n_pos = cache[last].shape[1]
+        which.append(torch.as_tensor(list(idx)).repeat_interleave(n_pos))
 
     session.cache_in_batches(kept, [*pre, last], keep)  # sequences of one length run as one batch
     if not hs:
         raise WorkbenchError("There is no text to train on.")
-    return torch.cat(hs)[:max_tokens], torch.cat(finals)[:max_tokens]
+    out = torch.cat(hs)[:max_tokens], torch.cat(finals)[:max_tokens]
+    return (*out, torch.cat(which)[:max_tokens]) if with_sequence else out
 
 
 class Translators(torch.nn.Module):
@@ -116,29 +143,29 @@ def eval_chunk(n_layers: int, d_vocab: int) -> int:
     return max(1, min(256, EVAL_BLOCK_BYTES // (16 * n_layers * d_vocab)))
 
 
-def _kl_per_layer(bridge, translators, h, final, chunk: int | None = None) -> np.ndarray:
-    """Mean KL(final || lens) per layer over the rows of h [N, L, d]."""
+def _kl_per_token(bridge, translators, h, final, chunk: int | None = None) -> np.ndarray:
+    """KL(final || lens) of every row of h [N, L, d] at every layer: [N, L]."""
     chunk = chunk or eval_chunk(h.shape[1], bridge.cfg.d_vocab)
-    out = torch.zeros(h.shape[1], dtype=torch.float64)
+    out = []
     with torch.no_grad():
         for c in range(0, h.shape[0], chunk):
             hb, fb = h[c:c + chunk], final[c:c + chunk]
             ref = bridge.unembed(bridge.ln_final(fb)).float().log_softmax(-1)  # [n, V]
             x = translators(hb) if translators is not None else hb
             lp = bridge.unembed(bridge.ln_final(x)).float().log_softmax(-1)  # [n, L, V]
-            out += (ref.exp()[:, None] * (ref[:, None] - lp)).sum(-1).sum(0).double()
-    return (out / h.shape[0]).numpy()
+            out.append((ref.exp()[:, None] * (ref[:, None] - lp)).sum(-1).double())
+    return torch.cat(out).numpy()
 
 
 def compute(session: ModelSession, spec: TunedLensSpec, inputs, progress) -> Result:
     bridge = session.bridge
     L, d = session.n_layers, session.cfg.d_model
     progress(0.05, "hidden states")
-    h, final = hidden_states(session, _training_sequences(session, spec), spec.max_tokens)
+    train_seqs, held_seqs, held_what = split_sentences(session, spec)
+    h, final = hidden_states(session, train_seqs, spec.max_tokens)
+    h_ev, final_ev, ev_seq = hidden_states(session, held_seqs, max(256, spec.max_tokens // 9), with_sequence=True)
     g = torch.Generator().manual_seed(spec.seed)
-    perm = torch.randperm(h.shape[0], generator=g)
-    n_eval = max(1, h.shape[0] // 10)
-    ev, tr = perm[:n_eval], perm[n_eval:]
+    tr = torch.arange(h.shape[0])
     translators = Translators(L, d).to(h.device)
     opt = torch.optim.Adam(translators.parameters(), lr=spec.lr)
     losses = []
@@ -158,10 +185,21 @@ def compute(session: ModelSession, spec: TunedLensSpec, inputs, progress) -> Res
             if step % 25 == 0:
                 progress(0.1 + 0.8 * step / max(1, spec.steps), f"training, step {step}: KL {losses[-1]:.3f}")
         progress(0.92, "held-out evaluation")
-        logit_kl = _kl_per_layer(bridge, None, h[ev], final[ev])
-        tuned_kl = _kl_per_layer(bridge, translators, h[ev], final[ev])
-    table = pd.DataFrame({"layer": np.arange(L), "logit_lens_kl": logit_kl, "tuned_lens_kl": tuned_kl})
-    return Result(table=table, meta={"n_tokens": int(h.shape[0]), "n_eval_tokens": int(n_eval),
+        logit_tok = _kl_per_token(bridge, None, h_ev, final_ev)  # [N_eval, L]
+        tuned_tok = _kl_per_token(bridge, translators, h_ev, final_ev)
+    # per sentence (the unit held out), then the mean over sentences with a bootstrap interval over them
+    sentences = torch.unique(ev_seq)
+    per_sentence = {name: np.stack([kl[(ev_seq == i).numpy()].mean(0) for i in sentences.tolist()], 1)  # [L, S]
+                    for name, kl in (("logit_lens", logit_tok), ("tuned_lens", tuned_tok))}
+    table = pd.DataFrame({"layer": np.arange(L)})
+    for name, v in per_sentence.items():
+        m, lo, hi = mean_ci(v)
+        table[f"{name}_kl"], table[f"{name}_low"], table[f"{name}_high"] = m, lo, hi
+    return Result(table=table, meta={"n_tokens": int(h.shape[0]), "n_eval_tokens": int(h_ev.shape[0]),
+                                     "n_eval_sentences": int(len(sentences)), "held_out": held_what,
+                                     "statistics": "KL per layer on held-out text: the mean over held-out sentences "
+                                                   "(each its tokens' mean) with a 95% bootstrap interval over them "
+                                                   f"({N_BOOT} resamples)",
                                      "final_train_kl": losses[-1] if losses else None},
                   extra={"translators": translators.cpu().to_frame(),
                          "loss": pd.DataFrame({"step": np.arange(len(losses)), "kl": losses})})
