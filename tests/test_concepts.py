@@ -58,6 +58,21 @@ def test_probes_find_the_concepts_and_the_control_task_stays_at_chance(tmp_path)
         assert (pred == y).mean() >= t.query("concept == 'number' and layer == 4")["accuracy"].iloc[0] - 0.05
     # the activations are a stored run of their own: the second probe set reused them
     assert len(store.runs("concept_activations")) == 2  # one per position
+    # per held-out text: right or wrong, for the probe and the control; the accuracy is their mean and its
+    # interval agrees with scipy's bootstrap over the held-out texts
+    from scipy import stats
+
+    per = out.result.extra["per_example"]
+    one = per[(per["concept"] == "sentiment") & (per["layer"] == 3)]
+    row = t[(t["concept"] == "sentiment") & (t["layer"] == 3)].iloc[0]
+    assert len(one) == out.result.meta["n_test"] and one["correct"].mean() == pytest.approx(row["accuracy"])
+    ref = stats.bootstrap((one["correct"].to_numpy(float),), lambda x, axis=-1: x.mean(axis), vectorized=True,
+                          n_resamples=20_000, method="percentile", random_state=0).confidence_interval
+    width = max(ref.high - ref.low, 1e-3)
+    assert abs(row["accuracy_low"] - ref.low) < 0.2 * width and abs(row["accuracy_high"] - ref.high) < 0.2 * width
+    diff = one["correct"].to_numpy(float) - one["control_correct"].to_numpy(float)
+    assert row["selectivity"] == pytest.approx(diff.mean())
+    assert row["selectivity_low"] <= row["selectivity"] <= row["selectivity_high"]
 
 
 def _csv(n=60, **extra) -> str:
@@ -161,6 +176,35 @@ def test_pushing_along_sentiment_moves_positive_and_negative_words_monotonically
         assert g["up"].iloc[-1] - g["up"].iloc[0] > 0.1
         back = run(InterventionSpec(prompt=prompt, toward="negative"), store=store).result.extra["groups"]
         assert np.allclose(back.sort_values("amount")["up"].to_numpy(), g["up"].to_numpy()[::-1], atol=1e-5)
+
+
+def test_intervention_curve_carries_its_uncertainty_over_probe_refits(tmp_path):
+    """Monotone on the default prompt with the default probe, and most of its refits agree; with probes fitted on
+    400 sentences the curve is not to be trusted, and the interval and the refits say so."""
+    from analysis.analyses.intervention.compute import InterventionSpec, refit_directions
+
+    store = Store(tmp_path / "s.duckdb")
+    out = run(InterventionSpec(), store=store)
+    g, m = out.result.extra["groups"].sort_values("amount"), out.result.meta
+    assert m["refits"] == 20 and m["monotone_refits"] >= 0.9
+    assert m["probe_accuracy_low"] <= m["probe_accuracy"] <= m["probe_accuracy_high"]
+    assert g["log_odds_high"].iloc[0] < 0 < g["log_odds_low"].iloc[-1]  # the ends differ beyond the spread
+    assert ((g["log_odds_low"] <= g["log_odds"] + 1e-9) & (g["log_odds"] <= g["log_odds_high"] + 1e-9)).mean() >= 0.8
+    small = run(InterventionSpec(max_sentences=400), store=store)
+    gs = small.result.extra["groups"].sort_values("amount")
+    assert small.result.meta["monotone_refits"] < 0.5 and gs["log_odds_low"].iloc[-1] < 0 < gs["log_odds_high"].iloc[-1]
+    none = run(InterventionSpec(refits=0), store=store)
+    assert "log_odds_low" not in none.result.extra["groups"] and "monotone_refits" not in none.result.meta
+    # the refits are unit directions toward the class the curve pushes to
+    from analysis.analyses.concepts.compute import activations_array, activations_spec
+
+    acts = run(activations_spec(InterventionSpec()), store=store).result
+    dirs = refit_directions(acts, InterventionSpec(refits=5), m["layer"], m["toward"])
+    assert dirs.shape == (5, 128) and np.allclose(np.linalg.norm(dirs, axis=1), 1)
+    X = activations_array(acts)[:, m["layer"] + 1].astype(np.float64)
+    y = acts.extra["labels"]["sentiment"].to_numpy() == "positive"
+    for d in dirs:  # pointing toward 'positive': positive texts score higher along it
+        assert (X[y] @ d).mean() > (X[~y] @ d).mean()
 
 
 def test_intervention_equals_a_hook_on_the_plain_transformers_model(default_handle, tmp_path):

@@ -212,9 +212,9 @@ KEYS_BEFORE_ISSUE_13 = {
     "entropy": "70a2887d34937c5441054fa94dbba5b1",  # version 2 (issue 15): checkpoints labelled, in given order
     "infoplane": "e1ada7da8a52616850e85e03676c7ac9",
     "concept_activations": "788451ceb00cb650a82cce10a604014e",
-    "probes": "77ac8873bf83fc907015c6cfd139dc55",
+    "probes": "a794d1339c27ec5f258c2c1e0681539f",  # version 3 (issue 15): per-text results, intervals
     "bottleneck": "b0ce9b898a80c30f9022d8d0c215ccab",
-    "intervention": "90be70bf22062739ed7e78d7f2c11c8b",
+    "intervention": "035e1102fd199b4cdc8ff0411d6770bd",  # version 2 (issue 15): interval over probe refits
     "tcav": "a1795d48d0c762d2a950ecfc03f71e22",
     "atlas": "0fe5fccb6db16dea0325a0ea9416c007",
     "quant_traces": "94e953b89adae41d684eaf406baf60d9",

@@ -20,7 +20,7 @@ SMALLER = ({"max_sentences": 800}, {"max_sentences": 400}, {"max_sentences": 200
 # the Concepts page; its sections are the concept analyses
 ACTIVATIONS = Analysis(spec=ConceptActivationsSpec, version="2", compute=compute_activations, inputs=(DATA,),
                        page=PAGE, estimate=estimate_activations, smaller=SMALLER)
-PROBES = Analysis(spec=ProbeSpec, version="2", compute=compute_probes, figures=figures,
+PROBES = Analysis(spec=ProbeSpec, version="3", compute=compute_probes, figures=figures,
                   inputs=(Needs("activations", activations_spec),), page=PROBES_SECTION,
                   estimate=estimate_probes, smaller=SMALLER)
 ANALYSES = [ACTIVATIONS, PROBES]

@@ -28,6 +28,7 @@ from ...estimate import Estimate, Plan, batches, input_estimate, largest
 from ...result import Result
 from ...session import ModelSession
 from ...specs import Spec, param
+from ...stats import N_BOOT, bootstrap_interval, resample_weights
 from ...tokens import encode_texts
 
 POSITIONS = ("last", "mean")
@@ -102,6 +103,7 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
 @dataclass
 class Probe:
     accuracy: float
+    correct: np.ndarray  # [n_test] bool: each held-out text classified right
     classes: np.ndarray  # all classes, sorted
     rows: list[str]  # the class each direction row points to
     weight: np.ndarray  # [k, d] in activation space
@@ -118,12 +120,13 @@ def fit_probe(X_tr, y_tr, X_te, y_te, C: float, seed: int) -> Probe:
     from sklearn.preprocessing import StandardScaler
 
     pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)).fit(X_tr, y_tr)
-    acc = float(pipe.score(X_te, y_te))
+    correct = pipe.predict(X_te) == y_te
+    acc = float(correct.mean())
     scaler, clf = pipe[0], pipe[-1]
     w = clf.coef_ / scaler.scale_  # back to activation space: w . (x - mu) / sigma + b
     b = clf.intercept_ - w @ scaler.mean_
     rows = [str(clf.classes_[1])] if len(clf.classes_) == 2 else [str(c) for c in clf.classes_]
-    return Probe(acc, clf.classes_, rows, w.astype(np.float64), b.astype(np.float64))
+    return Probe(acc, correct, clf.classes_, rows, w.astype(np.float64), b.astype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ def compute_probes(session: ModelSession, spec: ProbeSpec, inputs, progress) -> 
     N, Lp1, _ = acts.shape
     tr, te = split(N, spec.test_fraction, spec.seed)
     rng = np.random.default_rng(spec.seed)
-    rows, directions = [], []
+    weights = resample_weights(len(te), seed=spec.seed)  # one set of resamples of the held-out texts for all
+    rows, directions, per_example = [], [], []
     steps = len(concepts) * Lp1
     for ci, concept in enumerate(concepts):
         y = labels[concept].astype(str).to_numpy()
@@ -161,20 +165,30 @@ def compute_probes(session: ModelSession, spec: ProbeSpec, inputs, progress) -> 
             progress((ci * Lp1 + li) / steps, f"{concept}, layer {li - 1}")
             X = acts[:, li]
             probe = fit_probe(X[tr], y[tr], X[te], y[te], spec.C, spec.seed)
-            ctrl = fit_probe(X[tr], y_control[tr], X[te], y_control[te], spec.C, spec.seed).accuracy
-            rows.append({"concept": concept, "layer": li - 1, "accuracy": probe.accuracy, "control_accuracy": ctrl,
-                         "selectivity": probe.accuracy - ctrl, "chance": chance,
-                         "n_classes": len(probe.classes)})
+            ctrl = fit_probe(X[tr], y_control[tr], X[te], y_control[te], spec.C, spec.seed)
+            (acc_lo,), (acc_hi,) = bootstrap_interval(probe.correct[None].astype(float), weights)
+            (sel_lo,), (sel_hi,) = bootstrap_interval((probe.correct.astype(float) - ctrl.correct)[None], weights)
+            rows.append({"concept": concept, "layer": li - 1, "accuracy": probe.accuracy, "accuracy_low": acc_lo,
+                         "accuracy_high": acc_hi, "control_accuracy": ctrl.accuracy,
+                         "selectivity": probe.accuracy - ctrl.accuracy, "selectivity_low": sel_lo,
+                         "selectivity_high": sel_hi, "chance": chance, "n_classes": len(probe.classes)})
+            per_example.append(pd.DataFrame({"concept": concept, "layer": li - 1, "text": te,
+                                             "correct": probe.correct, "control_correct": ctrl.correct}))
             for k, cls in enumerate(probe.rows):
                 against = str(probe.classes[0]) if len(probe.classes) == 2 else ""
                 directions.append({"concept": concept, "layer": li - 1, "class": cls, "against": against,
                                    "weight": probe.weight[k].astype(np.float32), "bias": float(probe.bias[k])})
     table = pd.DataFrame(rows)
     best = table.loc[table.groupby("concept", sort=False)["accuracy"].idxmax(),
-                     ["concept", "layer", "accuracy", "control_accuracy", "selectivity"]]
+                     ["concept", "layer", "accuracy", "accuracy_low", "accuracy_high", "control_accuracy",
+                      "selectivity", "selectivity_low", "selectivity_high"]]
     return Result(table=table, meta={"n_sentences": N, "n_train": len(tr), "n_test": len(te),
-                                     "activations_run": acts_run.key},
-                  extra={"best": best.reset_index(drop=True), "directions": pd.DataFrame(directions)})
+                                     "activations_run": acts_run.key,
+                                     "statistics": f"accuracy and selectivity on the {len(te)} held-out texts, each "
+                                                   f"with a 95% bootstrap interval over those texts ({N_BOOT} "
+                                                   "resamples; selectivity's paired with the control task's)"},
+                  extra={"best": best.reset_index(drop=True), "directions": pd.DataFrame(directions),
+                         "per_example": pd.concat(per_example, ignore_index=True)})
 
 
 def probes_spec(spec, concepts=()) -> ProbeSpec:

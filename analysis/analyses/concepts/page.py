@@ -50,6 +50,7 @@ def probes_section(ctx, model, common: dict):
     st.caption("Selectivity = accuracy − control accuracy: what the probe reads from the representation rather "
                "than memorises. With mean pooling, lexical concepts are readable from the embedding already.")
     st.dataframe(outcome.result.extra["best"], hide_index=True, width="stretch")
+    st.caption(outcome.result.meta["statistics"])
     return outcome, {"accuracy": fig}, "Concept probes", {}
 
 

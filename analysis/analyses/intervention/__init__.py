@@ -7,7 +7,7 @@ from .compute import InterventionSpec, compute, estimate
 from .figures import figures
 from .page import PAGE
 
-ANALYSIS = Analysis(spec=InterventionSpec, version="1", compute=compute, figures=figures, page=PAGE,
+ANALYSIS = Analysis(spec=InterventionSpec, version="2", compute=compute, figures=figures, page=PAGE,
                     estimate=estimate, smaller=SMALLER, inputs=(
     Needs("probes", lambda spec, got: probes_spec(spec, (spec.concept,))),
     Needs("activations", activations_spec),

@@ -24,7 +24,16 @@ from ...result import Result
 from ...session import ModelSession, check_layer, resid_after_name
 from ...specs import PromptSpec, param
 from ...tokens import single_token_ids
-from ..concepts.compute import POSITIONS, activations_array, direction, estimate_probes, probes_spec, stored_activations
+from ..concepts.compute import (
+    POSITIONS,
+    activations_array,
+    direction,
+    estimate_probes,
+    fit_probe,
+    probes_spec,
+    split,
+    stored_activations,
+)
 
 POSITIVE = (" lovely", " great", " delightful", " excellent", " wonderful", " pleasant")
 NEGATIVE = (" dreadful", " horrible", " disappointing", " terrible", " boring", " awful")
@@ -53,6 +62,8 @@ class InterventionSpec(PromptSpec):
     top_k: int = param(10, "top tokens kept per amount", min=1, max=100)
     position: str = param("mean", "token position of the probes' activations", choices=POSITIONS)
     max_sentences: int = param(2000, "texts the probes use", min=20, max=concept_data.MAX_ROWS)
+    refits: int = param(20, "the probe refitted on this many bootstrap resamples of its training texts, for the "
+                            "curve's interval (0: none)", min=0, max=200)
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +96,33 @@ def pushed_logits(session: ModelSession, ids: list[int], layer: int, vector: tor
     return logits[:, -1].float().cpu()
 
 
+def refit_directions(acts_result: Result, spec: InterventionSpec, layer: int, cls: str) -> np.ndarray:
+    """[refits, d] unit directions toward `cls`: the probe refitted on bootstrap resamples of its training texts
+    (the same split as the stored probes), so the curve's spread shows how much it depends on which texts the
+    probe saw."""
+    pspec = probes_spec(spec, (spec.concept,))
+    X = activations_array(acts_result)[:, layer + 1].astype(np.float64)
+    y = acts_result.extra["labels"][spec.concept].astype(str).to_numpy()
+    tr, te = split(len(X), pspec.test_fraction, pspec.seed)
+    rng = np.random.default_rng(pspec.seed)
+    out = []
+    while len(out) < spec.refits:
+        idx = rng.choice(tr, size=len(tr), replace=True)
+        if len(np.unique(y[idx])) < len(np.unique(y[tr])):
+            continue  # a resample that lost a class cannot point toward it
+        probe = fit_probe(X[idx], y[idx], X[te], y[te], pspec.C, pspec.seed)
+        if len(probe.classes) == 2:
+            w = probe.weight[0] if cls == probe.rows[0] else -probe.weight[0]
+        else:
+            w = probe.weight[probe.rows.index(cls)]
+        out.append(w / np.linalg.norm(w))
+    return np.asarray(out).reshape(len(out), X.shape[1])
+
+
+def _log_odds(probs: torch.Tensor, up: list[int], down: list[int]) -> np.ndarray:
+    return (probs[:, up].sum(-1).log() - probs[:, down].sum(-1).log()).numpy()
+
+
 def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> Result:
     ids = list(spec.token_ids)
     if len(ids) < 2:
@@ -113,14 +151,29 @@ def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> 
     table = pd.DataFrame(rows)
     groups = table.groupby(["amount", "group"], sort=False)["prob"].sum().unstack("group").reset_index()
     groups["log_odds"] = np.log(groups["up"]) - np.log(groups["down"])
+    interval_meta = {}
+    if spec.refits:
+        progress(0.7, f"{spec.refits} probe refits")
+        dirs = refit_directions(inputs["activations"].result, spec, layer, cls)
+        curves = np.stack([_log_odds(pushed_logits(session, ids, layer, torch.tensor(d, dtype=torch.float32) * scale,
+                                                   amounts, spec.where).softmax(-1), up, down) for d in dirs])
+        groups["log_odds_low"], groups["log_odds_high"] = np.quantile(curves, [0.025, 0.975], axis=0)
+        order = np.argsort(amounts)
+        rising = (np.diff(curves[:, order], axis=1) > 0).all(1)
+        interval_meta = {"refits": len(dirs), "monotone_refits": float(rising.mean()),
+                         "statistics": f"log-odds band: 2.5-97.5 percentiles over {len(dirs)} probes refitted on "
+                                       "bootstrap resamples of the probe's training texts; monotone_refits: the "
+                                       "fraction of those probes whose curve rises at every step"}
     top_p, top_i = probs.topk(spec.top_k, -1)
     top = pd.DataFrame([{"amount": amounts[a], "rank": r + 1, "token": tok.decode([int(top_i[a, r])]),
                          "token_id": int(top_i[a, r]), "prob": float(top_p[a, r])}
                         for a in range(len(amounts)) for r in range(spec.top_k)])
+    acc = probes.table.query("concept == @spec.concept and layer == @layer").iloc[0]
     return Result(table=table, meta={"layer": layer, "toward": cls, "residual_norm": scale,
-                                     "probe_accuracy": float(probes.table.query(
-                                         "concept == @spec.concept and layer == @layer")["accuracy"].iloc[0]),
-                                     "concept": spec.concept, "where": spec.where},
+                                     "probe_accuracy": float(acc["accuracy"]),
+                                     "probe_accuracy_low": float(acc.get("accuracy_low", np.nan)),
+                                     "probe_accuracy_high": float(acc.get("accuracy_high", np.nan)),
+                                     "concept": spec.concept, "where": spec.where, **interval_meta},
                   extra={"groups": groups, "top": top})
 
 
@@ -132,5 +185,7 @@ def estimate(plan) -> Estimate:
     A = len(spec.amounts)
     upstream = input_estimate(estimate_probes, Plan(s, probes_spec(spec, (spec.concept,)), plan.handle, plan.dataset,
                                     plan.get_stored))
+    refit_flops = spec.refits * (s.forward_flops(A, P) + 20.0 * n * s.d_model * 2)  # a forward and a fit each
     return Estimate(parts={"activations and forward": stored_activations(s, n, s.forward_bytes(A, P, P, 2))},
-                    flops=s.forward_flops(A, P), lower="amounts or max_sentences", upstream=[upstream])
+                    flops=s.forward_flops(A, P) + refit_flops, lower="amounts, refits or max_sentences",
+                    upstream=[upstream])
