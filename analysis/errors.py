@@ -12,3 +12,8 @@ class WorkbenchError(Exception):
     def __init__(self, message: str, *, hint: str | None = None):
         self.hint = hint
         super().__init__(message if hint is None else f"{message} {hint}")
+
+
+class RunCancelled(WorkbenchError):
+    """A run stopped by whoever asked for it (its progress callback raises it): nothing is stored, the model's
+    session is closed and its state put back as for any failure."""

@@ -426,6 +426,17 @@ def check_fits(est: Estimate, free: int | None = None) -> None:
             hint=f"Lower {est.lower}, or pick bfloat16, a smaller model or a machine with more memory.")
 
 
+def check_time(est: Estimate, limit_s: float) -> None:
+    """Refuse a run whose estimated time (with the runs it builds on) is over `limit_s` (0: no limit)."""
+    total = est.seconds + upstream_seconds(est)
+    if limit_s and total > limit_s:
+        raise WorkbenchError(
+            f"This run is estimated at ≈ {fmt_seconds(total)} ({est.describe()}); this server runs at most "
+            f"{fmt_seconds(limit_s)} per request, so that one request cannot hold the model for everyone.",
+            hint=f"Lower {est.lower}, or run it from the command line (`python -m analysis batch`), which has no "
+                 "limit.")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Measuring the real peak (tests and benchmarks)
 # ----------------------------------------------------------------------------------------------------------

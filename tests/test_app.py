@@ -300,6 +300,19 @@ def test_concepts_page_with_an_unknown_dataset_says_so(own_store):
     assert Store(own_store).count("runs") == 1  # only the Model page's first view
 
 
+def test_a_run_over_the_servers_time_limit_is_refused_before_it_starts(own_store, monkeypatch):
+    """One request cannot hold the model for everyone: the app refuses a run estimated past the limit."""
+    monkeypatch.setenv("WORKBENCH_MAX_RUN_SECONDS", "2")
+    at = _run(page="patching", n_pairs="40", components="resid_pre,z_by_pos,pattern_by_pos",
+              methods="activation,atp,relp,ig")
+    assert not at.exception
+    assert any("per request" in e and "batch" in e for e in _errors(at)), _errors(at)
+    assert set(Store(own_store).runs()["analysis"]) <= {"model"}
+    monkeypatch.setenv("WORKBENCH_MAX_RUN_SECONDS", "0")  # no limit: the same link runs
+    small = _run(page="patching", n_pairs="2", components="resid_pre", methods="activation")
+    assert not small.exception and not small.error
+
+
 def test_quantization_link_beyond_the_models_context_says_so(own_store):
     """/quant?seq_len=200 raised IndexError: the default model's context is 128 tokens."""
     at = _run(page="quant", seq_len="200", n_seqs="2")

@@ -357,3 +357,28 @@ def test_review_mode_reads_a_store_another_reader_holds_and_writes_nothing(tmp_p
     with pytest.raises(WorkbenchError, match="No results have been stored yet"):
         Store(tmp_path / "none.duckdb", read_only=True).runs()
     assert not (tmp_path / "none.duckdb").exists()
+
+
+# -- one user cannot hold the server -------------------------------------------------------------------------------
+def test_a_run_stopped_by_its_progress_callback_stores_nothing_and_frees_the_model(default_handle, tmp_path):
+    """The app's progress callback stops a run whose browser tab has closed (a run nobody waits for no longer
+    holds the model lock); whatever stops it, nothing is stored and the model is left as it was."""
+    from analysis.analyses.patching.spec import PatchingSpec
+    from analysis.errors import RunCancelled
+    from analysis.session import module_state
+
+    store, before, calls = Store(tmp_path / "s.duckdb"), module_state(default_handle), []
+
+    def leave(frac, what):
+        calls.append(what)
+        if len(calls) == 3:  # mid-sweep
+            raise RunCancelled("The browser tab that asked for this run has closed; it was stopped.")
+
+    spec = PatchingSpec(n_pairs=4, components=("resid_pre", "z_by_pos"), methods=("activation", "atp"))
+    with pytest.raises(RunCancelled):
+        run(spec, store=store, progress=leave)
+    assert store.count("runs") == 0 and store.count("results") == 0
+    assert default_handle.lock.acquire(timeout=1)  # released
+    default_handle.lock.release()
+    assert module_state(default_handle) == before  # hooks, requires_grad and train/eval put back
+    assert run(spec, store=store).result.table["value"].notna().all()

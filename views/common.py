@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from analysis import WorkbenchError
+from analysis.errors import RunCancelled
 from analysis.export import html_report, item_from_result, to_csv
 from analysis.runner import RunOutcome, get_store
 from analysis.settings import review_mode
@@ -131,11 +132,25 @@ def save_finding(outcome: RunOutcome, link: str) -> None:
                     st.success(f"Saved finding {fid}. It is listed on the Findings page.")
 
 
+def session_is_open() -> bool:
+    """Is the browser session this script runs for still connected (a closed tab is not)?"""
+    from streamlit.runtime import exists, get_instance
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or not exists():
+        return True  # not under a server (AppTest, bare mode): nobody can leave
+    return get_instance().is_active_session(ctx.session_id)
+
+
 def progress_bar():
-    """A progress callback for analysis.runner.run that drives an st.progress bar (removed when done)."""
+    """A progress callback for analysis.runner.run that drives an st.progress bar (removed when done), and stops
+    the run when its browser tab has gone: a run nobody waits for does not hold the model for everyone else."""
     bar = st.progress(0.0, text="Starting…")
 
     def update(frac: float, what: str) -> None:
+        if not session_is_open():
+            raise RunCancelled("The browser tab that asked for this run has closed; it was stopped.")
         if frac >= 1.0:
             bar.empty()
         else:
@@ -154,7 +169,8 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     """The run's memory and time estimate (beside the Run button when the page has one), and whether the page
     chose smaller settings than the defaults for this model; a run that cannot fit free memory is refused here."""
     from analysis import load_model
-    from analysis.estimate import check_fits, fmt_seconds
+    from analysis.estimate import check_fits, check_time, fmt_seconds
+    from analysis.settings import max_run_seconds
     from analysis.registry import get_analysis
     from analysis.runner import estimate_unstored, resolve_tokens
 
@@ -171,6 +187,7 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
                  f"take ≈ {fmt_seconds(full)} on 2 CPU cores.")
     (slot or st).caption(text)
     check_fits(est)
+    check_time(est, max_run_seconds())
 
 
 def _short(v) -> str:
