@@ -170,9 +170,9 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     chose smaller settings than the defaults for this model; a run that cannot fit free memory is refused here."""
     from analysis import load_model
     from analysis.estimate import check_fits, check_time, fmt_seconds
-    from analysis.settings import max_run_seconds
     from analysis.registry import get_analysis
     from analysis.runner import estimate_unstored, resolve_tokens
+    from analysis.settings import max_run_seconds
 
     handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
     est = estimate_unstored(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store())
