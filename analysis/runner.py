@@ -172,6 +172,10 @@ def compute_run(analysis: Analysis, spec: Spec, inputs: dict[str, Any], handle: 
         est = estimate_run(analysis, spec, handle)
         if est is not None:
             check_fits(est)
+    if handle.lock.acquire(blocking=False):
+        handle.lock.release()
+    else:  # say why nothing moves (another run holds the model; the app caps each run's time)
+        progress(0.0, f"waiting for another run on {handle.name} to finish")
     t0 = time.perf_counter()
     with ModelSession(handle) as session:
         result = analysis.compute(session, spec, inputs, progress)

@@ -278,7 +278,7 @@ def test_information_plane_page_says_what_it_measures(own_store):
 @pytest.mark.parametrize("section, query, charts", [
     ("probes", {"max_sentences": "200"}, 1),
     ("bottleneck", {"max_sentences": "200", "n_random": "2"}, 2),
-    ("intervention", {"max_sentences": "200"}, 1),
+    ("intervention", {"max_sentences": "200"}, 2),  # the dose-response and its log-odds with the refits band
     ("tcav", {"n_inputs": "20", "n_random": "3", "n_examples": "20", "layers": "2,4"}, 1),
     ("atlas", {"method": "pca", "max_points": "500", "max_sentences": "100"}, 1),
 ])
