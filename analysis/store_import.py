@@ -141,7 +141,7 @@ def _check(table: str, row: dict, check_run: CheckRun) -> None:
         _json(row, "metadata", dict, nullable=True)
         try:
             check_run(row)
-        except (ValueError, WorkbenchError) as e:
+        except (ValueError, TypeError, KeyError, WorkbenchError) as e:
             raise _Rejected(f"run {row['key'][:32]}: {e}") from None
     elif table == "results":
         _text(row, "key", max_len=128, empty=False)
@@ -205,7 +205,8 @@ class _FileSource(_Source):
         return self.con.execute(f'SELECT count(*) FROM main."{table}"').fetchone()[0]
 
     def rows(self, table, cols):
-        cur = self.con.execute(f'SELECT {", ".join(f"{chr(34)}{c}{chr(34)}" for c in cols)} FROM main."{table}"')
+        quoted = ", ".join(f'"{c}"' for c in cols)  # our column names, quoted
+        cur = self.con.execute(f'SELECT {quoted} FROM main."{table}"')
         while chunk := cur.fetchmany(CHUNK):
             yield [dict(zip(cols, r)) for r in chunk]
 
@@ -274,18 +275,26 @@ def _validated(source: _Source, check_run: CheckRun, known_runs: Callable[[list[
     for r in good["runs"]:
         (runs.append(r) if r["key"] in with_main else reject("runs", f"run {r['key'][:32]} has no main table"))
     good["runs"] = runs
+    # tables come in with their run only: a run already here keeps the tables it has (none can be added to it)
     ours = {r["key"] for r in runs}
-    here = known_runs(sorted({r["key"] for r in good["results"]} - ours))
+    new = ours - known_runs(sorted(ours))
     results = []
     for r in good["results"]:
-        (results.append(r) if r["key"] in ours or r["key"] in here
-         else reject("results", f"table {r['name'][:40]!r} belongs to no run"))
+        if r["key"] in new:
+            results.append(r)
+        elif r["key"] not in ours:
+            reject("results", f"table {r['name'][:40]!r} belongs to no run in the file")
     good["results"] = results
     return good, dict(skipped), reasons
 
 
 def insert(con: duckdb.DuckDBPyConnection, good: dict[str, list[dict]]) -> dict[str, int]:
-    """Write the validated rows (rows already here are kept); {table: rows added}."""
+    """Write the validated rows (rows already here are kept, and a run already here gets no tables from the
+    import: checked again inside this transaction); {table: rows added}."""
+    keys = sorted({r["key"] for r in good["runs"]})
+    present = {r[0] for r in con.execute("SELECT key FROM runs WHERE key IN (SELECT unnest(?::VARCHAR[]))",
+                                         [keys]).fetchall()} if keys else set()
+    good = {**good, "results": [r for r in good["results"] if r["key"] not in present]}
     added = {}
     for t in TABLES:
         before = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]

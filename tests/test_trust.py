@@ -128,6 +128,12 @@ def test_import_store_skips_malformed_rows_and_keeps_the_good_ones(tmp_path):
     assert any("not JSON" in w for w in added["why"])
     assert app.get("good").meta["seed"] == 1 and app.get("junk") is None
     assert list(app.findings()["title"]) == ["fine"]  # the Findings page reads this
+    # a second file cannot add a table to a run the store already holds
+    with duckdb.connect(str(path)) as con:
+        con.execute("INSERT INTO results SELECT key, 'planted', n_rows, parquet FROM results "
+                    "WHERE key = 'good' AND name = 'main'")
+    again = app.import_store(path, check_run=_no_check)
+    assert again["results"] == 0 and set(app.get("good").extra) == {"side"}
 
 
 def test_import_refuses_more_rows_than_the_limit(tmp_path, monkeypatch):
