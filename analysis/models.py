@@ -78,6 +78,16 @@ class ModelSummary:
         return asdict(self)
 
 
+class Turns:
+    """Who waits for a model's lock: sessions count themselves in while they wait, so that a long run can let
+    them in between two parts of its work (ModelSession.let_others_in)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.waiting = 0  # sessions waiting for the lock now
+        self.entries = 0  # sessions that got it, ever
+
+
 @dataclass(eq=False)
 class ModelHandle:
     """A loaded model. `lock` must be held while hooks are attached to `bridge` (hooks are shared module state)."""
@@ -94,6 +104,7 @@ class ModelHandle:
     fingerprint: str
     prepends_bos: bool = True  # the tokenizer's own convention: does it put its BOS token before a text?
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    turns: Turns = field(default_factory=Turns, repr=False)
 
     @property
     def cfg(self):

@@ -132,9 +132,7 @@ class ModelSession:
     # -- opening and closing ---------------------------------------------------------------------------------
     def __enter__(self) -> "ModelSession":
         lock = self.handle.lock
-        got = lock.acquire() if self._timeout_s is None else lock.acquire(timeout=self._timeout_s)
-        if not got:
-            raise WorkbenchError(f"{self.handle.name} is busy with another run.", hint="Try again in a moment.")
+        self._acquire(lock)
         gate = TORCH_DEFAULTS.computing()  # no model is built (torch's default dtype changed) meanwhile
         try:
             gate.__enter__()
@@ -147,6 +145,46 @@ class ModelSession:
             self._owner = threading.get_ident()
             self._state = _ModuleState(_all_modules(self.handle))
         return self
+
+    def _acquire(self, lock, *, forever: bool = False) -> None:
+        """Take the model's lock, counted among its waiters meanwhile (so a long run lets this one in)."""
+        turns = self.handle.turns
+        with turns.cond:
+            turns.waiting += 1
+        try:
+            timeout_s = None if forever else self._timeout_s
+            got = lock.acquire() if timeout_s is None else lock.acquire(timeout=timeout_s)
+        finally:
+            with turns.cond:
+                turns.waiting -= 1
+                turns.entries += 1
+                turns.cond.notify_all()
+        if not got:
+            raise WorkbenchError(f"{self.handle.name} is busy with another run.", hint="Try again in a moment.")
+
+    def let_others_in(self, wait_s: float = 60.0) -> None:
+        """Call between two independent parts of a long run, where no hook is attached, no flag changed and the
+        weights are the model's own: if other runs wait for this model, its state is put back, they get it (the
+        first of them, at least), and this run continues after; so a long run holds the model for one part at a
+        time, not for its whole length. Cheap when nobody waits."""
+        self._check_open()
+        turns = self.handle.turns
+        if self._depth != 1 or not turns.waiting:
+            return
+        self._state.restore()
+        with turns.cond:
+            seen = turns.entries
+        self._gates.pop().__exit__(None, None, None)
+        self.handle.lock.release()
+        try:
+            with turns.cond:  # until a waiting run took the model (or gave up)
+                turns.cond.wait_for(lambda: turns.entries > seen or not turns.waiting, timeout=wait_s)
+        finally:
+            self._acquire(self.handle.lock, forever=True)  # counted as waiting: another long run lets it back in
+            gate = TORCH_DEFAULTS.computing()
+            gate.__enter__()
+            self._gates.append(gate)
+            self._state = _ModuleState(_all_modules(self.handle))
 
     def __exit__(self, *exc) -> None:
         try:

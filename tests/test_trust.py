@@ -426,3 +426,45 @@ def test_lens_runs_beside_a_quantization_run_equal_single_user_runs(tmp_path):
     for p, table in results:
         cols = ["entropy", "kl_to_final", "top_prob", "final_prob"]
         assert (table[cols].to_numpy() == alone[p][cols].to_numpy()).all(), p
+
+
+def test_a_long_run_lets_a_waiting_run_in_between_its_parts(tmp_path):
+    """A long patching run held the model for its whole length while others waited; now a short run that starts
+    during it gets the model between two of its sweeps, and both results equal single-user runs."""
+    import time
+
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.analyses.patching.spec import PatchingSpec
+
+    long_spec = PatchingSpec(n_pairs=6, components=("resid_pre", "z_by_pos", "pattern_by_pos", "attn_out"),
+                             methods=("activation", "atp"))
+    short_spec = LensSpec(prompt="The capital of Japan is")
+    alone = Store(tmp_path / "alone.duckdb")
+    long_alone = run(long_spec, store=alone)
+    short_alone = run(short_spec, store=alone)
+    shared, done, errors, computing = Store(tmp_path / "shared.duckdb"), {}, [], threading.Event()
+
+    def progress(frac, what):  # the long run is inside its session, sweeping
+        if 0.05 < frac < 1:
+            computing.set()
+
+    def go(name, spec, wait):
+        try:
+            if wait:
+                assert computing.wait(timeout=300)
+            out = run(spec, store=shared, progress=None if wait else progress)
+            done[name] = (time.perf_counter(), out)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=go, args=("long", long_spec, False)),
+               threading.Thread(target=go, args=("short", short_spec, True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert done["short"][0] < done["long"][0]  # it did not wait for the whole long run
+    assert (done["long"][1].result.table["value"].to_numpy() == long_alone.result.table["value"].to_numpy()).all()
+    cols = ["entropy", "kl_to_final", "top_prob"]
+    assert (done["short"][1].result.table[cols].to_numpy() == short_alone.result.table[cols].to_numpy()).all()

@@ -56,6 +56,7 @@ def series_sessions(session: ModelSession, spec, progress):
     series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
     for i, ckpt in enumerate(series):
         progress(i / len(series), f"model {i + 1} of {len(series)} ({ckpt.label})")
+        session.let_others_in()  # between checkpoints: a run waiting for the model may go first
         with session.other(ckpt.name, ckpt.revision, spec.dtype) as s:
             if s.summary.d_vocab != session.summary.d_vocab:
                 raise WorkbenchError(f"{ckpt.label} has a vocabulary of {s.summary.d_vocab} tokens, the model "

@@ -241,6 +241,7 @@ class _Group:
                     report(1, 1)
                 self.values[method, comp] = (values, axes)
                 step += 1
+                self.session.let_others_in()  # between sweeps the model is its own: a waiting run may go first
 
 
 def faithfulness(table: pd.DataFrame, top_k: int = 10) -> pd.DataFrame:

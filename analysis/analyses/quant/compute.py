@@ -407,6 +407,7 @@ def measure_sweep(session: ModelSession, tokens: torch.Tensor, groups, formats, 
             done += 1
             if progress:
                 progress(done / steps, f"{name}, {f}")
+            session.let_others_in()  # the weights are restored after each step: a waiting run may go first
     for layer in range(session.n_layers):
         for f in activation_formats:
             m = damage(qr.logits([], None, act_layer=layer, act_fmt=f))
