@@ -21,7 +21,8 @@ from analysis.specs import BOS_CHOICES, Spec
 from views.common import ModelChoice, query, show_error, store
 from views.page import PageContext
 
-st.set_page_config(page_title="Interpretability workbench", page_icon=":material/biotech:", layout="wide")
+st.set_page_config(page_title="Interpretability workbench", page_icon="🔬", layout="wide")  # an emoji: a material
+# icon as the page icon is fetched from fonts.gstatic.com by every browser
 
 OTHER = "Hugging Face id or local folder…"
 

@@ -37,9 +37,15 @@ def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+_AUTOLINKS = re.compile(r"(?i)(:)(//)|(www)(\.)|(\S)(@)")
+_ZWSP = "\u200b"  # a zero-width space: invisible, but no autolink spans it
+
+
 def md_escape(text: str) -> str:
-    """Text that Markdown shows literally (every character it would act on escaped)."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text))
+    """Text that Markdown shows literally: every character it would act on escaped, and a zero-width space put
+    into "://", "www." and "x@" (Streamlit's GFM turns those into live links even when escaped)."""
+    text = _AUTOLINKS.sub(lambda m: _ZWSP.join(g for g in m.groups() if g is not None), str(text))
+    return _MD_SPECIAL.sub(r"\\\1", text)
 
 
 def app_link(link: str, app_url: str = "") -> bool:

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                 reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
+PIXEL = "![x](http://tracker.example/pixel.png)"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,7 +31,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    store = tmp_path_factory.mktemp("browser") / "store.duckdb"
+    from analysis.store import Store
+
+    Store(store).add_finding(f"Result {PIXEL}", notes=f"see {PIXEL} or http://elsewhere.example",
+                             author="[ada](http://elsewhere.example)", links=["javascript:alert(1)"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "WORKBENCH_STORE": str(store)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1"],
@@ -97,3 +106,18 @@ def test_deep_link_to_a_page_runs_through_the_app(server, page):
     page.locator("[data-testid='stSidebar']").get_by_text("Dtype").first.wait_for(timeout=60_000)
     assert page.locator("[data-testid='stException']").count() == 0
     assert "Pick a model" not in page.inner_text("body")
+
+
+def test_findings_fetch_nothing_from_elsewhere_and_link_nowhere_else(server, page):
+    """A finding's image link was fetched by every reader's browser, and Streamlit's Markdown turns a URL into a
+    live link even when its characters are escaped: the page must request nothing from another host and hold no
+    link out of the app."""
+    elsewhere = []
+    page.on("request", lambda r: elsewhere.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None)
+    page.goto(f"{server}/findings")
+    page.get_by_text("Download all as HTML").wait_for(timeout=90_000)
+    page.wait_for_timeout(2000)
+    main = page.locator("[data-testid='stMain']")
+    assert "tracker.example/pixel.png" in main.inner_text().replace("\u200b", "")  # shown, as typed
+    assert main.locator("img").count() == 0 and main.locator("a[href^='http'], a[href^='javascript']").count() == 0
+    assert elsewhere == []
