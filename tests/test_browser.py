@@ -1,6 +1,7 @@
 """One real-browser test: the app served by `streamlit run`, driven by Playwright in Debian's Chromium."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
 
 
 PIXEL = "![x](http://tracker.example/pixel.png)"
+SERVER_STORE: dict = {}  # the server's store file (its runs are read back by the tests)
 
 
 def _free_port() -> int:
@@ -32,6 +34,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     port = _free_port()
     store = tmp_path_factory.mktemp("browser") / "store.duckdb"
+    SERVER_STORE["path"] = store
     from analysis.store import Store
 
     Store(store).add_finding(f"Result {PIXEL}", notes=f"see {PIXEL} or http://elsewhere.example",
@@ -121,3 +124,25 @@ def test_findings_fetch_nothing_from_elsewhere_and_link_nowhere_else(server, pag
     assert "tracker.example/pixel.png" in main.inner_text().replace("\u200b", "")  # shown, as typed
     assert main.locator("img").count() == 0 and main.locator("a[href^='http'], a[href^='javascript']").count() == 0
     assert elsewhere == []
+
+
+def test_closing_the_tab_stops_its_run(server, page, tmp_path):
+    """A run whose tab has closed used to run on (holding the model for everyone): its progress callback now
+    stops it, and nothing is stored."""
+    from analysis.analyses.patching.spec import PatchingSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    query = dict(n_pairs=16, components="resid_pre,z_by_pos,pattern_by_pos", methods="activation,atp")
+    spec = PatchingSpec.from_dict(query)
+    t0 = time.perf_counter()
+    run(spec, store=Store(tmp_path / "alone.duckdb"))  # how long the whole run takes here
+    whole = time.perf_counter() - t0
+    from urllib.parse import urlencode
+
+    page.goto(f"{server}/patching?{urlencode(query)}")
+    page.locator("[data-testid='stProgress']").get_by_text("activation").first.wait_for(timeout=120_000)  # sweeping
+    page.close()
+    time.sleep(2 * whole + 5)  # long past when it would have finished
+    runs = Store(SERVER_STORE["path"]).runs("patching")
+    assert not any(json.loads(s).get("n_pairs") == 16 for s in runs["spec"]), "the abandoned run was stored"
