@@ -85,7 +85,8 @@ class Turns:
     def __init__(self):
         self.cond = threading.Condition()
         self.waiting = 0  # sessions waiting for the lock now
-        self.entries = 0  # sessions that got it, ever
+        self.entries = 0  # sessions that were done waiting (got it, or gave up), ever
+        self.holds = 0  # how many times its holder has taken the (re-entrant) lock now
 
 
 @dataclass(eq=False)

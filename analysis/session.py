@@ -137,7 +137,7 @@ class ModelSession:
         try:
             gate.__enter__()
         except BaseException:
-            lock.release()
+            self._release()
             raise
         self._gates.append(gate)
         self._depth += 1
@@ -158,6 +158,7 @@ class ModelSession:
             with turns.cond:
                 turns.waiting -= 1
                 turns.entries += 1
+                turns.holds += bool(got)
                 turns.cond.notify_all()
         if not got:
             raise WorkbenchError(f"{self.handle.name} is busy with another run.", hint="Try again in a moment.")
@@ -169,13 +170,13 @@ class ModelSession:
         time, not for its whole length. Cheap when nobody waits."""
         self._check_open()
         turns = self.handle.turns
-        if self._depth != 1 or not turns.waiting:
+        if self._depth != 1 or turns.holds != 1 or not turns.waiting:  # held once: a release frees it
             return
         self._state.restore()
         with turns.cond:
             seen = turns.entries
         self._gates.pop().__exit__(None, None, None)
-        self.handle.lock.release()
+        self._release()
         try:
             with turns.cond:  # until a waiting run took the model (or gave up)
                 turns.cond.wait_for(lambda: turns.entries > seen or not turns.waiting, timeout=wait_s)
@@ -196,7 +197,12 @@ class ModelSession:
             try:
                 self._gates.pop().__exit__(None, None, None)
             finally:
-                self.handle.lock.release()
+                self._release()
+
+    def _release(self) -> None:
+        with self.handle.turns.cond:
+            self.handle.turns.holds -= 1
+        self.handle.lock.release()
 
     def _check_open(self) -> None:
         if self._depth == 0 or self._owner != threading.get_ident():

@@ -472,3 +472,31 @@ def test_a_long_run_lets_a_waiting_run_in_between_its_parts(tmp_path):
     assert (done["long"][1].result.table["value"].to_numpy() == long_alone.result.table["value"].to_numpy()).all()
     cols = ["entropy", "kl_to_final", "top_prob"]
     assert (done["short"][1].result.table[cols].to_numpy() == short_alone.result.table[cols].to_numpy()).all()
+
+
+def test_letting_others_in_is_skipped_while_the_lock_is_held_twice(default_handle):
+    """A session nested in another on the same model holds the re-entrant lock twice: releasing once would free
+    nothing, so let_others_in returns at once instead of waiting for a waiter that cannot get in."""
+    import time
+
+    from analysis.session import ModelSession
+
+    got_in = threading.Event()
+
+    def waiter():
+        with ModelSession(default_handle):
+            got_in.set()
+
+    with ModelSession(default_handle) as outer:
+        with ModelSession(default_handle):
+            t = threading.Thread(target=waiter)
+            t.start()
+            while not default_handle.turns.waiting:
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            outer.let_others_in(wait_s=30)
+            assert time.perf_counter() - t0 < 1 and not got_in.is_set()
+        outer.let_others_in(wait_s=30)  # held once now: the waiter goes first
+        assert got_in.is_set()
+    t.join()
+    assert default_handle.turns.holds == 0
