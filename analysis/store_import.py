@@ -269,7 +269,7 @@ def _validated(source: _Source, check_run: CheckRun, known_runs: Callable[[list[
                     reject(t, str(e))
                     continue
                 good[t].append(row)
-    # a run needs its main table, and a result table needs its run (imported now, or here already)
+    # a run needs its main table, and a result table needs its run in the same file
     with_main = {r["key"] for r in good["results"] if r["name"] == "main"}
     runs = []
     for r in good["runs"]:
