@@ -429,8 +429,7 @@ class Store:
         """Copy the valid runs, results, findings, model records and datasets of another store file into this one
         (rows already here are kept). `check_run(row)` raises when a run row is not what its key says (the runner
         passes one that recomputes the key)."""
-        good, skipped, why = store_import.read_store_file(Path(other), check_run, self.stored_run_keys,
-                                                          lambda copy: Store(copy))
+        good, skipped, why = store_import.read_store_file(Path(other), check_run, lambda copy: Store(copy))
         return store_import.summary(self._transaction(lambda con: store_import.insert(con, good)), skipped, why)
 
     def export_parquet(self, folder: str | Path) -> list[Path]:
@@ -447,12 +446,5 @@ class Store:
     def import_parquet(self, folder: str | Path, *, check_run) -> dict:
         """Bring in a folder written by export_parquet (e.g. by a batch job on another machine), validated as
         import_store does."""
-        good, skipped, why = store_import.read_parquet_folder(Path(folder), check_run, self.stored_run_keys)
+        good, skipped, why = store_import.read_parquet_folder(Path(folder), check_run)
         return store_import.summary(self._transaction(lambda con: store_import.insert(con, good)), skipped, why)
-
-    def stored_run_keys(self, keys: list[str]) -> set[str]:
-        """Which of these keys have a run row (whatever its status)."""
-        if not keys:
-            return set()
-        return {r[0] for r in self._read(lambda con: con.execute(
-            "SELECT key FROM runs WHERE key IN (SELECT unnest(?::VARCHAR[]))", [list(keys)]).fetchall())}

@@ -242,7 +242,7 @@ class _ParquetSource(_Source):
 
 
 # -- the import -----------------------------------------------------------------------------------------------
-def _validated(source: _Source, check_run: CheckRun, known_runs: Callable[[list[str]], set[str]]):
+def _validated(source: _Source, check_run: CheckRun):
     """{table: [rows that pass]}, and the skipped rows' reasons."""
     limit = max_rows()
     for t in TABLES:
@@ -275,15 +275,12 @@ def _validated(source: _Source, check_run: CheckRun, known_runs: Callable[[list[
     for r in good["runs"]:
         (runs.append(r) if r["key"] in with_main else reject("runs", f"run {r['key'][:32]} has no main table"))
     good["runs"] = runs
-    # tables come in with their run only: a run already here keeps the tables it has (none can be added to it)
+    # tables come in with their run only (insert() leaves out those of runs the store already holds)
     ours = {r["key"] for r in runs}
-    new = ours - known_runs(sorted(ours))
     results = []
     for r in good["results"]:
-        if r["key"] in new:
-            results.append(r)
-        elif r["key"] not in ours:
-            reject("results", f"table {r['name'][:40]!r} belongs to no run in the file")
+        (results.append(r) if r["key"] in ours
+         else reject("results", f"table {r['name'][:40]!r} belongs to no run in the file"))
     good["results"] = results
     return good, dict(skipped), reasons
 
@@ -307,7 +304,7 @@ def insert(con: duckdb.DuckDBPyConnection, good: dict[str, list[dict]]) -> dict[
     return added
 
 
-def read_store_file(other: Path, check_run: CheckRun, known_runs, migrate: Callable[[Path], None]):
+def read_store_file(other: Path, check_run: CheckRun, migrate: Callable[[Path], None]):
     """Validated rows of another store file (migrated on a temporary copy; the file itself is never modified)."""
     if not other.is_file():
         raise WorkbenchError(f"There is no store file at {other}.")
@@ -322,18 +319,18 @@ def read_store_file(other: Path, check_run: CheckRun, known_runs, migrate: Calla
                 _FileSource(con, other.name, complete=False)  # a view where a table should be: refused first
             migrate(copy)  # to this schema (our SQL only, on the copy)
             with duckdb.connect(str(copy), read_only=True, config={"enable_external_access": False}) as con:
-                return _validated(_FileSource(con, other.name), check_run, known_runs)
+                return _validated(_FileSource(con, other.name), check_run)
         except duckdb.Error as e:
             raise WorkbenchError(f"{other.name} is not a workbench store this version can read "
                                  f"({type(e).__name__}).") from None
 
 
-def read_parquet_folder(folder: Path, check_run: CheckRun, known_runs):
+def read_parquet_folder(folder: Path, check_run: CheckRun):
     missing = [t for t in TABLES if not (folder / f"{t}.parquet").is_file()]
     if missing:
         raise WorkbenchError(f"{folder} is not an exported store: {', '.join(m + '.parquet' for m in missing)} "
                              "missing.", hint="Export one with `python -m analysis export-parquet FOLDER`.")
-    return _validated(_ParquetSource(folder), check_run, known_runs)
+    return _validated(_ParquetSource(folder), check_run)
 
 
 def summary(added: dict[str, int], skipped: dict[str, int], reasons: Iterable[str]) -> dict:

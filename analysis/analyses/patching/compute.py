@@ -131,7 +131,7 @@ class _Scale:
     difference divides by the resample's own (source - base) means, so its interval carries that uncertainty."""
 
     def __init__(self, metric: str, base: np.ndarray, source: np.ndarray, weights: np.ndarray):
-        self.normalized = metric == "logit_diff_normalized"
+        self.metric, self.normalized = metric, metric == "logit_diff_normalized"
         self.base_m, self.source_m = base.mean(), source.mean()
         self.boot_base, self.boot_source = weights @ base, weights @ source  # [n_boot]
 
@@ -143,9 +143,7 @@ class _Scale:
             return np.where(np.abs(span) > 1e-9, (boot - self.boot_base) / span, np.nan)
 
     def per_pair(self, flat: np.ndarray) -> np.ndarray:  # [rows, N]: on the reported scale; their mean is it
-        if not self.normalized:
-            return flat
-        return (flat - self.base_m) / (self.source_m - self.base_m)
+        return finish(self.metric, flat, self.base_m, self.source_m)
 
 
 def _per_pair(df: pd.DataFrame, values: np.ndarray, order: list[int]) -> pd.DataFrame:

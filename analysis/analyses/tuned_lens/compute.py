@@ -165,14 +165,13 @@ def compute(session: ModelSession, spec: TunedLensSpec, inputs, progress) -> Res
     h, final = hidden_states(session, train_seqs, spec.max_tokens)
     h_ev, final_ev, ev_seq = hidden_states(session, held_seqs, max(256, spec.max_tokens // 9), with_sequence=True)
     g = torch.Generator().manual_seed(spec.seed)
-    tr = torch.arange(h.shape[0])
     translators = Translators(L, d).to(h.device)
     opt = torch.optim.Adam(translators.parameters(), lr=spec.lr)
     losses = []
     with session.frozen():  # the model's parameters get no gradient; their flags come back after
         n_tok = max(1, spec.batch_tokens // L)  # every layer of each sampled token
         for step in range(spec.steps):
-            idx = tr[torch.randint(len(tr), (n_tok,), generator=g)].to(h.device)
+            idx = torch.randint(h.shape[0], (n_tok,), generator=g).to(h.device)
             with torch.no_grad():
                 ref = bridge.unembed(bridge.ln_final(final[idx])).float().log_softmax(-1)[:, None]  # [n, 1, V]
             with torch.enable_grad():
