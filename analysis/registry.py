@@ -14,6 +14,7 @@ from .analyses import (
     bottleneck,
     concepts,
     entropy,
+    features,
     infoplane,
     intervention,
     lens,
@@ -27,7 +28,7 @@ from .contract import Analysis
 from .errors import WorkbenchError
 
 BUILT_IN = [model_view, patching, lens, tuned_lens, entropy, infoplane, concepts, bottleneck, intervention, tcav,
-            atlas, quant]
+            atlas, quant, features]
 
 
 def _plugins() -> list:

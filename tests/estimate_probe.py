@@ -32,7 +32,12 @@ WARM = {  # the warm-up run: small settings (it is there for imports and compila
                           "seq_len": 8, "min_samples": 2, "max_samples": 2},
     "quant_allocation": {"formats": ("int8-channel", "int4-g32"), "n_seqs": 1, "seq_len": 8, "min_samples": 2,
                          "max_samples": 2},
+    # the feature analyses warm up on the same SAE (trained then): what is measured is their own work
+    "sae_features": {"top_n": 3},
+    "sae_attribution": {"n_pairs": 2},
+    "sae_names": {"max_sentences": 80, "n_random": 1},
 }
+SAME_SAE = ("sae_features", "sae_attribution", "sae_names")
 
 
 def main(model: str, specs: dict, store_path: str) -> None:
@@ -42,7 +47,7 @@ def main(model: str, specs: dict, store_path: str) -> None:
         warm = {**fields, **WARM.get(name, {})}
         if issubclass(cls, PromptSpec):
             warm["prompt"], fields = WARM_PROMPT, {"prompt": PROMPT, **fields}
-        elif "seed" in cls.field_names():
+        elif "seed" in cls.field_names() and name not in SAME_SAE:
             warm["seed"] = fields.get("seed", 0) + 1
         elif "n_pairs" in cls.field_names():  # patching: other pairs
             warm["n_pairs"] = fields.get("n_pairs", 8) + 1
