@@ -143,6 +143,7 @@ def test_logit_lens_ends_at_the_output_and_finds_paris(smol, store):
     assert all(tok == " Paris" for layer, tok in tops.items() if layer >= first + 3)
 
 
+SMALL_SAE = dict(width=1152, k=8, steps=60, max_tokens=2048, batch_tokens=256)  # a middle layer's residual
 SMALL = {
     "model": dict(prompt=PROMPT, top_k=5),
     "patching": dict(n_pairs=2, components=("attn_out",), methods=("activation", "atp")),
@@ -161,6 +162,9 @@ SMALL = {
                               n_seqs=1, seq_len=8, min_samples=2, max_samples=2),
     "quant_allocation": dict(formats=("int8-channel", "int4-g32"), n_seqs=1, seq_len=8, min_samples=2,
                              max_samples=2),
+    **{name: dict(SMALL_SAE, **extra) for name, extra in {
+        "sae": {}, "sae_features": dict(top_n=3), "sae_encode": {}, "sae_attribution": dict(n_pairs=1, max_patched=20),
+        "sae_steer": dict(generate=2), "sae_names": dict(max_sentences=80, n_random=1, concepts=("topic",), min_auroc=0.6)}.items()},
 }
 
 

@@ -34,7 +34,7 @@ from ...specs import param
 from ...stats import pearson
 from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, _parse_pairs, _resolve_pair, _shipped_pairs
 from .browse import token_strings
-from .sae import SAESpec, sae_from_result, sae_upstream
+from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
 METHODS = ("activation", "atp", "relp")
 BATCH = 64  # patched runs per forward
@@ -101,7 +101,7 @@ def compute(session: ModelSession, spec: FeatureAttributionSpec, inputs, progres
     sae = sae.to(session.device)
     for p in sae.parameters():
         p.requires_grad_(False)
-    hook, skip = spec.hook_name, 1 if spec.bos == "yes" else 0
+    hook, skip = spec.hook_name, int(SKIP_FIRST)
     pairs = json.loads(spec.pairs)
     rules = LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
     frames, base_ms, source_ms = [], [], []

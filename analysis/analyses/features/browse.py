@@ -20,7 +20,7 @@ from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
-from .sae import SAESpec, corpus_split, corpus_tokens, sae_from_result, sae_upstream, site_activations
+from .sae import SKIP_FIRST, SAESpec, corpus_split, corpus_tokens, sae_from_result, sae_upstream, site_activations
 
 CHUNK = 4096  # tokens encoded at once
 
@@ -64,7 +64,7 @@ def logit_effects(session: ModelSession, W_dec: torch.Tensor, n: int) -> pd.Data
 def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Result:
     sae, _ = sae_from_result(inputs["sae"].result)
     sae = sae.to(session.device)
-    hook, skip_first = spec.hook_name, spec.bos == "yes"
+    hook, skip_first = spec.hook_name, SKIP_FIRST
     train, held, _ = corpus_split(session, spec)
     seqs = train + held
     progress(0.05, f"activations at {hook}")

@@ -26,15 +26,16 @@ from scipy.stats import rankdata
 from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
-from ...estimate import Estimate
+from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...tokens import encode_texts, single_token_ids
 from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head
+from ..bottleneck.compute import estimate as estimate_bottleneck
 from ..concepts.compute import split
 from .browse import token_strings
-from .sae import SAESpec, sae_from_result, sae_upstream, site_activations
+from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream, site_activations
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
     sae, _ = sae_from_result(inputs["sae"].result)
     sae = sae.to(session.device)
     labels = data.iloc[:spec.max_sentences].reset_index(drop=True)
-    skip_first = spec.bos == "yes"
+    skip_first = SKIP_FIRST
     progress(0.05, "feature activations of the labelled texts")
     seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos)
     F, X, which = pooled_features(session, sae, spec.hook_name, seqs, skip_first, spec.pool)
@@ -249,7 +250,8 @@ def estimate(plan) -> Estimate:
     spec, s = plan.spec, plan.shape
     n = min(spec.max_sentences, 2000)
     return Estimate(parts={"activations and pooled features": n * 14 * s.d_model * 4 * 2 + 4 * n * spec.width * 8},
-                    upstream=sae_upstream(plan),
+                    upstream=sae_upstream(plan) + [input_estimate(estimate_bottleneck, Plan(
+                        s, probe_bottleneck_spec(spec), plan.handle, plan.dataset, plan.get_stored))],
                     flops=s.forward_flops(n // 14 + 1, 14) * 2 + 2.0 * n * 14 * s.d_model * spec.width,
                     extra_seconds=5.5e-7 * n * (spec.width * 3 + 10 * spec.n_random * 8),
                     lower="max_sentences or width")

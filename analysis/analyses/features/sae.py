@@ -5,8 +5,10 @@ Training text: the shipped task and concept sentences (tokenised for the model),
 sentences are held out before training (or the user's held-out text is used), and every reported figure is
 measured on them: fraction of variance explained (FVE), L0, dead features, and the model's next-token loss with
 the SAE spliced in, as "CE loss recovered" = (CE zero-ablated - CE with SAE) / (CE zero-ablated - CE clean).
-Position 0 is left out (not trained on, not spliced) when it is a BOS token: its residual is an outlier whose
-norm is many times the others', which SAE training conventionally skips.
+Position 0 is left out everywhere (not trained on, not read, not spliced): whether or not it is a BOS token, the
+first position is the attention sink whose residual norm is tens to hundreds of times the others' (SmolLM2, which
+has no BOS, included), and an SAE that spends its features on it reconstructs nothing else. SAE training
+conventionally skips it.
 
 The folder format (SAELens 6): `cfg.json` with architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, k (topk) and `metadata` (model_name, hook_name, hook_layer,
@@ -46,6 +48,7 @@ DEAD = ("auxk", "resample", "none")
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 MAX_CFG_BYTES = 1 << 20
 SAELENS_FORMAT = "6.0.0"  # the SAELens config format these folders follow (its `metadata.sae_lens_version`)
+SKIP_FIRST = True  # position 0 is never an SAE's input (see above)
 _HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|resid_mid|mlp_out|attn_out)")
 
 
@@ -411,7 +414,7 @@ def corpus_split(session: ModelSession, spec) -> tuple[list[list[int]], list[lis
 
 def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
     hook = session.hook(spec.site, spec.layer)
-    skip_first = spec.bos == "yes"
+    skip_first = SKIP_FIRST
     progress(0.02, "the training text")
     train, held, held_what = corpus_split(session, spec)
     progress(0.05, f"activations at {hook}")
@@ -436,7 +439,7 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
         sae = sae.cpu()
         loss = pd.DataFrame({"step": log.step, "mse_over_variance": log.mse, "aux_loss": log.aux, "l0": log.l0,
                              "dead": log.dead})
-        cfg = saelens_cfg(sae, hook, spec.layer, spec.model, skip_first, session.summary.n_ctx,
+        cfg = saelens_cfg(sae, hook, spec.layer, spec.model, spec.bos == "yes", session.summary.n_ctx,
                           "shipped sentences" if spec.corpus == "default" else "text given")
         note = f"trained here: {len(train)} sentences, {X.shape[0]:,} tokens, input scale {scale:.3g}" + (
             f", {log.resampled} features resampled" if log.resampled else "")
@@ -447,7 +450,7 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
     return Result(table=per_feature, meta={
         **metrics, "hook_name": hook, "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
         "k": sae.k if sae.architecture == "topk" else None, "n_train_tokens": int(X.shape[0]),
-        "held_out": held_what, "source": note, "train_seconds": seconds, "bos_skipped": skip_first,
+        "held_out": held_what, "source": note, "train_seconds": seconds, "first_position_skipped": skip_first,
         "measured_on": "held-out text: FVE and L0 over its tokens, CE over its next-token predictions; dead = no "
                        "activation on any training token"},
         extra={"weights": weights_frame(sae.cpu(), cfg), "loss": loss})
@@ -472,7 +475,7 @@ def estimate(plan) -> Estimate:
     encode = 6 * encode_rows(W) * W * 4 + weights
     forward = s.forward_bytes(64, 16)
     flops = s.forward_flops(T // 14 + 1, 14) * 4 + steps * 6 * 2.0 * B * d * W + 2 * 2.0 * T * d * W
-    return Estimate(parts={"activations": 3 * T * d * 4, "forward, training or encoding": max(forward, step, encode)},
+    return Estimate(parts={"activations": 2 * T * d * 4, "forward, training or encoding": max(forward, step, encode)},
                     flops=flops, lower="max_tokens, width or batch_tokens")
 
 

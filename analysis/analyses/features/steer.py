@@ -22,7 +22,7 @@ from ...tokens import single_token_ids
 from ..concepts.compute import direction as probe_direction
 from ..concepts.compute import probes_spec
 from .browse import token_strings
-from .sae import SAESpec, sae_from_result, sae_upstream
+from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ def compute_encode(session: ModelSession, spec: FeatureEncodeSpec, inputs, progr
     rows = [{"position": p, "token": names[p], "rank": r, "feature": int(feats[p, r]), "activation": float(vals[p, r])}
             for p in range(len(ids)) for r in range(feats.shape[1]) if vals[p, r] > 0]
     table = pd.DataFrame(rows, columns=["position", "token", "rank", "feature", "activation"])
-    skip = 1 if spec.bos == "yes" else 0
-    table = table[table["position"] >= skip].reset_index(drop=True)  # the SAE never saw a BOS position
+    skip = int(SKIP_FIRST)
+    table = table[table["position"] >= skip].reset_index(drop=True)  # position 0 is never an SAE input
     totals = table.groupby("feature", as_index=False).agg(total=("activation", "sum"), peak=("activation", "max"),
                                                           tokens=("position", "size"))
-    return Result(table=table, meta={"n_tokens": len(ids), "tokens": names, "bos_skipped": bool(skip)},
+    return Result(table=table, meta={"n_tokens": len(ids), "tokens": names, "first_position_skipped": bool(skip)},
                   extra={"by_feature": totals.sort_values("total", ascending=False).reset_index(drop=True)})
 
 
@@ -139,7 +139,7 @@ def compute_steer(session: ModelSession, spec: SteerSpec, inputs, progress) -> R
     sae, _ = sae_from_result(inputs["sae"].result)
     sae = sae.to(session.device)
     ids = list(spec.token_ids)
-    skip = 1 if spec.bos == "yes" else 0
+    skip = int(SKIP_FIRST)
     hook = spec.hook_name
     f = spec.feature
     if spec.steer_with == "probe":
