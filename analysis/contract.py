@@ -69,7 +69,8 @@ class Widget:
     """How one spec field shows on a page, where the default (from the field's type and metadata) reads worse.
 
     kind: text | text_area | lines (a tuple, one item a line) | number | checkbox | select | multiselect | radio |
-    slider; `options` replaces the field's choices, `labels` names each option."""
+    slider; `options` replaces the field's choices, `labels` names each option; `span` is a slider's (low, high)
+    where the field's bounds are too wide to slide along (widened to hold a link's value)."""
 
     label: str = ""
     kind: str = ""
@@ -79,6 +80,7 @@ class Widget:
     height: int | None = None
     step: float | None = None
     key: str | None = None
+    span: tuple | None = None
 
 
 @dataclass(frozen=True)

@@ -379,3 +379,40 @@ def test_runs_page_lists_runs_with_links_and_batch_progress(own_store):
     page = _run("lens", **{k: v[0] for k, v in parse_qs(lens.query).items()})
     assert not page.exception and not page.error
     assert store.hits >= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Features page
+# ----------------------------------------------------------------------------------------------------------
+SMALL_SAE = dict(width="64", k="4", steps="150")  # a quick SAE for page tests (the default one: test_features)
+
+
+def test_features_page_trains_the_default_sae_and_links_it():
+    at = _run("features")
+    assert not at.exception and not at.error, _errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["FVE (held out)"]) >= 0.9 and float(metrics["L0"]) <= 32
+    assert _qp(at, "section") == "sae" and _qp(at, "layer") == "2" and _qp(at, "site") == "resid_post"
+
+
+def test_a_feature_link_opens_that_features_page():
+    at = _run("features", section="sae_features", feature="7", **SMALL_SAE)
+    assert not at.exception and not at.error, _errors(at)
+    assert at.number_input(key="feature").value == 7
+    assert _qp(at, "feature") == "7" and _qp(at, "width") == "64" and _qp(at, "section") == "sae_features"
+    assert any(m.label == "Density" for m in at.metric)
+    at.number_input(key="feature").set_value(3).run()
+    assert not at.exception and _qp(at, "feature") == "3"
+    # a link to a feature this SAE does not have shows the strongest one instead
+    at = _run("features", section="sae_features", feature="500", **SMALL_SAE)
+    assert not at.exception and at.number_input(key="feature").value < 64
+
+
+def test_steering_link_replays_and_bad_input_gets_messages():
+    at = _run("features", section="sae_steer", feature="2", strength="-6.5", prompt="The weather was", **SMALL_SAE)
+    assert not at.exception and not at.error, _errors(at)
+    assert at.slider[0].value == -6.5 and _qp(at, "strength") == "-6.5" and _qp(at, "token_ids")
+    at = _run("features", section="sae_steer", feature="999", prompt="The weather was", **SMALL_SAE)
+    assert not at.exception and any("Feature 999 does not exist" in e for e in _errors(at))
+    at = _run("features", source="folder", folder="/no/such/folder")
+    assert not at.exception and any("not a folder holding cfg.json" in e for e in _errors(at))

@@ -183,6 +183,8 @@ def field_widget(slot, name: str, typ, meta: dict, value, w: Widget):
         num = float if typ is float else int
         lo, hi = meta.get("min"), meta.get("max")
         step = w.step if w.step is not None else (1 if num is int else None)
+        if kind == "slider" and w.span is not None:
+            lo, hi = min(w.span[0], value), max(w.span[1], value)
         if kind == "slider":
             return slot.slider(label, num(lo), num(hi), num(value), step=step, **kw)
         return slot.number_input(label, min_value=None if lo is None else num(lo), max_value=None if hi is None

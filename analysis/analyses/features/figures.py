@@ -16,8 +16,10 @@ def training_curve(loss: pd.DataFrame) -> go.Figure:
     fig = go.Figure([go.Scatter(x=loss["step"], y=loss["mse_over_variance"], name="1 - FVE (batch)", mode="lines"),
                      go.Scatter(x=loss["step"], y=loss["dead"], name="dead features", mode="lines", yaxis="y2")])
     fig.update_layout(title="Training: reconstruction error over the inputs' variance, and dead features",
-                      height=320, margin=MARGIN, xaxis_title="step", yaxis=dict(title="1 - FVE", type="log"),
-                      yaxis2=dict(title="dead", overlaying="y", side="right", rangemode="tozero"))
+                      height=320, margin=MARGIN, xaxis_title="step",
+                      yaxis=dict(title="1 - FVE", type="log", dtick=1, exponentformat="power"),
+                      yaxis2=dict(title="dead", overlaying="y", side="right", rangemode="tozero", showgrid=False),
+                      legend=dict(x=0.7, y=0.95))
     return fig
 
 

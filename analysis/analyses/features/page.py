@@ -41,6 +41,17 @@ SECTIONS = {"sae": "SAE", "sae_features": "Feature pages", "sae_encode": "Search
             "sae_steer": "Steering", "sae_names": "Discover & name"}
 
 
+def with_links(ctx, table, common: dict, column: str = "feature"):
+    """(the table with a link to each feature's page first, its column config) — links into this app only."""
+    from urllib.parse import urlencode
+
+    sae = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in common.items() if v != ""}
+    link = {f: "./features?" + urlencode({**sae, "section": "sae_features", "feature": int(f)})
+            for f in table[column].unique()}
+    out = table.assign(page=table[column].map(link))[["page", *table.columns]]
+    return out, {"page": ctx.st.column_config.LinkColumn("page", display_text=r"feature=(\d+)")}
+
+
 @dataclass(frozen=True)
 class FeatureView(ViewState):
     feature: int = -1  # -1: the strongest live feature
@@ -141,7 +152,8 @@ def encode_section(ctx, model, common, view):
         if hits.empty:
             st.info("None of these tokens occurs in the SAE's corpus (as one token).")
         else:
-            st.dataframe(hits, hide_index=True, width="stretch")
+            hits, config = with_links(ctx, hits, common)
+            st.dataframe(hits, hide_index=True, width="stretch", column_config=config)
     st.markdown("**Which features fire on a text?**")
     with st.form("sae_encode"):
         values = ctx.spec_widgets(FeatureEncodeSpec, url, ["prompt", "per_token"],
@@ -149,7 +161,8 @@ def encode_section(ctx, model, common, view):
         ctx.run_button("Encode")
     values["token_ids"] = url.token_ids if values["prompt"] == url.prompt else ()
     outcome = ctx.run(lambda: ctx.make_spec(FeatureEncodeSpec, model, url, {**values, **common}), model)
-    st.dataframe(outcome.result.extra["by_feature"].head(30), hide_index=True, width="stretch")
+    top, config = with_links(ctx, outcome.result.extra["by_feature"].head(30), common)
+    st.dataframe(top, hide_index=True, width="stretch", column_config=config)
     st.caption("Strongest features over the whole text (total activation); per token below.")
     st.dataframe(outcome.result.table, hide_index=True, width="stretch")
     return outcome, {}, "Features on a text", FeatureView(token_query=query)
@@ -179,6 +192,9 @@ def attribution_section(ctx, model, common, view):
     bars = top_features_bar(outcome.result.extra["by_feature"])
     st.plotly_chart(scatter, width="stretch")
     st.plotly_chart(bars, width="stretch")
+    with st.expander("Every feature (summed over positions, mean over pairs)"):
+        table, config = with_links(ctx, outcome.result.extra["by_feature"], common)
+        st.dataframe(table, hide_index=True, width="stretch", column_config=config)
     st.caption(f"Metric: {m['metric']} (base run {m['base_metric_mean']:.3f}, source run "
                f"{m['source_metric_mean']:.3f}) · {md_escape(m['measured_on'])}"
                + (f" · {md_escape(outcome.spec.pairs_note)}" if outcome.spec.pairs_note else ""))
@@ -195,7 +211,7 @@ def steer_section(ctx, model, common, view):
                                                    "strength", ("concept", "toward", "generate"),
                                                    ("answer", "wrong")],
                                   {"prompt": Widget("Prompt", kind="text_area", height=68),
-                                   "strength": Widget("Strength", kind="slider", step=0.5),
+                                   "strength": Widget("Strength", kind="slider", step=0.5, span=(-40.0, 40.0)),
                                    "steer_with": Widget("Direction", labels={"feature": "SAE feature",
                                                                              "probe": "concept probe"})})
         ctx.run_button("Steer")
@@ -232,7 +248,7 @@ def names_section(ctx, model, common, view):
                                    "target": Widget("Behaviour: 'next_token' or a label column"),
                                    "tokens": Widget("Tokens the model chooses from"),
                                    "min_auroc": Widget("Name at AUROC ≥", step=0.05)})
-        ctx.run_button("Name and compare")
+        ctx.run_button("Name")
     values.update(concepts=strip_names(values["concepts"]), target=values["target"].strip(),
                   dataset=values["dataset"].strip())
     outcome = ctx.run(lambda: ctx.make_spec(FeatureNamesSpec, model, url, {**values, **common}), model)
@@ -249,7 +265,8 @@ def names_section(ctx, model, common, view):
     st.dataframe(r.extra["summary"], hide_index=True, width="stretch")
     st.caption(md_escape(m["measured_on"]) + f" · chance {m['chance']:.3f}")
     st.markdown("**Named features** (each by the label it separates best, and by the tokens it peaks on)")
-    st.dataframe(r.table, hide_index=True, width="stretch")
+    named, config = with_links(ctx, r.table, common)
+    st.dataframe(named, hide_index=True, width="stretch", column_config=config)
     return outcome, {"bottlenecks": fig}, "Discover-then-name", None
 
 
