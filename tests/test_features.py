@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from analysis.analyses.features.attribution import FeatureAttributionSpec
 from analysis.analyses.features.browse import FeaturesSpec
 from analysis.analyses.features.naming import FeatureNamesSpec
-from analysis.analyses.features.sae import SAESpec, load_folder, sae_from_result, save_folder
+from analysis.analyses.features.sae import SAESpec, load_folder, sae_from_result, saelens_zip, save_folder
 from analysis.analyses.features.steer import FeatureEncodeSpec, SteerSpec
 from analysis.errors import WorkbenchError
 from analysis.runner import run
@@ -138,6 +138,12 @@ def test_saelens_folder_round_trip(default_sae, tmp_path):
     x = torch.randn(50, 128) * 3
     assert torch.equal(back.encode(x), sae.encode(x)) and torch.equal(back(x), sae(x))
     assert cfg_back["hook_name"] == "blocks.2.hook_resid_post" and cfg_back["k"] == 16
+    # the page's download: the same folder, zipped
+    import io
+    import zipfile
+    zipfile.ZipFile(io.BytesIO(saelens_zip(default_sae.result))).extractall(tmp_path / "unzipped")
+    unzipped, _, _ = load_folder(str(tmp_path / "unzipped"))
+    assert torch.equal(unzipped.encode(x), sae.encode(x))
 
 
 def _write_folder(path, cfg: dict, weights: dict):
@@ -432,7 +438,7 @@ def test_discover_then_name_finds_a_topic_feature_and_compares_bottlenecks(defau
     out = run(FeatureNamesSpec(), store=store)
     names, m = out.result.table, out.result.meta
     topic = names[names["concept"] == "topic"]
-    assert len(topic) >= 2  # features named after topics, e.g. "topic: food"
+    assert len(topic) >= 2  # features named after topics, e.g. "topic: weather"
     best = topic.sort_values("heldout_auroc", ascending=False).iloc[0]
     assert best["name"].startswith("topic: ") and best["heldout_auroc"] > 0.9
     # its held-out AUROC recomputed with scikit-learn from the pooled activations
@@ -441,7 +447,7 @@ def test_discover_then_name_finds_a_topic_feature_and_compares_bottlenecks(defau
     from analysis import load_model
     with ModelSession(load_model("default")) as s:
         seqs = encode_texts(s, data["text"], 2, "yes")
-        F, _, _ = pooled_features(s, sae, "blocks.2.hook_resid_post", seqs, True, "max")
+        F, _, _ = pooled_features(s, sae, "blocks.2.hook_resid_post", seqs, True, "last")
     _, te = split(len(data), 0.2, 0)
     y = data["topic"].to_numpy()[te] == best["class"]
     assert roc_auc_score(y, F[te, int(best["feature"])]) == pytest.approx(best["heldout_auroc"], abs=1e-9)
@@ -449,7 +455,8 @@ def test_discover_then_name_finds_a_topic_feature_and_compares_bottlenecks(defau
     named = summary.loc["named SAE features (discover-then-name)"]
     probes = summary.loc["probe directions (Concepts page)"]
     assert named["accuracy"] == m["accuracy"] and probes["accuracy"] == m["probe_accuracy"]
-    assert 0 <= named["accuracy"] <= 1 and named["random_accuracy"] > 0
+    # at the last token the named features explain the choice far beyond as many random features (leakage)
+    assert named["accuracy"] > named["random_accuracy"] + 0.2 and named["random_accuracy"] > 0
     assert "held-out" in m["measured_on"]
 
 

@@ -2,7 +2,8 @@
 bottleneck built on the named features, side by side with the probe bottleneck of the Concepts page.
 
 Each labelled text (the shipped concept sentences or a user's CSV, `drop_last` final tokens cut as for the
-bottleneck) gets one value per feature: its largest (or mean) activation over the text's tokens. On the train
+bottleneck) gets one value per feature: its activation at the last token (where the probe bottleneck reads its
+residual and the model makes the choice it explains), or its largest or mean activation over the tokens. On the train
 split, every feature is scored against every (concept, class) by AUROC (class vs the rest); a feature is named
 after the label it separates best when that AUROC reaches `min_auroc`, and also by the tokens it peaks on. The
 names' AUROC is then measured again on the held-out texts (the names were chosen without them).
@@ -49,8 +50,8 @@ class FeatureNamesSpec(SAESpec):
     max_sentences: int = param(2000, "texts used (the first ones)", min=20, max=concept_data.MAX_ROWS)
     drop_last: int = param(2, "final tokens cut from every text (2 on the shipped sentences: the model then picks "
                               "the place noun after '... near the')", min=0, max=64)
-    pool: str = param("max", "a text's value of a feature: its max or mean activation over the tokens, or its "
-                             "activation at the last token (where the probes read)", choices=("max", "mean", "last"))
+    pool: str = param("last", "a text's value of a feature: its activation at the last token (where the probe "
+                              "bottleneck reads), or its max or mean over the tokens", choices=("last", "max", "mean"))
     min_auroc: float = param(0.8, "a feature is named after a label when its training AUROC reaches this",
                              min=0.5, max=1.0)
     per_class: int = param(1, "named features per concept class in the bottleneck", min=1, max=16)

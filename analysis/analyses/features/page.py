@@ -20,7 +20,7 @@ from .figures import (
     top_features_bar,
     training_curve,
 )
-from .sae import SAE_FIELDS, SAESpec
+from .sae import SAE_FIELDS, SAESpec, saelens_zip
 
 SAE_WIDGETS = {
     "source": Widget("SAE", labels={"train": "train one here", "folder": "load a SAELens folder"}, kind="radio"),
@@ -83,6 +83,9 @@ def sae_report(ctx, outcome) -> dict:
     st.caption(f"{md_escape(m['hook_name'])} · {md_escape(m['source'])} · {md_escape(m['held_out'])} · CE clean "
                f"{m['ce_clean']:.3f}, with the SAE {m['ce_with_sae']:.3f}, zero-ablated {m['ce_zero_ablated']:.3f} "
                "nats · " + md_escape(m["measured_on"]))
+    st.download_button("Download this SAE (a SAELens folder, zipped)", saelens_zip(outcome.result),
+                       file_name=f"sae-{m['hook_name']}-{outcome.key[:8]}.zip", mime="application/zip",
+                       key=f"saelens-{outcome.key}")
     figs = {"density": density_histogram(outcome.result.table)}
     if len(outcome.result.extra.get("loss", [])):
         figs["training"] = training_curve(outcome.result.extra["loss"])

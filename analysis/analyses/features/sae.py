@@ -300,6 +300,20 @@ def weights_frame(sae: SparseAutoencoder, cfg: dict) -> pd.DataFrame:
     return pd.DataFrame({"cfg": [json.dumps(cfg)], "safetensors": [save(sae.state())]})
 
 
+def saelens_zip(result: Result) -> bytes:
+    """A stored SAE as a zip of its SAELens folder (cfg.json and sae_weights.safetensors): what the page offers
+    for download, for SAELens's `SAE.load_from_disk` once unpacked."""
+    import io
+    import zipfile
+
+    row = result.extra["weights"].iloc[0]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(CFG_FILE, json.dumps(json.loads(row["cfg"]), indent=1))
+        z.writestr(WEIGHTS_FILE, bytes(row["safetensors"]))
+    return buf.getvalue()
+
+
 def sae_from_result(result: Result) -> tuple[SparseAutoencoder, dict]:
     """(SAE, its SAELens cfg) back from a stored SAE run."""
     from safetensors.torch import load
