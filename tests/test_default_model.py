@@ -220,6 +220,13 @@ KEYS_BEFORE_ISSUE_13 = {
     "quant_traces": "94e953b89adae41d684eaf406baf60d9",
     "quant_sensitivity": "bf18f485ff6e8742f8fcc6b1b89777d9",
     "quant_allocation": "158cc924552e756a9ad39e496746ddf7",
+    # issue 16: sparse features
+    "sae": "559a3d891ed4e2f13ee565b7f15faa15",
+    "sae_features": "ed00c7868e3ca47d14a3adaec7098198",
+    "sae_encode": "975da7d454fdd20c68f9fb8fe0cd30e1",
+    "sae_attribution": "1a3e9e1ad81d1b4386cc677824ccf489",
+    "sae_steer": "df534ba938fcd475a2fd5ea69289d1e1",
+    "sae_names": "5f043c5db2dac4941910c7c13f548218",
 }
 
 

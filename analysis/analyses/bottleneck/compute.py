@@ -91,6 +91,24 @@ def bottleneck_concepts(spec: BottleneckSpec, data) -> list[str]:
     return pick_concepts(spec.concepts, [c for c in available if c != spec.target])
 
 
+def behaviour(session: ModelSession, spec, labels, seqs, tr, te) -> tuple[np.ndarray, float]:
+    """(the behaviour of every text, chance on the held-out ones): the model's choice among `spec.tokens` after
+    each of `seqs`, or the label column `spec.target`; refused when the training texts do not vary."""
+    if spec.target == "next_token":
+        ids = single_token_ids(session, spec.tokens, "token to choose from")
+        if len(set(ids)) != len(ids):
+            raise WorkbenchError("The token set repeats a token.")
+        logits = session.last_logits(seqs)[:, ids]
+        y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
+    else:
+        y = labels[spec.target].astype(str).to_numpy()
+    if len(np.unique(y[tr])) < 2:
+        raise WorkbenchError(f"The behaviour is the same ({y[0]!r}) for every training text; there is nothing to "
+                             "explain.", hint="Choose a token set (or label) on which the texts differ.")
+    _, counts = np.unique(y[te], return_counts=True)
+    return y, float(counts.max() / counts.sum())
+
+
 def _head(X_tr, y_tr, X_te, y_te, l1_ratio: float, C: float, seed: int):
     """(held-out accuracy, the fitted logistic head) of a standardised elastic-net logistic regression."""
     from sklearn.exceptions import ConvergenceWarning
@@ -120,21 +138,9 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
     N = len(labels)
     tr, te = split(N, spec.test_fraction, spec.seed)
 
-    # the behaviour
-    if spec.target == "next_token":
-        progress(0.3, "the model's choices")
-        ids = single_token_ids(session, spec.tokens, "token to choose from")
-        if len(set(ids)) != len(ids):
-            raise WorkbenchError("The token set repeats a token.")
-        logits = session.last_logits(encode_texts(session, labels["text"], spec.drop_last, spec.bos))[:, ids]
-        y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
-    else:
-        y = labels[spec.target].astype(str).to_numpy()
-    classes, counts = np.unique(y[te], return_counts=True)
-    chance = float(counts.max() / counts.sum())
-    if len(np.unique(y[tr])) < 2:
-        raise WorkbenchError(f"The behaviour is the same ({y[0]!r}) for every training text; there is nothing to "
-                             "explain.", hint="Choose a token set (or label) on which the texts differ.")
+    progress(0.3, "the behaviour")
+    seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos) if spec.target == "next_token" else None
+    y, chance = behaviour(session, spec, labels, seqs, tr, te)
 
     # concept scores, one feature per probe direction
     feats, names, layers = [], [], []
@@ -186,7 +192,7 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
          "completeness": _completeness(full_acc, reference, chance)},
         {"head": "majority class (chance)", "features": 0, "accuracy": chance, "completeness": 0.0},
     ])
-    behaviour = pd.Series(y).value_counts()
+    counts = pd.Series(y).value_counts()
     return Result(table=weights, meta={
         "accuracy": acc, "completeness": _completeness(acc, reference, chance), "chance": chance,
         "reference": reference, "full_accuracy": full_acc,
@@ -194,7 +200,7 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
         "random_accuracy_std": float(random_t["accuracy"].std(ddof=0)),
         "nonzero_weights": int((np.abs(coef) > 1e-8).sum()), "n_weights": int(coef.size),
         "n_train": len(tr), "n_test": len(te), "features": names, "target": spec.target,
-        "behaviour_counts": {str(k): int(v) for k, v in behaviour.items()}},
+        "behaviour_counts": {str(k): int(v) for k, v in counts.items()}},
         extra={"summary": summary, "random": random_t})
 
 

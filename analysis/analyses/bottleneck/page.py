@@ -42,6 +42,7 @@ def section(ctx, model, common: dict):
                f"{m['n_test']} held-out texts · completeness = (accuracy − chance) / (reference − chance), reference "
                f"{m['reference']:.3f}")
     st.dataframe(outcome.result.extra["summary"], hide_index=True, width="stretch")
+    st.markdown("[The same bottleneck on named SAE features: Features → Discover & name](./features?section=sae_names)")
     return outcome, {"heads": heads, "weights": weights}, f"Concept bottleneck: {outcome.spec.target}", {}
 
 

@@ -32,7 +32,7 @@ from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...stats import pearson
-from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, _parse_pairs, _resolve_pair, _shipped_pairs
+from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, _parse_pairs, resolve_pairs
 from .browse import token_strings
 from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
@@ -68,14 +68,7 @@ class FeatureAttributionSpec(SAESpec):
             _parse_pairs(self.pairs)
 
     def resolve(self, model) -> "FeatureAttributionSpec":
-        spec = SAESpec.resolve(self, model)
-        note = spec.pairs_note
-        if spec.pairs:
-            pairs = _parse_pairs(spec.pairs)
-        else:
-            pairs, note = _shipped_pairs(model, spec.n_pairs, spec.bos)
-        resolved = [_resolve_pair(model, i, p, spec.bos) for i, p in enumerate(pairs)]
-        return spec.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="", pairs_note=note)
+        return resolve_pairs(SAESpec.resolve(self, model), model)
 
 
 def _metric(answer: int, wrong: int):

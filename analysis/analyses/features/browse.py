@@ -20,7 +20,16 @@ from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
-from .sae import SKIP_FIRST, SAESpec, corpus_split, corpus_tokens, sae_from_result, sae_upstream, site_activations
+from .sae import (
+    SKIP_FIRST,
+    SAESpec,
+    corpus_split,
+    corpus_tokens,
+    encode_rows,
+    sae_from_result,
+    sae_upstream,
+    site_activations,
+)
 
 CHUNK = 4096  # tokens encoded at once
 
@@ -89,9 +98,7 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
             best = vals.topk(spec.top_n, dim=0)
             top_vals, top_rows = best.values, rows.gather(0, best.indices)
             nz = a.nonzero()
-            pairs.append(np.stack([nz[:, 0].numpy() + c, nz[:, 1].numpy()], 1))
-            pairs_vals = a[nz[:, 0], nz[:, 1]].numpy()
-            pairs[-1] = (pairs[-1], pairs_vals)
+            pairs.append((np.stack([nz[:, 0].numpy() + c, nz[:, 1].numpy()], 1), a[nz[:, 0], nz[:, 1]].numpy()))
             progress(0.3 + 0.4 * min(1.0, (c + CHUNK) / N), "encoding")
     rows_nz = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros((0, 2), dtype=np.int64)
     vals_nz = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, dtype=np.float32)
@@ -102,22 +109,31 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     for i, (s, p) in enumerate(zip(which, where)):
         start_row.setdefault(int(s), i - int(p) + int(skip_first))  # the row of position `skip_first`
     lengths = {int(s): len(seqs[int(s)]) for s in np.unique(which)}
-    examples = []
+    examples, windows = [], []
+    for f in range(W):
+        for r in range(spec.top_n):
+            act = float(top_vals[r, f])
+            if act <= 0:
+                break
+            row = int(top_rows[r, f])
+            s, p = int(which[row]), int(where[row])
+            lo, hi = max(int(skip_first), p - spec.context), min(lengths[s], p + 4)
+            rows = [start_row[s] + q - int(skip_first) for q in range(lo, hi)]
+            rows = [w for w in rows if w < N and which[w] == s]
+            windows.append(rows)
+            examples.append({"feature": f, "rank": r, "activation": act, "sequence": s, "position": p,
+                             "token_ids": [int(seqs[s][int(where[w])]) for w in rows], "max_index": rows.index(row)})
+    # every context's tokens encoded in a few chunks; each keeps its own feature's column
+    flat = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
+    feats = np.repeat([e["feature"] for e in examples], [len(w) for w in windows]).astype(np.int64)
+    window_acts = np.zeros(len(flat), dtype=np.float32)
+    step = encode_rows(W)
     with torch.no_grad():
-        for f in range(W):
-            for r in range(spec.top_n):
-                act = float(top_vals[r, f])
-                if act <= 0:
-                    break
-                row = int(top_rows[r, f])
-                s, p = int(which[row]), int(where[row])
-                lo, hi = max(int(skip_first), p - spec.context), min(lengths[s], p + 4)
-                window_rows = [start_row[s] + q - int(skip_first) for q in range(lo, hi)]
-                window_rows = [w for w in window_rows if w < N and which[w] == s]
-                acts = sae.encode(X[window_rows].to(session.device))[:, f].float().cpu().numpy()
-                examples.append({"feature": f, "rank": r, "activation": act, "sequence": s, "position": p,
-                                 "token_ids": [int(seqs[s][int(where[w])]) for w in window_rows],
-                                 "activations": acts.astype(np.float32), "max_index": window_rows.index(row)})
+        for c in range(0, len(flat), step):
+            a = sae.encode(X[flat[c:c + step]].to(session.device)).float().cpu()
+            window_acts[c:c + step] = a[torch.arange(a.shape[0]), torch.as_tensor(feats[c:c + step])].numpy()
+    for e, part in zip(examples, np.split(window_acts, np.cumsum([len(w) for w in windows])[:-1])):
+        e["activations"] = part
     ex = pd.DataFrame(examples, columns=["feature", "rank", "activation", "sequence", "position", "token_ids",
                                          "activations", "max_index"])
     all_ids = sorted({i for t in ex["token_ids"] for i in t})

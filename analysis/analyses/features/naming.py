@@ -31,8 +31,8 @@ from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
-from ...tokens import encode_texts, single_token_ids
-from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head
+from ...tokens import encode_texts
+from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head, behaviour
 from ..bottleneck.compute import estimate as estimate_bottleneck
 from ..concepts.compute import split
 from .browse import token_strings
@@ -181,19 +181,7 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
 
     # the behaviour, as the probe bottleneck reads it
     progress(0.5, "the behaviour")
-    if spec.target == "next_token":
-        ids = single_token_ids(session, spec.tokens, "token to choose from")
-        if len(set(ids)) != len(ids):
-            raise WorkbenchError("The token set repeats a token.")
-        logits = session.last_logits(seqs)[:, ids]
-        y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
-    else:
-        y = labels[spec.target].astype(str).to_numpy()
-    if len(np.unique(y[tr])) < 2:
-        raise WorkbenchError(f"The behaviour is the same ({y[0]!r}) for every training text; there is nothing to "
-                             "explain.", hint="Choose a token set (or label) on which the texts differ.")
-    _, counts = np.unique(y[te], return_counts=True)
-    chance = float(counts.max() / counts.sum())
+    y, chance = behaviour(session, spec, labels, seqs, tr, te)
     probe = inputs["bottleneck"].result
     reference = float(probe.meta["reference"])
 

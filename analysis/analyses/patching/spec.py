@@ -66,13 +66,19 @@ class PatchingSpec(Spec):
             raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
                                  "no residual stream between them: resid_mid does not exist.",
                                  hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
-        note = self.pairs_note
-        if self.pairs:
-            pairs = _parse_pairs(self.pairs)
-        else:
-            pairs, note = _shipped_pairs(handle, self.n_pairs, self.bos)
-        resolved = [_resolve_pair(handle, i, p, self.bos) for i, p in enumerate(pairs)]
-        return self.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="", pairs_note=note)
+        return resolve_pairs(self, handle)
+
+
+def resolve_pairs(spec, handle: ModelHandle):
+    """The spec (fields pairs, n_pairs, bos, pairs_note, dataset) with token ids for every pair, given or the
+    shipped ones built for this model; lengths and single-token answers checked."""
+    note = spec.pairs_note
+    if spec.pairs:
+        pairs = _parse_pairs(spec.pairs)
+    else:
+        pairs, note = _shipped_pairs(handle, spec.n_pairs, spec.bos)
+    resolved = [_resolve_pair(handle, i, p, spec.bos) for i, p in enumerate(pairs)]
+    return spec.replace(pairs=json.dumps(resolved, separators=(",", ":")), dataset="", pairs_note=note)
 
 
 def _parse_pairs(text: str) -> list[dict]:
