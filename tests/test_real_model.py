@@ -240,6 +240,7 @@ def test_unsupported_gguf_architecture_and_quantisation_get_messages(tmp_path):
     assert MODEL_CACHE.loaded() == [h for h in MODEL_CACHE.loaded() if h.source != "gguf" or h.path == str(GGUF)]
 
 
+MEASURED_SAE = {"width": 2304, "k": 32, "steps": 30, "max_tokens": 4096, "batch_tokens": 512}
 MEASURED = {  # settings large enough that the run's own memory shows beside the weights, small enough for CI
     "model": {},
     "patching": {"n_pairs": 2, "components": ("attn_out",), "methods": ("activation", "atp")},
@@ -258,6 +259,10 @@ MEASURED = {  # settings large enough that the run's own memory shows beside the
                           "seq_len": 16, "min_samples": 2, "max_samples": 3},
     "quant_allocation": {"formats": ("int8-channel", "int4-g32"), "n_seqs": 2, "seq_len": 16, "min_samples": 2,
                          "max_samples": 3},
+    **{name: dict(MEASURED_SAE, **extra) for name, extra in {
+        "sae": {}, "sae_features": {"top_n": 5}, "sae_encode": {}, "sae_attribution": {"n_pairs": 1, "max_patched": 50},
+        "sae_steer": {"generate": 2}, "sae_names": {"max_sentences": 120, "n_random": 1, "concepts": ("topic",),
+                                                   "min_auroc": 0.6}}.items()},
 }
 
 
