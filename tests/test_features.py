@@ -480,3 +480,41 @@ def test_every_feature_analysis_runs_on_each_tiny_architecture(tiny_handle, tmp_
         assert run(spec, store=store).hit
     attribution = run(runs[2], store=store).result.meta
     assert attribution["n_patched"] > 0 and np.isfinite(attribution["pearson_atp"])
+
+
+def test_sae_training_lets_a_waiting_run_in(tmp_path):
+    """Training reads only the gathered activations: a short run that starts while an SAE trains gets the model
+    between training steps instead of waiting for the whole training, and the SAE equals one trained alone."""
+    import threading
+    import time
+
+    from analysis.analyses.lens.spec import LensSpec
+
+    sae_spec = SAESpec(width=256, k=8, steps=1200)
+    alone = run(sae_spec, store=Store(tmp_path / "alone.duckdb"))
+    shared, done, errors, training = Store(tmp_path / "shared.duckdb"), {}, [], threading.Event()
+
+    def progress(frac, what):
+        if what.startswith("training"):
+            training.set()
+
+    def go(name, spec, wait):
+        try:
+            if wait:
+                assert training.wait(timeout=300)
+            out = run(spec, store=shared, progress=None if wait else progress)
+            done[name] = (time.perf_counter(), out)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=go, args=("sae", sae_spec, False)),
+               threading.Thread(target=go, args=("lens", LensSpec(prompt="The capital of Japan is"), True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert done["lens"][0] < done["sae"][0]  # it did not wait for the whole training
+    a, _ = sae_from_result(alone.result)
+    b, _ = sae_from_result(done["sae"][1].result)
+    assert torch.allclose(a.W_enc, b.W_enc, atol=1e-5) and torch.allclose(a.W_dec, b.W_dec, atol=1e-5)

@@ -448,8 +448,9 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
                                  l1_coefficient=spec.l1_coefficient, steps=spec.steps, batch=spec.batch_tokens,
                                  lr=spec.lr, dead=spec.dead, seed=spec.seed)
         torch.manual_seed(spec.seed)
-        sae, log, scale = train_sae(X.to(session.device), settings,
-                                    lambda f, what: progress(0.1 + 0.75 * f, what))
+        # training reads only the gathered activations: runs waiting for the model go in between (issue 15)
+        sae, log, scale = train_sae(X.to(session.device), settings, lambda f, what: progress(0.1 + 0.75 * f, what),
+                                    between=session.let_others_in)
         sae = sae.cpu()
         loss = pd.DataFrame({"step": log.step, "mse_over_variance": log.mse, "aux_loss": log.aux, "l0": log.l0,
                              "dead": log.dead})
