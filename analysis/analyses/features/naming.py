@@ -25,14 +25,13 @@ import torch
 from scipy.stats import rankdata
 
 from ... import concept_data
-from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, input_estimate
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...tokens import encode_texts
-from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head, behaviour
+from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head, behaviour, bottleneck_concepts
 from ..bottleneck.compute import estimate as estimate_bottleneck
 from ..concepts.compute import split
 from .browse import token_strings
@@ -127,11 +126,7 @@ def pooled_features(session: ModelSession, sae, hook: str, seqs: list[list[int]]
 
 def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> Result:
     data = inputs["data"]
-    available = concept_data.concept_columns(data)
-    if spec.target != "next_token" and spec.target not in available:
-        raise WorkbenchError(f"target must be 'next_token' or a label column ({', '.join(available)}), not "
-                             f"{spec.target!r}.")
-    concepts = pick_concepts(spec.concepts, [c for c in available if c != spec.target])
+    concepts = bottleneck_concepts(spec, data)  # the target checked, as the probe bottleneck does
     sae, _ = sae_from_result(inputs["sae"].result)
     sae = sae.to(session.device)
     labels = data.iloc[:spec.max_sentences].reset_index(drop=True)
