@@ -62,13 +62,17 @@ def mean_ci(values: np.ndarray, level: float = 0.95, seed: int = 0) -> tuple[np.
     return values.mean(-1), low, high
 
 
-def sign_flip_p(diffs: np.ndarray, n_perm: int = 9999, seed: int = 0) -> np.ndarray:
+EXACT_UP_TO = 13  # sign_flip_p enumerates every sign pattern up to this many examples, samples above
+N_PERM = 9999  # random sign patterns above EXACT_UP_TO
+
+
+def sign_flip_p(diffs: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> np.ndarray:
     """Two-sided paired permutation (sign-flip) test per row of diffs [rows, n] (each example's effect against
     its own unpatched run): under no effect each example's sign is exchangeable. Exact over all 2^n sign patterns
     when n <= 13, else n_perm random ones with the observed count included (p >= 1 / (n_perm + 1))."""
     diffs = np.atleast_2d(np.asarray(diffs, dtype=np.float64))
     n = diffs.shape[1]
-    if n <= 13:
+    if n <= EXACT_UP_TO:
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every pattern, the observed included
         extra = 0
     else:
@@ -82,3 +86,34 @@ def sign_flip_p(diffs: np.ndarray, n_perm: int = 9999, seed: int = 0) -> np.ndar
         obs = observed[r:r + step, None]
         count[r:r + step] = (null >= obs - 1e-12 * np.maximum(1.0, obs)).sum(-1)
     return (count + extra) / (signs.shape[0] + extra)
+
+
+def sign_flip_min_p(diffs: np.ndarray, n_perm: int = N_PERM) -> np.ndarray:
+    """The smallest p-value `sign_flip_p` can give each row of diffs [rows, n], whatever the signs of its
+    examples: with n examples, z of them exactly zero (their flips leave the mean as it is), the observed pattern,
+    its mirror image and their 2^z copies always count, so the exact test gives at least 2 / 2^(n - z) (1 when
+    every example is zero); sampled patterns (n > EXACT_UP_TO) give at least that, and never below
+    1 / (n_perm + 1). Ties among non-zero values do not raise it (flipping any non-zero example lowers |mean|)."""
+    diffs = np.atleast_2d(np.asarray(diffs, dtype=np.float64))
+    n = diffs.shape[1]
+    if n == 0:
+        return np.ones(len(diffs))
+    obs = np.abs(diffs.mean(-1, keepdims=True))
+    nonzero = (2 * np.abs(diffs) / n > 1e-12 * np.maximum(1.0, obs)).sum(-1)  # a flip sign_flip_p's tolerance sees
+    floor = np.minimum(1.0, 2.0 ** (1 - nonzero.astype(np.float64)))
+    return floor if n <= EXACT_UP_TO else np.maximum(floor, 1.0 / (n_perm + 1))
+
+
+def sign_flip_floor(n: int, n_perm: int = N_PERM) -> float:
+    """The smallest p-value `sign_flip_p` can give with n examples (none of them zero): 2 / 2^n when exact (4
+    examples: 0.125; 5 cannot reach 0.05; 6 give 0.031), 1 / (n_perm + 1) or that, whichever is larger, above."""
+    return float(sign_flip_min_p(np.ones((1, max(0, n))), n_perm)[0]) if n > 0 else 1.0
+
+
+def unreachable_note(min_p: float, n: int, alpha: float = 0.05) -> str:
+    """A warning when no p-value of a table can fall below `alpha` whatever the data (min_p: the smallest any row
+    can reach), else "" (nothing to say)."""
+    if not min_p > alpha:
+        return ""
+    return (f"With {n} pairs the sign-flip test cannot give p below {min_p:.3g}, so no node can reach "
+            f"p < {alpha:g} whatever its effect: read the intervals, or run more pairs (6 reach 2/64 ≈ 0.031).")

@@ -246,7 +246,7 @@ def test_cli_patching_writes_the_tidy_table(tmp_path):
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(tmp_path / "p.csv")
     assert list(table.columns) == ["method", "component", "layer", "pos", "head", "dest_pos", "value", "ci_low",
-                                   "ci_high", "p_value"]
+                                   "ci_high", "p_value", "p_min"]
     assert len(table) == 2 * (6 * 16 + 6 * 4)  # two methods x (resid_pre layer x pos + z layer x head)
     assert "Plotly" in (tmp_path / "p.html").read_text()
     bad = _cli("patching", "--components", "resid_middle", "--store", str(tmp_path / "p.duckdb"))

@@ -28,7 +28,15 @@ from ...errors import WorkbenchError
 from ...estimate import Estimate
 from ...result import Result
 from ...session import ModelSession
-from ...stats import N_BOOT, bootstrap_interval, pearson, resample_weights, sign_flip_p
+from ...stats import (
+    N_BOOT,
+    bootstrap_interval,
+    pearson,
+    resample_weights,
+    sign_flip_min_p,
+    sign_flip_p,
+    unreachable_note,
+)
 from ...tokens import tokenize
 from .spec import RELP_RULES, PatchingSpec
 
@@ -100,7 +108,9 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
         mean = torch.from_numpy(flat.mean(-1)).reshape(per.shape[:-1])
         df = _tidy(finish(spec.metric, mean, base_m, source_m).float(), axes, method, comp)
         df["ci_low"], df["ci_high"] = bootstrap_interval(flat, weights, scale)
-        df["p_value"] = sign_flip_p(flat - base_p.numpy()[None, :]) if method == "activation" else float("nan")
+        diffs = flat - base_p.numpy()[None, :]  # [nodes, N] each pair's effect against its unpatched run
+        df["p_value"] = sign_flip_p(diffs) if method == "activation" else float("nan")
+        df["p_min"] = sign_flip_min_p(diffs) if method == "activation" else float("nan")  # the test's floor
         rows.append(df)
         per_pair.append(_per_pair(df, scale.per_pair(flat), order))
     table = pd.concat(rows, ignore_index=True)
@@ -119,7 +129,13 @@ def compute(session: ModelSession, spec: PatchingSpec, inputs, progress) -> Resu
     meta["statistics"] = (f"value: the mean over {n} pairs; ci_low/ci_high: 95% bootstrap interval over pairs "
                           f"({N_BOOT} resamples, the normalisation recomputed in each); p_value (activation "
                           "patching): two-sided sign-flip permutation test of the pairs' effects against their own "
-                          "unpatched run")
+                          "unpatched run; p_min: the smallest p that test can give with these pairs (2 / 2^n "
+                          "with n pairs, a pair whose effect is exactly 0 not counted)")
+    if "activation" in spec.methods:
+        meta["p_min"] = float(table["p_min"].min())
+        note = unreachable_note(meta["p_min"], n)
+        if note:
+            meta["p_note"] = note
     extra = {"tokens": tokens, "per_pair": pd.concat(per_pair, ignore_index=True)}
     if "activation" in spec.methods and len(spec.methods) > 1:
         extra["faithfulness"] = faithfulness(table, spec.overlap_k)

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from ...plots import MARGIN as _MARGIN
 from ...plots import token_labels
 from ...result import Result
-from ...stats import pearson
+from ...stats import pearson, sign_flip_floor, unreachable_note
 
 
 def _patching_grid(sub: pd.DataFrame, tokens: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
@@ -78,7 +78,8 @@ def node_label(r, tokens: dict) -> str:
 def top_nodes_with_intervals(table: pd.DataFrame, per_pair: pd.DataFrame, tokens: pd.DataFrame, method: str,
                              component: str, k: int = 15, metric: str = "") -> go.Figure:
     """The k nodes with the largest |effect|: each pair's value (grey dots), the mean over pairs and its 95%
-    bootstrap interval (error bar), and for activation patching the sign-flip p-value in the hover."""
+    bootstrap interval (error bar), and for activation patching the sign-flip p-value in the hover, with the
+    smallest p the test can give (when the table has p_min: see `p_floor`)."""
     key = ["layer", "pos", "head", "dest_pos"]
     sub = table[(table["method"] == method) & (table["component"] == component)].dropna(subset=["value"])
     top = sub.reindex(sub["value"].abs().sort_values(ascending=False).index).head(k).iloc[::-1]
@@ -86,7 +87,9 @@ def top_nodes_with_intervals(table: pd.DataFrame, per_pair: pd.DataFrame, tokens
     labels = [node_label(r, names) for r in top.itertuples()]
     pp = per_pair[(per_pair["method"] == method) & (per_pair["component"] == component)]
     strip = top[key].assign(label=labels).merge(pp, on=key, how="left")
-    p_text = [f"p = {p:.3g}" if pd.notna(p) else "" for p in top["p_value"]]
+    floor = top["p_min"] if "p_min" in top else pd.Series(np.nan, index=top.index)
+    p_text = [f"p = {p:.3g}" + (f" (the smallest this test can give: {m:.3g})" if pd.notna(m) else "")
+              if pd.notna(p) else "" for p, m in zip(top["p_value"], floor)]
     return go.Figure([
         go.Scatter(x=strip["value"], y=strip["label"], mode="markers", name="one pair",
                    marker=dict(color="rgba(120,120,120,0.45)", size=6), customdata=strip["pair"],
@@ -101,8 +104,22 @@ def top_nodes_with_intervals(table: pd.DataFrame, per_pair: pd.DataFrame, tokens
                    xaxis_title=metric or "value", legend=dict(orientation="h", y=-0.15)))
 
 
+def p_floor(table: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, str]:
+    """(the table with its p_min column, the note to show beside the p-values or ""): p_min is the smallest
+    p-value the sign-flip test can give a node with these pairs (compute.py); a run stored before that column
+    existed gets the design's floor, 2 / 2^n for n pairs. The note says when no node can reach p < 0.05."""
+    if "p_value" not in table or not table["p_value"].notna().any():
+        return table, ""
+    n = int(meta.get("n_pairs", 0))
+    if "p_min" not in table:
+        table = table.copy()
+        table.insert(table.columns.get_loc("p_value") + 1, "p_min",
+                     np.where(table["p_value"].notna(), sign_flip_floor(n), np.nan))
+    return table, meta.get("p_note", unreachable_note(float(table["p_min"].min()), n))
+
+
 def figures(result: Result, method: str | None = None, component: str | None = None) -> dict[str, go.Figure]:
-    t = result.table
+    t, _ = p_floor(result.table, result.meta)
     method = method or t["method"].iloc[0]
     component = component or t["component"].iloc[0]
     figs = {"heatmap": patching_heatmap(t, result.extra["tokens"], method, component, result.meta.get("metric", "")),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ...contract import Page, ViewState, Widget
-from .figures import comparison_scatter, patching_heatmap, top_nodes_with_intervals
+from .figures import comparison_scatter, p_floor, patching_heatmap, top_nodes_with_intervals
 from .spec import PatchingSpec
 
 EXAMPLE_PAIRS = """[
@@ -59,7 +59,8 @@ def render(ctx) -> None:
 
     outcome = ctx.run(make, model)
     result = outcome.result
-    table, tokens, meta = result.table, result.extra["tokens"], result.meta
+    tokens, meta = result.extra["tokens"], result.meta
+    table, p_note = p_floor(result.table, meta)  # p_min beside p_value (older stored runs get it here)
     lengths = meta.get("length_groups")
     size = (f"of {len(lengths)} token lengths ({', '.join(f'{n} × {k}' for k, n in lengths.items())} tokens), "
             "positions aligned at the final token" if lengths else f"of {meta['n_tokens']} tokens")
@@ -91,6 +92,12 @@ def render(ctx) -> None:
     st.plotly_chart(spread, width="stretch")
     figures["top_nodes"] = spread
     st.caption(meta["statistics"])
+    if method == "activation" and "p_min" in table:
+        floor = float(table.loc[table["method"] == "activation", "p_min"].min())
+        st.caption(f"The smallest p-value the sign-flip test can give with these {meta['n_pairs']} pairs: "
+                   f"{floor:.3g} (column p_min).")
+    if p_note:
+        st.warning(p_note)
     sub = table[(table["method"] == method) & (table["component"] == component)].dropna(subset=["value"])
     top = sub.reindex(sub["value"].abs().sort_values(ascending=False).index).head(20)
     labels = dict(zip(tokens["pos"], tokens["token"]))
