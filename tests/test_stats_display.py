@@ -118,3 +118,59 @@ def own_app_store(tmp_path, monkeypatch):
     get_store.cache_clear()
     yield
     get_store.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entropy over training: the legend and the right axis's title (issue 26, item 9)
+# ----------------------------------------------------------------------------------------------------------
+def _entropy_figure(n_layers: int):
+    from analysis.analyses.entropy.figures import entropy_over_training
+
+    rng = np.random.default_rng(0)
+    steps = [0, 100, 200, 400]
+    heads = pd.DataFrame([dict(layer=layer, head=h, checkpoint=f"step {s}", step=s, norm_entropy=rng.random())
+                          for s in steps for layer in range(n_layers) for h in range(2)])
+    summary = pd.DataFrame(dict(checkpoint=[f"step {s}" for s in steps], step=steps,
+                                mean_predictive_entropy=[8.0, 5.0, 3.0, 2.5]))
+    return entropy_over_training(heads, summary)
+
+
+@pytest.mark.parametrize("n_layers", [6, 30])
+def test_entropy_legend_lies_under_the_plot_not_beside_the_right_axis(n_layers):
+    fig = _entropy_figure(n_layers)
+    legend, y2 = fig.layout.legend, fig.layout.yaxis2
+    assert y2.side == "right" and y2.title.text  # the right axis keeps its title
+    # rows at the bottom edge of the figure (plotly makes room for them under the x axis), not a column at the right
+    assert legend.orientation == "h" and legend.yref == "container" and legend.yanchor == "bottom" and legend.y == 0
+    assert legend.xanchor == "left" and legend.x == 0
+    assert fig.layout.height >= 420 + 12 * (n_layers + 1 - 8)  # many layers: the plot keeps its height
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_entropy_legend_overlaps_no_axis_title_in_a_browser(tmp_path):
+    """Drawn by Chromium at a narrow width: the legend's box meets neither axis title nor the right axis's ticks
+    (the legend used to sit on the right axis's title)."""
+    from playwright.sync_api import sync_playwright
+
+    page_file = tmp_path / "entropy.html"
+    page_file.write_text(_entropy_figure(6).to_html(include_plotlyjs=True, default_width="600px"))
+    parts = {"legend": ".legend", "right title": ".g-y2title", "right ticks": ".overaxes-above",
+             "x title": ".g-xtitle", "title": ".g-gtitle"}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(page_file.as_uri())
+            page.wait_for_selector(".legend")
+            boxes = page.evaluate("""(parts) => Object.fromEntries(Object.entries(parts).map(([k, s]) => {
+                const r = document.querySelector(s).getBoundingClientRect();
+                return [k, [r.left, r.top, r.right, r.bottom]]; }))""", parts)
+        finally:
+            browser.close()
+    legend = boxes.pop("legend")
+    for name, (left, top, right, bottom) in boxes.items():
+        apart = right <= legend[0] or legend[2] <= left or bottom <= legend[1] or legend[3] <= top
+        assert apart, f"the legend {legend} overlaps the {name} {[left, top, right, bottom]}"

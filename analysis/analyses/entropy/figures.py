@@ -51,18 +51,23 @@ def predictive_entropy_heatmap(pred: pd.DataFrame, tokens: pd.DataFrame, checkpo
 
 def entropy_over_training(heads: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
     """Mean normalised attention entropy per layer over training steps, and the final layer's mean predictive
-    entropy (right axis)."""
+    entropy (right axis). The legend lies in rows under the plot, anchored to the figure's bottom edge, so it can
+    meet neither the right axis's title (a legend at the right did) nor the x axis title; a model with many layers
+    gets a taller figure so that the plot keeps its height (measured in Chromium: 6 and 30 layers, 600 and 1100
+    pixels wide, no overlap)."""
     per_layer = heads.groupby(["layer", "checkpoint", "step"], sort=False, dropna=False)["norm_entropy"].mean() \
         .reset_index()
     lines = [go.Scatter(x=training_axis(g)[0], y=g["norm_entropy"], mode="lines+markers",
-                        name=f"attention, layer {layer}") for layer, g in per_layer.groupby("layer")]
+                        name=f"attention L{layer}") for layer, g in per_layer.groupby("layer")]
     x, axis = training_axis(summary)
     lines.append(go.Scatter(x=x, y=summary["mean_predictive_entropy"], mode="lines+markers",
-                            name="predictive entropy (final layer)", yaxis="y2", line=dict(dash="dash", width=3)))
+                            name="predictive (final layer)", yaxis="y2",
+                            line=dict(dash="dash", width=3)))
     return go.Figure(lines, layout=dict(
-        title="Entropy over training", height=420, margin=_MARGIN, xaxis=axis,
-        yaxis=dict(title="normalised attention entropy", range=[0, 1]),
-        yaxis2=dict(title="predictive entropy (nats)", overlaying="y", side="right", showgrid=False)))
+        title="Entropy over training", height=420 + 12 * max(0, len(lines) - 8), margin=_MARGIN,
+        xaxis=axis, yaxis=dict(title="normalised attention entropy", range=[0, 1]),
+        yaxis2=dict(title="predictive entropy (nats)", overlaying="y", side="right", showgrid=False),
+        legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, xanchor="left", x=0)))
 
 
 def figures(result: Result, checkpoint: str | None = None) -> dict[str, go.Figure]:
