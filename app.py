@@ -14,11 +14,12 @@ import functools
 import streamlit as st
 
 from analysis import DEFAULT_MODEL, WorkbenchError, load_model
-from analysis.models import DEVICES, DTYPES, list_checkpoints
+from analysis.models import DEVICES, DTYPES, display_name, list_checkpoints
 from analysis.registry import ANALYSES
 from analysis.settings import allow_remote_code, review_mode
 from analysis.specs import BOS_CHOICES, Spec
-from views.common import ModelChoice, query, show_error, store
+from analysis.untrusted import md_escape
+from views.common import TOKENIZER_KEY, ModelChoice, query, show_error, store
 from views.page import PageContext
 
 st.set_page_config(page_title="Interpretability workbench", page_icon="🔬", layout="wide")  # an emoji: a material
@@ -29,6 +30,23 @@ OTHER = "Hugging Face id or local folder…"
 
 def _checkpoints() -> dict[str, str]:
     return {f"checkpoint step {step}": str(path) for step, path in list_checkpoints()}
+
+
+def name_ids_tokenizer(qp: dict, same_model: bool, tokenizer: str | None) -> None:
+    """A link from before links named the tokenizer of their token ids (`tok`) made them with the model it names:
+    name that model's tokenizer (this one's, if it is the model the sidebar loaded; else one that matches none), so
+    that the page makes them again from the text for another model (views/page.py, PageContext.own_token_ids)."""
+    if tokenizer is None or TOKENIZER_KEY in qp or not any(
+            _holds_ids(a.spec, f, qp[f]) for a in ANALYSES for f in a.spec.token_id_fields if f in qp):
+        return
+    st.query_params[TOKENIZER_KEY] = tokenizer if same_model else "another"
+
+
+def _holds_ids(spec_cls, name: str, value: str) -> bool:
+    try:
+        return spec_cls.holds_ids(name, value)
+    except WorkbenchError:  # a value that does not parse: the page says so
+        return False
 
 
 def sidebar() -> ModelChoice | None:
@@ -79,13 +97,15 @@ def sidebar() -> ModelChoice | None:
                 with st.spinner(f"Loading {name}…"):
                     handle = load_model(name, revision=revision or None, device=device, dtype=dtype,
                                         trust_remote_code=trust)
-                summary = {**handle.summary.as_dict(), "prepends_bos": handle.prepends_bos}
+                summary = handle.info
         except WorkbenchError as e:
             show_error(e)
             return None
         st.session_state["model_summary"] = summary  # pages pick smaller defaults for a large model from it
+        name_ids_tokenizer(qp, (url.model, url.revision) == (name, revision), summary.get("tokenizer"))
         adds = summary.get("prepends_bos", True)  # records from before it was kept: every run had a BOS
-        st.caption(f"{summary['architecture']} · {summary['n_params'] / 1e6:.2f} M parameters · "
+        st.caption(f"**{md_escape(display_name(name))}** · {summary['architecture']} · "
+                   f"{summary['n_params'] / 1e6:.2f} M parameters · "
                    f"{summary['device']} · {summary['dtype']} · its tokenizer "
                    f"{'puts a BOS token in front' if adds else 'adds no BOS token'}")
     # keep the URL in step with the model, so a copied link opens the same one

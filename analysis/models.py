@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -111,6 +112,19 @@ class ModelHandle:
     def cfg(self):
         return self.bridge.cfg
 
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        """What this model's token ids mean (analysis.tokens.tokenizer_fingerprint): a link's ids belong to it."""
+        from .tokens import tokenizer_fingerprint
+
+        return tokenizer_fingerprint(self.tokenizer)
+
+    @property
+    def info(self) -> dict:
+        """The summary the store and the app keep for this model: its config summary, whether its tokenizer puts a
+        BOS token in front, and its tokenizer's fingerprint."""
+        return {**self.summary.as_dict(), "prepends_bos": self.prepends_bos, "tokenizer": self.tokenizer_fingerprint}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Public API
@@ -125,6 +139,14 @@ def load_model(
 ) -> ModelHandle:
     """Load (or return from the in-process cache) a model by hub id, local folder, or "default"."""
     return MODEL_CACHE.get(name, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def display_name(name: str) -> str:
+    """A model's name as a person reads it: a GGUF file's or a local folder's own name rather than its whole path
+    (hub ids and "default" as they are)."""
+    if name.lower().endswith(".gguf") or name.startswith(("/", ".", "~")) or "\\" in name:
+        return Path(name).name or name
+    return name
 
 
 def resolve_device(device: str | None) -> str:

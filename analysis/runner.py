@@ -118,8 +118,7 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
 
     progress(0.0, f"loading {spec.model}")
     handle = load_model(spec.model, revision=spec.revision or None, device=device, dtype=spec.dtype)
-    store.remember_model(spec.model, spec.revision, spec.dtype, handle.fingerprint,
-                         {**handle.summary.as_dict(), "prepends_bos": handle.prepends_bos})
+    store.remember_model(spec.model, spec.revision, spec.dtype, handle.fingerprint, handle.info)
     spec = resolve_tokens(spec, handle)
     key = run_key(handle.fingerprint, spec, analysis.version)
     with store.session():

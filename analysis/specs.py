@@ -41,6 +41,10 @@ class Spec:
     # fields added after stores were written: left out of the run key at the value that reproduces what ran
     # before they existed, so those runs stay hits (every text used to get a BOS token in front)
     key_legacy: ClassVar[dict[str, Any]] = {"bos": "yes"}
+    # fields holding token ids made by a tokenizer, each with the field holding the text they were made from:
+    # a link carries its tokenizer's fingerprint beside them, and they are made again from the text (or refused)
+    # when the model that opens the link has another tokenizer (views/page.py)
+    token_id_fields: ClassVar[dict[str, str]] = {}
     model: str = param(DEFAULT_MODEL, "model: 'default', a Hugging Face id or a local folder", max_len=1024)
     revision: str = param("", "hub revision (branch, tag or commit); empty for the default", max_len=128)
     dtype: str = param("float32", "weights dtype", choices=tuple(DTYPES))
@@ -89,6 +93,28 @@ class Spec:
 
     def validate(self) -> None:
         """Cross-field checks; subclasses extend it. Field-level checks happen in from_dict."""
+
+    # -- token ids and the tokenizer that made them --------------------------------------------------------
+    @classmethod
+    def holds_ids(cls, name: str, value) -> bool:
+        """Does this value of the token-id field `name` hold any ids?"""
+        return bool(value)
+
+    def holds_token_ids(self) -> bool:
+        return any(self.holds_ids(f, getattr(self, f)) for f in self.token_id_fields)
+
+    def without_token_ids(self) -> "Spec":
+        """This spec with its token ids dropped, so that `resolve` makes them again from the text under the model
+        it runs on. Ids with no text to make them from are refused (they belong to another tokenizer)."""
+        changes = {}
+        for ids_field, text_field in self.token_id_fields.items():
+            if not self.holds_ids(ids_field, getattr(self, ids_field)):
+                continue
+            text = getattr(self, text_field) if text_field else ""
+            if not (text.strip() if isinstance(text, str) else text):
+                raise WorkbenchError(f"It gives {ids_field} and no {text_field or 'text'} to tokenise again.")
+            changes[ids_field] = type(getattr(self, ids_field))()
+        return self.replace(**changes) if changes else self
 
     def resolve(self, model) -> "Spec":
         """This spec with what depends on the model filled in (token ids of pairs or targets), checked against
@@ -162,6 +188,7 @@ class PromptSpec(Spec):
 
     # text fields that only label what ran once their token ids are known (left out of the run key then)
     display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids"}
+    token_id_fields: ClassVar[dict[str, str]] = {"token_ids": "prompt"}
     prompt: str = param("", "the prompt text", max_len=20_000)
     token_ids: tuple[int, ...] = param((), "token ids (with BOS); replaces the prompt's tokenization when given",
                                     min=0, max_len=MAX_TOKENS)

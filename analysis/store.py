@@ -348,7 +348,8 @@ class Store:
         if ident in self._remembered:
             return
         known = self.model_record(model, revision, dtype)
-        if known is None or known["fingerprint"] != fingerprint:
+        if known is None or known["fingerprint"] != fingerprint or known["summary"] != json.loads(
+                json.dumps(summary, default=str)):  # a record from before a summary field was kept is updated
             self._transaction(lambda con: con.execute(
                 f"INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, {_NOW})",
                 [model, revision or "", dtype, fingerprint, json.dumps(summary, default=str)]))

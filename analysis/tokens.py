@@ -5,11 +5,24 @@ Only the tokenizer is used, so none of this needs the model's lock. `model` is a
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pandas as pd
 
 from .errors import WorkbenchError
 
 MAX_PROMPT_CHARS = 20_000
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what a tokenizer's ids mean (every token's text and id, and its BOS and EOS ids): the same
+    for every model that shares a tokenizer (the default model's checkpoints), different for another vocabulary
+    even where the ids happen to be in range. Links carry it next to the token ids they replay."""
+    vocab = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items())
+    special = [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    payload = json.dumps([vocab, special], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def bos_flag(model, bos: str = "auto") -> bool:

@@ -48,3 +48,19 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_foreign_tokenizer_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2 whose tokenizer has the default model's tokens under other ids (ids 1.. reversed; 0 stays the
+    BOS/EOS token): the same text, other token ids, every id still in range. What a link's ids must not be
+    replayed on without being made again from the text."""
+    import json
+
+    save_tiny_model("gpt2", folder, seed)
+    spec = json.loads((Path(DEFAULT_MODEL_DIR) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    n = len(vocab)
+    spec["model"]["vocab"] = {t: (0 if i == 0 else n - i) for t, i in vocab.items()}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+

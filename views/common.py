@@ -82,6 +82,15 @@ MODEL_KEYS = ("model", "revision", "dtype", "device", "bos")
 def sync_url(params: dict[str, object]) -> None:
     """Make the URL hold exactly these page params besides the sidebar's model params (a page switch leaves
     no other page's state behind)."""
+TOKENIZER_KEY = "tok"  # the link's key for the fingerprint of the tokenizer that made its token ids
+
+
+def tokenizer_of_choice() -> str | None:
+    """The fingerprint of the sidebar model's tokenizer (None where it is not known: a review-mode record from before
+    it was kept)."""
+    return (st.session_state.get("model_summary") or {}).get("tokenizer")
+
+
     qp = st.query_params
     for k in list(qp.keys()):
         if k not in params and k not in MODEL_KEYS:

@@ -15,6 +15,7 @@ import streamlit as st
 from analysis import WorkbenchError
 from analysis.contract import Analysis, ViewState, Widget
 from analysis.estimate import smaller_defaults
+from analysis.models import display_name
 from analysis.registry import get_analysis
 from analysis.runner import RunOutcome
 from analysis.specs import MAX_TOKENS, Spec
@@ -69,8 +70,29 @@ class PageContext:
         field it reads), the defaults under them (smaller ones for a large model, see `smaller`); a link that does
         not validate gets a message and the defaults."""
         defaults = {**(defaults or {}), **self.smaller(spec_cls, defaults or {})}
-        return common.spec_from_link(spec_cls, [f for f in spec_cls.field_names() if f not in MODEL_FIELDS],
+        spec = common.spec_from_link(spec_cls, [f for f in spec_cls.field_names() if f not in MODEL_FIELDS],
                                      defaults)[1]
+        return self.own_token_ids(spec, defaults)
+
+    def own_token_ids(self, spec: Spec, defaults: dict) -> Spec:
+        """The link's spec with token ids only where they belong to the sidebar model's tokenizer: the link names
+        the tokenizer that made its ids (`tok`, its fingerprint); for another one (a model switch, a link made
+        with another model) they are made again from the link's text, and said so; ids with no text are
+        refused with a message (the page starts from its defaults)."""
+        made_by, current = self.query().get(common.TOKENIZER_KEY), common.tokenizer_of_choice()
+        if not spec.holds_token_ids() or current is None or made_by == current:
+            return spec
+        model = common.choice()
+        try:
+            fresh = spec.without_token_ids()
+        except WorkbenchError as e:
+            common.show_error(f"This link's token ids were made by another tokenizer than that of "
+                              f"{display_name(model.model)}, so they cannot be replayed on it: {e} Open the link "
+                              "with the model it was made with, or give the text.")
+            return type(spec).from_dict(defaults)
+        st.info(f"The token ids in this page's link were made by another model's tokenizer; the text was tokenised "
+                f"again for {display_name(model.model)}.", icon=":material/sync:")
+        return fresh
 
     def smaller(self, spec_cls: type[Spec], defaults: dict) -> dict:
         """The analysis's smaller settings for the sidebar's model when its defaults would run longer than a
@@ -154,8 +176,11 @@ class PageContext:
 
     def share(self, outcome: RunOutcome, params: dict, figures: dict, title: str,
               view: ViewState | None = None) -> None:
-        common.share_and_export(outcome, {**params, **(view.to_query() if view is not None else {})}, figures,
-                                title)
+        params = {**params, **(view.to_query() if view is not None else {})}
+        spec_cls = type(outcome.spec)
+        if any(spec_cls.holds_ids(k, params.get(k)) for k in spec_cls.token_id_fields):
+            params[common.TOKENIZER_KEY] = common.tokenizer_of_choice() or ""  # whose ids these are
+        common.share_and_export(outcome, params, figures, title)
 
     def spec_params(self, spec: Spec) -> dict:
         return common.spec_params(spec)

@@ -32,7 +32,7 @@ from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...stats import pearson
-from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, _parse_pairs, resolve_pairs
+from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, PairIds, _parse_pairs, resolve_pairs
 from .browse import token_strings
 from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
@@ -41,7 +41,7 @@ BATCH = 64  # patched runs per forward
 
 
 @dataclass(frozen=True)
-class FeatureAttributionSpec(SAESpec):
+class FeatureAttributionSpec(PairIds, SAESpec):
     """AtP and RelP scores of SAE features on prompt pairs, checked against patching the features themselves."""
 
     analysis: ClassVar[str] = "sae_attribution"

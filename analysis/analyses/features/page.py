@@ -3,12 +3,14 @@ time — the SAE's own report, feature pages, search, attribution, steering, dis
 settings, the section and each section's settings (the feature shown, the steering strength) live in the URL."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ...contract import Page, ViewState, Widget
 from ...errors import WorkbenchError
 from ...untrusted import md_escape
 from ..concepts.page import strip_names
+from ..patching.spec import pairs_with_text
 from .figures import (
     attribution_scatter,
     context_html,
@@ -201,6 +203,10 @@ def attribution_section(ctx, model, common, view):
     st.caption(f"Metric: {m['metric']} (base run {m['base_metric_mean']:.3f}, source run "
                f"{m['source_metric_mean']:.3f}) · {md_escape(m['measured_on'])}"
                + (f" · {md_escape(outcome.spec.pairs_note)}" if outcome.spec.pairs_note else ""))
+    if not outcome.spec.pairs_note and values["pairs"].strip():  # a person's pairs: the link keeps their text beside
+        # the ids that ran, so another tokenizer can make its own from it
+        outcome = dataclasses.replace(outcome, spec=outcome.spec.replace(
+            pairs=pairs_with_text(outcome.spec.pairs, values["pairs"])))
     return outcome, {"scatter": scatter, "features": bars}, "Feature attribution", None
 
 

@@ -19,6 +19,7 @@ class LensSpec(PromptSpec):
 
     analysis: ClassVar[str] = "lens"
     display_only: ClassVar[dict[str, str]] = {"prompt": "token_ids", "targets": "target_ids"}
+    token_id_fields: ClassVar[dict[str, str]] = {"token_ids": "prompt", "target_ids": "targets"}
     title: ClassVar[str] = "Lens: each layer's residual decoded (logit lens, tuned lens) as a next-token distribution"
     sites: tuple[str, ...] = param(SITES, "residual sites to decode", choices=SITES, max_len=len(SITES))
     targets: tuple[str, ...] = param((), "target tokens (text, one token each, e.g. ' Paris') tracked at every cell",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ...contract import Page, ViewState, Widget
+from ...models import display_name
 from .figures import attention_heatmap, predictions_bar
 from .spec import ModelViewSpec
 
@@ -24,6 +25,7 @@ class ModelView(ViewState):
 def render(ctx) -> None:
     st = ctx.st
     model = ctx.start("Model")
+    st.caption(display_name(model.model))
     url, view = ctx.link(ModelViewSpec, PAGE.defaults), ctx.view(ModelView)
     values = ctx.spec_widgets(ModelViewSpec, url, ["prompt", "top_k"], WIDGETS)
     # the link's token ids replay exactly what ran, as long as the prompt is the one the link came with
@@ -40,7 +42,11 @@ def render(ctx) -> None:
                                           ("Parameters", f"{summary.get('n_params', 0) / 1e6:.2f} M")]):
         col.metric(label, value)
     with st.expander("Configuration", expanded=False):
-        st.dataframe(pd.DataFrame({"field": list(summary), "value": [str(v) for v in summary.values()]}),
+        details = dict(summary)
+        if display_name(str(summary.get("name", ""))) != summary.get("name"):  # a file or folder: its name, then
+            details = {"name": display_name(summary["name"]), "path": summary["name"], **{  # the whole path
+                k: v for k, v in summary.items() if k != "name"}}
+        st.dataframe(pd.DataFrame({"field": list(details), "value": [str(v) for v in details.values()]}),
                      hide_index=True, width="stretch")
         st.caption(f"Fingerprint (content hash of the weights): `{outcome.record.fingerprint}`")
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ...contract import Page, ViewState, Widget
 from .figures import comparison_scatter, p_floor, patching_heatmap, top_nodes_with_intervals
-from .spec import PatchingSpec
+from .spec import PatchingSpec, pairs_with_text
 
 EXAMPLE_PAIRS = """[
   {"clean": "Then, John and Mary went to the store. John gave a ring to",
@@ -105,7 +105,9 @@ def render(ctx) -> None:
     st.dataframe(top.drop(columns=["method"]), hide_index=True, width="stretch")
 
     # shipped pairs are linked by name and count (short links); the user's own by their token ids
-    ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec), figures,
+    # (with the text of the user's pairs beside their ids, so another tokenizer can make its own from it)
+    ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec.replace(
+        pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures,
               f"Patching: {', '.join(outcome.spec.components)}", view=PatchingView(method, component))
 
 

@@ -21,8 +21,53 @@ RELP_RULES = ("ln", "identity", "half", "attention")
 MAX_PAIRS = 256
 
 
+PAIR_TEXTS = {"clean_ids": "clean", "corrupted_ids": "corrupted", "answer_id": "answer", "wrong_id": "wrong"}
+
+
+class PairIds:
+    """Token ids in a spec's prompt pairs (`pairs`, JSON): they belong to the tokenizer that made them (see
+    Spec.token_id_fields). Dropped for another tokenizer: shipped pairs are built again for it, a person's pairs are
+    tokenised again from their text; pairs given only as ids are refused."""
+
+    token_id_fields: ClassVar[dict[str, str]] = {"pairs": "pairs"}
+
+    @classmethod
+    def holds_ids(cls, name: str, value) -> bool:
+        return name == "pairs" and bool(value) and any(k in p for p in _parse_pairs(value) for k in PAIR_TEXTS)
+
+    def without_token_ids(self):
+        if not self.holds_token_ids():
+            return self
+        if self.pairs_note:  # the shipped pairs, as built for the link's model: build them for this one
+            return self.replace(pairs="", dataset="ioi", pairs_note="")
+        return self.replace(pairs=pairs_without_ids(self.pairs))
+
+
+def pairs_without_ids(text: str) -> str:
+    """The pairs with their token ids dropped, keeping the text they were made from; a pair given by ids alone is
+    refused."""
+    out = []
+    for i, p in enumerate(_parse_pairs(text)):
+        for ids, kind in PAIR_TEXTS.items():
+            if ids in p and not (isinstance(p.get(kind), str) and p[kind]):
+                raise WorkbenchError(f"Pair {i + 1} gives {ids} and no {kind!r} text to tokenise again.")
+        out.append({k: v for k, v in p.items() if k not in PAIR_TEXTS})
+    return json.dumps(out, ensure_ascii=False)
+
+
+def pairs_with_text(resolved: str, given: str) -> str:
+    """Resolved pairs (token ids only) with the text of the pairs they were resolved from beside their ids, so that a
+    link can tokenise them again for another tokenizer."""
+    texts = _parse_pairs(given) if given else []
+    out = []
+    for i, p in enumerate(_parse_pairs(resolved)):
+        typed = texts[i] if i < len(texts) else {}
+        out.append({**{k: typed[k] for k in PAIR_TEXTS.values() if isinstance(typed.get(k), str)}, **p})
+    return json.dumps(out, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
-class PatchingSpec(Spec):
+class PatchingSpec(PairIds, Spec):
     """Patching sweeps over prompt pairs: the shipped IOI pairs (built for the model's tokenizer), or pairs given
     as JSON. Pairs of different token lengths run as one batch per length, combined into one result."""
 
