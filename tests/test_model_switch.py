@@ -193,3 +193,32 @@ def test_smollm2_switch_on_the_lens_page(own_store):
     assert decoded(str(GGUF), second["target_ids"]) == " Paris"
     use_model(at, "default")
     assert ran(at, own_store, "lens")["token_ids"] == first["token_ids"]
+
+
+def test_a_model_is_named_by_its_file_not_its_path(own_store, foreign):
+    """The sidebar and the Model page named a GGUF by its whole server path; now by the file's (or folder's) own
+    name, the path kept in the configuration details."""
+    at = _open("model", model=foreign)
+    assert not at.exception and not at.error
+    assert any(c.value.startswith("**model** ·") for c in at.sidebar.caption)
+    assert not any(foreign in c.value for c in at.sidebar.caption)
+    config = [d.value for d in at.dataframe if "field" in d.value.columns][0].set_index("field")["value"]
+    assert config["name"] == "model" and config["path"] == foreign
+    hub = _open("model")  # a name that is not a path stays as it is
+    assert any(c.value.startswith("**default** ·") for c in hub.sidebar.caption)
+
+
+def test_the_app_sends_no_usage_statistics(monkeypatch):
+    """`streamlit run app.py` sent Streamlit's usage statistics by default; the shipped config turns them off, as
+    Streamlit itself reads it from the folder the app starts in."""
+    from pathlib import Path
+
+    from streamlit import config
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.delenv("STREAMLIT_BROWSER_GATHER_USAGE_STATS", raising=False)
+    try:
+        config.get_config_options(force_reparse=True)
+        assert config.get_option("browser.gatherUsageStats") is False
+    finally:
+        config.get_config_options(force_reparse=True)
