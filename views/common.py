@@ -59,13 +59,36 @@ def show_error(e: Exception | str, where=None) -> None:
     (where or st).error(md_escape(str(e)))
 
 
-def app_url() -> str:
-    """This app's address without the query (links into it stay live in exports)."""
-    return (st.context.url or "").split("?", 1)[0]
+def app_url(page: bool = True) -> str:
+    """This page's address without the query (what a share link adds its query to), or with `page=False` the
+    app's base address: scheme, host, port and the server's base path (`server.baseUrlPath`, or a proxy's
+    prefix), without the page's path. Links are judged against the base (analysis.untrusted.app_link), so a
+    finding's link to /lens is live on /findings and in every export."""
+    url = (st.context.url or "").split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    if page or not url:
+        return url
+    # st.context.url is the browser's address with the page's path taken off and the current page's url path
+    # (as st.navigation registered it) put back: take that path off again
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    pages = ctx.pages_manager.get_pages() if ctx is not None else {}
+    here = pages.get(ctx.pages_manager.current_page_script_hash, {}) if ctx is not None else {}
+    path = here.get("url_pathname") or ""
+    return url.removesuffix(f"/{path}") if path else url
 
 
 def choice() -> ModelChoice | None:
     return st.session_state.get("model_choice")
+
+
+TOKENIZER_KEY = "tok"  # the link's key for the fingerprint of the tokenizer that made its token ids
+
+
+def tokenizer_of_choice() -> str | None:
+    """The fingerprint of the sidebar model's tokenizer (None where it is not known: a review-mode record from before
+    it was kept)."""
+    return (st.session_state.get("model_summary") or {}).get("tokenizer")
 
 
 def query() -> dict[str, str]:
@@ -82,15 +105,6 @@ MODEL_KEYS = ("model", "revision", "dtype", "device", "bos")
 def sync_url(params: dict[str, object]) -> None:
     """Make the URL hold exactly these page params besides the sidebar's model params (a page switch leaves
     no other page's state behind)."""
-TOKENIZER_KEY = "tok"  # the link's key for the fingerprint of the tokenizer that made its token ids
-
-
-def tokenizer_of_choice() -> str | None:
-    """The fingerprint of the sidebar model's tokenizer (None where it is not known: a review-mode record from before
-    it was kept)."""
-    return (st.session_state.get("model_summary") or {}).get("tokenizer")
-
-
     qp = st.query_params
     for k in list(qp.keys()):
         if k not in params and k not in MODEL_KEYS:
@@ -180,11 +194,12 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     from analysis import load_model
     from analysis.estimate import check_fits, check_time, fmt_seconds
     from analysis.registry import get_analysis
-    from analysis.runner import estimate_unstored, resolve_tokens
+    from analysis.runner import estimate_defaults, estimate_unstored, resolve_tokens
     from analysis.settings import max_run_seconds
 
     handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
-    est = estimate_unstored(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store())
+    analysis = get_analysis(spec.analysis)
+    est = estimate_unstored(analysis, resolve_tokens(spec, handle), handle, store())
     if est is None:
         return
     text = f"Estimated {est.describe()}"
@@ -192,8 +207,12 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     if chosen and all(getattr(spec, k) == (tuple(v) if isinstance(v, list) else v) for k, v in chosen.items()):
         defaults = type(spec)()
         what = ", ".join(f"{k} {_short(v)} (default {_short(getattr(defaults, k))})" for k, v in chosen.items())
+        try:  # the defaults on the same basis as this run's figure (this machine's pace and its finished runs)
+            took = f"≈ {fmt_seconds(estimate_defaults(analysis, spec, chosen, handle, store()).total_seconds)}"
+        except WorkbenchError:
+            took = f"≈ {fmt_seconds(full)} on 2 CPU cores"
         text += (f"  \nSmaller settings than the defaults, chosen for this model's size: {what}; the defaults would "
-                 f"take ≈ {fmt_seconds(full)} on 2 CPU cores.")
+                 f"take {took} (this run: ≈ {fmt_seconds(est.total_seconds)}).")
     (slot or st).caption(text)
     check_fits(est)
     check_time(est, max_run_seconds())
