@@ -46,8 +46,9 @@ class ReportItem:
     figures: dict[str, go.Figure] = field(default_factory=dict)
     table: pd.DataFrame | None = None
     notes: str = ""
-    link: str = ""
+    link: str = ""  # the view's link (a finding's first; its others are in `more_links`)
     meta: dict = field(default_factory=dict)
+    more_links: list[str] = field(default_factory=list)
 
 
 def item_from_result(title: str, analysis: str, key: str, spec: dict, result: Result, *, notes: str = "",
@@ -105,8 +106,8 @@ def _item_html(item: ReportItem, app_url: str = "") -> str:
     parts = [f"<h2>{html.escape(item.title)}</h2>",
              f"<p class='meta'>analysis <code>{html.escape(item.analysis)}</code> · run key "
              f"<code>{html.escape(item.run_key)}</code></p>"]
-    if item.link:
-        parts.append(f"<p class='meta'>Link: {_link_html(item.link, app_url)}</p>")
+    for link in filter(None, [item.link, *item.more_links]):
+        parts.append(f"<p class='meta'>Link: {_link_html(link, app_url)}</p>")
     if item.notes:
         parts.append(f"<div class='notes'>{html.escape(item.notes)}</div>")
     for name, fig in item.figures.items():
@@ -123,7 +124,8 @@ def _item_html(item: ReportItem, app_url: str = "") -> str:
 
 
 def html_report(title: str, items: list[ReportItem], *, intro: str = "", app_url: str = "") -> str:
-    """A single self-contained HTML file: no network needed to open it (links into `app_url` stay live)."""
+    """A single self-contained HTML file: no network needed to open it (links into `app_url`, the app's base
+    address or a page's, stay live; untrusted.app_link)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(_item_html(i, app_url) for i in items)
     intro_html = f"<div class='notes'>{html.escape(intro)}</div>" if intro else ""
@@ -134,18 +136,24 @@ def html_report(title: str, items: list[ReportItem], *, intro: str = "", app_url
 
 
 def findings_report(store: Store, app_url: str = "") -> tuple[str, bytes]:
-    """All findings as one HTML report (with the figures of every linked stored run) and one CSV."""
+    """All findings as one HTML report (with the figures of every linked stored run) and one CSV. `app_url` is the
+    app's base address: a link into it is live in the HTML and is the CSV's `view` (the finding's first such link,
+    alone in its cell, so a spreadsheet can follow it); other links are text in both."""
     df = store.findings()
     items: list[ReportItem] = []
     for f in df.itertuples(index=False):
         runs = [store.run(k) for k in f.runs]
+        links = list(f.links)
         items.append(ReportItem(title=f.title, analysis="finding", run_key=", ".join(f.runs) or "-",
-                                spec={"author": f.author, "created": str(f.created), "links": list(f.links)},
-                                model_summary={}, notes=f.notes, link=f.links[0] if len(f.links) else ""))
+                                spec={"author": f.author, "created": str(f.created)},
+                                model_summary={}, notes=f.notes, link=links[0] if links else "",
+                                more_links=links[1:]))
         for rec in runs:
             res = store.get(rec.key) if rec else None
             if rec is not None and res is not None:
                 items.append(item_from_result(f"{f.title}: {rec.analysis} run", rec.analysis, rec.key, rec.spec,
                                               res))
-    csv_df = df.assign(runs=df["runs"].map(lambda r: " ".join(r)), links=df["links"].map(lambda r: " ".join(r)))
+    view = df["links"].map(lambda r: next((k for k in r if app_link(k, app_url) and not k.startswith("?")), ""))
+    csv_df = df.assign(runs=df["runs"].map(lambda r: " ".join(r)), links=df["links"].map(lambda r: " ".join(r)),
+                       view=view)
     return html_report("Findings", items, app_url=app_url), to_csv(csv_df)

@@ -5,13 +5,14 @@
 - Markdown (Streamlit's text elements): every character Markdown acts on is backslash-escaped, so an image
   (`![x](http://host/pixel.png)`), a link, an autolink, an HTML tag or a Streamlit directive shows as the
   characters typed and nothing is fetched.
-- Links: live only when they lead into the app itself (a `?query` or the app's own address); anything else,
-  `javascript:` and other sites included, is shown as plain text.
+- Links: live only when they lead into the app itself (a `?query`, or the app's own scheme, host and port with a
+  path under its base path); anything else, `javascript:`, other sites and ports, look-alike hosts
+  (`localhost:8611.evil.example`) and userinfo (`localhost:8611@evil.example`) included, is shown as plain text.
 """
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 
@@ -48,14 +49,42 @@ def md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+# an address's host and port: a DNS name or IPv4 address, or a bracketed IPv6 one, then digits (no userinfo)
+_NETLOC = re.compile(r"(?P<host>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(parts) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a split http(s) address, or None for anything else: userinfo (`ours@evil.example`),
+    a port that is not a number (`localhost:8611.evil.example`), a host with characters no host name has."""
+    scheme, m = parts.scheme.lower(), _NETLOC.fullmatch(parts.netloc.lower())
+    if scheme not in _DEFAULT_PORTS or m is None:
+        return None
+    return scheme, m["host"], int(m["port"]) if m["port"] else _DEFAULT_PORTS[scheme]
+
+
+def _segments(path: str) -> list[str] | None:
+    """A path's segments, or None if any is `.` or `..` (also percent-encoded: a browser resolves them, which
+    would take a link out of the app's base path)."""
+    segs = [s for s in path.split("/") if s]
+    if any(unquote(s).lower() in (".", "..") for s in segs):
+        return None
+    return segs
+
+
 def app_link(link: str, app_url: str = "") -> bool:
-    """Does this link lead into the app: a bare `?query`, or the app's own scheme, host and path?"""
-    if not isinstance(link, str) or any(c in link for c in "\\\n\r\t "):
+    """Does this link lead into the app: a bare `?query` (this page), or an address at the app's own origin
+    (scheme, host and port, no userinfo) whose path lies under the app's base path? `app_url` is the app's base
+    address (views.common.app_url(page=False)); a page's address works too, for links to that page only."""
+    if not isinstance(link, str) or not link or any(c in link for c in "\\ ") or any(
+            ord(c) < 0x20 or ord(c) == 0x7F for c in link):
         return False
     if link.startswith("?"):
         return True
     if not app_url:
         return False
     got, app = urlsplit(link), urlsplit(app_url)
-    return (got.scheme in ("http", "https") and (got.scheme, got.netloc) == (app.scheme, app.netloc)
-            and got.path.rstrip("/").startswith(app.path.rstrip("/")))
+    if _origin(got) is None or _origin(got) != _origin(app):
+        return False
+    got_path, base_path = _segments(got.path), _segments(app.path)
+    return got_path is not None and base_path is not None and got_path[:len(base_path)] == base_path

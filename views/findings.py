@@ -18,7 +18,8 @@ if df.empty:
     st.info("No findings yet. Save one from an analysis page (\"Save as a finding\").")
     st.stop()
 
-html, csv = findings_report(store(), app_url())
+base = app_url(page=False)  # links are judged against the app's base address, not this page's (/findings)
+html, csv = findings_report(store(), base)
 c1, c2 = st.columns(2)
 c1.download_button("Download all as HTML", html.encode(), file_name="findings.html", mime="text/html")
 c2.download_button("Download all as CSV", csv, file_name="findings.csv", mime="text/csv")
@@ -33,7 +34,7 @@ for f in df.itertuples(index=False):
         if f.notes:
             st.text(f.notes)
         for link in f.links:
-            if app_link(link, app_url()):
+            if app_link(link, base):
                 st.link_button("Open the view", link)
             else:
                 st.text(f"Link (not into this app, so not opened from here): {link}")

@@ -1,0 +1,69 @@
+"""A finding's link in a real browser (issue 26, item 3): saved from /lens, it was "not into this app" on /findings.
+Now it is a live link there, and following it opens the lens view with the state it was saved with.
+
+The server and the browser are test_browser.py's fixtures (one server for this module, the default model)."""
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlsplit
+
+from test_browser import page, pytestmark, server  # noqa: F401 - fixtures and the skip when chromium is missing
+
+PROMPT = "The capital of Peru is"
+
+
+def _settled(tab) -> None:
+    """Wait until the app's script run is over (a click while it reruns can land on an element it replaces): the
+    status widget's running icon is gone (the widget itself also says when a source file changed)."""
+    tab.wait_for_timeout(500)
+    tab.locator("[data-testid='stStatusWidgetRunningIcon']").wait_for(state="detached", timeout=180_000)
+
+
+def _state(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def test_a_findings_link_opens_its_view(server, page):  # noqa: F811 - the imported fixtures
+    # /lens on the default model, run with a prompt of our own
+    page.goto(f"{server}/lens")
+    main = page.locator("[data-testid='stMain']")
+    main.get_by_text("Share and export").wait_for(timeout=180_000)
+    _settled(page)
+    main.get_by_role("textbox", name="Prompt").fill(PROMPT)
+    main.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_url(re.compile(r"prompt=The\+capital\+of\+Peru\+is"), timeout=120_000)
+    code = main.locator("[data-testid='stCode']").filter(has_text="Peru")
+    code.wait_for(timeout=60_000)
+    link = code.inner_text().strip()
+    _settled(page)
+    assert urlsplit(link).path == "/lens" and _state(link)["prompt"] == PROMPT and _state(link)["token_ids"]
+
+    # saved as a finding
+    main.get_by_text("Save as a finding").click()
+    title = main.get_by_role("textbox", name="Title")
+    title.fill("Lens on Peru")
+    title.blur()  # a text field commits its value when it loses focus
+    main.get_by_role("button", name="Save finding").click()
+    main.get_by_text("Saved finding").wait_for(timeout=30_000)
+
+    # /findings: the finding's link is a live link into the app, not "not into this app"
+    page.goto(f"{server}/findings")
+    main.get_by_text("Lens on Peru").wait_for(timeout=90_000)
+    opener = main.get_by_role("link", name="Open the view")
+    opener.first.wait_for(timeout=60_000)
+    _settled(page)
+    assert opener.count() == 1 and opener.get_attribute("href") == link
+    assert "Peru" not in " ".join(t for t in main.locator("[data-testid='stText']").all_inner_texts()
+                                  if "not into this app" in t)
+    assert main.locator("a[href^='javascript']").count() == 0  # the seeded hostile finding stays dead
+
+    # following it opens the lens view with the same state, from the store
+    with page.context.expect_page() as opened:
+        opener.click()
+    view = opened.value
+    shown = view.locator("[data-testid='stMain']")
+    shown.get_by_text("from the store").wait_for(timeout=120_000)
+    _settled(view)
+    assert urlsplit(view.url).path == "/lens" and _state(view.url) == _state(link)
+    assert shown.get_by_role("textbox", name="Prompt").input_value() == PROMPT
+    assert view.locator("[data-testid='stException']").count() == 0
