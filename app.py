@@ -19,7 +19,7 @@ from analysis.registry import ANALYSES
 from analysis.settings import allow_remote_code, review_mode
 from analysis.specs import BOS_CHOICES, Spec
 from analysis.untrusted import md_escape
-from views.common import TOKENIZER_KEY, ModelChoice, query, show_error, store
+from views.common import TOKENIZER_KEY, WATCHED, ModelChoice, query, show_error, store
 from views.page import PageContext
 
 st.set_page_config(page_title="Interpretability workbench", page_icon="🔬", layout="wide")  # an emoji: a material
@@ -118,6 +118,7 @@ def sidebar() -> ModelChoice | None:
     return choice
 
 
+st.session_state[WATCHED] = {}  # keys of the runs' Stop buttons, counted afresh in each rerun
 st.session_state["model_choice"] = sidebar()
 # one page per registered analysis that has one (the registry is the one list), then the Findings page
 ctx = PageContext(ANALYSES)

@@ -146,3 +146,33 @@ def test_closing_the_tab_stops_its_run(server, page, tmp_path):
     time.sleep(2 * whole + 5)  # long past when it would have finished
     runs = Store(SERVER_STORE["path"]).runs("patching")
     assert not any(json.loads(s).get("n_pairs") == 16 for s in runs["spec"]), "the abandoned run was stored"
+
+
+def test_a_long_run_shows_its_time_left_joins_a_second_run_press_and_stops(server, page):
+    """Every long run shows what it is doing, the time so far and the time left; pressing Run again while it runs
+    joins it (it used to start it over); Stop cancels it: nothing stored, the model free for the next run."""
+    import re
+    from urllib.parse import urlencode
+
+    from analysis.store import Store
+
+    query = dict(n_pairs=64, components="resid_pre,z_by_pos,pattern_by_pos,attn_out,mlp_out", methods="activation,atp")
+    page.goto(f"{server}/patching?{urlencode(query)}")
+    bar = page.locator("[data-testid='stProgress']").first
+    bar.get_by_text("so far").wait_for(timeout=120_000)
+    page.wait_for_timeout(3000)
+    page.get_by_role("button", name="Run", exact=True).click()  # a second press while it runs
+    page.wait_for_timeout(1500)
+    text = bar.inner_text()
+    assert "left" in text, text
+    so_far = int(re.search(r"(\d+) s so far", text).group(1))
+    assert so_far >= 4, text  # the run's own clock: joined, not started over
+    page.get_by_test_id("stButton").get_by_role("button", name="Stop").click()  # ours, not the header's
+    page.get_by_text("Stopped: nothing was stored.").wait_for(timeout=60_000)
+    assert page.locator("[data-testid='stProgress']").count() == 0
+    page.wait_for_timeout(3000)
+    runs = Store(SERVER_STORE["path"]).runs("patching")
+    assert not any(json.loads(s).get("n_pairs") == 64 for s in runs["spec"]), "the stopped run was stored"
+    page.goto(f"{server}/lens?prompt=Stopped+runs+free+the+model")  # the model is free: the next run completes
+    page.get_by_text("Top tokens at one cell").wait_for(timeout=120_000)
+    assert page.locator("[data-testid='stException']").count() == 0

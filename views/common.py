@@ -9,7 +9,6 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from analysis import WorkbenchError
-from analysis.errors import RunCancelled
 from analysis.export import html_report, item_from_result, to_csv
 from analysis.runner import RunOutcome, get_store
 from analysis.settings import review_mode
@@ -166,20 +165,58 @@ def session_is_open() -> bool:
     return get_instance().is_active_session(ctx.session_id)
 
 
-def progress_bar():
-    """A progress callback for analysis.runner.run that drives an st.progress bar (removed when done), and stops
-    the run when its browser tab has gone: a run nobody waits for does not hold the model for everyone else."""
-    bar = st.progress(0.0, text="Starting…")
+def session_id() -> str:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-    def update(frac: float, what: str) -> None:
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else "local"
+
+
+WATCHED = "_watched_runs"  # session-state key: how many runs of each analysis this rerun has watched so far
+
+
+def watch_run(spec, model: ModelChoice, est=None, submitted: bool = False) -> RunOutcome:
+    """Run `spec` through the store on its own thread (analysis.jobs) and watch it: a progress bar with what it is
+    doing, the time so far and the time left, and a Stop button. A rerun of the page while it runs (Run pressed
+    again, a click elsewhere) joins the run in flight instead of starting it over; Stop cancels it (nothing is
+    stored, the model is freed) and the page then waits for Run; a closed tab stops it too."""
+    from analysis import jobs
+    from analysis.estimate import fmt_seconds
+    from analysis.runner import run
+
+    key = f"{spec.to_json()}|{model.device}|{store().path}"
+    who = session_id()
+    stopped = st.session_state.setdefault("stopped_runs", set())
+    stop_slot, bar_slot = st.empty(), st.empty()
+    counts = st.session_state.setdefault(WATCHED, {})  # a page may run one analysis twice (app.py clears it)
+    n = counts[spec.analysis] = counts.get(spec.analysis, 0) + 1
+    if stop_slot.button("Stop", key=f"stop-{spec.analysis}-{n}", icon=":material/stop_circle:",
+                        help="Stop this run: nothing is stored."):
+        if (job := jobs.running(key)) is not None:
+            job.stop(who)
+        stopped.add(key)
+    if key in stopped and not submitted:
+        stop_slot.empty()
+        st.info("Stopped: nothing was stored.")
+        if not st.button("Run it again", key=f"again-{spec.analysis}-{n}"):
+            st.stop()
+    stopped.discard(key)
+    seconds = getattr(est, "total_seconds", None) or getattr(est, "seconds", None)
+    job, _ = jobs.start(key, who, lambda progress: run(spec, store=store(), device=model.device, progress=progress))
+    while not job.done.wait(0.25):
         if not session_is_open():
-            raise RunCancelled("The browser tab that asked for this run has closed; it was stopped.")
-        if frac >= 1.0:
-            bar.empty()
-        else:
-            bar.progress(min(max(frac, 0.0), 1.0), text=what)
-
-    return update
+            job.stop(who, "The browser tab that asked for this run has closed; it was stopped.")
+            break
+        job.watch(who)
+        left = job.time_left(seconds)
+        bar_slot.progress(job.frac, text=f"{job.what} · {fmt_seconds(job.elapsed)} so far"
+                          + (f" · ≈ {fmt_seconds(left)} left" if left is not None else ""))
+    job.done.wait()
+    stop_slot.empty()
+    bar_slot.empty()
+    if job.error is not None:
+        raise job.error
+    return job.outcome
 
 
 def status_line(outcome: RunOutcome) -> None:
@@ -216,6 +253,7 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     (slot or st).caption(text)
     check_fits(est)
     check_time(est, max_run_seconds())
+    return est
 
 
 def _short(v) -> str:
@@ -224,21 +262,21 @@ def _short(v) -> str:
     return str(v)
 
 
-def run_or_stop(make_spec, model: ModelChoice, slot=None, smaller: dict | None = None) -> RunOutcome:
+def run_or_stop(make_spec, model: ModelChoice, slot=None, smaller: dict | None = None,
+                submitted: bool = False) -> RunOutcome:
     """Build the spec (`make_spec()`), validate it as a link or the CLI would, show its estimate and run it
-    through the store with a progress bar; a bad input gets its message and the page stops there (nothing is
-    stored)."""
+    through the store, watched (`watch_run`: progress, time left, Stop); a bad input gets its message and the page
+    stops there (nothing is stored). `submitted`: the page's Run button was pressed in this rerun."""
     from analysis.runner import run
 
-    progress = progress_bar()
     try:
         spec = make_spec()
         spec = type(spec).from_dict(spec.to_dict())  # the same validation as a link or the CLI
-        if not review_mode():
-            show_estimate(spec, model, slot, smaller)
-        return run(spec, store=store(), device=model.device, allow_compute=not review_mode(), progress=progress)
+        if review_mode():
+            return run(spec, store=store(), device=model.device, allow_compute=False)
+        est = show_estimate(spec, model, slot, smaller)
+        return watch_run(spec, model, est, submitted)
     except WorkbenchError as e:
-        progress(1.0, "")  # take the bar away
         show_error(e)
         st.stop()
 

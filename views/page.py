@@ -46,6 +46,7 @@ class PageContext:
     def __init__(self, analyses: list[Analysis]):
         self.analyses = analyses
         self._slot = None  # the caption beside the Run button (the estimate goes there)
+        self._submitted = False  # the Run button was pressed in this rerun
         self._smaller: dict[str, tuple[dict, float, float]] = {}  # analysis -> settings chosen for the model
 
     # -- the model and the link ------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class PageContext:
     def run_button(self, label: str = "Run") -> None:
         """The form's submit button, with the run's memory and time estimate beside it."""
         left, right = st.columns([1, 6], vertical_alignment="center")
-        left.form_submit_button(label)
+        self._submitted = left.form_submit_button(label)
         self._slot = right.empty()
 
     def view(self, view_cls: type[ViewState]) -> ViewState:
@@ -172,7 +173,8 @@ class PageContext:
     # -- running, sharing ------------------------------------------------------------------------------------
     def run(self, make_spec, model: common.ModelChoice) -> RunOutcome:
         slot, self._slot = self._slot, None
-        return common.run_or_stop(make_spec, model, slot=slot, smaller=self._smaller)
+        submitted, self._submitted = self._submitted, False
+        return common.run_or_stop(make_spec, model, slot=slot, smaller=self._smaller, submitted=submitted)
 
     def share(self, outcome: RunOutcome, params: dict, figures: dict, title: str,
               view: ViewState | None = None) -> None:

@@ -139,12 +139,15 @@ def compute(session: ModelSession, spec: InfoPlaneSpec, inputs, progress) -> Res
     y_codes = np.unique(np.array([str(v) for v in y_vals]), return_inverse=True)[1]
     Ky = label_gram(torch.tensor(y_codes))
     rows, models = [], []
+    n_models = len(checkpoint_series(spec.model, spec.revision, spec.checkpoints))
     with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
-        for ckpt, h in series:
+        for i, (ckpt, h) in enumerate(series):
             X, T = representations(h, seqs, sample, spec.normalize)
             Kx = gaussian_gram(X)
             s_y = renyi_entropy(Ky, spec.alpha)
-            for layer, t in enumerate(T):
+            for layer, t in enumerate(T):  # each layer's estimators are most of a model's part: report each one
+                progress((i + (layer + 1) / (len(T) + 1)) / n_models,
+                         f"model {i + 1} of {n_models} ({ckpt.label}): layer {layer + 1} of {len(T)}")
                 Kt = gaussian_gram(t)
                 s_t = renyi_entropy(Kt, spec.alpha)
                 dse = diffusion_spectral_entropy(Kt, spec.diffusion_t)
