@@ -176,3 +176,36 @@ def test_a_long_run_shows_its_time_left_joins_a_second_run_press_and_stops(serve
     page.goto(f"{server}/lens?prompt=Stopped+runs+free+the+model")  # the model is free: the next run completes
     page.get_by_text("Top tokens at one cell").wait_for(timeout=120_000)
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_a_model_switch_tokenises_the_text_again(server, page, tmp_path):
+    """Switching the sidebar's model on /lens kept the link's token ids and ran them under the new model's
+    tokenizer; now the page says the text was tokenised again, and the link's ids and tokenizer are the new
+    model's (its ids decode to the prompt)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from tiny_models import save_foreign_tokenizer_model
+
+    from analysis import load_model
+
+    foreign = str(save_foreign_tokenizer_model(tmp_path / "foreign"))
+    prompt = "The capital of France is"
+    page.goto(f"{server}/lens?prompt=The+capital+of+France+is&targets=+Paris")
+    page.get_by_text("Top tokens at one cell").wait_for(timeout=120_000)
+    page.wait_for_function("() => location.search.includes('tok=')", timeout=30_000)
+    before = parse_qs(urlparse(page.url).query)
+    sidebar = page.locator("[data-testid='stSidebar']")
+    sidebar.locator("[data-testid='stSelectbox']").first.click()
+    page.get_by_role("option", name="Hugging Face id or local folder…").click()
+    box = sidebar.get_by_label("Hugging Face id or folder")
+    box.fill(foreign)
+    box.press("Enter")
+    page.get_by_text("tokenised again").wait_for(timeout=120_000)
+    page.wait_for_function(f"() => location.search.includes('tok={load_model(foreign).tokenizer_fingerprint}')",
+                           timeout=60_000)
+    after = parse_qs(urlparse(page.url).query)
+    assert after["token_ids"] != before["token_ids"]
+    tok = load_model(foreign).tokenizer
+    ids = [int(i) for i in after["token_ids"][0].split(",")]
+    assert tok.decode([i for i in ids if i != tok.bos_token_id]) == prompt
+    assert page.locator("[data-testid='stException']").count() == 0
