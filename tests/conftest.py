@@ -10,6 +10,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 from tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two worker processes on two cores: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
+
+# tests that must share a worker process: the Ray cluster tests (one local cluster at a time), the browser tests
+GROUPS = {"test_batch": "ray", "test_batch_nodes": "ray", "test_browser": "browser", "test_browser_links": "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = GROUPS.get(item.module.__name__.rsplit(".", 1)[-1])
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def default_handle():
