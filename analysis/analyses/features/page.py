@@ -211,23 +211,63 @@ def attribution_section(ctx, model, common, view):
 
 
 def steer_section(ctx, model, common, view):
-    from .steer import SteerSpec
+    from .sae import SAESpec
+    from .steer import STRENGTH_STEP, SteerSpec, default_strength, strongest_live_feature
 
     st = ctx.st
+    qp = ctx.query()
     url = ctx.link(SteerSpec)
+    # the SAE's per-feature table (its run is stored: the form above ran it) scales the default strength
+    per_feature = ctx.run(lambda: ctx.make_spec(SAESpec, model, ctx.link(SAESpec), common), model).result.table
+    if "feature" not in qp:  # the feature the Feature pages show (a link's), else the one they open on
+        url = url.replace(feature=strongest_live_feature(per_feature))
+
+    def auto(feature: int, steer_with: str, mode: str) -> float:
+        return default_strength(per_feature, feature, steer_with, mode)
+
+    if "strength" not in qp:  # a link's explicit strength is kept; otherwise one that visibly moves the output
+        url = url.replace(strength=auto(url.feature, url.steer_with, url.mode))
+    # what is steered (direction, mode, feature) is chosen outside the form: a change redraws the form with only the
+    # fields that apply and, when the strength was the default, the default for the new choice (keyed widgets, so
+    # that a choice survives the link being rewritten under it)
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        how = ctx.spec_widgets(SteerSpec, url, ["steer_with"],
+                               {"steer_with": Widget("Direction", kind="radio", key="steer_with",
+                                                     labels={"feature": "SAE feature", "probe": "concept probe"})})
+    if how["steer_with"] == "feature":
+        modes = {"add": "add its direction", "clamp": "clamp it", "ablate": "ablate it"}
+        with c2:
+            how.update(ctx.spec_widgets(SteerSpec, url, ["mode"],
+                                        {"mode": Widget("Mode", kind="radio", labels=modes, key="steer_mode")}))
+        with c3:
+            how.update(ctx.spec_widgets(SteerSpec, url, ["feature"],
+                                        {"feature": Widget("Feature", key="steer_feature")}))
+    else:
+        how["mode"] = "add"  # a probe direction is added
+    before = (url.feature, url.steer_with, url.mode)
+    after = (how.get("feature", url.feature), how["steer_with"], how["mode"])
+    if after != before and url.strength == auto(*before):
+        url = url.replace(strength=auto(*after))  # a default strength follows what is steered
+    strength = [] if how["mode"] == "ablate" else ["strength"]
+    layout = (["prompt", ("where", "generate"), *strength, ("answer", "wrong")] if how["steer_with"] == "feature" else
+              ["prompt", ("concept", "toward", "dataset"), ("where", "generate"), *strength, ("answer", "wrong")])
+    reach = max(40.0, 2.5 * abs(url.strength))
     with st.form("sae_steer"):
-        values = ctx.spec_widgets(SteerSpec, url, ["prompt", ("feature", "mode", "steer_with", "where"),
-                                                   "strength", ("concept", "toward", "generate"),
-                                                   ("answer", "wrong")],
-                                  {"prompt": Widget("Prompt", kind="text_area", height=68),
-                                   "strength": Widget("Strength", kind="slider", step=0.5, span=(-40.0, 40.0)),
-                                   "steer_with": Widget("Direction", labels={"feature": "SAE feature",
-                                                                             "probe": "concept probe"})})
+        values = ctx.spec_widgets(SteerSpec, url, layout, {
+            "prompt": Widget("Prompt", kind="text_area", height=68),
+            "strength": Widget("Clamp the feature's activation to" if how["mode"] == "clamp" else
+                               "Strength (added along the unit direction)", kind="slider", step=STRENGTH_STEP,
+                               span=(-reach, reach)),
+            "dataset": Widget("Concept data ('shipped' or an uploaded CSV's id)")})
         ctx.run_button("Steer")
+    values.update(how)
     values["token_ids"] = url.token_ids if values["prompt"] == url.prompt else ()
     outcome = ctx.run(lambda: ctx.make_spec(SteerSpec, model, url, {**values, **common}), model)
     m = outcome.result.meta
-    st.caption(f"Steered: {md_escape(m['steered'])} at {m['hook_name']} · KL(before ‖ after) "
+    spec = outcome.spec
+    times = f" × {spec.strength:g}" if spec.mode == "add" else ""
+    st.caption(f"Steered: {md_escape(m['steered'])}{times} at {m['hook_name']} · KL(before ‖ after) "
                f"{m['kl_before_after']:.4f} nats")
     if "generated_before" in m:
         c1, c2 = st.columns(2)
