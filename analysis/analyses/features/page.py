@@ -217,9 +217,13 @@ def steer_section(ctx, model, common, view):
     st = ctx.st
     qp = ctx.query()
     url = ctx.link(SteerSpec)
-    # the SAE's per-feature table (its run is stored: the form above ran it) scales the default strength
-    per_feature = ctx.run(lambda: ctx.make_spec(SAESpec, model, ctx.link(SAESpec), common), model).result.table
-    if "feature" not in qp:  # the feature the Feature pages show (a link's), else the one they open on
+    # the SAE's per-feature table scales the default strength: the form above ran the SAE, so this is a store hit,
+    # its estimate and progress bar drawn in a placeholder that is cleared (a message, if any, stays)
+    quiet = st.empty()
+    with quiet:
+        per_feature = ctx.run(lambda: ctx.make_spec(SAESpec, model, ctx.link(SAESpec), common), model).result.table
+    quiet.empty()
+    if "feature" not in qp:  # the feature the Feature pages show (a link's), else the SAE's strongest live one
         url = url.replace(feature=strongest_live_feature(per_feature))
 
     def auto(feature: int, steer_with: str, mode: str) -> float:
