@@ -217,9 +217,10 @@ KEYS_BEFORE_ISSUE_13 = {
     "intervention": "035e1102fd199b4cdc8ff0411d6770bd",  # version 2 (issue 15): interval over probe refits
     "tcav": "a1795d48d0c762d2a950ecfc03f71e22",
     "atlas": "0fe5fccb6db16dea0325a0ea9416c007",
-    "quant_traces": "94e953b89adae41d684eaf406baf60d9",
-    "quant_sensitivity": "bf18f485ff6e8742f8fcc6b1b89777d9",
-    "quant_allocation": "158cc924552e756a9ad39e496746ddf7",
+    # version 2/3/3 (issue 26): traces with 95% intervals; allocation by their upper end, candidates measured
+    "quant_traces": "9853316bbdf0b99b79b67e171ba3750a",
+    "quant_sensitivity": "7ef16f335703075f72b134776c7ab09a",
+    "quant_allocation": "2e287d389d1fb17413a13ab083b8c373",
     # issue 16: sparse features
     "sae": "559a3d891ed4e2f13ee565b7f15faa15",
     "sae_features": "ed00c7868e3ca47d14a3adaec7098198",

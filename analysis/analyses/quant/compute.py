@@ -12,19 +12,25 @@ residual entering it is the full model's, recorded once (kernels.patching.BlockR
 recomputed; the unembedding alone needs only the final norm and projection.
 
 Predicted: per unit, the Hessian trace of the loss by Hutchinson's estimator (Rademacher v, Hv by double
-backprop; one sample per unit per backprop), divided by the number of parameters, with its standard error, drawing
-samples until every unit's standard error is within `tol` of its trace (of a tenth of the mean |trace| for
-traces near zero, which no sample size pins down relatively), or `max_samples`. Sensitivity
-Omega = (Tr(H)/n) * ||Q(W) - W||^2, and its Spearman rank correlation with the measured KL per format.
+backprop; one sample per unit per backprop), divided by the number of parameters, with its standard error and
+95% interval (Student's t over the samples), drawing samples until every unit's standard error is within `tol` of
+its trace (of a tenth of the mean |trace| for traces near zero, which no sample size pins down relatively), or
+`max_samples`. Sensitivity Omega = (Tr(H)/n) * ||Q(W) - W||^2, and its Spearman rank correlation with the
+measured KL per format.
 
-Allocation (`QuantAllocationSpec`, built on a stored sensitivity run): units sorted by trace; every non-decreasing
-assignment of the chosen formats (more sensitive => at least as many bits) is scored by size and total Omega; the
-Pareto frontier, the best assignment under a size budget (average bits per weight), and that assignment measured
-(all units quantized at once) beside the uniform assignments.
+Allocation (`QuantAllocationSpec`, built on the stored traces): each matrix's sensitivity is the upper end of its
+trace's 95% interval (floored at the smallest positive upper end), so a noisy or negative estimate cannot make a
+matrix look insensitive; units sorted by it; every non-decreasing assignment of the chosen formats (more
+sensitive => at least as many bits) is scored by size and total Omega, giving the Pareto frontier. Omega is a
+prediction, and at two bits a poor one (the errors leave the quadratic regime and interact), so the allocation
+measures candidates: the lowest total Omega under the budget with every format, then with the fewest-bit formats
+left out one by one, and each format alone. The one with the lowest KL on the traces' text that fits the budget is
+chosen (a format alone is always a candidate, so on that text the pick is never worse than the best single format
+that fits), and every candidate is measured again on held-out text the model samples with another seed.
 
 The second-order model assumes a minimum (zero gradient) and a positive semi-definite Hessian; on text a language
 model is not at a minimum and cross-entropy Hessians are indefinite, so a trace can come out negative. Negative
-traces are reported as they are and count as zero sensitivity in the allocation.
+traces are reported as they are.
 """
 from __future__ import annotations
 
@@ -259,12 +265,23 @@ def hutchinson(session: ModelSession, tokens: torch.Tensor, units: list[Unit], t
                     break
     arr = np.asarray(samples)
     n = arr.shape[1]
+    half = t95(n)
     rows = []
     for i, u in enumerate(units):
         mean, se = float(arr[i].mean()), float(arr[i].std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
         rows.append({"unit": u.name, "layer": u.layer, "type": u.type, "n_params": u.n, "trace": mean,
-                     "trace_se": se, "trace_per_param": mean / u.n, "trace_per_param_se": se / u.n, "samples": n})
+                     "trace_se": se, "trace_per_param": mean / u.n, "trace_per_param_se": se / u.n,
+                     "trace_per_param_low": (mean - half * se) / u.n, "trace_per_param_high": (mean + half * se) / u.n,
+                     "samples": n})
     return pd.DataFrame(rows)
+
+
+def t95(n: int) -> float:
+    """Half-width of a two-sided 95% interval of a mean of n samples, in standard errors (Student's t with n - 1
+    degrees of freedom: 2.20 at 12 samples, 1.98 at 100); infinite for one sample."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else math.inf
 
 
 def _check_formats(formats, what="format") -> tuple[str, ...]:
@@ -449,10 +466,12 @@ def compute_sensitivity(session: ModelSession, spec: QuantSensitivitySpec, input
 
 @dataclass(frozen=True)
 class QuantAllocationSpec(Spec):
-    """Mixed-precision assignment under a size budget from HAWQ-V2's sensitivities, then measured."""
+    """Mixed-precision assignment under a size budget: candidates from HAWQ-V2's sensitivities (each trace's upper
+    95% bound) and each format alone, measured; the lowest KL on the traces' text chosen, all measured on held-out
+    text."""
 
     analysis: ClassVar[str] = "quant_allocation"
-    title: ClassVar[str] = "Bit allocation: the Pareto frontier of size against predicted damage, and the pick measured"
+    title: ClassVar[str] = "Bit allocation: size against predicted damage, candidates measured, the best chosen"
     formats: tuple[str, ...] = param(ALLOC_FORMATS, "formats to assign (any order; sorted by bits)", max_len=8)
     budget_bits: float = param(4.5, "size budget: average bits per weight over the quantized matrices", min=1.0,
                             max=32.0)
@@ -482,23 +501,45 @@ def monotone_assignments(m: int, k: int):
     return np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m, np.int64)], 1)
 
 
+HELD_OUT_SEED = 1_000_003  # the held-out text is sampled with the spec's seed plus this (a stream no spec names)
+
+
+def held_out_seed(seed: int) -> int:
+    return seed + HELD_OUT_SEED
+
+
+def sensitivity_bound(traces: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per matrix, the Tr(H)/n the allocation uses: the upper end of its estimate's 95% interval, so sampling
+    noise can only make a matrix look more sensitive (keep more bits), never less; an upper end at or below zero
+    (the curvature there is negative, where the second-order model says nothing) is floored at the smallest
+    positive upper end among the matrices, i.e. counted as sensitive as the least sensitive matrix measured.
+    Returns (bound, floored)."""
+    high = traces["trace_per_param_high"].to_numpy(dtype=np.float64)
+    positive = high[np.isfinite(high) & (high > 0)]
+    floor = float(positive.min()) if len(positive) else 1e-12
+    floored = ~(high > 0)  # NaN (a single sample) counts as unknown: floored too
+    return np.where(floored, floor, high), floored
+
+
 def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs, progress) -> Result:
     fmts = sorted({parse_format(f).name: parse_format(f) for f in _check_formats(spec.formats)}.values(),
                   key=lambda f: -f.bits)
     traces = inputs["traces"].result.table.set_index("unit")
     units = weight_units(session)
-    tpp = np.array([max(float(traces.loc[u.name, "trace_per_param"]), 0.0) for u in units])
-    order = np.argsort(-tpp, kind="stable")  # most sensitive first
+    traces = traces.loc[[u.name for u in units]]
+    bound, floored = sensitivity_bound(traces)
+    order = np.argsort(-bound, kind="stable")  # most sensitive first
     units = [units[i] for i in order]
-    tpp = tpp[order]
+    bound, floored, traces = bound[order], floored[order], traces.iloc[order]
+    m = len(units)
     n = np.array([u.n for u in units], dtype=np.float64)
-    progress(0.1, "quantization error of each matrix in each format")
+    progress(0.05, "quantization error of each matrix in each format")
     with torch.no_grad():  # ||Q(W) - W||^2
         sq = np.array([[sq_error(u.weight, f, u.out_dim) for f in fmts] for u in units])
-    omega = tpp[:, None] * sq
+    omega = bound[:, None] * sq
     bits = np.array([[f.bits_per_weight(tuple(u.weight.shape) if u.out_dim == 0 else tuple(u.weight.shape[::-1]))
                       for f in fmts] for u in units])
-    bounds = monotone_assignments(len(units), len(fmts))
+    bounds = monotone_assignments(m, len(fmts))
     cum_omega = np.vstack([np.zeros(len(fmts)), np.cumsum(omega, 0)])  # [m + 1, k]
     cum_bits = np.vstack([np.zeros(len(fmts)), np.cumsum(bits * n[:, None], 0)])
     k = np.arange(len(fmts))
@@ -513,39 +554,75 @@ def compute_allocation(session: ModelSession, spec: QuantAllocationSpec, inputs,
             frontier.append(i)
             best = total_omega[i]
     frontier = np.array(frontier)
-    within = np.flatnonzero(avg_bits <= spec.budget_bits + 1e-9)
-    if not len(within):
+    within = avg_bits <= spec.budget_bits + 1e-9
+    if not within.any():
         raise WorkbenchError(f"No assignment fits {spec.budget_bits} bits per weight: the smallest format alone "
                              f"takes {avg_bits.min():.3f}.", hint="Raise the budget or add a smaller format.")
-    pick = within[np.argmin(total_omega[within])]
 
-    def levels(i) -> np.ndarray:  # format index per unit (most sensitive first) for assignment i
-        return np.repeat(k, np.diff(bounds[i]))
+    # Candidates: the lowest predicted Omega under the budget with every format, then leaving out the fewest-bit
+    # formats one by one (two-bit errors are far outside the quadratic regime Omega assumes), and each format
+    # alone. Each is measured on the traces' text and the lowest KL that fits the budget is chosen.
+    rows_ = np.arange(m)
+    uniform = [(f"all {f.name}", np.full(m, j)) for j, f in enumerate(fmts)]
+    seen = {tuple(lv) for _, lv in uniform}
+    picks = []
+    for low in range(len(fmts) - 1, 0, -1):  # formats 0..low allowed (bounds[low + 1] == m: none below low)
+        ok = np.flatnonzero(within & (bounds[:, low + 1] == m))
+        if not len(ok):
+            continue
+        i = ok[np.argmin(total_omega[ok])]
+        lv = np.repeat(k, np.diff(bounds[i]))
+        if tuple(lv) not in seen:
+            seen.add(tuple(lv))
+            picks.append(("lowest Ω, any format" if low == len(fmts) - 1 else f"lowest Ω, none below {fmts[low].name}",
+                          lv))
+    cands = picks + uniform
+    pred = [float(omega[rows_, lv].sum()) for _, lv in cands]
+    size = [float((bits[rows_, lv] * n).sum() / n.sum()) for _, lv in cands]
+    fits = [s <= spec.budget_bits + 1e-9 for s in size]
 
-    size_of = (bits * n[:, None]).sum(0) / n.sum()  # each format alone
-    candidates = [("chosen", levels(pick), float(total_omega[pick]), float(avg_bits[pick]))]
-    candidates += [(f"all {f.name}", np.full(len(units), j), float(omega[:, j].sum()), float(size_of[j]))
-                   for j, f in enumerate(fmts)]
-    progress(0.6, "measuring the chosen assignment")
-    tokens = traces_text(session, inputs["traces"])
-    measured = []
-    qr = QuantRunner(session, tokens)
-    damage = Damage(tokens, qr.full_logits)
-    for label, lv, pred, size in candidates:
-        measured.append({"assignment": label, "avg_bits": size, "predicted_omega": pred,
-                         **damage(qr.logits(units, {j: fmts[lv[j]].name for j in range(len(units))}))})
-    chosen = levels(pick)
-    rows = np.arange(len(units))
+    def measure(tokens, start, span, what) -> list[dict]:
+        qr = QuantRunner(session, tokens)
+        damage = Damage(tokens, qr.full_logits)
+        out = []
+        for c, (label, lv) in enumerate(cands):
+            out.append(damage(qr.logits(units, {j: fmts[lv[j]].name for j in range(m)})))
+            progress(start + span * (c + 1) / len(cands), f"{label}, {what}")
+            session.let_others_in()  # the weights are restored after each candidate
+        return out
+
+    calibration = measure(traces_text(session, inputs["traces"]), 0.1, 0.35, "measured on the traces' text")
+    eligible = [c for c in range(len(cands)) if fits[c]]
+    chosen = min(eligible, key=lambda c: calibration[c]["kl"])
+    progress(0.45, "held-out text")
+    held_seed = held_out_seed(spec.seed)
+    held = model_text(session, spec.n_seqs, spec.seq_len, held_seed)
+    held_out = measure(held, 0.55, 0.45, "measured on held-out text")
+    measured = pd.DataFrame({
+        "assignment": [label for label, _ in cands], "avg_bits": size, "fits_budget": fits,
+        "predicted_omega": pred, "kl_calibration": [d["kl"] for d in calibration],
+        "kl_held_out": [d["kl"] for d in held_out], "delta_loss_held_out": [d["delta_loss"] for d in held_out],
+        "top1_held_out": [d["top1_agreement"] for d in held_out], "chosen": np.arange(len(cands)) == chosen})
+    lv = cands[chosen][1]
     table = pd.DataFrame({"unit": [u.name for u in units], "layer": [u.layer for u in units],
                           "type": [u.type for u in units], "n_params": [u.n for u in units],
-                          "trace_per_param": tpp, "format": [fmts[c].name for c in chosen],
-                          "bits": bits[rows, chosen], "omega": omega[rows, chosen]})
-    pareto = pd.DataFrame({"avg_bits": avg_bits[frontier], "total_omega": total_omega[frontier],
-                           "chosen": frontier == pick})
-    return Result(table=table, meta={"budget_bits": spec.budget_bits, "chosen_avg_bits": float(avg_bits[pick]),
-                                     "chosen_omega": float(total_omega[pick]), "n_assignments": int(len(bounds)),
-                                     "formats": [f.name for f in fmts], "traces_run": inputs["traces"].key},
-                  extra={"pareto": pareto, "measured": pd.DataFrame(measured)})
+                          "trace_per_param": traces["trace_per_param"].to_numpy(),
+                          "trace_per_param_low": traces["trace_per_param_low"].to_numpy(),
+                          "trace_per_param_high": traces["trace_per_param_high"].to_numpy(),
+                          "sensitivity": bound, "floored": floored, "format": [fmts[c].name for c in lv],
+                          "bits": bits[rows_, lv], "omega": omega[rows_, lv]})
+    pareto = pd.DataFrame({"avg_bits": avg_bits[frontier], "total_omega": total_omega[frontier]})
+    return Result(table=table, meta={"budget_bits": spec.budget_bits, "chosen": cands[chosen][0],
+                                     "chosen_avg_bits": size[chosen], "chosen_omega": pred[chosen],
+                                     "chosen_kl_calibration": calibration[chosen]["kl"],
+                                     "chosen_kl_held_out": held_out[chosen]["kl"],
+                                     "n_assignments": int(len(bounds)), "formats": [f.name for f in fmts],
+                                     "n_floored": int(floored.sum()), "held_out_seed": held_seed,
+                                     "n_tokens": int(held.numel()), "traces_run": inputs["traces"].key},
+                  extra={"pareto": pareto, "measured": measured,
+                         "held_out_tokens": pd.DataFrame({
+                             "seq": np.repeat(np.arange(held.shape[0]), held.shape[1]),
+                             "token_id": held.cpu().reshape(-1).numpy()})})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,6 +663,7 @@ def estimate_traces(plan) -> Estimate:
     text_peak, text_flops = _text_cost(s, n, t)
     hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, samples)
     return Estimate(parts={"Hessian traces": max(hutch_peak, text_peak)}, flops=text_flops + hutch_flops,
+                    blocks=s.calls(t) + s.calls(3 + 6 * samples),  # the text a token at a time; the products
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + GRAPH_S_PER_PARAM
                                                 + samples * RADEMACHER_S_PER_PARAM),
                     lower="n_seqs, seq_len or max_samples")
@@ -625,20 +703,25 @@ def estimate_sensitivity(plan) -> Estimate:
     copies = s.itemsize * _largest_group(s, spec.units) + 3 * 4 * max(s.embed_params, s.d_model * s.d_mlp)
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + copies
     upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
-    return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t),
+    return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t) + s.vocab_flops(n * t, 4 * passes),
+                    blocks=s.calls(1 + passes),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + F * kinds * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs, seq_len, formats or units (matrix is the largest)", upstream=[upstream])
 
 
 def estimate_allocation(plan) -> Estimate:
-    """The evaluation text's recorded run and log-probabilities, each matrix quantized in each format, and a
-    quantized run per candidate (the pick and each format alone); the Hessian traces it builds on when not
-    stored yet."""
+    """The evaluation text's recorded run and log-probabilities, each matrix quantized in each format, a
+    quantized run per candidate (up to one lowest-Omega pick per format, and each format alone) on the traces'
+    text and again on held-out text sampled a token at a time; the Hessian traces it builds on when not stored
+    yet."""
     spec, s = plan.spec, plan.shape
     n, t, L = spec.n_seqs, spec.seq_len, s.n_layers
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + 2 * s.weights
     upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
-    F = len(spec.formats)  # each format's squared errors, then the pick and each format alone measured
-    return Estimate(parts={"candidates": sweep}, flops=(2 + F) * s.forward_flops(n, t),
-                    extra_seconds=s.n_params * (UNITS_S_PER_PARAM + (2 * F + 1) * QUANTIZE_S_PER_PARAM),
+    F = len(spec.formats)
+    text_peak, text_flops = _text_cost(s, n, t)
+    candidates = 2 * F - 1  # picks without the fewest-bit formats, one by one, and each format alone
+    return Estimate(parts={"candidates": max(sweep, text_peak)},
+                    flops=2 * (1 + candidates) * s.forward_flops(n, t) + text_flops,
+                    extra_seconds=s.n_params * (UNITS_S_PER_PARAM + (F + 2 * candidates) * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs or seq_len", upstream=[upstream])

@@ -31,6 +31,20 @@ class QuantView(ViewState):
     view_kind: str = ""
     view_metric: str = ""
     view_format: str = ""
+    alloc_formats: tuple[str, ...] = ALLOC_FORMATS  # the formats the allocation assigns
+
+
+def run_query(analysis: str, spec: dict) -> dict | None:
+    """The Quantization page's link fields (besides the model's) that open a stored traces or allocation run
+    there: the text and Hutchinson settings both read, and an allocation's budget and formats (the sweep keeps
+    the page's defaults); None for another analysis."""
+    if analysis not in ("quant_traces", "quant_allocation"):
+        return None
+    query = {f: spec[f] for f in TEXT_FIELDS if f in spec}
+    if analysis == "quant_allocation":
+        query["budget_bits"] = spec.get("budget_bits", QuantAllocationSpec.budget_bits)
+        query["alloc_formats"] = spec.get("formats", ALLOC_FORMATS)
+    return query
 
 
 def render(ctx) -> None:
@@ -76,26 +90,41 @@ def render(ctx) -> None:
     else:
         st.info("Predicted against measured compares single matrices: add 'matrix' to 'Quantize at a time' to see "
                 "it (the Hessian traces per matrix are below either way).")
-    with st.expander("Hessian traces per matrix"):
+    with st.expander("Hessian traces per matrix (with 95% intervals)"):
         st.dataframe(result.extra["traces"], hide_index=True, width="stretch")
 
     st.subheader("Bit allocation")
     s = outcome.spec
     alloc = ctx.run(lambda: QuantAllocationSpec(  # the sweep's text and Hessian traces (one stored traces run)
-        model=s.model, revision=s.revision, dtype=s.dtype, formats=ALLOC_FORMATS, budget_bits=float(budget),
-        **{f: getattr(s, f) for f in TEXT_FIELDS}), model)
-    am = alloc.result.meta
-    pareto = pareto_plot(alloc.result.extra["pareto"], alloc.result.extra["measured"])
+        model=s.model, revision=s.revision, dtype=s.dtype, formats=tuple(view.alloc_formats),
+        budget_bits=float(budget), **{f: getattr(s, f) for f in TEXT_FIELDS}), model)
+    am, measured = alloc.result.meta, alloc.result.extra["measured"]
+    pareto = pareto_plot(alloc.result.extra["pareto"], measured)
     st.plotly_chart(pareto, width="stretch")
     figures["pareto"] = pareto
-    st.caption(f"{am['n_assignments']:,} monotone assignments of {', '.join(am['formats'])} scored; the pick uses "
-               f"{am['chosen_avg_bits']:.3f} bits per weight (budget {am['budget_bits']}).")
-    st.dataframe(alloc.result.extra["measured"], hide_index=True, width="stretch")
-    st.caption("Predicted (total Ω) and measured damage side by side: the chosen assignment and each format alone.")
+    uniform = measured[measured["assignment"].str.startswith("all ") & measured["fits_budget"]]
+    best = uniform.loc[uniform["kl_held_out"].idxmin()] if len(uniform) else None
+    st.caption(
+        f"{am['n_assignments']:,} monotone assignments of {', '.join(am['formats'])} scored by total Ω, each "
+        "matrix's Tr(H)/n taken at the upper end of its 95% interval (a noisy or negative estimate cannot make a "
+        "matrix look insensitive" + (f"; {am['n_floored']} at or below zero floored at the least sensitive "
+                                     "matrix's" if am["n_floored"] else "") + "). "
+        f"Chosen: `{am['chosen']}`, {am['chosen_avg_bits']:.3f} bits per weight (budget {am['budget_bits']}), "
+        f"KL {am['chosen_kl_held_out']:.4g} on held-out text"
+        + (f" against {best['kl_held_out']:.4g} for {best['assignment']}, the best single format that fits."
+           if best is not None else " (no single format fits this budget)."))
+    st.dataframe(measured, hide_index=True, width="stretch")
+    st.caption("Each candidate (the lowest predicted Ω under the budget with every format, then without the "
+               "fewest-bit formats, since Ω's quadratic model fails for two-bit errors; and each format alone) is "
+               "measured on the text the traces were drawn on (kl_calibration), the lowest that fits the budget "
+               "is chosen, and all are measured again on held-out text the model sampled with another seed "
+               "(kl_held_out, Δ loss, top-1 agreement): the held-out figures are the ones to quote.")
     st.dataframe(alloc.result.table, hide_index=True, width="stretch")
+    st.caption("The chosen assignment per matrix: Tr(H)/n with its 95% interval (low, high), the sensitivity the "
+               "allocation used (the interval's upper end) and Ω = sensitivity · ‖Q(W) − W‖² in its format.")
 
     ctx.share(outcome, ctx.spec_params(outcome.spec), figures, "Quantization sensitivity",
-              view=QuantView(float(budget), kind, metric, fmt))
+              view=QuantView(float(budget), kind, metric, fmt, tuple(view.alloc_formats)))
 
 
 PAGE = Page(title="Quantization", render=render, url_path="quant", icon=":material/compress:", order=70)
