@@ -8,24 +8,42 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from analysis import WorkbenchError
+from analysis.analyses.quant.page import run_query as quant_run_query
 from analysis.registry import REGISTRY
-from views.common import show_error, store
+from views.common import MODEL_KEYS, show_error, store
 
 MAX_ROWS = 2000
 
 
+# analyses with no page of their own that another page shows: that page's analysis, and the link fields (besides
+# the model's) that open a stored run there
+SHOWN_ON = {"quant_traces": ("quant_sensitivity", quant_run_query),
+            "quant_allocation": ("quant_sensitivity", quant_run_query)}
+
+
+def _link_value(v):
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+
+
 def run_link(analysis: str, spec_json: str) -> str | None:
     """The app's link to a stored run (its page with the run's fields, token ids included, so it opens from the
-    store); None for an analysis without a page of its own (an input such as the concept activations)."""
+    store; or the page that shows it, such as the Quantization page for its Hessian traces and bit allocation);
+    None for an analysis no page shows on its own (an input such as the SAE's encodings)."""
     a = REGISTRY.get(analysis)
-    if a is None or a.page is None:
+    if a is None:
         return None
     try:
         spec = json.loads(spec_json)
     except ValueError:
         return None
-    params = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in spec.items()
-              if v not in ("", [], None) and not (k == "bos" and v == "auto")}
+    if a.page is None and analysis in SHOWN_ON:
+        host, fields = SHOWN_ON[analysis]
+        a = REGISTRY[host]
+        spec = {**{k: v for k, v in spec.items() if k in MODEL_KEYS}, **fields(analysis, spec)}
+    if a.page is None:
+        return None
+    params = {k: _link_value(v) for k, v in spec.items() if v not in ("", [], (), None)
+              and not (k == "bos" and v == "auto")}
     path = a.page.url_path
     if a.page.section_of:
         owner = next(o for o in REGISTRY.values() if o.page is not None and o.page.url_path == a.page.section_of)
