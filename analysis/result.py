@@ -21,6 +21,16 @@ def no_progress(frac: float, what: str) -> None:
     """A progress callback that reports nothing."""
 
 
+def sub_progress(progress: Progress, lo: float, hi: float, prefix: str = "") -> Progress:
+    """The progress callback of one part of a run, the span [lo, hi] of it: a fraction f of the part is reported
+    as lo + (hi - lo) * f, with `prefix` before what it says (a loop inside a part reports through it)."""
+
+    def report(frac: float, what: str) -> None:
+        progress(lo + (hi - lo) * min(max(float(frac), 0.0), 1.0), f"{prefix}{what}" if prefix else what)
+
+    return report
+
+
 @dataclass
 class Result:
     """A tidy result: the main long-format table, optional named side tables, and a small metadata dict."""

@@ -278,12 +278,17 @@ class ModelSession:
                 _, cache = self.run_with_cache(toks.to(self.device), names)
                 visit(idx, cache)
 
-    def last_logits(self, seqs: list[list[int]], batch: int = 64) -> torch.Tensor:
-        """[N, vocab] float32 logits at the last position of each sequence (run in batches of one length)."""
+    def last_logits(self, seqs: list[list[int]], batch: int = 64, progress=None) -> torch.Tensor:
+        """[N, vocab] float32 logits at the last position of each sequence (run in batches of one length);
+        `progress(frac, what)` hears of each batch."""
         out = torch.zeros(len(seqs), self.summary.d_vocab)
+        done = 0
         with torch.no_grad():
             for idx, toks in same_length_batches(seqs, batch=batch):
+                if progress is not None:
+                    progress(done / max(1, len(seqs)), f"{done:,} of {len(seqs):,} texts")
                 out[idx] = self.forward(toks.to(self.device))[:, -1].float().cpu()
+                done += len(idx)
         return out
 
     @contextlib.contextmanager

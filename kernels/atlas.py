@@ -13,10 +13,12 @@ UMAP's cost on a small machine is mostly numba compiling its kernels: ~20 s to i
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -64,18 +66,47 @@ def pca_2d(X: np.ndarray) -> tuple[np.ndarray, dict]:
                                                                          pca.explained_variance_ratio_]}
 
 
-def umap_2d(X: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """UMAP with exact neighbours; deterministic for a seed (umap then runs single-threaded)."""
+class _EpochSink:
+    """A file for the progress bar umap draws over its layout's epochs (tqdm, with a bar format of "n/total"):
+    each draw becomes a report of the epochs done."""
+
+    def __init__(self, report: Callable[[int, int], None]):
+        self.report = report
+
+    def write(self, text: str) -> None:
+        found = re.findall(r"(\d+)/(\d+)", text)
+        if found:
+            done, total = map(int, found[-1])
+            if total:
+                self.report(done, total)
+
+    def flush(self) -> None:
+        pass
+
+
+def umap_2d(X: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0,
+            progress: Callable[[float, str], None] | None = None) -> tuple[np.ndarray, dict]:
+    """UMAP with exact neighbours; deterministic for a seed (umap then runs single-threaded). `progress(frac,
+    what)` hears of the neighbours, umap's loading, and (every 0.2 s or so) the layout's epochs."""
     from sklearn.neighbors import NearestNeighbors
 
+    report = progress or (lambda frac, what: None)
     X = np.ascontiguousarray(X, dtype=np.float32)
     n_neighbors = min(n_neighbors, len(X) - 1)
+    report(0.0, f"nearest neighbours of {len(X):,} points")
     dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(X).kneighbors(X)
+    report(0.1, "loading UMAP")
     umap = _umap()
+    report(0.15, "UMAP: the neighbour graph and its spectral layout")
+    # the layout's epochs are most of a fit (the graph and the spectral start come first)
+    epochs = {} if progress is None else {"tqdm_kwds": {
+        "disable": False, "file": _EpochSink(lambda n, total: report(0.3 + 0.7 * n / total,
+                                                                     f"UMAP: epoch {n} of {total}")),
+        "bar_format": "{n}/{total}", "mininterval": 0.2, "ascii": True}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no NNDescent index: transform unavailable"; disconnected graphs
         emb = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
-                        precomputed_knn=(idx, dist, None)).fit_transform(X)
+                        precomputed_knn=(idx, dist, None), **epochs).fit_transform(X)
     return emb.astype(np.float32), {"n_neighbors": n_neighbors, "min_dist": min_dist}
 
 

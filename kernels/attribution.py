@@ -184,8 +184,10 @@ def integrated_gradients(
     activations: Sequence[str],
     metric_rows: Callable[[torch.Tensor], torch.Tensor],
     n_steps: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Layer integrated gradients (Captum) on the same hook points: {activation: [layer, ..., B]}.
+    `progress(done, total)` hears of each layer done (of every activation's layers).
 
     For each hook, the activation moves on a straight line from the source run's value to the base run's while
     everything else is the base run's; the attribution is (a_source - a_base) times the mean gradient along it,
@@ -197,13 +199,18 @@ def integrated_gradients(
         return metric_rows(bridge(tokens, return_type="logits")[:, -1])
 
     out: dict[str, torch.Tensor] = {}
+    L = bridge.cfg.n_layers
     with frozen(bridge):
-        for a in activations:
+        for ai, a in enumerate(activations):
             if a == "resid_mid":
-                out[a] = _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps)
+                out[a] = _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps,
+                                       None if progress is None else
+                                       (lambda done, _, ai=ai: progress(ai * L + done, len(activations) * L)))
                 continue
             per_layer = []
-            for layer in range(bridge.cfg.n_layers):
+            for layer in range(L):
+                if progress is not None:
+                    progress(ai * L + layer, len(activations) * L)
                 module = bridge.hook_dict[hook_name(a, layer)]
                 lig = LayerIntegratedGradients(forward, module)
                 with torch.enable_grad():
@@ -218,7 +225,7 @@ def integrated_gradients(
     return out
 
 
-def _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps) -> torch.Tensor:
+def _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps, progress=None) -> torch.Tensor:
     """Integrated gradients at resid_mid: the residual between attention and MLP moves on a straight line from
     the source run's value to the base run's (set through attn_out = resid_mid - resid_pre, as the patches are);
     Captum's IntegratedGradients over that one activation. [layer, pos, B]"""
@@ -233,6 +240,8 @@ def _resid_mid_ig(bridge, base_tokens, source_tokens, metric_rows, n_steps) -> t
         src_mid = source_activations(bridge, source_tokens, "resid_mid")
     per_layer = []
     for layer in range(bridge.cfg.n_layers):
+        if progress is not None:
+            progress(layer, bridge.cfg.n_layers)
         point = hook_point("resid_mid", layer)
         base_attn = attn[hook_name("attn_out", layer)]
         target_attn = src_mid[hook_name("resid_mid", layer)] - pre[hook_name("resid_pre", layer)]

@@ -280,7 +280,8 @@ def activation_patch_sweep(
 
     `source` maps hook names to the other run's [B, ...] activations (see `source_activations`). `metric`
     takes final-position logits [rows, d_vocab] of rows laid out (patch, prompt) and returns [rows]. Returns
-    the metric per patch and prompt."""
+    the metric per patch and prompt. `progress(done, total)` hears of the patches done after every block a wave
+    of patched forwards runs (`done` counts a wave's patches in proportion to its blocks run)."""
     bridge = runner.bridge
     n_layers = bridge.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -339,7 +340,9 @@ def activation_patch_sweep(
         else:
             waves.append([c])
     for wave in waves:
-        vals = _run_wave(runner, source, activation, metric, layers, wave, B)  # [rows] in wave order
+        n_wave = sum(len(idxs) for _, _, idxs in wave)
+        block_done = None if progress is None else (lambda f, d=done, n=n_wave: progress(d + f * n, total))
+        vals = _run_wave(runner, source, activation, metric, layers, wave, B, block_done)  # [rows] in wave order
         row = 0
         for li, _, idxs in wave:
             v = vals[row:row + len(idxs) * B].view(len(idxs), B)
@@ -352,9 +355,11 @@ def activation_patch_sweep(
     return SweepResult(out, axes)
 
 
-def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave, B: int) -> torch.Tensor:
+def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave, B: int,
+              block_done: Callable[[float], None] | None = None) -> torch.Tensor:
     """Run one wave of chunks (one first position p0, ordered by layer): each chunk's rows join the batch at
-    their own layer, are patched there, and run on with the rest. Returns the metric per row, in wave order."""
+    their own layer, are patched there, and run on with the rest. Returns the metric per row, in wave order.
+    `block_done(f)` is called after each block but the last, f the fraction of the wave's blocks run."""
     bridge = runner.bridge
     p0 = wave[0][1]
     by_layer: dict[int, list[tuple[int, list]]] = {}
@@ -384,7 +389,10 @@ def _run_wave(runner: BlockRunner, source, activation: str, metric, layers, wave
     last_mlp_name = f"blocks.{last}.ln2.hook_in"
     cut_last_mlp = last_mlp_name in bridge.hook_dict and not (activation == "mlp_out" and last in by_layer)
     x = None
-    for i in range(min(by_layer), len(bridge.blocks)):
+    first = min(by_layer)
+    for i in range(first, len(bridge.blocks)):
+        if block_done is not None and i > first:
+            block_done((i - first) / (len(bridge.blocks) - first))
         hooks = [(last_mlp_name, _last_position)] if (i == last and cut_last_mlp) else []
         if i in by_layer:
             n_new = sum(len(idxs) for _, idxs in by_layer[i])

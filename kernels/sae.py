@@ -166,6 +166,7 @@ def train_sae(X: torch.Tensor, s: TrainSettings, progress: Callable[[float, str]
     seen = 0
     resample_at = {int(s.steps * f) for f in (0.2, 0.4, 0.6)} if s.dead == "resample" else set()
     warmup = max(1, s.steps // 20)
+    every = max(1, s.steps // 50)  # progress: 50 reports over the training, whatever its length
     for step in range(s.steps):
         lr = s.lr * min(1.0, (step + 1) / warmup) * (1.0 if step < 0.8 * s.steps else
                                                       max(0.0, (s.steps - step) / (0.2 * s.steps)))
@@ -209,9 +210,9 @@ def train_sae(X: torch.Tensor, s: TrainSettings, progress: Callable[[float, str]
             log.aux.append(float(aux.detach()))
             log.l0.append(float((acts > 0).sum(-1).float().mean()))
             log.dead.append(int(dead.sum()))
-            if progress is not None:
-                progress(step / max(1, s.steps), f"training, step {step}: 1 - FVE {log.mse[-1]:.3f}, "
-                                                 f"L0 {log.l0[-1]:.1f}, dead {log.dead[-1]}")
+        if progress is not None and step % every == 0:
+            progress(step / s.steps, f"training, step {step + 1} of {s.steps} (at step {log.step[-1]}: 1 - FVE "
+                                     f"{log.mse[-1]:.3f}, L0 {log.l0[-1]:.1f}, dead {log.dead[-1]})")
         if between is not None and step % 100 == 99:
             between()
     return _in_model_units(sae, scale), log, scale

@@ -18,7 +18,7 @@ from kernels.atlas import pca_2d, umap_2d
 from ... import concept_data
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, batches, input_estimate, largest
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
 from ...tokens import encode_texts
@@ -48,8 +48,8 @@ class AtlasSpec(Spec):
         return self
 
 
-def token_activations(session: ModelSession, seqs: list[list[int]], layer: int):
-    """Every token after BOS: ([n, d] float32, text index, position)."""
+def token_activations(session: ModelSession, seqs: list[list[int]], layer: int, progress: Progress = no_progress):
+    """Every token after BOS: ([n, d] float32, text index, position). `progress` hears of each batch of texts."""
     name = session.resid_after(layer)
     parts: dict[int, np.ndarray] = {}
 
@@ -57,6 +57,7 @@ def token_activations(session: ModelSession, seqs: list[list[int]], layer: int):
         acts = cache[name][:, 1:].float().cpu().numpy()
         for j, i in enumerate(idx):
             parts[i] = acts[j]
+        progress(len(parts) / len(seqs), f"{len(parts):,} of {len(seqs):,} texts")
 
     session.cache_in_batches(seqs, [name], visit)
     X = np.concatenate([parts[i] for i in range(len(seqs))])
@@ -69,7 +70,7 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
     n_layers = session.n_layers
     layer = n_layers - 1 if spec.layer == -2 else spec.layer
     rng = np.random.default_rng(spec.seed)
-    progress(0.05, "activations")
+    progress(0.0, "activations")
     if spec.unit == "text":
         acts = inputs["activations"].result
         labels = acts.extra["labels"]
@@ -79,7 +80,8 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
     else:
         labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
         seqs = encode_texts(session, labels["text"], bos=spec.bos)
-        X, text_idx, pos = token_activations(session, seqs, layer)
+        X, text_idx, pos = token_activations(session, seqs, layer, progress=sub_progress(
+            progress, 0.05, 0.4, f"activations at layer {layer}: "))
     if len(X) > spec.max_points:
         keep = np.sort(rng.choice(len(X), spec.max_points, replace=False))
         X, text_idx, pos = X[keep], text_idx[keep], pos[keep]
@@ -88,7 +90,7 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
     progress(0.4, f"{spec.method} of {len(X):,} points")
     t0 = time.perf_counter()
     if spec.method == "umap":
-        xy, info = umap_2d(X, spec.n_neighbors, spec.min_dist, spec.seed)
+        xy, info = umap_2d(X, spec.n_neighbors, spec.min_dist, spec.seed, progress=sub_progress(progress, 0.4, 1.0))
     else:
         xy, info = pca_2d(X)
     seconds = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, input_estimate
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession, check_layer
 from ...specs import Spec, param
 from ...tokens import encode_texts, single_token_ids
@@ -91,14 +91,16 @@ def bottleneck_concepts(spec: BottleneckSpec, data) -> list[str]:
     return pick_concepts(spec.concepts, [c for c in available if c != spec.target])
 
 
-def behaviour(session: ModelSession, spec, labels, seqs, tr, te) -> tuple[np.ndarray, float]:
+def behaviour(session: ModelSession, spec, labels, seqs, tr, te,
+              progress: Progress = no_progress) -> tuple[np.ndarray, float]:
     """(the behaviour of every text, chance on the held-out ones): the model's choice among `spec.tokens` after
-    each of `seqs`, or the label column `spec.target`; refused when the training texts do not vary."""
+    each of `seqs`, or the label column `spec.target`; refused when the training texts do not vary. `progress`
+    hears of each batch of texts run."""
     if spec.target == "next_token":
         ids = single_token_ids(session, spec.tokens, "token to choose from")
         if len(set(ids)) != len(ids):
             raise WorkbenchError("The token set repeats a token.")
-        logits = session.last_logits(seqs)[:, ids]
+        logits = session.last_logits(seqs, progress=progress)[:, ids]
         y = np.asarray(spec.tokens, dtype=object)[logits.argmax(1).numpy()].astype(str)
     else:
         y = labels[spec.target].astype(str).to_numpy()
@@ -138,9 +140,10 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
     N = len(labels)
     tr, te = split(N, spec.test_fraction, spec.seed)
 
-    progress(0.3, "the behaviour")
+    progress(0.0, "tokenizing the texts")
     seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos) if spec.target == "next_token" else None
-    y, chance = behaviour(session, spec, labels, seqs, tr, te)
+    y, chance = behaviour(session, spec, labels, seqs, tr, te,
+                          progress=sub_progress(progress, 0.05, 0.6, "the behaviour (the model's choice): "))
 
     # concept scores, one feature per probe direction
     feats, names, layers = [], [], []
@@ -155,9 +158,10 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
             layers.append(layer)
     S = np.stack(feats, 1)
 
-    progress(0.5, "the bottleneck head")
+    progress(0.6, "the bottleneck head")
     acc, clf = _head(S[tr], y[tr], S[te], y[te], spec.l1_ratio, spec.C, spec.seed)
     full_layer = spec.layer if spec.layer != -2 else n_layers - 1
+    progress(0.65, f"the head on the full residual (layer {full_layer})")
     full = acts[:, full_layer + 1].astype(np.float64)
     full_acc, _ = _head(full[tr], y[tr], full[te], y[te], 0.0, spec.C, spec.seed)
     reference = 1.0 if spec.target == "next_token" else full_acc

@@ -25,7 +25,7 @@ from ... import concept_data
 from ...concept_data import pick_concepts
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, batches, input_estimate, largest
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession
 from ...specs import Spec, param
 from ...stats import N_BOOT, bootstrap_interval, resample_weights
@@ -48,16 +48,22 @@ class ConceptActivationsSpec(Spec):
     drop_last: int = param(0, "final tokens cut from every text before it is run", min=0, max=64)
 
 
-def concept_activations(session: ModelSession, seqs: list[list[int]], position: str) -> np.ndarray:
-    """[N, L + 1, d] float32: the embedding (index 0) and the residual after each block."""
+def concept_activations(session: ModelSession, seqs: list[list[int]], position: str,
+                        progress: Progress = no_progress) -> np.ndarray:
+    """[N, L + 1, d] float32: the embedding (index 0) and the residual after each block. `progress` hears of each
+    batch of texts."""
     L, d = session.n_layers, session.cfg.d_model
     names = [session.resid_after(layer) for layer in range(-1, L)]
     out = np.zeros((len(seqs), L + 1, d), dtype=np.float32)
+    done = 0
 
     def pool(idx, cache):
+        nonlocal done
         acts = torch.stack([cache[n] for n in names], 1).float()  # [b, L + 1, P, d]
         pooled = acts[:, :, -1] if position == "last" else acts[:, :, 1:].mean(2)
         out[idx] = pooled.cpu().numpy()
+        done += len(idx)
+        progress(done / len(seqs), f"activations: {done:,} of {len(seqs):,} texts")
 
     session.cache_in_batches(seqs, names, pool)
     return out
@@ -65,10 +71,9 @@ def concept_activations(session: ModelSession, seqs: list[list[int]], position: 
 
 def compute_activations(session: ModelSession, spec: ConceptActivationsSpec, inputs, progress) -> Result:
     labels = inputs["data"].iloc[:spec.max_sentences].reset_index(drop=True)
-    progress(0.05, "tokenizing")
+    progress(0.0, "tokenizing")
     seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos)
-    progress(0.1, "activations")
-    acts = concept_activations(session, seqs, spec.position)
+    acts = concept_activations(session, seqs, spec.position, progress=sub_progress(progress, 0.1, 0.95))
     N, Lp1, d = acts.shape
     table = pd.DataFrame({"sentence": np.repeat(np.arange(N), Lp1), "layer": np.tile(np.arange(-1, Lp1 - 1), N)})
     table["activation"] = list(acts.reshape(N * Lp1, d))
@@ -162,9 +167,11 @@ def compute_probes(session: ModelSession, spec: ProbeSpec, inputs, progress) -> 
         chance = counts.max() / counts.sum()  # of the majority class on the held-out texts
         y_control = rng.permutation(y)  # the control task: labels that carry no information
         for li in range(Lp1):
-            progress((ci * Lp1 + li) / steps, f"{concept}, layer {li - 1}")
+            where = f"{concept} (concept {ci + 1} of {len(concepts)}), layer {li - 1}"
+            progress((ci * Lp1 + li) / steps, f"{where}: the probe")
             X = acts[:, li]
             probe = fit_probe(X[tr], y[tr], X[te], y[te], spec.C, spec.seed)
+            progress((ci * Lp1 + li + 0.5) / steps, f"{where}: the control task's probe")
             ctrl = fit_probe(X[tr], y_control[tr], X[te], y_control[te], spec.C, spec.seed)
             (acc_lo,), (acc_hi,) = bootstrap_interval(probe.correct[None].astype(float), weights)
             (sel_lo,), (sel_hi,) = bootstrap_interval((probe.correct.astype(float) - ctrl.correct)[None], weights)

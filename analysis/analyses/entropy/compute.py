@@ -52,10 +52,11 @@ class EntropySpec(PromptSpec):
 
 def series_sessions(session: ModelSession, spec, progress):
     """(checkpoint, session) for each model of the spec's checkpoint series, in the order given (the run's own
-    model is not loaded twice); every model must share the run's vocabulary (the token ids are the run's)."""
+    model is not loaded twice); every model must share the run's vocabulary (the token ids are the run's).
+    Reports the start of each model's part (its loading); the caller reports inside it."""
     series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
     for i, ckpt in enumerate(series):
-        progress(i / len(series), f"model {i + 1} of {len(series)} ({ckpt.label})")
+        progress(i / len(series), f"model {i + 1} of {len(series)} ({ckpt.label}): loading")
         session.let_others_in()  # between checkpoints: a run waiting for the model may go first
         with session.other(ckpt.name, ckpt.revision, spec.dtype) as s:
             if s.summary.d_vocab != session.summary.d_vocab:
@@ -93,8 +94,10 @@ def model_entropy(session: ModelSession, ids: list[int]) -> tuple[pd.DataFrame, 
 def compute(session: ModelSession, spec: EntropySpec, inputs, progress) -> Result:
     ids = list(spec.token_ids)
     heads, tokens_rows, models = [], [], []
+    n_models = len(checkpoint_series(spec.model, spec.revision, spec.checkpoints))
     with contextlib.closing(series_sessions(session, spec, progress)) as series:  # a failure releases the model
-        for ckpt, h in series:
+        for i, (ckpt, h) in enumerate(series):  # loading a checkpoint is about half of its part
+            progress((i + 0.5) / n_models, f"model {i + 1} of {n_models} ({ckpt.label}): attention and lens")
             hd, pred = model_entropy(h, ids)
             for i, (k, v) in enumerate(checkpoint_columns(ckpt).items()):
                 hd.insert(i, k, v)

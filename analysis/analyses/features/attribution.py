@@ -99,7 +99,7 @@ def compute(session: ModelSession, spec: FeatureAttributionSpec, inputs, progres
     rules = LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES})
     frames, base_ms, source_ms = [], [], []
     for i, pair in enumerate(pairs):
-        progress(0.05 + 0.9 * i / len(pairs), f"pair {i + 1} of {len(pairs)}")
+        progress(0.05 + 0.9 * i / len(pairs), f"pair {i + 1} of {len(pairs)}: gradients")
         clean, corrupted = pair["clean_ids"], pair["corrupted_ids"]
         base_ids, src_ids = (corrupted, clean) if spec.direction == "denoise" else (clean, corrupted)
         base, src = session.tensor(base_ids), session.tensor(src_ids)
@@ -110,6 +110,7 @@ def compute(session: ModelSession, spec: FeatureAttributionSpec, inputs, progres
                                                                                    record=rec))]).float())[0])
         a_src = rec["acts"][0]  # [P, W]
         a_base, grad, base_m = _gradient_scores(session, sae, hook, base, metric, None)
+        progress(0.05 + 0.9 * (i + 0.1) / len(pairs), f"pair {i + 1} of {len(pairs)}: RelP gradients")
         _, grad_relp, _ = _gradient_scores(session, sae, hook, base, metric, rules)
         delta = a_src - a_base
         delta[:skip] = 0
@@ -120,7 +121,10 @@ def compute(session: ModelSession, spec: FeatureAttributionSpec, inputs, progres
         patched = torch.full((len(pos),), float("nan"))
         chosen = order[:spec.max_patched]
         with torch.no_grad():
-            for c in range(0, len(chosen), BATCH):
+            for c in range(0, len(chosen), BATCH):  # the gradients about a fifth of a pair, the patches the rest
+                progress(0.05 + 0.9 * (i + 0.2 + 0.8 * c / len(chosen)) / len(pairs),
+                         f"pair {i + 1} of {len(pairs)}: patching features {c + 1:,} to "
+                         f"{min(c + BATCH, len(chosen)):,} of {len(chosen):,}")
                 idx = chosen[c:c + BATCH]
                 R = len(idx)
                 rows_pos, rows_feat = pos[idx], feat[idx]

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ...estimate import Estimate
-from ...result import Result
+from ...result import Result, sub_progress
 from ...session import ModelSession
 from ...specs import param
 from .sae import (
@@ -76,8 +76,8 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     hook, skip_first = spec.hook_name, SKIP_FIRST
     train, held, _ = corpus_split(session, spec)
     seqs = train + held
-    progress(0.05, f"activations at {hook}")
-    X, which, where = site_activations(session, seqs, hook, skip_first, spec.max_tokens)
+    X, which, where = site_activations(session, seqs, hook, skip_first, spec.max_tokens,
+                                       progress=sub_progress(progress, 0.0, 0.8, f"activations at {hook}: "))
     ids = np.asarray([seqs[s][p] for s, p in zip(which, where)])
     N, W = X.shape[0], sae.d_sae
     top_vals = torch.full((spec.top_n, W), -1.0)
@@ -85,7 +85,7 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     peak = torch.zeros(W)
     count = torch.zeros(W)
     pairs = []  # (row, feature, activation) of every non-zero activation, for the histograms and the token index
-    progress(0.3, "encoding")
+    progress(0.8, "encoding")
     with torch.no_grad():
         for c in range(0, N, CHUNK):
             a = sae.encode(X[c:c + CHUNK].to(session.device)).float().cpu()  # [n, W]
@@ -99,12 +99,12 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
             top_vals, top_rows = best.values, rows.gather(0, best.indices)
             nz = a.nonzero()
             pairs.append((np.stack([nz[:, 0].numpy() + c, nz[:, 1].numpy()], 1), a[nz[:, 0], nz[:, 1]].numpy()))
-            progress(0.3 + 0.4 * min(1.0, (c + CHUNK) / N), "encoding")
+            progress(0.8 + 0.1 * min(1.0, (c + CHUNK) / N), f"encoding: {min(N, c + CHUNK):,} of {N:,} tokens")
     rows_nz = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros((0, 2), dtype=np.int64)
     vals_nz = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, dtype=np.float32)
 
     # top contexts, each token with this feature's activation
-    progress(0.72, "top contexts")
+    progress(0.9, "top contexts")
     start_row = {}
     for i, (s, p) in enumerate(zip(which, where)):
         start_row.setdefault(int(s), i - int(p) + int(skip_first))  # the row of position `skip_first`
@@ -141,7 +141,7 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     ex["tokens"] = [[names[i] for i in t] for t in ex["token_ids"]]
 
     # histograms of non-zero activations, bins from 0 to each feature's maximum
-    progress(0.8, "histograms")
+    progress(0.93, "histograms")
     f_idx = rows_nz[:, 1]
     top = peak.numpy()[f_idx]
     b = np.minimum((vals_nz / np.maximum(top, 1e-12) * spec.bins).astype(np.int64), spec.bins - 1)
@@ -154,7 +154,7 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     histograms = histograms[histograms["count"] > 0].reset_index(drop=True)
 
     # token index: features by mean activation over a token's occurrences
-    progress(0.85, "token index")
+    progress(0.95, "token index")
     occurrences = pd.Series(ids).value_counts()
     by = pd.DataFrame({"token_id": ids[rows_nz[:, 0]], "feature": f_idx, "activation": vals_nz})
     by = by.groupby(["token_id", "feature"], as_index=False).agg(total=("activation", "sum"),
@@ -166,7 +166,7 @@ def compute(session: ModelSession, spec: FeaturesSpec, inputs, progress) -> Resu
     by = by.assign(token=by["token_id"].map(tok_names))[["token_id", "token", "feature", "mean_activation", "fired",
                                                           "occurrences"]].reset_index(drop=True)
 
-    progress(0.9, "logit effects")
+    progress(0.97, "logit effects")
     logits = logit_effects(session, sae.W_dec.detach(), spec.logit_n)
     summary = pd.DataFrame({"feature": np.arange(W), "density": (count / N).numpy(), "max_activation": peak.numpy()})
     top_tok = ex[ex["rank"] < 5].groupby("feature")["tokens"].apply(

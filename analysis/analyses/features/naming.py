@@ -27,7 +27,7 @@ from scipy.stats import rankdata
 from ... import concept_data
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, input_estimate
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession
 from ...specs import param
 from ...tokens import encode_texts
@@ -94,9 +94,10 @@ def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 def pooled_features(session: ModelSession, sae, hook: str, seqs: list[list[int]], skip_first: bool,
-                    pool: str) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-    """(per-text feature values [N, W], the activations [T, d], each row's text [T])."""
-    X, which, _ = site_activations(session, seqs, hook, skip_first)
+                    pool: str, progress: Progress = no_progress) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """(per-text feature values [N, W], the activations [T, d], each row's text [T]). `progress` hears of each
+    batch of texts run."""
+    X, which, _ = site_activations(session, seqs, hook, skip_first, progress=progress)
     W = sae.d_sae
     out = torch.zeros(len(seqs), W)
     counts = torch.zeros(len(seqs))
@@ -131,14 +132,15 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
     sae = sae.to(session.device)
     labels = data.iloc[:spec.max_sentences].reset_index(drop=True)
     skip_first = SKIP_FIRST
-    progress(0.05, "feature activations of the labelled texts")
+    progress(0.0, "tokenizing the labelled texts")
     seqs = encode_texts(session, labels["text"], spec.drop_last, spec.bos)
-    F, X, which = pooled_features(session, sae, spec.hook_name, seqs, skip_first, spec.pool)
+    F, X, which = pooled_features(session, sae, spec.hook_name, seqs, skip_first, spec.pool, progress=sub_progress(
+        progress, 0.02, 0.25, "feature activations of the labelled texts: "))
     N, W = F.shape
     tr, te = split(N, spec.test_fraction, spec.split_seed)
     live = np.flatnonzero(F[tr].max(0) > 0)
 
-    progress(0.3, "naming features")
+    progress(0.25, "naming features")
     scores = []  # (concept, class, train AUROC [W])
     for concept in concepts:
         y = labels[concept].astype(str).to_numpy()
@@ -175,12 +177,12 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
         drop=True)
 
     # the behaviour, as the probe bottleneck reads it
-    progress(0.5, "the behaviour")
-    y, chance = behaviour(session, spec, labels, seqs, tr, te)
+    y, chance = behaviour(session, spec, labels, seqs, tr, te,
+                          progress=sub_progress(progress, 0.3, 0.75, "the behaviour (the model's choice): "))
     probe = inputs["bottleneck"].result
     reference = float(probe.meta["reference"])
 
-    progress(0.6, "the feature bottleneck")
+    progress(0.75, "the feature bottleneck")
     chosen, chosen_names = [], []
     for (concept, cls, _), a in zip(scores, A):
         for f in np.argsort(-a)[:spec.per_class]:
@@ -196,7 +198,7 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
         pick = rng.choice(pool_, size=min(len(chosen), len(pool_)), replace=False)
         racc, _ = _head(F[tr][:, pick], y[tr], F[te][:, pick], y[te], spec.l1_ratio, spec.C, spec.split_seed)
         random_acc.append(racc)
-        progress(0.6 + 0.3 * (r + 1) / spec.n_random, f"random features {r + 1}/{spec.n_random}")
+        progress(0.75 + 0.2 * (r + 1) / spec.n_random, f"random features {r + 1}/{spec.n_random}")
     all_acc, _ = _head(F[tr][:, live], y[tr], F[te][:, live], y[te], 0.0, spec.C, spec.split_seed)
     pm = probe.meta
     summary = pd.DataFrame([

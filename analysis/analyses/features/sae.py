@@ -36,7 +36,7 @@ from kernels.sae import ARCHITECTURES, SparseAutoencoder, TrainSettings, splice_
 
 from ...errors import WorkbenchError
 from ...estimate import Estimate
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession, check_layer
 from ...settings import allow_local_folders, review_mode
 from ...specs import Spec, param
@@ -327,9 +327,10 @@ def sae_from_result(result: Result) -> tuple[SparseAutoencoder, dict]:
 # Activations and evaluation
 # ----------------------------------------------------------------------------------------------------------
 def site_activations(session: ModelSession, seqs: list[list[int]], hook: str, skip_first: bool,
-                     max_tokens: int | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                     max_tokens: int | None = None,
+                     progress: Progress = no_progress) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(activations [N, d] float32, sequence index [N], position [N]) at `hook` for every token of `seqs` (up to
-    max_tokens), position 0 left out with `skip_first`."""
+    max_tokens), position 0 left out with `skip_first`. `progress` hears of each batch of texts."""
     rows, which, where = [], [], []
     total = 0
     kept = []
@@ -338,6 +339,7 @@ def site_activations(session: ModelSession, seqs: list[list[int]], hook: str, sk
             break
         kept.append(s)
         total += len(s) - skip_first
+    done = 0
 
     def keep(idx, cache):
         a = cache[hook][:, int(skip_first):].float()  # [b, P', d]
@@ -345,6 +347,9 @@ def site_activations(session: ModelSession, seqs: list[list[int]], hook: str, sk
         rows.append(a.reshape(b * P, -1).cpu())
         which.append(np.repeat(np.asarray(idx), P))
         where.append(np.tile(np.arange(int(skip_first), int(skip_first) + P), b))
+        nonlocal done
+        done += b * P
+        progress(done / max(1, total), f"{done:,} of {total:,} tokens")
 
     session.cache_in_batches(kept, [hook], keep)
     if not rows:
@@ -356,13 +361,17 @@ def site_activations(session: ModelSession, seqs: list[list[int]], hook: str, sk
     return X, which_a, where_a
 
 
-def next_token_losses(session: ModelSession, seqs: list[list[int]], hooks=()) -> float:
-    """Mean next-token cross-entropy over every prediction of `seqs` with these forward hooks attached."""
+def next_token_losses(session: ModelSession, seqs: list[list[int]], hooks=(),
+                      progress: Progress = no_progress) -> float:
+    """Mean next-token cross-entropy over every prediction of `seqs` with these forward hooks attached.
+    `progress` hears of each batch."""
     from ...session import same_length_batches
 
     total, count = 0.0, 0
+    batches = list(same_length_batches([s for s in seqs if len(s) > 1]))
     with torch.no_grad():
-        for _, toks in same_length_batches([s for s in seqs if len(s) > 1]):
+        for b, (_, toks) in enumerate(batches):
+            progress(b / len(batches), f"batch {b + 1} of {len(batches)}")
             toks = toks.to(session.device)
             logits = session.run_with_hooks(toks, list(hooks)).float()
             lp = logits[:, :-1].log_softmax(-1).gather(-1, toks[:, 1:, None]).squeeze(-1)
@@ -377,10 +386,11 @@ def encode_rows(width: int) -> int:
 
 
 def evaluate(session: ModelSession, sae: SparseAutoencoder, hook: str, skip_first: bool, X_train: torch.Tensor,
-             held: list[list[int]]) -> tuple[dict, pd.DataFrame]:
+             held: list[list[int]], progress: Progress = no_progress) -> tuple[dict, pd.DataFrame]:
     """Held-out FVE, L0, dead features (no activation on any training token), CE loss recovered; per-feature
-    statistics on the training tokens."""
-    X_ev, _, _ = site_activations(session, held, hook, skip_first)
+    statistics on the training tokens. `progress` hears of each batch of its parts."""
+    X_ev, _, _ = site_activations(session, held, hook, skip_first,
+                                  progress=sub_progress(progress, 0.0, 0.1, "held-out activations: "))
     with torch.no_grad():
         acts_ev = sae.encode(X_ev)
         recon = sae.decode(acts_ev)
@@ -391,6 +401,8 @@ def evaluate(session: ModelSession, sae: SparseAutoencoder, hook: str, skip_firs
         peak = torch.zeros(sae.d_sae)
         rows = encode_rows(sae.d_sae)
         for c in range(0, X_train.shape[0], rows):
+            progress(0.1 + 0.15 * c / X_train.shape[0], f"encoding the training tokens: {c:,} of "
+                                                         f"{X_train.shape[0]:,}")
             a = sae.encode(X_train[c:c + rows])
             count += (a > 0).sum(0)
             total += a.double().sum(0)
@@ -409,9 +421,11 @@ def evaluate(session: ModelSession, sae: SparseAutoencoder, hook: str, skip_firs
             out[:, 0] = x[:, 0]
         return out
 
-    ce_clean = next_token_losses(session, held)
-    ce_sae = next_token_losses(session, held, [(hook, splice_hook(sae, keep_error=False, skip_first=skip_first))])
-    ce_zero = next_token_losses(session, held, [(hook, zero)])
+    ce_clean = next_token_losses(session, held, progress=sub_progress(progress, 0.25, 0.5, "next-token loss, clean: "))
+    ce_sae = next_token_losses(session, held, [(hook, splice_hook(sae, keep_error=False, skip_first=skip_first))],
+                               progress=sub_progress(progress, 0.5, 0.75, "next-token loss, the SAE spliced in: "))
+    ce_zero = next_token_losses(session, held, [(hook, zero)],
+                                progress=sub_progress(progress, 0.75, 1.0, "next-token loss, zero-ablated: "))
     recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan")
     return {"fve": fve, "l0": l0, "dead_fraction": float((count == 0).float().mean()),
             "n_dead": int((count == 0).sum()), "ce_clean": ce_clean, "ce_with_sae": ce_sae,
@@ -429,10 +443,10 @@ def corpus_split(session: ModelSession, spec) -> tuple[list[list[int]], list[lis
 def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
     hook = session.hook(spec.site, spec.layer)
     skip_first = SKIP_FIRST
-    progress(0.02, "the training text")
+    progress(0.0, "the training text")
     train, held, held_what = corpus_split(session, spec)
-    progress(0.05, f"activations at {hook}")
-    X, _, _ = site_activations(session, train, hook, skip_first, spec.max_tokens)
+    X, _, _ = site_activations(session, train, hook, skip_first, spec.max_tokens,
+                               progress=sub_progress(progress, 0.02, 0.2, f"activations at {hook}: "))
     started = time.perf_counter()
     loss = pd.DataFrame()
     if spec.source == "folder":
@@ -449,7 +463,7 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
                                  lr=spec.lr, dead=spec.dead, seed=spec.seed)
         torch.manual_seed(spec.seed)
         # training reads only the gathered activations: runs waiting for the model go in between (issue 15)
-        sae, log, scale = train_sae(X.to(session.device), settings, lambda f, what: progress(0.1 + 0.75 * f, what),
+        sae, log, scale = train_sae(X.to(session.device), settings, lambda f, what: progress(0.2 + 0.65 * f, what),
                                     between=session.let_others_in)
         sae = sae.cpu()
         loss = pd.DataFrame({"step": log.step, "mse_over_variance": log.mse, "aux_loss": log.aux, "l0": log.l0,
@@ -459,9 +473,9 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
         note = f"trained here: {len(train)} sentences, {X.shape[0]:,} tokens, input scale {scale:.3g}" + (
             f", {log.resampled} features resampled" if log.resampled else "")
     seconds = time.perf_counter() - started
-    progress(0.88, "held-out evaluation")
     sae = sae.to(session.device)
-    metrics, per_feature = evaluate(session, sae, hook, skip_first, X.to(session.device), held)
+    metrics, per_feature = evaluate(session, sae, hook, skip_first, X.to(session.device), held,
+                                    progress=sub_progress(progress, 0.85, 1.0, "held-out evaluation: "))
     return Result(table=per_feature, meta={
         **metrics, "hook_name": hook, "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
         "k": sae.k if sae.architecture == "topk" else None, "n_train_tokens": int(X.shape[0]),

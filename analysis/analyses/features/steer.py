@@ -15,7 +15,7 @@ from kernels.sae import splice_hook
 
 from ...errors import WorkbenchError
 from ...estimate import Estimate
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession
 from ...specs import PromptSpec, param
 from ...tokens import single_token_ids
@@ -171,12 +171,13 @@ def steer_probes_spec(spec: SteerSpec, inputs=None):
                                        dataset=spec.dataset, position="last", max_sentences=2000), (spec.concept,))
 
 
-def _greedy(session: ModelSession, ids: list[int], n: int, hooks) -> list[int]:
+def _greedy(session: ModelSession, ids: list[int], n: int, hooks, progress: Progress = no_progress) -> list[int]:
     out = list(ids)
     with torch.no_grad():
-        for _ in range(n):
+        for i in range(n):
             if len(out) >= session.summary.n_ctx:
                 break
+            progress(i / n, f"token {i + 1} of {n}")
             logits = session.run_with_hooks(session.tensor(out), hooks)[0, -1]
             out.append(int(logits.argmax()))
     return out[len(ids):]
@@ -250,10 +251,9 @@ def compute_steer(session: ModelSession, spec: SteerSpec, inputs, progress) -> R
     if feature_acts is not None:
         meta["feature_activation"] = [float(v) for v in feature_acts]
     if spec.generate:
-        progress(0.5, "generating")
-        gen_b = _greedy(session, ids, spec.generate, [])
-        progress(0.75, "generating, steered")
-        gen_a = _greedy(session, ids, spec.generate, hooks)
+        gen_b = _greedy(session, ids, spec.generate, [], progress=sub_progress(progress, 0.3, 0.65, "generating: "))
+        gen_a = _greedy(session, ids, spec.generate, hooks,
+                        progress=sub_progress(progress, 0.65, 1.0, "generating, steered: "))
         meta.update(generated_before=session.tokenizer.decode(gen_b), generated_after=session.tokenizer.decode(gen_a))
     return Result(table=table, meta=meta)
 

@@ -20,7 +20,7 @@ import torch
 from ... import concept_data
 from ...errors import WorkbenchError
 from ...estimate import Estimate, Plan, input_estimate
-from ...result import Result
+from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession, check_layer, resid_after_name
 from ...specs import PromptSpec, param
 from ...tokens import single_token_ids
@@ -96,10 +96,11 @@ def pushed_logits(session: ModelSession, ids: list[int], layer: int, vector: tor
     return logits[:, -1].float().cpu()
 
 
-def refit_directions(acts_result: Result, spec: InterventionSpec, layer: int, cls: str) -> np.ndarray:
+def refit_directions(acts_result: Result, spec: InterventionSpec, layer: int, cls: str,
+                     progress: Progress = no_progress) -> np.ndarray:
     """[refits, d] unit directions toward `cls`: the probe refitted on bootstrap resamples of its training texts
     (the same split as the stored probes), so the curve's spread shows how much it depends on which texts the
-    probe saw."""
+    probe saw. `progress` hears of each refit."""
     pspec = probes_spec(spec, (spec.concept,))
     X = activations_array(acts_result)[:, layer + 1].astype(np.float64)
     y = acts_result.extra["labels"][spec.concept].astype(str).to_numpy()
@@ -108,6 +109,7 @@ def refit_directions(acts_result: Result, spec: InterventionSpec, layer: int, cl
     out = []
     while len(out) < spec.refits:
         idx = rng.choice(tr, size=len(tr), replace=True)
+        progress(len(out) / spec.refits, f"probe refit {len(out) + 1} of {spec.refits}")
         if len(np.unique(y[idx])) < len(np.unique(y[tr])):
             continue  # a resample that lost a class cannot point toward it
         probe = fit_probe(X[idx], y[idx], X[te], y[te], pspec.C, pspec.seed)
@@ -137,7 +139,7 @@ def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> 
     acts = activations_array(inputs["activations"].result)[:, layer + 1].astype(np.float64)
     scale = float(np.linalg.norm(acts, axis=1).mean())
     unit = torch.tensor(w / norm, dtype=torch.float32)
-    progress(0.5, "pushed forwards")
+    progress(0.05, "pushed forwards")
     amounts = [float(a) for a in spec.amounts]
     logits = pushed_logits(session, ids, layer, unit * scale, amounts, spec.where)
     probs = logits.softmax(-1)
@@ -153,10 +155,14 @@ def compute(session: ModelSession, spec: InterventionSpec, inputs, progress) -> 
     groups["log_odds"] = np.log(groups["up"]) - np.log(groups["down"])
     interval_meta = {}
     if spec.refits:
-        progress(0.7, f"{spec.refits} probe refits")
-        dirs = refit_directions(inputs["activations"].result, spec, layer, cls)
-        curves = np.stack([_log_odds(pushed_logits(session, ids, layer, torch.tensor(d, dtype=torch.float32) * scale,
-                                                   amounts, spec.where).softmax(-1), up, down) for d in dirs])
+        dirs = refit_directions(inputs["activations"].result, spec, layer, cls,
+                                progress=sub_progress(progress, 0.1, 0.8))  # the fits: most of the run
+        curves = []
+        for k, d in enumerate(dirs):
+            progress(0.8 + 0.2 * k / len(dirs), f"pushed forwards of refit {k + 1} of {len(dirs)}")
+            curves.append(_log_odds(pushed_logits(session, ids, layer, torch.tensor(d, dtype=torch.float32) * scale,
+                                                  amounts, spec.where).softmax(-1), up, down))
+        curves = np.stack(curves)
         groups["log_odds_low"], groups["log_odds_high"] = np.quantile(curves, [0.025, 0.975], axis=0)
         order = np.argsort(amounts)
         rising = (np.diff(curves[:, order], axis=1) > 0).all(1)
