@@ -663,7 +663,6 @@ def estimate_traces(plan) -> Estimate:
     text_peak, text_flops = _text_cost(s, n, t)
     hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, samples)
     return Estimate(parts={"Hessian traces": max(hutch_peak, text_peak)}, flops=text_flops + hutch_flops,
-                    blocks=s.calls(t) + s.calls(3 + 6 * samples),  # the text a token at a time; the products
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + GRAPH_S_PER_PARAM
                                                 + samples * RADEMACHER_S_PER_PARAM),
                     lower="n_seqs, seq_len or max_samples")
@@ -704,7 +703,6 @@ def estimate_sensitivity(plan) -> Estimate:
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + copies
     upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
     return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t) + s.vocab_flops(n * t, 4 * passes),
-                    blocks=s.calls(1 + passes),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + F * kinds * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs, seq_len, formats or units (matrix is the largest)", upstream=[upstream])
 
