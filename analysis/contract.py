@@ -9,7 +9,7 @@ all use it without knowing it.
         inputs=(Needs("probes", probes_spec),),  # stored runs (or datasets) it builds on
         page=Page(...),                      # how it shows in the app (optional)
         estimate=estimate,                   # estimate(plan) -> Estimate: peak memory and work, before a run
-        smaller=({"n": 100}, {"n": 20}),     # settings for large models, tried in order (see below)
+        smaller=({"n": 100}, {"n": 20}),     # settings for large models, tried in order, each smaller (see below)
     )
 
 `compute` is a pure function of (model session, spec, its resolved inputs, progress): it never calls the
@@ -18,9 +18,17 @@ store, or by running them), opens the model session (the lock held for the whole
 that writes to the store.
 
 `estimate` (analysis/estimate.py) gives the run's peak memory by part and its work from the model's shape and the
-spec; the runner refuses a run that does not fit free memory. `smaller` is a ladder of settings: when a model is
-so large that the spec's defaults would take longer than a minute on the reference machine (2 CPU cores), pages
-and the command line start from the first rung that fits instead, and say so.
+spec; the runner refuses a run that does not fit free memory, and the app one estimated past its time limit.
+
+`smaller` is a ladder of settings: when a model is so large that the spec's defaults would take longer than a minute
+on the reference machine (2 CPU cores), pages and the command line start from the first rung that fits instead, and
+say so (with what the defaults would take, on the same basis as the run's own estimate). A ladder only goes down:
+each rung does no more of any kind of work (products, block invocations, other work) than the rung before it, the
+first than the defaults, so no machine's pace can make a rung slower than the defaults (tests/test_estimate.py
+checks every ladder on a large model); a rung is judged with the fields the user gave, which it never changes. A
+rung never cuts a setting below what the analysis's statistics need (patching keeps 6 pairs, the fewest for which
+its sign-flip test can reach p < 0.05); a model too large even for the last rung runs the last rung, and its
+estimate says how long.
 """
 from __future__ import annotations
 

@@ -2,16 +2,30 @@
 
 Each analysis declares `estimate(plan) -> Estimate`: its peak memory from the model's shape and dtype and the
 spec (weights, the activations of its largest batch, the tensors it keeps, vocabulary blocks, what it returns),
-and its work in floating-point operations. The runner refuses a run whose working memory does not fit the free
-memory of its device, naming the setting to lower; the page shows the estimate beside its Run button.
+and its work: floating-point operations of matrix products (`flops`), block invocations (`blocks`: every block a
+forward or backward passes through costs a fixed time for its hooks, modules and kernel launches, whatever its
+size: on a small model this is most of the time) and seconds of other work on the reference machine
+(`extra_seconds`: scikit-learn fits, eigendecompositions). The runner refuses a run whose working memory does not
+fit the free memory of its device, naming the setting to lower; the page shows the estimate beside its Run button.
 
-    est = estimate_run(spec, handle)
-    est.total_bytes, est.seconds, est.describe()
+    est = estimate_run(spec, handle, store=store)
+    est.total_bytes, est.seconds, est.basis, est.describe()
 
-Time is work / throughput: the throughput of this device on matrix products of the model's width, measured once
-per process (a fraction of a second), times an efficiency learnt from the runs this process has finished (a
-forward pass through hooks reaches a fraction of the matmul rate). It is a rough figure; memory is the one that
-refuses a run.
+Time is the work at this machine's pace, times what this analysis's finished runs on this machine say:
+
+1. this machine's pace (`Speed`): FLOP/s of matrix products of the model's width and seconds per small operation,
+   measured by a short probe and kept in the store (`speed_probes`); the median of the last few probes is used, so
+   one noisy probe (another process busy on the CPU) does not set it, and a process whose store holds enough of
+   them does not probe at all;
+2. a correction per analysis and machine: the median of measured / predicted seconds over the analysis's recent
+   finished runs on this machine (the store's `run_timings`, written with each run's result; those of the same
+   model when there are two or more), so what the work model misses (a kernel faster than its FLOPs, Python
+   loops, a library's fixed costs) is learnt from the runs themselves.
+
+`Estimate.basis` says which: "from 5 finished runs of patching on this machine", or "from this machine's
+matrix-multiply probe" before any has finished. Defaults that scale with the model (`smaller_defaults`) use the
+reference machine's pace instead (2 CPU cores, fixed numbers), so the same model gets the same defaults, and the
+same run keys, anywhere.
 
 Measured peaks (`measure_peak`, for tests and benchmarks): on CUDA the allocator's peak; on the CPU the process's
 resident high-water mark (reset through /proc/self/clear_refs) above what was resident when the run began.
@@ -21,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
+import socket
 import statistics
 import threading
 import time
@@ -34,6 +49,11 @@ from .models import DTYPES, available_memory
 
 GiB, MiB = 2**30, 2**20
 F32 = 4
+
+
+ENTRY_FLOPS = 60.0  # an element-wise pass over one float32 entry takes as long as this many FLOPs of products
+LOGIT_PASSES = 8  # the logits of a forward: written, read back, copied to float32 (measured on a 25,600 vocabulary)
+SHIPPED_CORPUS_TOKENS = 33_000  # the shipped task and concept sentences (training text of the tuned lens and SAEs)
 
 
 @dataclass(frozen=True)
@@ -112,21 +132,60 @@ class Shape:
         return n * rows * pos * self.d_model * (itemsize or self.itemsize)
 
     # -- work ----------------------------------------------------------------------------------------------
-    def forward_flops(self, rows: int, pos: int, logits_pos: int | None = None) -> float:
-        """Multiply-adds x 2 of a forward: the blocks' matrices, attention over the prefix, the unembedding."""
+    @property
+    def block_params(self) -> int:
+        """The weights one block multiplies by: attention's query, key, value and output projections and the MLP's
+        matrices (from the dimensions, so a tied or untied, small or huge vocabulary does not enter it)."""
+        attn = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_kv_heads)
+        return attn + (3 if self.gated else 2) * self.d_model * self.d_mlp
+
+    def block_passes(self, pos: int) -> float:
+        """Element-wise passes over one float per token through one block: the MLP's activation (a dozen
+        kernels over its hidden layer, the gate's product), the norms, residual adds and hook copies over the
+        width, the attention scores' mask and softmax over the prefix."""
+        return (15 if self.gated else 10) * self.d_mlp + 25 * self.d_model + 4 * self.n_heads * pos
+
+    def forward_flops(self, rows: int, pos: int, logits_pos: int | None = None, layers: float | None = None) -> float:
+        """The work of a forward of `rows` sequences of `pos` tokens, in FLOPs: multiply-adds x 2 of the blocks'
+        matrices and of attention over the prefix, the unembedding at `logits_pos` positions of each (all unless
+        told; the embedding is a lookup), and the blocks' element-wise work and the logits written (at
+        ENTRY_FLOPS a pass). `layers`: blocks run (all unless told)."""
         lp = pos if logits_pos is None else logits_pos
-        body = max(self.n_params - 2 * self.embed_params, self.n_params // 4)  # embedding lookups cost nothing
-        attn = 2 * self.n_layers * pos * self.n_heads * self.d_head  # scores and weighted values, per token
-        return 2.0 * rows * (pos * (body + attn) + lp * self.embed_params)
+        L = self.n_layers if layers is None else layers
+        attn = 2 * pos * self.n_heads * self.d_head  # scores and weighted values, per token and block
+        products = 2.0 * (pos * L * (self.block_params + attn) + lp * self.embed_params)
+        passes = pos * L * self.block_passes(pos) + LOGIT_PASSES * lp * self.d_vocab
+        return rows * (products + ENTRY_FLOPS * passes)
 
     def backward_flops(self, rows: int, pos: int, logits_pos: int | None = None) -> float:
+        """A forward and a backward (twice the forward's products)."""
         return 3.0 * self.forward_flops(rows, pos, logits_pos)
+
+    def vocab_flops(self, rows: float, passes: float = 1.0) -> float:
+        """Element-wise work over the vocabulary of `rows` rows, `passes` times (a softmax or log-softmax and
+        what reads it: a loss, a KL, entropies, top-k), as the matrix-product FLOPs that take as long. It is
+        memory-bound and costs the same per entry whatever the width: on a model whose vocabulary is a hundred
+        times its width it is much of the time."""
+        return ENTRY_FLOPS * passes * rows * self.d_vocab
+
+    def calls(self, n: float = 1, layers: float | None = None) -> float:
+        """Block invocations of `n` forwards through `layers` blocks (all unless told); the embedding and the
+        unembedding count as one each. A backward counts as two forwards."""
+        return n * ((self.n_layers if layers is None else layers) + 2)
+
+    def batched_calls(self, lengths: list[int], batch: int = 64) -> float:
+        """Block invocations of running texts of these lengths in batches of one length (`batches`)."""
+        return self.calls(len(batches(lengths, batch)))
 
 
 @dataclass
 class Estimate:
-    """Peak memory by part (bytes) and work (floating-point operations) of one run. `lower` names the setting
-    that most reduces the peak; `tables` is the rows of what it returns (for the note)."""
+    """Peak memory by part (bytes) and work of one run: matrix products (`flops`), block invocations (`blocks`,
+    see Shape.calls) and other work in seconds on the reference machine (`extra_seconds`). `lower` names the
+    setting that most reduces the peak; `upstream` the stored runs it builds on, when not stored yet.
+
+    Timed (`timed`): `base_seconds` is the work at this machine's pace, `correction` what this analysis's finished
+    runs here say of that pace, `seconds` the two multiplied, and `basis` says where the figure comes from."""
 
     parts: dict[str, int]
     flops: float
@@ -135,7 +194,12 @@ class Estimate:
     device: str = "cpu"
     extra_seconds: float = 0.0  # work that is not matrix products (eigendecompositions, scikit-learn fits)
     upstream: list["Estimate"] = field(default_factory=list)  # stored runs it builds on, when not stored yet
+    blocks: float = 0.0  # block invocations: the fixed cost of each, whatever its size
+    block_bytes: float = 0.0  # weights one block invocation reads (filled in from the model's shape)
     seconds: float = field(default=0.0, init=False)
+    base_seconds: float = field(default=0.0, init=False)
+    correction: float = field(default=1.0, init=False)
+    basis: str = field(default="", init=False)
 
     @property
     def total_bytes(self) -> int:
@@ -146,9 +210,16 @@ class Estimate:
         """What the run needs beyond the loaded weights."""
         return self.total_bytes - int(self.parts.get("weights", 0))
 
+    @property
+    def total_seconds(self) -> float:
+        """With the runs it builds on."""
+        return self.seconds + upstream_seconds(self)
+
     def describe(self) -> str:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.parts.items() if v >= 0.5 * MiB)
         text = f"≈ {fmt_bytes(self.total_bytes)} peak ({parts}) · ≈ {fmt_seconds(self.seconds)} on {self.device}"
+        if self.basis:
+            text += f", {self.basis}"
         if self.upstream:
             text += f" (+ ≈ {fmt_seconds(upstream_seconds(self))} for the runs it builds on)"
         return text
@@ -173,37 +244,96 @@ def fmt_seconds(s: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Throughput: measured once per (device, dtype, width); efficiency learnt from finished runs
+# Time: this machine's pace (probed, kept in the store), corrected by the analysis's finished runs
 # ----------------------------------------------------------------------------------------------------------
-_THROUGHPUT: dict[tuple, float] = {}
-_EFFICIENCY: dict[tuple, list[float]] = {}
+# The reference machine: 2 CPU cores, float32 (the team's CPU box), measured with benchmarks/estimates.py.
+REFERENCE_RATE = 80e9  # FLOP/s of a hooked forward's matrix products
+REFERENCE_BLOCK_S = 1.5e-3  # seconds of fixed cost per block invocation (hooks, modules, Python)
+REFERENCE_BYTES_PER_S = 8e9  # reading a block's weights: what a forward of a few tokens waits for
+# A hooked forward against the probe: its products reach this share of the probe's matrix-multiply rate, one
+# block invocation costs this many of the probe's small operations, and its weights are read at this share of
+# the probe's copy rate (measured on the reference machine).
+FORWARD_EFFICIENCY = 0.6
+OPS_PER_BLOCK = 700.0
+BANDWIDTH_EFFICIENCY = 0.5
+PROBES_KEPT = 9  # the median of this machine's last few probes is its pace
+PROBES_ENOUGH = 5  # a process whose store holds this many probes of its pace does not probe again
+RUNS_KEPT = 9  # the correction is the median over an analysis's last few finished runs on the machine
+MIN_RUN_SECONDS = 0.5  # a shorter run (measured and predicted) is mostly fixed costs: it says little of the pace
+RUNS_ALIKE = 4.0  # only runs predicted within this factor of the one estimated correct it
+RUN_S = 0.1  # what every run costs besides its work: the session, tokenising, the result's tables
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a machine does the work an estimate counts."""
+
+    flops_per_s: float  # matrix products (and element-wise work, counted in their time) inside a hooked forward
+    block_s: float  # the fixed cost of one block invocation
+    bytes_per_s: float  # reading weights (once per block invocation, however few tokens it runs)
+
+    def seconds(self, est: Estimate) -> float:
+        per_block = self.block_s + est.block_bytes / self.bytes_per_s
+        return RUN_S + est.flops / self.flops_per_s + est.blocks * per_block + est.extra_seconds
+
+
+REFERENCE = Speed(REFERENCE_RATE, REFERENCE_BLOCK_S, REFERENCE_BYTES_PER_S)
+_PROBED: dict[tuple, tuple[float, float, float]] = {}
 _LOCK = threading.Lock()
-DEFAULT_EFFICIENCY = 0.35  # a hooked forward's share of the matmul rate (measured on the default model, CPU)
 
 
-def matmul_throughput(device: str, dtype: str, width: int) -> float:
-    """Floating-point operations per second of [256, width] x [width, 4 width] products on this device."""
-    key = (device, dtype, width)
+def machine_id(device: str) -> str:
+    """This machine as the store's pace tables name it: host, device and the threads torch uses."""
+    what = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu"
+    return f"{socket.gethostname()} · {what} · {torch.get_num_threads()} threads"
+
+
+def probe_width(device: str, width: int) -> int:
+    """The width the probe multiplies at: the model's, within what a short probe can do on this device."""
+    return max(64, min(width, 8192 if device == "cuda" else 1024))
+
+
+def probe(device: str, dtype: str, width: int) -> tuple[float, float, float]:
+    """(FLOP/s, seconds per small operation, bytes/s) of this device, measured once per process: [512, w] x
+    [w, 4w] products, a run of small operations on [8, 64] tensors (what each hook, module and kernel launch
+    costs whatever its size) and a 32 MiB copy; each the fastest of a few after a warm-up (the machine's pace,
+    not a moment's interruption)."""
+    w = probe_width(device, width)
+    key = (device, dtype, w)
     with _LOCK:
-        if key in _THROUGHPUT:
-            return _THROUGHPUT[key]
+        if key in _PROBED:
+            return _PROBED[key]
     dt = DTYPES[dtype]
     dev = torch.device("cuda" if device == "cuda" else "cpu")
-    a = torch.randn(256, width, dtype=dt, device=dev)
-    b = torch.randn(width, 4 * width, dtype=dt, device=dev)
-    flops, n = 2.0 * 256 * width * 4 * width, 0
+    a = torch.randn(512, w, dtype=dt, device=dev)
+    b = torch.randn(w, 4 * w, dtype=dt, device=dev)
+    x, y = torch.randn(8, 64, dtype=dt, device=dev), torch.randn(8, 64, dtype=dt, device=dev)
+    src = torch.ones(8 * 2**20, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+
+    def fastest(fn, n: int) -> float:
+        fn()  # warm up
+        _sync(dev)
+        best = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def small_ops():
+        z = y
+        for _ in range(50):
+            z = (x + z) * 0.5
+
     with torch.no_grad():
-        a @ b  # warm up
-        _sync(dev)
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.05 or n < 3:
-            a @ b
-            n += 1
-        _sync(dev)
-        rate = flops * n / (time.perf_counter() - t0)
+        rate = 2.0 * 512 * w * 4 * w / fastest(lambda: a @ b, 5)
+        ops = fastest(small_ops, 3) / 100
+        bw = 2.0 * src.numel() * 4 / fastest(lambda: dst.copy_(src), 5)
     with _LOCK:
-        _THROUGHPUT[key] = rate
-    return rate
+        _PROBED[key] = (rate, ops, bw)
+    return rate, ops, bw
 
 
 def _sync(dev: torch.device) -> None:
@@ -211,35 +341,85 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def efficiency(analysis: str, device: str) -> float:
-    with _LOCK:
-        seen = _EFFICIENCY.get((analysis, device))
-        return statistics.median(seen) if seen else DEFAULT_EFFICIENCY
+def speed_of(probes: list[tuple[float, float, float]]) -> Speed:
+    """A hooked forward's pace on a machine whose probes gave these (the median of each)."""
+    return Speed(FORWARD_EFFICIENCY * statistics.median(p[0] for p in probes),
+                 OPS_PER_BLOCK * statistics.median(p[1] for p in probes),
+                 BANDWIDTH_EFFICIENCY * statistics.median(p[2] for p in probes))
 
 
-def learn(est: Estimate, dtype: str, width: int, seconds: float) -> None:
-    """Remember how fast a finished run went against its estimated work (the next estimate's efficiency)."""
-    work_s = seconds - est.extra_seconds
-    rate = matmul_throughput(est.device, dtype, width)
-    if est.flops <= 0 or work_s <= 0.05 or est.flops / (rate * DEFAULT_EFFICIENCY) < 0.5:
-        return  # a short run's time is mostly fixed costs: it says little about the rate of a long one
-    with _LOCK:
-        seen = _EFFICIENCY.setdefault((est.analysis, est.device), [])
-        seen.append(est.flops / work_s / rate)
-        del seen[:-20]
+@dataclass
+class Pace:
+    """What is known of this machine's pace: its speed (the median of its probes) and its finished runs."""
+
+    machine: str
+    speed: Speed
+    n_probes: int
+    runs: list[dict] = field(default_factory=list)  # analysis, model, measured_s, predicted_s; newest first
+
+    def correction(self, analysis: str, model: str = "", predicted: float = 0.0) -> tuple[float, str]:
+        """(measured / predicted, basis): the median over this analysis's recent finished runs on this machine of a
+        size like this one's (predicted within RUNS_ALIKE times `predicted`: a run a hundred times smaller is
+        mostly fixed costs and says little of this one's pace), those of this model when there are two or more;
+        or (1, the probe) when none has finished."""
+        mine = [r for r in self.runs if r["analysis"] == analysis and r["predicted_s"] > 0
+                and max(r["measured_s"], r["predicted_s"]) >= MIN_RUN_SECONDS
+                and (predicted <= 0 or predicted / RUNS_ALIKE <= r["predicted_s"] <= predicted * RUNS_ALIKE)]
+        same = [r for r in mine if model and r["model"] == model]
+        by_model = len(same) >= 2
+        use = (same if by_model else mine)[:RUNS_KEPT]
+        if not use:
+            probes = "probe" if self.n_probes <= 1 else f"{self.n_probes} probes"
+            return 1.0, f"from this machine's matrix-multiply {probes} (no finished {analysis} runs here yet)"
+        ratio = statistics.median(min(100.0, max(0.01, r["measured_s"] / r["predicted_s"])) for r in use)
+        n = len(use)
+        which = " with this model" if by_model else ""
+        return ratio, f"from {n} finished run{'s' if n > 1 else ''} of {analysis}{which} on this machine"
 
 
-def timed(est: Estimate, dtype: str, width: int) -> Estimate:
-    """Fill in the seconds of the estimate and of the runs it builds on (each with theirs)."""
-    throughput = matmul_throughput(est.device, dtype, width)
+def machine_pace(device: str, dtype: str, width: int, store=None) -> Pace:
+    """This machine's pace for a model of this width: the store's probes of it (this process's own added while
+    the store holds fewer than PROBES_ENOUGH) and its finished runs; without a store, this process's probe."""
+    m, w = machine_id(device), probe_width(device, width)
+    probes = store.speed_probes(m, dtype, w, PROBES_KEPT) if store is not None else []
+    if len(probes) < PROBES_ENOUGH:
+        fresh = (device, dtype, w) not in _PROBED
+        got = probe(device, dtype, w)
+        if fresh and store is not None and not store.read_only:
+            store.record_speed_probe(m, dtype, w, *got)
+            probes = [got, *probes][:PROBES_KEPT]
+        elif not probes:
+            probes = [got]
+    speed = speed_of(probes)
+    runs = store.run_timings(m) if store is not None else []
+    return Pace(m, speed, len(probes), runs)
 
-    def fill(e: Estimate) -> float:  # an input run at its own analysis's pace
+
+def timed(est: Estimate, dtype: str, width: int, store=None, model: str = "") -> Estimate:
+    """Fill in the seconds of the estimate and of the runs it builds on (each at its own analysis's pace), with
+    their basis."""
+    pace = machine_pace(est.device, dtype, width, store)
+
+    def fill(e: Estimate) -> float:
         e.device = est.device
-        e.seconds = e.flops / (throughput * efficiency(e.analysis or est.analysis, est.device)) + e.extra_seconds
+        e.base_seconds = pace.speed.seconds(e)
+        e.correction, e.basis = pace.correction(e.analysis or est.analysis, model, e.base_seconds)
+        e.seconds = e.base_seconds * e.correction
         return e.seconds + sum(fill(u) for u in e.upstream)
 
     fill(est)
     return est
+
+
+def timing_meta(est: Estimate, seconds: float, model: str, dtype: str, width: int, clean: bool) -> dict:
+    """What a finished run tells of this machine's pace, kept with its result (Store.put files it under
+    run_timings): its predicted seconds at the machine's speed, before any correction, against what it took.
+    `clean`: nothing else ran on the model meanwhile (waiting for it, or a run let in between two parts, would
+    count another run's time)."""
+    return {"machine": machine_id(est.device), "analysis": est.analysis, "model": model, "dtype": dtype,
+            "width": int(width), "flops": float(est.flops), "blocks": float(est.blocks),
+            "extra_s": float(est.extra_seconds), "predicted_s": float(est.base_seconds), "measured_s": float(seconds),
+            "clean": bool(clean)}
 
 
 def input_estimate(estimate: Callable[["Plan"], Estimate], plan: "Plan") -> Estimate:
@@ -258,6 +438,7 @@ def upstream_seconds(est: Estimate) -> float:
 # The plan an analysis estimates from
 # ----------------------------------------------------------------------------------------------------------
 TYPICAL_TEXT_TOKENS = 14  # a shipped concept sentence or IOI prompt, when no tokenizer is at hand
+_LENGTHS: dict[tuple, list[int]] = {}  # token lengths of texts, per (tokenizer, bos, texts)
 
 
 @dataclass
@@ -306,12 +487,25 @@ class Plan:
         return out[:limit] if limit else out
 
     def text_lengths(self, texts) -> list[int]:
-        """Token lengths of these texts for the model (typical lengths without a loaded model)."""
+        """Token lengths of these texts for the model (typical lengths without a loaded model); remembered per
+        tokenizer and texts, since a page estimates on every view and tokenising thousands of texts takes seconds."""
         if self.handle is None:
             return [TYPICAL_TEXT_TOKENS] * len(texts)
+        import hashlib
+
         from .tokens import encode_texts
 
-        return [len(s) for s in encode_texts(self.handle, list(texts), 0, self.spec.bos)]
+        texts = [str(t) for t in texts]
+        key = (self.handle.fingerprint, str(self.spec.bos), hashlib.sha256("\0".join(texts).encode()).hexdigest())
+        with _LOCK:
+            got = _LENGTHS.get(key)
+        if got is None:
+            got = [len(s) for s in encode_texts(self.handle, texts, 0, self.spec.bos)]
+            with _LOCK:
+                if len(_LENGTHS) >= 64:
+                    _LENGTHS.pop(next(iter(_LENGTHS)))
+                _LENGTHS[key] = got
+        return list(got)
 
 
 def other_models_bytes(plan: Plan, series: list) -> int:
@@ -326,6 +520,20 @@ def other_models_bytes(plan: Plan, series: list) -> int:
     return int((min(missing, slots) + (missing > slots)) * shape.weights * 1.1)
 
 
+MODEL_LOAD_S = 0.5  # loading a model: building its bridge (seconds on the reference machine) ...
+MODEL_LOAD_S_PER_PARAM = 5e-8  # ... and reading its weights
+
+
+def other_models_seconds(plan: Plan, series: list) -> float:
+    """Loading the models of a checkpoint series that are not loaded yet."""
+    from .models import MODEL_CACHE
+
+    spec, shape = plan.spec, plan.shape
+    missing = sum(1 for c in series if not (c.name == spec.model and (c.revision or "") == spec.revision)
+                  and not MODEL_CACHE.has(c.name, revision=c.revision, device=shape.device, dtype=spec.dtype))
+    return missing * (MODEL_LOAD_S + MODEL_LOAD_S_PER_PARAM * shape.n_params)
+
+
 def batches(lengths: list[int], batch: int = 64) -> list[tuple[int, int]]:
     """(rows, tokens) of each batch `session.cache_in_batches` runs: texts of one length, `batch` at a time."""
     by_len: dict[int, int] = {}
@@ -338,14 +546,18 @@ def largest(batch_list: list[tuple[int, int]], per: Callable[[int, int], int]) -
     return max((per(r, n) for r, n in batch_list), default=0)
 
 
-def estimate_run(analysis, spec, handle, get_stored: Callable[[str], Any] | None = None) -> Estimate | None:
+def estimate_run(analysis, spec, handle, get_stored: Callable[[str], Any] | None = None, *,
+                 store=None) -> Estimate | None:
     """The analysis's estimate for this spec (token ids resolved) on this loaded model (None when it declares
-    none); `get_stored` reads an uploaded dataset the spec names."""
+    none); `get_stored` reads an uploaded dataset the spec names (default: the store's); `store` holds this
+    machine's pace (without one, this process's probe alone)."""
     if analysis.estimate is None:
         return None
+    if get_stored is None and store is not None:
+        get_stored = store.get_dataset
     shape = Shape.of(handle.summary, spec.dtype, handle.device)
     est = _estimate(analysis, Plan(shape, spec, handle, dataset_loader(analysis, spec, get_stored), get_stored))
-    return timed(est, spec.dtype, shape.d_model)
+    return timed(est, spec.dtype, shape.d_model, store, handle.fingerprint)
 
 
 RUNNER_BYTES = 8 * MiB  # what every run adds besides its tensors: tables, the store's write, the interpreter
@@ -354,6 +566,14 @@ RUNNER_BYTES = 8 * MiB  # what every run adds besides its tensors: tables, the s
 def _estimate(analysis, plan: Plan) -> Estimate:
     est = analysis.estimate(plan)
     est.analysis, est.device = plan.spec.analysis, plan.shape.device
+    per_block = plan.shape.weights / (plan.shape.n_layers + 2)  # a block, or the embedding or unembedding
+
+    def fill(e: Estimate) -> None:
+        e.block_bytes = e.block_bytes or per_block
+        for u in e.upstream:
+            fill(u)
+
+    fill(est)
     est.parts = {"weights": plan.shape.weights, **{k: int(v) for k, v in est.parts.items() if k != "weights"},
                  "tables and store": RUNNER_BYTES}
     return est
@@ -376,40 +596,50 @@ def dataset_loader(analysis, spec, get_stored) -> Callable[[], Any] | None:
 # ----------------------------------------------------------------------------------------------------------
 # Defaults that scale with the model
 # ----------------------------------------------------------------------------------------------------------
-REFERENCE_RATE = 80e9  # FLOP/s of a hooked forward on the reference machine (2 CPU cores, float32; measured on
-# SmolLM2: 145e9 in batches of 64 texts, 68e9 training the tuned lens)
 BUDGET_S = 50.0  # a page's default run on the reference machine, so it finishes inside a minute
 
 
 def reference_seconds(est: Estimate, upstream: bool = True) -> float:
     """The run's time on the reference machine (deterministic: the same model gets the same defaults anywhere),
     with the runs it builds on."""
-    own = est.flops / REFERENCE_RATE + est.extra_seconds
+    own = REFERENCE.seconds(est)
     return own + (sum(reference_seconds(u) for u in est.upstream) if upstream else 0.0)
 
 
-def smaller_defaults(analysis, summary, base: dict, budget_s: float = BUDGET_S) -> tuple[dict, float, float]:
+def smaller_defaults(analysis, summary, base: dict, budget_s: float = BUDGET_S,
+                     keep: set[str] | frozenset = frozenset()) -> tuple[dict, float, float]:
     """(settings, reference seconds of the defaults, of what was chosen): the first rung of the analysis's
     `smaller` ladder whose run takes at most `budget_s` on the reference machine, when the defaults take
-    longer ({} when they do not). `base` holds the spec's fields as the page or command line has them."""
+    longer ({} when they do not); the last rung when none does. `base` holds the spec's fields as the page or
+    command line has them; `keep` names those of them a rung never changes (what the user gave), and each rung is
+    estimated as it would run, with them. A rung estimated no faster than the defaults is never chosen (a ladder
+    only goes down; tests/test_estimate.py checks every shipped ladder is monotone)."""
     if analysis.estimate is None or not analysis.smaller:
         return {}, 0.0, 0.0
     shape = Shape.of(summary, "float32", "cpu")
 
     def secs(fields: dict) -> float:
-        spec = analysis.spec.from_dict({**base, **fields})
+        spec = analysis.spec.from_dict({**base, **{k: v for k, v in fields.items() if k not in keep}})
         return reference_seconds(_estimate(analysis, Plan(shape, spec)))
 
     full = secs({})
     if full <= budget_s:
         return {}, full, full
-    chosen, t = {}, full
-    for rung in analysis.smaller:
-        rung = {k: v(shape) if callable(v) else v for k, v in rung.items()}  # e.g. layers spread over the model
-        chosen, t = rung, secs(rung)
+    chosen, took = {}, full
+    for rung in ladder(analysis, shape):
+        t = secs(rung)
+        if t >= full:
+            continue
+        chosen, took = rung, t
         if t <= budget_s:
             break
-    return chosen, full, t
+    return chosen, full, took
+
+
+def ladder(analysis, shape: Shape) -> list[dict]:
+    """The analysis's `smaller` rungs for a model of this shape (a callable value picks for it: layers spread
+    over the model)."""
+    return [{k: v(shape) if callable(v) else v for k, v in rung.items()} for rung in analysis.smaller]
 
 
 HEADROOM = 0.9  # of the free memory a run may plan to use
@@ -428,7 +658,7 @@ def check_fits(est: Estimate, free: int | None = None) -> None:
 
 def check_time(est: Estimate, limit_s: float) -> None:
     """Refuse a run whose estimated time (with the runs it builds on) is over `limit_s` (0: no limit)."""
-    total = est.seconds + upstream_seconds(est)
+    total = est.total_seconds
     if limit_s and total > limit_s:
         raise WorkbenchError(
             f"This run is estimated at ≈ {fmt_seconds(total)} ({est.describe()}); this server runs at most "
@@ -485,6 +715,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["Estimate", "Peak", "Plan", "Shape", "check_fits", "estimate_run", "fmt_bytes", "fmt_seconds", "learn",
-           "measure_peak", "smaller_defaults"]
+__all__ = ["Estimate", "Pace", "Peak", "Plan", "Shape", "Speed", "check_fits", "estimate_run", "fmt_bytes",
+           "fmt_seconds", "machine_pace", "measure_peak", "smaller_defaults", "timing_meta"]
 

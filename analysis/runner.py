@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .contract import Analysis, Dataset, Needs
 from .errors import WorkbenchError
-from .estimate import Estimate, Peak, check_fits, estimate_run, learn, measure_peak, smaller_defaults
+from .estimate import Estimate, Peak, check_fits, estimate_run, measure_peak, smaller_defaults, timing_meta
 from .models import ModelHandle, load_model
 from .registry import REGISTRY, get_analysis
 from .result import Progress, Result, RunRecord, no_progress
@@ -146,7 +146,7 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
 def estimate_unstored(analysis: Analysis, spec: Spec, handle: ModelHandle, store: Store) -> Estimate | None:
     """The run's estimate (tokens resolved), without the input runs the store already holds: what running it
     now costs."""
-    est = estimate_run(analysis, spec, handle, store.get_dataset)
+    est = estimate_run(analysis, spec, handle, store=store)
     if est is None or not est.upstream:
         return est
 
@@ -163,6 +163,16 @@ def estimate_unstored(analysis: Analysis, spec: Spec, handle: ModelHandle, store
     return est
 
 
+def estimate_defaults(analysis: Analysis, spec: Spec, chosen: dict, handle: ModelHandle,
+                      store: Store) -> Estimate | None:
+    """The estimate of `spec` (token ids not resolved yet) with the fields of `chosen` (smaller settings a page
+    picked) back at the spec's defaults, on the same basis as the spec's own: what the page says the defaults
+    would take."""
+    defaults = type(spec)()
+    full = spec.replace(**{k: getattr(defaults, k) for k in chosen})
+    return estimate_unstored(analysis, resolve_tokens(full, handle), handle, store)
+
+
 def compute_run(analysis: Analysis, spec: Spec, inputs: dict[str, Any], handle: ModelHandle,
                 progress: Progress = no_progress, est: Estimate | None = None) -> tuple[Result, float]:
     """(result, seconds) of one computation whose inputs are resolved, in a model session; the part of a run
@@ -171,17 +181,22 @@ def compute_run(analysis: Analysis, spec: Spec, inputs: dict[str, Any], handle: 
         est = estimate_run(analysis, spec, handle)
         if est is not None:
             check_fits(est)
-    if handle.lock.acquire(blocking=False):
+    clean = handle.lock.acquire(blocking=False)
+    if clean:
         handle.lock.release()
     else:  # say why nothing moves (another run holds the model; the app caps each run's time)
         progress(0.0, f"waiting for another run on {handle.name} to finish")
+    entries = handle.turns.entries
     t0 = time.perf_counter()
     with ModelSession(handle) as session:
+        t1 = time.perf_counter()
         result = analysis.compute(session, spec, inputs, progress)
     seconds = time.perf_counter() - t0
     if est is not None:
-        learn(est, spec.dtype, handle.summary.d_model, seconds)
-        result.meta.setdefault("estimate", _estimate_meta(est))
+        # the machine's pace is learnt only from a run that had the model to itself from start to end
+        clean = clean and handle.turns.entries == entries + 1
+        result.meta.setdefault("estimate", {**_estimate_meta(est), "timing": timing_meta(
+            est, time.perf_counter() - t1, handle.fingerprint, spec.dtype, handle.summary.d_model, clean)})
     result.meta.setdefault("model_summary", handle.summary.as_dict())
     return result, seconds
 
@@ -202,7 +217,7 @@ def where() -> str:
 
 def _estimate_meta(est: Estimate) -> dict:
     return {"peak_bytes": est.total_bytes, "parts": dict(est.parts), "seconds": round(est.seconds, 2),
-            "flops": est.flops}
+            "flops": est.flops, "blocks": est.blocks, "basis": est.basis}
 
 
 def with_smaller_defaults(spec: Spec, summary, given: set[str] | None = None) -> tuple[Spec, dict]:
@@ -213,7 +228,7 @@ def with_smaller_defaults(spec: Spec, summary, given: set[str] | None = None) ->
     if given is None:
         given = {f for f in spec.field_names() if getattr(spec, f) != getattr(defaults, f)}
     base = {k: v for k, v in spec.to_dict().items() if k in given or k in ("model", "revision", "dtype", "bos")}
-    chosen, _, _ = smaller_defaults(analysis, summary, base)
+    chosen, _, _ = smaller_defaults(analysis, summary, base, keep=given)
     changes = {k: v for k, v in chosen.items() if k not in given}
     if not changes:
         return spec, {}
@@ -278,7 +293,7 @@ def measure_run(spec: Spec, store: Store, device: str = "auto") -> tuple[Estimat
     handle = load_model(spec.model, revision=spec.revision or None, device=device, dtype=spec.dtype)
     resolved = resolve_tokens(spec, handle)
     resolve_inputs(analysis, resolved, store=store, device=device, handle=handle)
-    est = estimate_run(analysis, resolved, handle, store.get_dataset)
+    est = estimate_run(analysis, resolved, handle, store=store)
     with measure_peak(handle.device) as peak:
         outcome = run(spec, store=store, device=device)
     return est, peak, outcome

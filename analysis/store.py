@@ -32,7 +32,7 @@ from . import store_import
 from .errors import WorkbenchError
 from .result import Result, RunRecord, from_parquet, to_parquet
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a released step; add a new one.
 MIGRATIONS: list[list[str]] = [
@@ -67,10 +67,35 @@ MIGRATIONS: list[list[str]] = [
             done BIGINT NOT NULL, hits BIGINT NOT NULL, failed BIGINT NOT NULL, created TIMESTAMP NOT NULL,
             updated TIMESTAMP NOT NULL)""",
     ],
+    [  # 4 -> 5: this machine's pace, for time estimates (analysis/estimate.py): its speed probes, and each finished
+        # run's predicted seconds against its measured ones (neither is a result: not exported or imported)
+        """CREATE TABLE IF NOT EXISTS speed_probes (
+            machine VARCHAR NOT NULL, dtype VARCHAR NOT NULL, width BIGINT NOT NULL, flops_per_s DOUBLE NOT NULL,
+            op_s DOUBLE NOT NULL, bytes_per_s DOUBLE NOT NULL, created TIMESTAMP NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS run_timings (
+            key VARCHAR NOT NULL, analysis VARCHAR NOT NULL, machine VARCHAR NOT NULL, model VARCHAR NOT NULL,
+            dtype VARCHAR NOT NULL, width BIGINT NOT NULL, flops DOUBLE NOT NULL, blocks DOUBLE NOT NULL,
+            extra_s DOUBLE NOT NULL, predicted_s DOUBLE NOT NULL, measured_s DOUBLE NOT NULL,
+            created TIMESTAMP NOT NULL)""",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 TABLES = store_import.TABLES
 _NOW = "now()::TIMESTAMP"
+
+
+def _timing_row(run: RunRecord, result: Result) -> list | None:
+    """The run_timings row of a computed run: what its result's estimate says of the machine's pace
+    (runner.compute_run puts it there), when the run had the model to itself."""
+    t = (result.meta.get("estimate") or {}).get("timing")
+    if not isinstance(t, dict) or not t.get("clean"):
+        return None
+    try:
+        return [run.key, str(t["analysis"] or run.analysis), str(t["machine"]), str(t["model"]), str(t["dtype"]),
+                int(t["width"]), float(t["flops"]), float(t["blocks"]), float(t["extra_s"]), float(t["predicted_s"]),
+                float(t["measured_s"])]
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def default_store_path() -> Path:
@@ -249,7 +274,11 @@ class Store:
         meta = json.dumps(result.meta, default=str)
         created = run.created or datetime.now(timezone.utc).replace(tzinfo=None)
 
+        timing = _timing_row(run, result)
+
         def write(con):
+            if timing is not None:
+                con.execute(f"INSERT INTO run_timings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})", timing)
             con.execute("DELETE FROM results WHERE key = ?", [run.key])
             con.execute("DELETE FROM runs WHERE key = ?", [run.key])
             con.execute(
@@ -306,6 +335,29 @@ class Store:
         return {r[0] for r in self._read(lambda con: con.execute(
             "SELECT key FROM runs WHERE status = 'done' AND key IN (SELECT unnest(?::VARCHAR[]))",
             [list(keys)]).fetchall())}
+
+    # -- this machine's pace (time estimates: analysis/estimate.py) -----------------------------------------------
+    def record_speed_probe(self, machine: str, dtype: str, width: int, flops_per_s: float, op_s: float,
+                           bytes_per_s: float) -> None:
+        self._transaction(lambda con: con.execute(
+            f"INSERT INTO speed_probes VALUES (?, ?, ?, ?, ?, ?, {_NOW})",
+            [machine, dtype, int(width), float(flops_per_s), float(op_s), float(bytes_per_s)]))
+
+    def speed_probes(self, machine: str, dtype: str, width: int, limit: int = 9) -> list[tuple[float, float, float]]:
+        """(FLOP/s, seconds per small operation, bytes/s) of this machine's last `limit` probes at this width,
+        newest first."""
+        return [tuple(r) for r in self._read(lambda con: con.execute(
+            "SELECT flops_per_s, op_s, bytes_per_s FROM speed_probes WHERE machine = ? AND dtype = ? AND width = ? "
+            "ORDER BY created DESC LIMIT ?", [machine, dtype, int(width), int(limit)]).fetchall())]
+
+    def run_timings(self, machine: str, per_analysis: int = 20) -> list[dict]:
+        """This machine's finished runs (the last `per_analysis` of each analysis), newest first: analysis, model
+        (fingerprint), predicted_s (at the machine's speed, before any correction), measured_s."""
+        rows = self._read(lambda con: con.execute(
+            "SELECT analysis, model, predicted_s, measured_s FROM (SELECT *, row_number() OVER (PARTITION BY "
+            "analysis ORDER BY created DESC) AS n FROM run_timings WHERE machine = ?) WHERE n <= ? "
+            "ORDER BY created DESC", [machine, int(per_analysis)]).fetchall())
+        return [{"analysis": a, "model": m, "predicted_s": p, "measured_s": t} for a, m, p, t in rows]
 
     # -- batches (progress for the Runs page; a batch's results are ordinary runs) ----------------------------
     def start_batch(self, batch_id: str, *, total: int, hits: int, failed: int, executor: str) -> None:

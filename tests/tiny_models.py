@@ -64,3 +64,35 @@ def save_foreign_tokenizer_model(folder: Path, seed: int = 0) -> Path:
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     return folder
 
+
+def save_wide_vocab_model(folder: Path, width: int = 64, factor: int = 100, n_layers: int = 2, seed: int = 0) -> Path:
+    """A random GPT-2 whose vocabulary is `factor` times its width (the default tokenizer's tokens, then tokens no
+    text encodes to, `<extra_i>`, that the model can still predict): the shape of a small model with a huge
+    vocabulary (Gemma 3 270M: width 640, 262,144 tokens), where work over the vocabulary is most of a run."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    vocab = width * factor
+    spec = json.loads((Path(DEFAULT_MODEL_DIR) / "tokenizer.json").read_text())
+    words = spec["model"]["vocab"]
+    if vocab < len(words):
+        raise ValueError(f"a vocabulary of {vocab} is smaller than the default tokenizer's {len(words)} tokens")
+    words.update({f"<extra_{i}>": i for i in range(len(words), vocab)})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width,
+                                                        n_layer=n_layers, n_head=max(1, width // 32),
+                                                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    for name in Path(DEFAULT_MODEL_DIR).iterdir():  # the tokenizer's other files, then its widened vocabulary
+        if name.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and name.is_file():
+            (folder / name.name).write_bytes(name.read_bytes())
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    for stale in ("vocab.json", "merges.txt"):  # a slow tokenizer's files would disagree with tokenizer.json
+        (folder / stale).unlink(missing_ok=True)
+    return folder

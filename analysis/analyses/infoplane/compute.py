@@ -26,7 +26,7 @@ import torch
 from kernels.information import diffusion_spectral_entropy, gaussian_gram, label_gram, mutual_information, renyi_entropy
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate, batches, largest, other_models_bytes
+from ...estimate import Estimate, batches, largest, other_models_bytes, other_models_seconds
 from ...models import checkpoint_series
 from ...result import Result
 from ...session import ModelSession
@@ -176,20 +176,33 @@ LAYER_SECONDS_PER_N, LAYER_SECONDS_PER_N3 = 6e-4, 5e-11
 def estimate(plan) -> Estimate:
     """Per model of the series: the texts holding the sampled positions run in batches of 64 (every layer's
     residual cached), the sampled residuals per layer, and float64 N x N Gram matrices with their
-    eigendecompositions (about nine per layer: the entropies and the two mutual informations)."""
+    eigendecompositions (about nine per layer: the entropies and the two mutual informations).
+
+    Work: per model, the forwards of the texts a sample of N positions falls in (each text is run when one of
+    its positions is drawn), the Gram matrices and eigendecompositions per layer, and loading the checkpoints
+    not loaded yet."""
     spec, s = plan.spec, plan.shape
     series = checkpoint_series(spec.model, spec.revision, spec.checkpoints)
     if spec.dataset == "concepts":
         lengths = plan.text_lengths([r["text"] for r in task_rows("concepts")])
     else:
         lengths = [max(2, len(line) // 4) for line in spec.text.splitlines() if line.strip()]
-    N = min(spec.n_samples, max(50, sum(lengths)))
-    run = lengths[:max(1, min(len(lengths), N))]  # at most one text per sampled position
+    usable = [max(0, n - (1 if spec.target == "next_token" else 0) - int(spec.drop_first)) for n in lengths]
+    C = max(1, sum(usable))
+    N = min(spec.n_samples, max(50, C))
+    miss = max(0.0, 1 - N / C)
+    hit: dict[int, float] = {}  # texts of each length expected to hold a sampled position
+    for n, u in zip(lengths, usable):
+        if u:
+            hit[n] = hit.get(n, 0.0) + 1 - miss ** u
+    run = [n for n, k in hit.items() for _ in range(max(1, round(k)))]  # the texts run, by length
     batch = largest(batches(run), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, s.n_layers + 1))
     grams = 7 * N * N * 8
     per_model = batch + (s.n_layers + 1) * N * s.d_model * 4 * 2
     return Estimate(parts={"checkpoints' weights": other_models_bytes(plan, series), "forward": per_model,
                            "Gram matrices": grams},
-                    flops=len(series) * s.forward_flops(len(run), max(run, default=1)),
-                    extra_seconds=len(series) * s.n_layers * (LAYER_SECONDS_PER_N * N + LAYER_SECONDS_PER_N3 * N**3),
+                    flops=len(series) * sum(s.forward_flops(r, n) for r, n in batches(run)),
+                    blocks=len(series) * s.batched_calls(run),
+                    extra_seconds=other_models_seconds(plan, series) + len(series) * s.n_layers * (
+                        LAYER_SECONDS_PER_N * N + LAYER_SECONDS_PER_N3 * N**3),
                     lower="n_samples (the Gram matrices grow with its square, their eigendecompositions with its cube)")

@@ -183,5 +183,8 @@ def estimate(plan) -> Estimate:
                            "residual rows": (2 + lenses) * n_rows * s.d_model * 4,
                            "vocabulary blocks": blocks + unembed,
                            "tables": lenses * n_rows * 160 * (1 + spec.top_k + n_targets)},
-                    flops=s.forward_flops(1, P) + lenses * 2.0 * (n_rows + P) * s.d_model * s.d_vocab,
+                    flops=s.forward_flops(1, P) + lenses * (2.0 * (n_rows + P) * s.d_model * s.d_vocab
+                                                            + s.vocab_flops(n_rows + P, 20)),
+                    blocks=s.calls(1) + lenses * s.calls(1),  # the forward; the statistics' vocabulary blocks
+                    extra_seconds=lenses * n_rows * (1 + spec.top_k + n_targets) * 2e-6,  # the tables' rows
                     lower="the prompt's length or the sites")

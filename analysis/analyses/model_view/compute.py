@@ -74,4 +74,6 @@ def estimate(plan) -> Estimate:
     rows = s.n_layers * s.n_heads * P * (P + 1) // 2
     return Estimate(parts={"forward": s.forward_bytes(1, P), "patterns": 4 * s.n_layers * s.n_heads * P * P,
                            "attention table": 120 * rows},
-                    flops=2 * s.forward_flops(1, P), lower="the prompt's length")
+                    flops=2 * s.forward_flops(1, P) + s.vocab_flops(1), blocks=s.calls(2),
+                    extra_seconds=3e-4 * s.n_layers * s.n_heads,  # a table per head
+                    lower="the prompt's length")

@@ -659,10 +659,12 @@ def estimate_traces(plan) -> Estimate:
     (the tolerance usually stops it between min_samples and max_samples)."""
     spec, s = plan.spec, plan.shape
     n, t = spec.n_seqs, spec.seq_len
-    samples = (spec.min_samples + spec.max_samples) // 2
+    # every trace within tol of itself is rarely reached long before max_samples
+    samples = spec.min_samples + 3 * max(0, spec.max_samples - spec.min_samples) // 4
     text_peak, text_flops = _text_cost(s, n, t)
     hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, samples)
     return Estimate(parts={"Hessian traces": max(hutch_peak, text_peak)}, flops=text_flops + hutch_flops,
+                    blocks=s.calls(t) + s.calls(3 + 6 * samples),  # the text a token at a time; the products
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + GRAPH_S_PER_PARAM
                                                 + samples * RADEMACHER_S_PER_PARAM),
                     lower="n_seqs, seq_len or max_samples")
@@ -703,6 +705,7 @@ def estimate_sensitivity(plan) -> Estimate:
     sweep = s.resid_bytes(n, t, L + 1) + 5 * n * t * s.d_vocab * 4 + s.block_bytes(n, t) + copies
     upstream = input_estimate(estimate_traces, Plan(s, traces_spec(spec), plan.handle))
     return Estimate(parts={"sweep": sweep}, flops=passes * s.forward_flops(n, t) + s.vocab_flops(n * t, 4 * passes),
+                    blocks=s.calls(1 + passes),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + F * kinds * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs, seq_len, formats or units (matrix is the largest)", upstream=[upstream])
 
@@ -719,7 +722,9 @@ def estimate_allocation(plan) -> Estimate:
     F = len(spec.formats)
     text_peak, text_flops = _text_cost(s, n, t)
     candidates = 2 * F - 1  # picks without the fewest-bit formats, one by one, and each format alone
+    runs = 2 * (1 + candidates)  # on each text, the full-precision run and each candidate's
     return Estimate(parts={"candidates": max(sweep, text_peak)},
-                    flops=2 * (1 + candidates) * s.forward_flops(n, t) + text_flops,
+                    flops=runs * (s.forward_flops(n, t) + s.vocab_flops(n * t, 4)) + text_flops,
+                    blocks=s.calls(runs) + s.calls(t),  # and the held-out text, a token at a time
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + (F + 2 * candidates) * QUANTIZE_S_PER_PARAM),
                     lower="n_seqs or seq_len", upstream=[upstream])
