@@ -31,7 +31,6 @@ from ...session import ModelSession, check_layer
 from ...specs import Spec, param
 from ...tokens import encode_texts, single_token_ids
 from ..concepts.compute import (
-    FIT_SECONDS,
     POSITIONS,
     activations_array,
     best_layer,
@@ -208,6 +207,9 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
         extra={"summary": summary, "random": random_t})
 
 
+SAGA_SECONDS = 2e-5  # an elastic-net head (scikit-learn's saga) on the reference machine, per training text x feature
+
+
 def estimate(plan) -> Estimate:
     """The stored activations read back, the texts run again for the model's choice (the last position's logits
     of every text, float32), float64 copies of one layer for the heads; work: that forward, the full-residual
@@ -215,11 +217,12 @@ def estimate(plan) -> Estimate:
     spec, s = plan.spec, plan.shape
     lengths = plan.lengths(spec.max_sentences, spec.drop_last)
     n = len(lengths)
-    peak, flops = forward_batches(plan, lengths) if spec.target == "next_token" else (0, 0.0)
+    peak, flops, blocks = forward_batches(plan, lengths) if spec.target == "next_token" else (0, 0.0, 0.0)
     n_train = int(n * (1 - spec.test_fraction))
     upstream = input_estimate(estimate_probes, Plan(s, probes_spec(spec, spec.concepts), plan.handle, plan.dataset,
                                                     plan.get_stored))
     then = peak + n * s.d_vocab * 4 + 4 * n * s.d_model * 8  # the forward, every text's logits, the heads
     return Estimate(parts={"activations, forward and heads": stored_activations(s, n, then)},
-                    flops=flops, extra_seconds=FIT_SECONDS * n_train * (s.d_model * 3 + 10 * spec.n_random),
+                    flops=flops, blocks=blocks,
+                    extra_seconds=SAGA_SECONDS * n_train * (s.d_model + 4 * spec.n_random),
                     lower="max_sentences", upstream=[upstream])

@@ -231,7 +231,8 @@ def best_layer(probes: Result, concept: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Memory and work before a run
 # ----------------------------------------------------------------------------------------------------------
-FIT_SECONDS = 5.5e-7  # one scikit-learn probe fit on the reference machine, per training text x width x 3 (measured)
+ACTIVATION_ROW_SECONDS = 2e-6  # the table of activations: a row per text and layer (reference machine)
+FIT_SECONDS = 1e-7  # one scikit-learn probe fit on the reference machine, per training text x width x 3 (measured)
 
 
 def activations_bytes(s, n: int) -> int:
@@ -246,13 +247,13 @@ def stored_activations(s, n: int, then: int = 0) -> int:
     return max(6 * activations_bytes(s, n), 2 * activations_bytes(s, n) + then)
 
 
-def forward_batches(plan, lengths: list[int]) -> tuple[int, float]:
-    """(peak of the largest batch, work) of running texts of these lengths in batches of one length, every
-    layer's residual cached and stacked in float32."""
+def forward_batches(plan, lengths: list[int]) -> tuple[int, float, float]:
+    """(peak of the largest batch, FLOPs, block invocations) of running texts of these lengths in batches of one
+    length, every layer's residual cached and stacked in float32."""
     s = plan.shape
     peak = largest(batches(lengths), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, s.n_layers + 1)
                    + s.resid_bytes(r, n, s.n_layers + 1, 4))
-    return peak, sum(s.forward_flops(r, n) for r, n in batches(lengths))
+    return peak, sum(s.forward_flops(r, n) for r, n in batches(lengths)), s.batched_calls(lengths)
 
 
 def estimate_activations(plan) -> Estimate:
@@ -261,9 +262,10 @@ def estimate_activations(plan) -> Estimate:
     about 6x the array and 64 MiB): the larger phase."""
     spec, s = plan.spec, plan.shape
     lengths = plan.lengths(spec.max_sentences, spec.drop_last)
-    peak, flops = forward_batches(plan, lengths)
+    peak, flops, blocks = forward_batches(plan, lengths)
     acts = activations_bytes(s, len(lengths))
     return Estimate(parts={"forward, or the store's write": max(peak + acts, 6 * acts + 64 * 2**20)}, flops=flops,
+                    blocks=blocks, extra_seconds=ACTIVATION_ROW_SECONDS * len(lengths) * (s.n_layers + 1),
                     lower="max_sentences")
 
 

@@ -24,7 +24,7 @@ from kernels.entropy import attention_entropy
 from kernels.lens import lens_stats
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate, other_models_bytes
+from ...estimate import Estimate, other_models_bytes, other_models_seconds
 from ...models import checkpoint_series
 from ...result import Result
 from ...session import ModelSession
@@ -140,5 +140,8 @@ def estimate(plan) -> Estimate:
                  + 3 * rows * s.d_model * 4 + blocks)
     return Estimate(parts={"checkpoints' weights": other_models_bytes(plan, series), "per model": per_model,
                            "tables": len(series) * (s.n_layers * s.n_heads + rows) * 200},
-                    flops=len(series) * (2 * s.forward_flops(1, P) + 2.0 * rows * s.d_model * s.d_vocab),
+                    flops=len(series) * (2 * s.forward_flops(1, P) + 2.0 * rows * s.d_model * s.d_vocab
+                                         + s.vocab_flops(rows, 20)),
+                    blocks=len(series) * s.calls(3),  # two forwards and the lens statistics per model
+                    extra_seconds=other_models_seconds(plan, series) + len(series) * s.n_layers * 1e-3,
                     lower="the prompt's length or the number of checkpoints")

@@ -27,7 +27,7 @@ from kernels.attribution import LRPRules, lrp_hooks
 from kernels.sae import splice_hook
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate
+from ...estimate import Estimate, ceil_div
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
@@ -171,5 +171,7 @@ def estimate(plan) -> Estimate:
     sae_batch = 6 * BATCH * P * W * 4  # the SAE inside a batch of patched runs: pre-activations, top-k, edits
     return Estimate(parts={"backward, or a batch of patched runs": max(s.backward_bytes(1, P) + 6 * P * W * 4,
                                                                        s.forward_bytes(BATCH, P, P) + sae_batch)},
-                    flops=len(pairs) * (2 * s.backward_flops(1, P) + nodes * s.forward_flops(1, P)),
+                    flops=len(pairs) * (2 * s.backward_flops(1, P) + s.forward_flops(1, P)
+                                        + nodes * s.forward_flops(1, P) + 2.0 * (nodes + 3) * P * s.d_model * W),
+                    blocks=len(pairs) * (s.calls(7) + ceil_div(nodes, BATCH) * s.calls(1)),
                     lower="n_pairs or max_patched", upstream=sae_upstream(plan))

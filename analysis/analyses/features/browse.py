@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...estimate import Estimate
+from ...estimate import ENTRY_FLOPS, Estimate
 from ...result import Result, sub_progress
 from ...session import ModelSession
 from ...specs import param
@@ -192,6 +192,9 @@ def estimate(plan) -> Estimate:
     nonzero = T * (spec.k if spec.architecture == "topk" else 64)
     return Estimate(parts={"activations": 2 * T * s.d_model * 4, "encoding chunk": 6 * CHUNK * spec.width * 4,
                            "non-zero activations": nonzero * 20 * 4},
-                    flops=s.forward_flops(T // 14 + 1, 14) + 2.0 * T * s.d_model * spec.width * 2
-                    + 2.0 * spec.width * s.d_model * s.d_vocab, lower="max_tokens or width",
+                    flops=s.forward_flops(T / 14, 14) + 2.0 * T * s.d_model * spec.width * 2
+                    + 2.0 * spec.width * s.d_model * s.d_vocab + ENTRY_FLOPS * 6 * T * spec.width,
+                    blocks=s.calls(T / (14 * 64) + 20),
+                    extra_seconds=spec.width * spec.top_n * 2e-5 + nonzero * 2e-7,  # contexts; the token index
+                    lower="max_tokens or width",
                     upstream=sae_upstream(plan))

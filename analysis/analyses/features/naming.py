@@ -31,7 +31,15 @@ from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession
 from ...specs import param
 from ...tokens import encode_texts
-from ..bottleneck.compute import PLACE_NOUNS, BottleneckSpec, _completeness, _head, behaviour, bottleneck_concepts
+from ..bottleneck.compute import (
+    PLACE_NOUNS,
+    SAGA_SECONDS,
+    BottleneckSpec,
+    _completeness,
+    _head,
+    behaviour,
+    bottleneck_concepts,
+)
 from ..bottleneck.compute import estimate as estimate_bottleneck
 from ..concepts.compute import split
 from .browse import token_strings
@@ -238,6 +246,8 @@ def estimate(plan) -> Estimate:
     return Estimate(parts={"activations and pooled features": n * 14 * s.d_model * 4 * 2 + 4 * n * spec.width * 8},
                     upstream=sae_upstream(plan) + [input_estimate(estimate_bottleneck, Plan(
                         s, probe_bottleneck_spec(spec), plan.handle, plan.dataset, plan.get_stored))],
-                    flops=s.forward_flops(n // 14 + 1, 14) * 2 + 2.0 * n * 14 * s.d_model * spec.width,
-                    extra_seconds=5.5e-7 * n * (spec.width * 3 + 10 * spec.n_random * 8),
+                    flops=s.forward_flops(n, 14) * 2 + 2.0 * n * 14 * s.d_model * spec.width,  # n texts, twice
+                    blocks=s.calls(2 * (n / 64 + 20)),
+                    extra_seconds=(SAGA_SECONDS * 0.8 * n * (spec.width + 4 * spec.n_random)  # the heads
+                                   + 3e-6 * n * spec.width),  # AUROCs of every feature
                     lower="max_sentences or width")

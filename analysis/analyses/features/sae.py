@@ -35,7 +35,7 @@ from kernels.patching import is_parallel
 from kernels.sae import ARCHITECTURES, SparseAutoencoder, TrainSettings, splice_hook, train_sae
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate
+from ...estimate import ENTRY_FLOPS, SHIPPED_CORPUS_TOKENS, Estimate
 from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession, check_layer
 from ...settings import allow_local_folders, review_mode
@@ -487,25 +487,44 @@ def compute(session: ModelSession, spec: SAESpec, inputs, progress) -> Result:
 
 def corpus_tokens(spec) -> int:
     """Tokens an SAE spec's corpus gives (the shipped text is about 33,000; text guessed at 4 characters each)."""
-    return min(spec.max_tokens, 33_000) if spec.corpus == "default" else min(spec.max_tokens, len(spec.text) // 4 + 1)
+    return min(spec.max_tokens, SHIPPED_CORPUS_TOKENS) if spec.corpus == "default" else \
+        min(spec.max_tokens, len(spec.text) // 4 + 1)
+
+
+def heldout_tokens(spec) -> int:
+    """Tokens of the held-out text: the user's, or the tenth of the sentences held out."""
+    if spec.heldout_text.strip():
+        return len(spec.heldout_text) // 4 + 1
+    corpus = SHIPPED_CORPUS_TOKENS if spec.corpus == "default" else len(spec.text) // 4 + 1
+    return corpus // 10 + 1
 
 
 def estimate(plan) -> Estimate:
     """The gathered activations (float32: the per-batch pieces and their concatenation), then the larger of: the
     forward batches, a training step (its dense [batch, width] tensors, the weights, their gradients and Adam's
-    moments) and the evaluation's encoding chunks; work: the forwards and 6 products of [batch, d] x [d, width]
-    per step."""
+    moments) and the evaluation's encoding chunks.
+
+    Work: the forwards that gather the training tokens' activations (whole texts, batches of 64); per step the
+    SAE's products forward and backward (and AuxK's), its element-wise work over [batch, width] and Adam over
+    its weights; the evaluation: the held-out text's activations and its next-token losses three times (clean,
+    spliced, zero-ablated: every position's log-softmax over the vocabulary), the training tokens encoded."""
     spec, s = plan.spec, plan.shape
-    T = corpus_tokens(spec)
+    T = min(corpus_tokens(spec), int(0.9 * SHIPPED_CORPUS_TOKENS) + 1) if spec.corpus == "default" else \
+        corpus_tokens(spec)
+    H = heldout_tokens(spec)
     d, W, B = s.d_model, spec.width, spec.batch_tokens
     steps = 0 if spec.source == "folder" else spec.steps
     weights = 2 * d * W * 4
     step = 8 * B * W * 4 + 4 * weights
     encode = 6 * encode_rows(W) * W * 4 + weights
     forward = s.forward_bytes(64, 16)
-    flops = s.forward_flops(T // 14 + 1, 14) * 4 + steps * 6 * 2.0 * B * d * W + 2 * 2.0 * T * d * W
+    P = 14  # a typical shipped text
+    per_step = 8 * 2.0 * B * d * W + ENTRY_FLOPS * (12 * B * W + 8 * d * W)
+    flops = (s.forward_flops(T / P, P) + 4 * s.forward_flops(H / P, P) + s.vocab_flops(H, 3 * 3)
+             + steps * per_step + 2.0 * (T + 2 * H) * d * W)
+    blocks = s.calls((T + 4 * H) / (P * 64) + 4 * 20) + steps / 2
     return Estimate(parts={"activations": 2 * T * d * 4, "forward, training or encoding": max(forward, step, encode)},
-                    flops=flops, lower="max_tokens, width or batch_tokens")
+                    flops=flops, blocks=blocks, lower="max_tokens, width or batch_tokens")
 
 
 def sae_upstream(plan) -> list[Estimate]:

@@ -265,4 +265,5 @@ def estimate_prompt(plan) -> Estimate:
     n = 3 + 2 * getattr(spec, "generate", 0)
     return Estimate(parts={"forward": s.forward_bytes(1, P + getattr(spec, "generate", 0))},
                     flops=n * s.forward_flops(1, P + getattr(spec, "generate", 0)), lower="generate",
+                    blocks=s.calls(n),
                     upstream=sae_upstream(plan))

@@ -25,6 +25,7 @@ from ...session import ModelSession, check_layer, resid_after_name
 from ...specs import PromptSpec, param
 from ...tokens import single_token_ids
 from ..concepts.compute import (
+    FIT_SECONDS,
     POSITIONS,
     activations_array,
     direction,
@@ -191,7 +192,9 @@ def estimate(plan) -> Estimate:
     A = len(spec.amounts)
     upstream = input_estimate(estimate_probes, Plan(s, probes_spec(spec, (spec.concept,)), plan.handle, plan.dataset,
                                     plan.get_stored))
-    refit_flops = spec.refits * (s.forward_flops(A, P) + 20.0 * n * s.d_model * 2)  # a forward and a fit each
+    n_train = int(n * (1 - probes_spec(spec, (spec.concept,)).test_fraction))
     return Estimate(parts={"activations and forward": stored_activations(s, n, s.forward_bytes(A, P, P, 2))},
-                    flops=s.forward_flops(A, P) + refit_flops, lower="amounts, refits or max_sentences",
+                    flops=(1 + spec.refits) * s.forward_flops(A, P) + s.vocab_flops(A * P, 2 + 2 * spec.refits),
+                    blocks=s.calls(1 + spec.refits), lower="amounts, refits or max_sentences",
+                    extra_seconds=spec.refits * FIT_SECONDS * n_train * s.d_model * 3,  # a probe fit per refit
                     upstream=[upstream])

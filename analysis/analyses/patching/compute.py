@@ -25,7 +25,7 @@ from kernels.attribution import LRPRules, attribution_scores, integrated_gradien
 from kernels.patching import ACTIVATIONS, BlockRunner, activation_patch_sweep, source_activations
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate
+from ...estimate import ENTRY_FLOPS, Estimate, ceil_div
 from ...result import Result
 from ...session import ModelSession
 from ...stats import (
@@ -324,20 +324,26 @@ def _tidy(values: torch.Tensor, axes: tuple[str, ...], method: str, component: s
 # ----------------------------------------------------------------------------------------------------------
 # Memory and work before a run
 # ----------------------------------------------------------------------------------------------------------
+SHIPPED_TOKENS = 15  # a shipped IOI pair's length (without a model to tokenise them)
+
+
 def estimate(plan) -> Estimate:
     """Two recorded runs (every block's input for the base and the other run), the other run's activations of
     each component, the widest patched forward (kernels.patching sizes its chunks to a fixed budget) or, for the
-    gradient methods, a forward and backward of all pairs; work: each patch runs from its layer (and, by
-    position, from its position) to the end."""
+    gradient methods, a forward and backward of all pairs.
+
+    Work, per length group of b pairs of n tokens, as kernels.patching runs it: a patch at a position before the
+    first one where the two runs differ (fd) changes nothing and is not run; a patch at layer l and position p
+    runs blocks l.. over positions p.. only (all-position patches from fd), the unembedding at the last position
+    only; patches of one first position share forwards (`waves`) of at most a chunk's rows, each from the lowest
+    layer on. Gradient methods: a forward and backward per component (IG: per step)."""
     spec, s = plan.spec, plan.shape
-    if spec.pairs:
-        lengths = [len(p["clean_ids"]) for p in json.loads(spec.pairs)]
-    else:  # the shipped IOI pairs, before they are built for the model
-        lengths = [15] * spec.n_pairs
-    groups: dict[int, int] = {}
-    for n in lengths:
-        groups[n] = groups.get(n, 0) + 1
-    B, P = max(groups.values()), max(groups)
+    pairs = json.loads(spec.pairs) if spec.pairs else None
+    lengths = [len(p["clean_ids"]) for p in pairs] if pairs else [SHIPPED_TOKENS] * spec.n_pairs
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    B, P = max(len(g) for g in groups.values()), max(groups)
     recorded = 2 * s.resid_bytes(B, P, s.n_layers + 1)
     sources = sum(s.n_layers * _component_bytes(s, c, B, P) for c in spec.components)
     chunk = 32 * 2**20 if s.device != "cuda" else 0  # kernels.patching.default_chunk_rows' CPU budget
@@ -346,23 +352,63 @@ def estimate(plan) -> Estimate:
     if any(m != "activation" for m in spec.methods):
         steps = spec.ig_steps if "ig" in spec.methods else 1
         grads = s.backward_bytes(B * steps, P) + 2 * sources // max(1, len(spec.components))
-    flops = 0.0
-    for n, b in groups.items():
-        full = s.forward_flops(b, n, 1)
+    L = s.n_layers
+    flops = blocks = 0.0
+    for n, idx in groups.items():
+        b = len(idx)
+        fd = _first_difference([pairs[i] for i in idx]) if pairs else 1  # the shipped pairs differ from a name on
+        m = max(1, n - fd)  # positions a patch can change
+        cap = max(1, _chunk_rows(s, n) // b)  # patches per forward
+        per_token_block = 2.0 * (s.block_params + 2 * n * s.n_heads * s.d_head) + ENTRY_FLOPS * s.block_passes(n)
         flops += 2 * s.forward_flops(b, n)  # the recorded runs
+        blocks += s.calls(2)
         for comp in spec.components:
             axes = ACTIVATIONS[comp][1]
-            per_layer = (n if "pos" in axes or "dest_pos" in axes else 1) * (
-                s.n_heads if "head" in axes else 1)
-            frac = 0.5  # a patched forward runs every position from the patched layer on (measured on SmolLM2)
-            for m in spec.methods:
-                if m == "activation":
-                    flops += s.n_layers * per_layer * frac * full
+            heads = (s.n_kv_heads if comp[0] in "kv" else s.n_heads) if "head" in axes else 1
+            by_pos = "pos" in axes or "dest_pos" in axes
+            if comp != "resid_pre":  # the other run's activations of the component
+                flops += s.forward_flops(b, n)
+                blocks += s.calls(1)
+            for method in spec.methods:
+                if method == "activation":
+                    layer_sum = L * (L + 1) / 2  # blocks run by one patch per layer
+                    if by_pos:  # patches at (layer, position[, head]), each over positions p.. of blocks l..
+                        tokens = b * heads * layer_sum * m * (m + 1) / 2
+                        patches, waves = L * heads * m, m * ceil_div(L * heads, cap)
+                    else:  # (layer, head): every position from fd
+                        tokens = b * heads * layer_sum * m
+                        patches, waves = L * heads, ceil_div(L * heads, cap)
+                    flops += tokens * per_token_block + patches * b * (2.0 * s.embed_params + s.vocab_flops(1))
+                    blocks += waves * (L + 1)
                 else:
-                    flops += 3 * (spec.ig_steps if m == "ig" else 1) * s.forward_flops(b, n)
+                    k = spec.ig_steps if method == "ig" else 1
+                    flops += k * s.backward_flops(b, n)
+                    blocks += k * s.calls(3)
     return Estimate(parts={"recorded runs": recorded, "component activations": sources,
                            "patched forwards": widest, "gradients": grads},
-                    flops=flops, lower="n_pairs or components (z_by_pos and resid_pre are the largest sweeps)")
+                    flops=flops, blocks=blocks,
+                    lower="n_pairs or components (z_by_pos and resid_pre are the largest sweeps)")
+
+
+def _first_difference(pairs: list[dict]) -> int:
+    """The first position where the two runs of some pair differ (kernels.patching skips patches before it)."""
+    fd = min(len(p["clean_ids"]) for p in pairs)
+    for p in pairs:
+        same = 0
+        for a, c in zip(p["clean_ids"], p["corrupted_ids"]):
+            if a != c:
+                break
+            same += 1
+        fd = min(fd, same)
+    return fd
+
+
+def _chunk_rows(s, n: int) -> int:
+    """kernels.patching.default_chunk_rows without a model at hand (a GPU: half its free memory, rows enough)."""
+    if s.device == "cuda":
+        return 1 << 20
+    per_row = 4 * n * (6 * s.d_model + 2 * s.d_mlp + 3 * s.n_heads * n) + 4 * s.d_vocab
+    return max(1, 32 * 2**20 // per_row)
 
 
 def _component_bytes(s, comp: str, B: int, P: int) -> int:

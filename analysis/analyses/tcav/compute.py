@@ -222,16 +222,19 @@ def estimate(plan) -> Estimate:
     rows = max(1, round(min(spec.n_inputs, len(lengths) or spec.n_inputs) * share))
     n_sets = 1 + 2 * spec.n_random
     sets_bytes = n_sets * spec.n_examples * layers * s.d_model * 4 + s.forward_bytes(spec.n_examples, typical)
-    n_tok = min(spec.n_inputs, len(lengths) or spec.n_inputs) * typical
+    n_in = min(spec.n_inputs, len(lengths) or spec.n_inputs)
     flops = (n_sets * s.forward_flops(spec.n_examples, typical)
-             + layers * s.backward_flops(1, n_tok))
+             + layers * s.backward_flops(n_in, typical))
     fits = 2 * spec.n_random * layers
+    kinds = max(1, len(set(lengths)))  # texts of one length per batch
+    blocks = (n_sets * min(kinds, spec.n_examples) * s.calls(1)
+              + layers * min(kinds, spec.n_inputs) * s.calls(3))  # per input batch, a backward per tested layer
     grads = s.backward_bytes(rows, typical)
     # captum's attributions and CAVs add about a tenth of that per tested layer (measured on the default model:
     # 5.5 MiB a layer beside 54 MiB of gradients)
     return Estimate(parts={"concept sets": sets_bytes, "gradients": grads, "per tested layer": layers * grads // 10,
                            "CAV fits": 3 * 2 * spec.n_examples * s.d_model * 8},
-                    flops=flops, extra_seconds=fits * FIT_SECONDS * 2 * spec.n_examples * s.d_model * 3,
+                    flops=flops, blocks=blocks, extra_seconds=fits * FIT_SECONDS * 2 * spec.n_examples * s.d_model * 3,
                     lower="n_inputs, layers or n_random")
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from ...errors import WorkbenchError
-from ...estimate import Estimate
+from ...estimate import ENTRY_FLOPS, SHIPPED_CORPUS_TOKENS, Estimate
 from ...result import Progress, Result, no_progress, sub_progress
 from ...session import ModelSession
 from ...specs import Spec, param
@@ -239,23 +239,34 @@ def translate(translators: Translators, keys: list[tuple[str, int]], h: torch.Te
 def estimate(plan) -> Estimate:
     """The hidden states entering every block for the training tokens (float32, gathered then concatenated),
     the forward batches that cache them, and a training step: every layer's translated rows decoded to the
-    vocabulary with log-softmax, their gradients, the translators and Adam's moments."""
+    vocabulary with log-softmax, their gradients, the translators and Adam's moments.
+
+    Work: the forwards of the training and held-out text; per step the final rows' reference distribution, the
+    translators, the decoding of every layer's row and its log-softmax and KL, the backward through them (twice
+    the products) and Adam over the translators; the held-out KL of both lenses."""
     spec, s = plan.spec, plan.shape
-    T = spec.max_tokens if spec.dataset == "default" else min(spec.max_tokens, len(spec.text) // 4 + 1)
+    corpus = SHIPPED_CORPUS_TOKENS if spec.dataset == "default" else len(spec.text) // 4 + 1
+    T = min(spec.max_tokens, int(0.9 * corpus) + 1)
     L, d, V = s.n_layers, s.d_model, s.d_vocab
-    rows = max(1, spec.batch_tokens // L) * L  # every layer of each sampled token
+    n_tok = max(1, spec.batch_tokens // L)
+    rows = n_tok * L  # every layer of each sampled token
     P = 14  # a typical shipped text (the forward batches hold 64 texts of one length)
     batch = 64
-    n_eval = max(1, T // 10)
+    n_eval = max(1, min(max(256, spec.max_tokens // 9), corpus // 10 + 1))
     states = 2 * T * (L + 1) * d * 4
     forward = s.forward_bytes(batch, P) + s.resid_bytes(batch, P, L + 1) * (1 + 4 // s.itemsize)
     step = 6 * rows * V * 4 + 3 * rows * d * 4 * 3
     translators = 4 * L * (d * d + d) * 4
     evaluation = 4 * eval_chunk(L, V) * L * V * 4
-    flops = (s.forward_flops(T // P + 1, P)  # the hidden states
-             + spec.steps * 3 * 2.0 * (rows * V * d + rows * d * d)  # training: decode, translate, backward
-             + 2 * 2.0 * n_eval * L * V * d)  # held-out evaluation of both lenses
+    texts = (T + n_eval) / P
+    per_step = (2.0 * n_tok * d * V + s.vocab_flops(n_tok, 2)  # the reference distribution
+                + 3 * 2.0 * rows * (d * V + d * d) + s.vocab_flops(rows, 9)  # translate, decode, KL; backward
+                + ENTRY_FLOPS * 12 * L * d * d)  # Adam's moments and update
+    flops = (s.forward_flops(texts, P)  # the hidden states
+             + spec.steps * per_step
+             + 2 * (2.0 * n_eval * (L + 1) * d * V + s.vocab_flops(n_eval * (L + 1), 4)))  # held-out KL, both lenses
+    blocks = s.calls(texts / batch + 20) + spec.steps + 4 * n_eval / eval_chunk(L, V)
     # the forward batches come first, training and evaluation after them: the peak is the larger phase
     return Estimate(parts={"hidden states": states, "forward, or training": max(forward, step + translators,
                                                                               evaluation + translators)},
-                    flops=flops, lower="max_tokens, batch_tokens or steps")
+                    flops=flops, blocks=blocks, lower="max_tokens, batch_tokens or steps")
