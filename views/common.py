@@ -231,11 +231,12 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     from analysis import load_model
     from analysis.estimate import check_fits, check_time, fmt_seconds
     from analysis.registry import get_analysis
-    from analysis.runner import estimate_unstored, resolve_tokens
+    from analysis.runner import estimate_defaults, estimate_unstored, resolve_tokens
     from analysis.settings import max_run_seconds
 
     handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
-    est = estimate_unstored(get_analysis(spec.analysis), resolve_tokens(spec, handle), handle, store())
+    analysis = get_analysis(spec.analysis)
+    est = estimate_unstored(analysis, resolve_tokens(spec, handle), handle, store())
     if est is None:
         return None
     text = f"Estimated {est.describe()}"
@@ -243,8 +244,12 @@ def show_estimate(spec, model: ModelChoice, slot=None, smaller: dict | None = No
     if chosen and all(getattr(spec, k) == (tuple(v) if isinstance(v, list) else v) for k, v in chosen.items()):
         defaults = type(spec)()
         what = ", ".join(f"{k} {_short(v)} (default {_short(getattr(defaults, k))})" for k, v in chosen.items())
+        try:  # the defaults on the same basis as this run's figure (this machine's pace and its finished runs)
+            took = f"≈ {fmt_seconds(estimate_defaults(analysis, spec, chosen, handle, store()).total_seconds)}"
+        except WorkbenchError:
+            took = f"≈ {fmt_seconds(full)} on 2 CPU cores"
         text += (f"  \nSmaller settings than the defaults, chosen for this model's size: {what}; the defaults would "
-                 f"take ≈ {fmt_seconds(full)} on 2 CPU cores.")
+                 f"take {took} (this run: ≈ {fmt_seconds(est.total_seconds)}).")
     (slot or st).caption(text)
     check_fits(est)
     check_time(est, max_run_seconds())
