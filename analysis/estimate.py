@@ -606,7 +606,7 @@ def reference_seconds(est: Estimate, upstream: bool = True) -> float:
     return own + (sum(reference_seconds(u) for u in est.upstream) if upstream else 0.0)
 
 
-def smaller_defaults(analysis, summary, base: dict, budget_s: float = BUDGET_S,
+def smaller_defaults(analysis, summary, base: dict, budget_s: float | None = None,
                      keep: set[str] | frozenset = frozenset()) -> tuple[dict, float, float]:
     """(settings, reference seconds of the defaults, of what was chosen): the first rung of the analysis's
     `smaller` ladder whose run takes at most `budget_s` on the reference machine, when the defaults take
@@ -616,6 +616,7 @@ def smaller_defaults(analysis, summary, base: dict, budget_s: float = BUDGET_S,
     only goes down; tests/test_estimate.py checks every shipped ladder is monotone)."""
     if analysis.estimate is None or not analysis.smaller:
         return {}, 0.0, 0.0
+    budget_s = BUDGET_S if budget_s is None else budget_s
     shape = Shape.of(summary, "float32", "cpu")
 
     def secs(fields: dict) -> float:
