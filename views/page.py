@@ -101,9 +101,12 @@ class PageContext:
         model, summary = common.choice(), st.session_state.get("model_summary")
         if model is None or not summary:
             return {}
-        base = {**defaults, "model": model.model, "revision": model.revision, "dtype": model.dtype, "bos": model.bos}
+        qp = self.query()  # what the link gives is kept, and the rungs are estimated with it
+        given = {k: qp[k] for k in spec_cls.field_names() if k in qp and k not in (*MODEL_FIELDS, "bos")}
+        base = {**defaults, **given, "model": model.model, "revision": model.revision, "dtype": model.dtype,
+                "bos": model.bos}
         try:
-            chosen, full, took = smaller_defaults(get_analysis(spec_cls.analysis), summary, base)
+            chosen, full, took = smaller_defaults(get_analysis(spec_cls.analysis), summary, base, keep=set(given))
         except WorkbenchError:
             return {}
         if chosen:
