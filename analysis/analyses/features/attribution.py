@@ -32,7 +32,7 @@ from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...stats import pearson
-from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, PairIds, _parse_pairs, resolve_pairs
+from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, PairIds, _parse_pairs, pair_ids_or_guess, resolve_pairs
 from .browse import token_strings
 from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
@@ -164,7 +164,7 @@ def compute(session: ModelSession, spec: FeatureAttributionSpec, inputs, progres
 def estimate(plan) -> Estimate:
     spec, s = plan.spec, plan.shape
     pairs = json.loads(spec.pairs) if spec.pairs else [None] * spec.n_pairs
-    P = 16 if pairs[0] is None else len(pairs[0]["clean_ids"])
+    P = 16 if pairs[0] is None else len(pair_ids_or_guess(pairs[0]))
     k = spec.k if spec.architecture == "topk" else 64
     nodes = min(spec.max_patched, 2 * k * P)
     W = spec.width

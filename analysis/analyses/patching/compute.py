@@ -38,7 +38,7 @@ from ...stats import (
     unreachable_note,
 )
 from ...tokens import tokenize
-from .spec import RELP_RULES, PatchingSpec
+from .spec import RELP_RULES, PatchingSpec, pair_ids_or_guess
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,6 +339,9 @@ def estimate(plan) -> Estimate:
     layer on. Gradient methods: a forward and backward per component (IG: per step)."""
     spec, s = plan.spec, plan.shape
     pairs = json.loads(spec.pairs) if spec.pairs else None
+    if pairs:  # a link's pairs may still be text here (the page tokenises them after choosing its settings)
+        pairs = [{"clean_ids": pair_ids_or_guess(p), "corrupted_ids": pair_ids_or_guess(p, "corrupted")}
+                 for p in pairs]
     lengths = [len(p["clean_ids"]) for p in pairs] if pairs else [SHIPPED_TOKENS] * spec.n_pairs
     groups: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):

@@ -55,6 +55,22 @@ def pairs_without_ids(text: str) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
+CHARS_PER_TOKEN = 4  # English text under a byte-pair vocabulary, for an estimate made before tokenising
+
+
+def pair_ids_or_guess(pair: dict, kind: str = "clean") -> list:
+    """A pair's token ids of one run (`clean` or `corrupted`), or, for a pair given as text (a link's pairs before
+    the page tokenises them), a stand-in of its likely length (the BOS and a token per 4 characters) whose ids
+    differ from the other run's only where the text does: what an estimate needs before a tokenizer has run."""
+    if f"{kind}_ids" in pair:
+        return list(pair[f"{kind}_ids"])
+    text, other = str(pair.get(kind, "")), str(pair.get("corrupted" if kind == "clean" else "clean", ""))
+    same = next((i for i, (a, b) in enumerate(zip(text, other)) if a != b), min(len(text), len(other)))
+    n = 1 + max(1, -(-len(text) // CHARS_PER_TOKEN))
+    first = 1 + same // CHARS_PER_TOKEN
+    return [0] * min(first, n) + [1 if kind == "clean" else 2] * max(0, n - first)
+
+
 def pairs_with_text(resolved: str, given: str) -> str:
     """Resolved pairs (token ids only) with the text of the pairs they were resolved from beside their ids, so that a
     link can tokenise them again for another tokenizer."""
