@@ -138,6 +138,7 @@ def run(spec: Spec, *, store: Store | None = None, device: str = "auto", allow_c
     log.info("computing %s %s", spec.analysis, key)
     result, seconds = compute_run(analysis, spec, inputs, handle, progress, est=est)
     record = make_record(key, spec, handle.fingerprint, analysis, author, seconds)
+    progress(1.0, "storing the result")  # the last point where a stopped run (analysis.jobs) stores nothing
     store.put(record, result)
     progress(1.0, "done")
     return RunOutcome(key, spec, result, False, store.run(key) or record)

@@ -133,7 +133,7 @@ def test_closing_the_tab_stops_its_run(server, page, tmp_path):
     from analysis.runner import run
     from analysis.store import Store
 
-    query = dict(n_pairs=16, components="resid_pre,z_by_pos,pattern_by_pos", methods="activation,atp")
+    query = dict(n_pairs=32, components="resid_pre,z_by_pos,pattern_by_pos", methods="activation,atp")
     spec = PatchingSpec.from_dict(query)
     t0 = time.perf_counter()
     run(spec, store=Store(tmp_path / "alone.duckdb"))  # how long the whole run takes here
@@ -145,7 +145,7 @@ def test_closing_the_tab_stops_its_run(server, page, tmp_path):
     page.close()
     time.sleep(2 * whole + 5)  # long past when it would have finished
     runs = Store(SERVER_STORE["path"]).runs("patching")
-    assert not any(json.loads(s).get("n_pairs") == 16 for s in runs["spec"]), "the abandoned run was stored"
+    assert not any(json.loads(s).get("n_pairs") == 32 for s in runs["spec"]), "the abandoned run was stored"
 
 
 def test_a_long_run_shows_its_time_left_joins_a_second_run_press_and_stops(server, page):

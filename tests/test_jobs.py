@@ -62,6 +62,23 @@ def test_stop_cancels_only_when_nobody_else_watches(tmp_path, default_handle):
     assert jobs.running("k-stop") is None
 
 
+def test_a_stop_after_the_last_report_of_the_compute_still_stores_nothing(tmp_path, default_handle):
+    """A tab closed while the compute makes its last steps (no report left in it) used to store the run anyway
+    (seen in CI's browser test): the runner reports once more before it writes the store."""
+    store = Store(tmp_path / "s.duckdb")
+    job = jobs.Job("k-late", watchers={"alice": time.monotonic()})
+    stopped = []
+
+    def report(frac, what):
+        if what == "storing the result" and not stopped:  # the compute is over: Stop arrives now
+            stopped.append(job.stop("alice"))
+        job.progress(frac, what)
+
+    with pytest.raises(RunCancelled):
+        run(HEAVY, store=store, progress=report)
+    assert stopped == [True] and store.runs("patching").empty
+
+
 def test_a_run_nobody_watches_stops(monkeypatch, tmp_path):
     monkeypatch.setattr(jobs, "ORPHAN_S", 0.2)
     store = Store(tmp_path / "s.duckdb")
