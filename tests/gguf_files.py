@@ -41,7 +41,7 @@ WORDS = (" John", " Mary", " Adam", " Lucy", " Nora", " Emma", " Frank", " Oscar
 EOS = "<|endoftext|>"
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "stablelm", "starcoder2",
-            "falcon", "bloom", "nemotron", "qwen2_moe", "qwen3_moe")
+            "falcon", "bloom", "nemotron", "qwen2_moe", "qwen3_moe", "lfm2")
 
 # general.architecture of each family's file (Mistral is written as Llama, as llama.cpp does)
 GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
@@ -129,6 +129,9 @@ def tiny_config(family: str, n_layers: int = N_LAYERS):
     if family == "qwen3_moe":  # the expert width is not in the file: the class default (768)
         return tr.Qwen3MoeConfig(**common, **rope, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                  norm_topk_prob=True, tie_word_embeddings=False)  # the reader's default for GGUF
+    if family == "lfm2":  # a short-convolution layer, then an attention layer with q/k norms
+        return tr.Lfm2Config(**common, **rope, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
+                             tie_word_embeddings=True)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -163,7 +166,7 @@ _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for
 def q4_k_m_type(name: str, shape: tuple[int, ...], n_layers: int = N_LAYERS) -> str:
     """The type llama.cpp's Q4_K_M gives a tensor: F32 vectors; Q6_K output; Q6_K / Q4_K value and down
     projections by layer; Q5_K fused qkv; Q4_K the rest; Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256."""
-    if len(shape) < 2 or "ffn_gate_inp" in name:
+    if len(shape) < 2 or "ffn_gate_inp" in name or name.endswith("conv.weight"):  # llama.cpp keeps these F32
         return "F32"
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight":
@@ -174,7 +177,8 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], n_layers: int = N_LAYERS) -> 
         t = "Q5_K"
     else:
         t = "Q4_K"
-    return _FALLBACK[t] if shape[-1] % 256 else t
+    t = _FALLBACK[t] if shape[-1] % 256 else t
+    return t if _fits(shape, t) else "F16"
 
 
 # byte offsets of each block's float16 scale fields, for the types written as random bytes
@@ -315,6 +319,8 @@ def _convert(family: str, model) -> dict[str, tuple[str, np.ndarray]]:
             w = np.ascontiguousarray(w.T)  # Conv1D [in, out] -> [out, in]
         elif family == "bloom" and ".attn_qkv." in gname:
             w = _bloom_qkv(w, cfg.n_head, cfg.hidden_size)
+        elif gname.endswith("shortconv.conv.weight"):
+            w = w.reshape(w.shape[0], w.shape[-1])  # llama.cpp squeezes LFM2's conv kernel [C, 1, L] to [C, L]
         elif "ffn_gate_inp_shexp" in gname:
             w = w.reshape(-1)  # llama.cpp stores the shared expert's gate as a vector
         out[gname] = hf_name, np.ascontiguousarray(w, dtype=np.float32)
@@ -366,6 +372,16 @@ def _metadata(family: str, cfg) -> dict:
     if family in ("gpt2", "bloom", "falcon"):
         keys.setdefault(f"{arch}.context_length", int(getattr(cfg, "n_positions", 128) or 128))
         keys.setdefault(f"{arch}.feed_forward_length", 4 * HIDDEN)
+    if family == "lfm2":  # transformers rebuilds this config itself: the keys llama.cpp writes
+        keys = {f"{arch}.{k}": v for k, v in {
+            "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+            "feed_forward_length": cfg.intermediate_size, "block_count": cfg.num_hidden_layers,
+            "attention.head_count": cfg.num_attention_heads,
+            # one count per layer, 0 on the convolution layers: how the file says which layer is which
+            "attention.head_count_kv": [cfg.num_key_value_heads if t == "full_attention" else 0
+                                        for t in cfg.layer_types],
+            "attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "shortconv.l_cache": cfg.conv_L_cache,
+            "rope.freq_base": float(cfg.rope_parameters["rope_theta"]), "vocab_size": cfg.vocab_size}.items()}
     if family == "falcon":
         keys[f"{arch}.attention.head_count_kv"] = 1
         keys[f"{arch}.attention.layer_norm_epsilon"] = float(cfg.layer_norm_epsilon)
@@ -417,6 +433,33 @@ def write_tiny_gguf(family: str, folder: Path, types: str | dict = "q4_k_m", see
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def dequantised_copy(path: Path, folder: Path) -> Path:
+    """The same file with every tensor stored as F32, `gguf.quants.dequantize`'s values: a reference for readers
+    that cannot read some of the file's types (transformers' packed-GGUF path, used for LFM2, reads no Q5_0)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{path.stem}-f32.gguf"
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, values.reshape([int(d) for d in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
 
 
 def tensor_types(path: Path) -> dict[str, str]:

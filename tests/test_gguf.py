@@ -13,8 +13,10 @@ import pytest
 import torch
 from gguf_files import (
     FAMILIES,
+    GGUF_ARCH,
     INTERMEDIATE,
     SLIDING_WINDOW,
+    dequantised_copy,
     dequantizable_types,
     source_model,
     tensor_types,
@@ -158,18 +160,27 @@ def test_the_typed_file_runs_like_plain_transformers(typed_file, typed_handle):
 
 # --- every family ------------------------------------------------------------------------------------------------
 
-def test_family_loads_and_equals_plain_transformers(family_file):
+def test_family_loads_and_equals_plain_transformers(family_file, tmp_path):
+    """The bridge's logits equal plain transformers' on the same file, and on its dequantised F32 copy (the same
+    weights in a form every reader takes: transformers' packed-GGUF path, used for LFM2, reads no Q5_0 / Q8_0...)."""
+    from transformers.integrations.gguf.utils import is_gguf_arch_supported
+
     family, path = family_file
     handle = load_model(str(path))
     assert handle.source == "gguf"
     ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
     assert ids.shape[1] > SLIDING_WINDOW
-    ref = _plain_transformers(path)
-    assert type(handle.bridge.original_model).__name__ == type(ref).__name__
     with torch.no_grad():
-        ours, theirs = handle.bridge(ids), ref(ids).logits
-    assert ours.shape == theirs.shape
-    assert (ours - theirs).abs().max().item() <= 1e-4, family
+        ours = handle.bridge(ids)
+    packed_path = is_gguf_arch_supported(GGUF_ARCH.get(family, family))
+    references = [dequantised_copy(path, tmp_path)] + ([] if packed_path else [path])
+    for ref_path in references:
+        ref = _plain_transformers(ref_path)
+        assert type(handle.bridge.original_model).__name__ == type(ref).__name__
+        with torch.no_grad():
+            theirs = ref(ids).logits
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() <= 1e-4, (family, ref_path.name)
     assert theirs.std().item() > 0.1, family  # a model whose predictions depend on its weights
 
 
