@@ -16,11 +16,18 @@ weights. For the other types `gguf.quants.dequantize` reads (K-quants, IQ types,
 whose scale fields are set so that each block dequantises to finite values of the weights' magnitude: the model's
 weights are then whatever those blocks dequantise to, which the tests read back with `gguf.quants.dequantize`.
 
-Families left out, and why (transformers 5.23 reads GGUF and TransformerLens 4.3's bridge has an adapter for all of
-these unless said otherwise):
-- deci: the bridge has no adapter for DeciLM.
+Families: every architecture transformers 5.23 reads from GGUF (`GGUF_SUPPORTED_ARCHITECTURES`) whose causal-LM
+class TransformerLens 4.3's bridge has an adapter for, except these, left out and why:
+- deci: the bridge has no adapter for DeciLM (no "Deci*" in `ArchitectureAdapterFactory._adapters`).
 - t5, umt5: encoder-decoder models, not causal language models.
-(further exclusions are noted at FAMILIES below)
+- gemma4: the reader leaves `vocab_size_per_layer_input` (262,144) and `hidden_size_per_layer_input` (256) at the
+  class defaults, so even a 2-layer file must hold a 262,144 x 512 per-layer embedding table (134 M values).
+- gpt_oss: transformers cannot read llama.cpp's gpt-oss experts: `get_gguf_hf_weights_map` finds no name for
+  `experts.gate_up_proj(_bias)` / `down_proj_bias` (and `blk.N.ffn_down_exps` without the file's `.weight`), and
+  its `GptOssTensorProcessor`, registered as "gpt_oss", is never chosen for a file whose architecture is "gpt-oss";
+  the experts would keep their random initialisation.
+Mistral: llama.cpp writes Mistral models as "llama" named after the model, which transformers reads as Llama (a
+file named exactly "mistral" it reads as Mistral, and then fails: "Unknown gguf model_type: mistral in gguf-py").
 """
 from __future__ import annotations
 
@@ -41,10 +48,10 @@ WORDS = (" John", " Mary", " Adam", " Lucy", " Nora", " Emma", " Frank", " Oscar
 EOS = "<|endoftext|>"
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "stablelm", "starcoder2",
-            "falcon", "bloom", "nemotron", "qwen2_moe", "qwen3_moe", "lfm2")
+            "falcon", "bloom", "nemotron", "qwen2_moe", "qwen3_moe", "minimax_m2", "lfm2", "mamba")
 
 # general.architecture of each family's file (Mistral is written as Llama, as llama.cpp does)
-GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "minimax_m2": "minimax-m2"}
 # families whose norms transformers reads as `w + 1` (llama.cpp adds the 1 that the model adds at run time)
 NORM_OFFSET = {"gemma2", "gemma3", "nemotron"}
 
@@ -132,6 +139,13 @@ def tiny_config(family: str, n_layers: int = N_LAYERS):
     if family == "lfm2":  # a short-convolution layer, then an attention layer with q/k norms
         return tr.Lfm2Config(**common, **rope, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False,
                              tie_word_embeddings=True)
+    if family == "minimax_m2":  # mixture of experts with a routing bias, q/k norms over all heads
+        return tr.MiniMaxM2Config(**common, **rope, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+                                  use_routing_bias=True, tie_word_embeddings=False)
+    if family == "mamba":  # a state-space model: no attention at all
+        return tr.MambaConfig(vocab_size=v, hidden_size=HIDDEN, num_hidden_layers=n_layers, state_size=16, expand=2,
+                              conv_kernel=4, time_step_rank=16, max_position_embeddings=128, bos_token_id=eos,
+                              eos_token_id=eos, pad_token_id=eos)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -151,6 +165,9 @@ def source_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
                 p.copy_((0.0 if offset else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a routing bias that changes which experts are chosen
+                b.normal_(0, 0.05)
     return model.eval()
 
 
@@ -166,7 +183,7 @@ _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for
 def q4_k_m_type(name: str, shape: tuple[int, ...], n_layers: int = N_LAYERS) -> str:
     """The type llama.cpp's Q4_K_M gives a tensor: F32 vectors; Q6_K output; Q6_K / Q4_K value and down
     projections by layer; Q5_K fused qkv; Q4_K the rest; Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256."""
-    if len(shape) < 2 or "ffn_gate_inp" in name or name.endswith("conv.weight"):  # llama.cpp keeps these F32
+    if len(shape) < 2 or "ffn_gate_inp" in name or name.endswith(("conv.weight", "conv1d.weight", "ssm_a")):  # F32 in llama.cpp
         return "F32"
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight":
@@ -290,8 +307,12 @@ def _convert(family: str, model) -> dict[str, tuple[str, np.ndarray]]:
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == GGUF_ARCH.get(family, family))
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     out: dict[str, tuple[str, np.ndarray]] = {}
-    for hf_name, p in model.named_parameters():
+    routing_bias = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    for hf_name, p in list(model.named_parameters()) + routing_bias:
         w = p.detach().float().numpy().copy()
+        if hf_name.endswith("e_score_correction_bias"):  # MiniMax-M2's routing bias, a buffer
+            out[f"blk.{hf_name.split('.')[2]}.exp_probs_b.bias"] = hf_name, w
+            continue
         base, _, suffix = hf_name.rpartition(".")
         if base.endswith("experts") and suffix in ("gate_up_proj", "down_proj"):  # fused experts [E, 2I, H]
             stem = names.get_name(f"{base}.down_proj")[: -len("ffn_down_exps")]
@@ -302,12 +323,14 @@ def _convert(family: str, model) -> dict[str, tuple[str, np.ndarray]]:
                 out[f"{stem}ffn_gate_exps.weight"] = hf_name, np.ascontiguousarray(w[:, :half])
                 out[f"{stem}ffn_up_exps.weight"] = hf_name, np.ascontiguousarray(w[:, half:])
             continue
+        if suffix not in ("weight", "bias"):  # Mamba's A_log and D: named without a suffix
+            base, suffix = hf_name, ""
         gname = names.get_name(base)
         if gname is None and "." in base:  # BLOOM's embedding norm is named without its model prefix
             gname = names.get_name(base.split(".", 1)[1])
         if gname is None:
             raise KeyError(f"{family}: no llama.cpp name for {hf_name}")
-        gname = f"{gname}.{suffix}"
+        gname = f"{gname}.{suffix}" if suffix else gname
         if family in ("llama", "mistral") and suffix == "weight" and ".attn_q." in gname:
             w = _permute(w, cfg.num_attention_heads)
         elif family in ("llama", "mistral") and suffix == "weight" and ".attn_k." in gname:
@@ -319,7 +342,9 @@ def _convert(family: str, model) -> dict[str, tuple[str, np.ndarray]]:
             w = np.ascontiguousarray(w.T)  # Conv1D [in, out] -> [out, in]
         elif family == "bloom" and ".attn_qkv." in gname:
             w = _bloom_qkv(w, cfg.n_head, cfg.hidden_size)
-        elif gname.endswith("shortconv.conv.weight"):
+        elif gname.endswith(".ssm_a"):
+            w = -np.exp(w)  # llama.cpp stores A = -exp(A_log)
+        elif gname.endswith(("shortconv.conv.weight", "ssm_conv1d.weight")):
             w = w.reshape(w.shape[0], w.shape[-1])  # llama.cpp squeezes LFM2's conv kernel [C, 1, L] to [C, L]
         elif "ffn_gate_inp_shexp" in gname:
             w = w.reshape(-1)  # llama.cpp stores the shared expert's gate as a vector

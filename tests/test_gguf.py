@@ -71,12 +71,24 @@ def test_an_all_f32_file_is_the_source_model(family, tmp_path):
 
 
 def test_q4_k_m_mixes_types_as_llama_cpp_does(family_file):
+    """F32 vectors; K-quants on rows of 256; Q5_0 / Q8_0 (llama.cpp's fallbacks) on the down projections' rows of
+    320 (Qwen 2 MoE: 1408) in every family but those whose MLP rows are multiples of 256 (GPT-2, Falcon, BLOOM:
+    4 x 256; Qwen 3 MoE: 768) or that have no MLP (Mamba)."""
+    import gguf
+
     family, path = family_file
-    types = tensor_types(path)
+    tensors = gguf.GGUFReader(str(path)).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
     assert all(t == "F32" for n, t in types.items() if n.endswith(("norm.weight", ".bias"))), family
-    assert "Q4_K" in types.values() and "Q6_K" in types.values(), family
-    if INTERMEDIATE % 256 and family not in ("gpt2", "falcon", "bloom", "qwen3_moe"):  # those MLPs are 1024 / 768
-        assert {"Q5_0", "Q8_0"} <= set(types.values()), family  # the down projections' fallbacks
+    assert "Q4_K" in types.values(), family
+    if any(n == "output.weight" or ".attn_v." in n for n in types):  # Q6_K: the output, every few value projections
+        assert "Q6_K" in types.values(), family
+    # rows (ggml's first dimension) not a multiple of 256, quantised: only llama.cpp's fallback types
+    fallbacks = {t.tensor_type.name for t in tensors
+                 if len(t.shape) > 1 and t.shape[0] % 256 and t.tensor_type.name not in ("F32", "F16")}
+    assert fallbacks <= {"Q5_0", "Q5_1", "Q8_0"}, family
+    if family not in ("gpt2", "falcon", "bloom", "qwen3_moe", "mamba"):
+        assert fallbacks == {"Q5_0", "Q8_0"}, family  # Q4_K's and Q6_K's
 
 
 # --- every ggml type ---------------------------------------------------------------------------------------------
