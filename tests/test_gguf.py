@@ -66,8 +66,11 @@ def test_an_all_f32_file_is_the_source_model(family, tmp_path):
     with torch.no_grad():
         a, b = src(ids).logits, read(ids).logits
     assert (a - b).abs().max().item() <= 1e-5, family
-    if family in ("gemma2", "gemma3"):  # the sliding window is shorter than the prompts, so it is exercised
+    if family in ("gemma2", "gemma3"):  # the sliding window is shorter than the prompts: it changes the output
         assert src.config.sliding_window == SLIDING_WINDOW < ids.shape[1]
+        src.config.sliding_window = 10 ** 4
+        with torch.no_grad():
+            assert (src(ids).logits - a).abs().max().item() > 0.1
 
 
 def test_q4_k_m_mixes_types_as_llama_cpp_does(family_file):
@@ -180,6 +183,9 @@ def test_family_loads_and_equals_plain_transformers(family_file, tmp_path):
     family, path = family_file
     handle = load_model(str(path))
     assert handle.source == "gguf"
+    # the architecture details the tiny configs set are there to be exercised: parallel blocks, ALiBi
+    assert (handle.summary.block == "parallel attention + MLP") == (family in ("stablelm", "falcon")), family
+    assert (handle.summary.positions == "ALiBi") == (family == "bloom"), family
     ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
     assert ids.shape[1] > SLIDING_WINDOW
     with torch.no_grad():
