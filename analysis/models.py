@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from .errors import WorkbenchError
+from .gguf import GgufFile, check_architecture, gguf_architectures
+from .gguf import reading as gguf_reading
 from .settings import allow_local_folders, allow_remote_code, review_mode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -526,55 +528,32 @@ def _hub_error(e: BaseException, req: _Request) -> WorkbenchError | None:
 
 
 def _gguf_error(e: BaseException, req: _Request) -> WorkbenchError | None:
-    """A message for a GGUF file transformers cannot read: an architecture or a quantisation type it lacks."""
+    """A message for a GGUF file that failed to load after its checks (analysis.gguf: completeness, tensor
+    types, architecture) passed: what failed, not a guess that the file is incomplete."""
     if req.source != "gguf":
         return None
+    if isinstance(e, WorkbenchError):
+        return e
     text = str(e)
-    if isinstance(e, NotImplementedError) and "equantiz" in text:
-        return WorkbenchError(f"{req.name} uses a quantisation type that cannot be dequantised here: {text}",
-                              hint=f"Supported types: {', '.join(gguf_quant_types())}.")
     if "architecture" in text and "not supported" in text:
         return WorkbenchError(f"{req.name}: {text}",
                               hint=f"GGUF architectures transformers can read: {', '.join(gguf_architectures())}.")
-    return WorkbenchError(f"Could not read the GGUF file {req.name}: {type(e).__name__}: {text[:300]}",
-                          hint="Is the file complete? Re-download or re-convert it.")
+    return WorkbenchError(f"Could not load the GGUF file {req.name}: {type(e).__name__}: {text[:300]}",
+                          hint="The file is complete and its tensor types and architecture are ones that load; "
+                               "this is a mismatch between the file's metadata and transformers' reading of it.")
 
 
-def _check_gguf(req: _Request) -> None:
-    """Read the GGUF header (metadata and tensor table, no tensor data: milliseconds) and refuse an architecture
-    or a quantisation type that transformers cannot load, naming what it can."""
-    import gguf
-    from transformers.integrations.gguf.reader import GgufHeader
-
-    path = Path(req.target) / req.gguf_file
+def _check_gguf(req: _Request) -> GgufFile:
+    """Parse the GGUF file's header once (metadata and tensor table, no tensor data) and refuse a file cut short,
+    a tensor type that cannot be dequantised or an architecture transformers cannot load, naming which."""
+    file = GgufFile.parse(Path(req.target) / req.gguf_file)
     try:
-        header = GgufHeader.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure to parse is a broken or truncated file
-        m = re.search(r"ggml type (\d+), which is not supported", str(e))
-        if m is None:
-            raise _gguf_error(e, req) from e
-        t = int(m.group(1))
-        name = gguf.GGMLQuantizationType(t).name if t in gguf.GGMLQuantizationType._value2member_map_ else str(t)
-        raise WorkbenchError(f"{req.name} stores tensors as {name}, which transformers cannot dequantise.",
-                             hint=f"Supported types: {', '.join(gguf_quant_types())}. Convert the file to one of "
-                                  "them (llama.cpp's llama-quantize).") from e
-    if header.architecture not in gguf_architectures():
-        raise WorkbenchError(f"{req.name} is a GGUF file of architecture {header.architecture!r}, which "
-                             "transformers cannot load from GGUF.",
-                             hint=f"GGUF architectures it can read: {', '.join(gguf_architectures())}.")
-
-
-def gguf_architectures() -> list[str]:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-
-
-def gguf_quant_types() -> list[str]:
-    """The tensor types transformers reads from a GGUF file (plain floats, and the block types it dequantises)."""
-    from transformers.integrations.gguf.dequant import GGML_NAME
-
-    return ["F32", "F16", "BF16", *(name for _, name in sorted(GGML_NAME.items()))]
+        file.check_types()
+        check_architecture(file)
+    except WorkbenchError:
+        file.close()
+        raise
+    return file
 
 
 def _load_config(req: _Request):
@@ -599,6 +578,12 @@ def _check_architecture(config, req: _Request) -> str:
     from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 
+    if not getattr(config, "architectures", None):  # a GGUF file's config, some folders': the model_type only
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+        if mapped is not None:
+            config.architectures = [mapped]
     try:
         arch = determine_architecture_from_hf_config(config)
     except ValueError as e:  # the bridge knows neither the config's architectures nor its model_type
@@ -732,27 +717,39 @@ def _describe(bridge, config, n_params: int, req: _Request, name: str) -> ModelS
 
 
 def _load(req: _Request) -> ModelHandle:
+    file = _check_gguf(req) if req.source == "gguf" else None
+    with gguf_reading(file) if file is not None else contextlib.nullcontext():  # the file parsed once
+        try:
+            return _load_parts(req)
+        finally:
+            if file is not None:
+                file.close()
+
+
+def _load_parts(req: _Request) -> ModelHandle:
     from transformer_lens.model_bridge import TransformerBridge
 
-    if req.source == "gguf":
-        _check_gguf(req)
     config = _load_config(req)
-    _check_architecture(config, req)
+    arch = _check_architecture(config, req)
     n_params = _check_memory(config, req)
     tokenizer = _load_tokenizer(req)
     bos = prepends_bos(tokenizer)
     try:
         with TORCH_DEFAULTS.building():  # transformers sets the process-wide default dtype meanwhile
-            hf_model = None
+            hf_model, overrides = None, None
             if req.source == "gguf":  # dequantised by transformers, then bridged like any loaded model
                 from transformers import AutoModelForCausalLM
 
                 hf_model = AutoModelForCausalLM.from_pretrained(
                     req.target, gguf_file=req.gguf_file, dtype=DTYPES[req.dtype], attn_implementation="eager",
                 ).to(req.device)
+                hf_model.config.architectures = hf_model.config.architectures or [arch]
+            elif not getattr(config, "architectures", None):
+                overrides = {"architectures": [arch]}  # a config that names only its model_type
             bridge = TransformerBridge.boot_transformers(
                 req.target, device=None if hf_model is not None else req.device, dtype=DTYPES[req.dtype],
                 revision=req.revision, trust_remote_code=req.trust_remote_code, tokenizer=tokenizer, hf_model=hf_model,
+                **({"hf_config_overrides": overrides} if overrides else {}),
             )
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise WorkbenchError(f"Ran out of memory loading {req.name} in {req.dtype} on {req.device}.",

@@ -179,8 +179,16 @@ def test_every_analysis_has_small_settings_here():
     assert set(SMALL) == {a.spec.analysis for a in ANALYSES}
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One store for every analysis's run here: the SAE analyses share one trained SAE, the quantization ones
+    one set of traces (their inputs, run once), as they would on a server."""
+    return Store(tmp_path_factory.mktemp("smol") / "s.duckdb")
+
+
 @pytest.mark.parametrize("name", list(SMALL))
-def test_every_analysis_runs_on_it(smol, store, name):
+def test_every_analysis_runs_on_it(smol, shared_store, name):
+    store = shared_store
     out = run(_spec(name, **SMALL[name]), store=store)
     assert not out.hit and len(out.result.table) > 0
     assert out.spec.bos == "no"  # the tokenizer's convention, recorded in what ran
@@ -202,8 +210,12 @@ def test_a_wrong_gguf_gets_a_message(tmp_path):
         load_model(str(two))
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(GGUF.read_bytes()[:4096])
-    with pytest.raises(WorkbenchError, match="GGUF"):
+    with pytest.raises(WorkbenchError, match="GGUF file cut.gguf is incomplete"):
         load_model(str(truncated))
+    cut = tmp_path / "cut_in_data.gguf"  # the whole header, a part of the tensor data
+    cut.write_bytes(GGUF.read_bytes()[:GGUF.stat().st_size // 2])
+    with pytest.raises(WorkbenchError, match="incomplete: its tensor table says its data runs to byte"):
+        load_model(str(cut))
 
 
 def _write_gguf(path: Path, arch: str, tensor_type) -> Path:
