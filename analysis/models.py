@@ -625,17 +625,28 @@ def available_memory(device: str) -> int:
     return psutil.virtual_memory().available
 
 
+def load_need(n_params: int, dtype: str) -> int:
+    """Bytes a model of n_params needs to load and run in dtype: its weights, the bridge's own copies of some
+    (a fifth at most), and room for a run's activations."""
+    return int(n_params * DTYPES[dtype].itemsize * 1.2 + 256 * 2**20)
+
+
 def _check_memory(config, req: _Request) -> int | None:
-    """Refuse a model that cannot fit before loading it; returns the parameter count (None if unknown)."""
+    """Refuse a model that cannot fit before loading it, saying which dtypes would; returns the parameter count
+    (None if unknown)."""
     n = estimate_parameters(config)
     if n is None:
         return None
-    need = n * DTYPES[req.dtype].itemsize * 1.2 + 256 * 2**20  # weights, plus room for activations
+    need = load_need(n, req.dtype)
     free = available_memory(req.device)
     if need > free:
+        fits = [d for d in DTYPES if load_need(n, d) <= free]
+        would = (f"In {' or '.join(fits)} it would fit (about {load_need(n, fits[0]) / 2**30:.1f} GiB): pick that "
+                 "dtype in the sidebar or with --dtype." if fits else
+                 f"It fits in no dtype here: even bfloat16 needs about {load_need(n, 'bfloat16') / 2**30:.1f} GiB.")
         raise WorkbenchError(
             f"Not enough memory for {req.name}: {n / 1e9:.2f} B parameters in {req.dtype} need about "
-            f"{need / 2**30:.1f} GiB, and {req.device} has {free / 2**30:.1f} GiB free.",
+            f"{need / 2**30:.1f} GiB, and {req.device} has {free / 2**30:.1f} GiB free. {would}",
             hint="Pick bfloat16 or float16, a smaller model, or a machine with more memory; "
                  "unload other models first.",
         )

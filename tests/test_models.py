@@ -185,6 +185,21 @@ def test_not_enough_memory_is_refused_before_loading(tmp_path):
     save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
     msg = _error(str(folder))
     assert "Not enough memory" in msg and "GiB" in msg and "bfloat16" in msg
+    assert "fits in no dtype here" in msg  # 175 B parameters fit nowhere on this machine
+
+
+def test_the_memory_check_says_which_dtype_would_fit(tmp_path, monkeypatch):
+    """A model too large in float32 but not in bfloat16: the message says so (and bfloat16 then loads)."""
+    from analysis import models
+
+    folder = save_tiny_model("llama", tmp_path / "llama")
+    n = models.estimate_parameters(models._load_config(models._resolve_request(str(folder), None, "cpu", "float32",
+                                                                               False)))
+    free = (models.load_need(n, "float32") + models.load_need(n, "bfloat16")) // 2  # between the two
+    monkeypatch.setattr(models, "available_memory", lambda device: free)
+    msg = _error(str(folder))
+    assert "In bfloat16 or float16 it would fit" in msg, msg
+    assert load_model(str(folder), dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_remote_code_stays_off_unless_asked(tmp_path):
