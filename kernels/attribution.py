@@ -63,7 +63,7 @@ def lrp_hooks(bridge, rules: LRPRules) -> list[tuple[str, Callable]]:
             return scale.detach()
 
         for layer in range(n_layers):
-            for ln in ("ln1", "ln2"):
+            for ln in ("ln1", "ln2", "norm"):  # norm: a one-part block's own (Mamba's)
                 name = f"blocks.{layer}.{ln}.hook_scale"
                 if name in names:
                     hooks.append((name, const_scale))
@@ -75,6 +75,8 @@ def lrp_hooks(bridge, rules: LRPRules) -> list[tuple[str, Callable]]:
             saved: dict[str, torch.Tensor] = {}
             pre, post = f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"
             lin = f"blocks.{layer}.mlp.hook_pre_linear"
+            if pre not in names or post not in names:  # a block without an MLP (Mamba's)
+                continue
 
             def save(name):
                 def hook(act, hook, name=name, saved=saved):
@@ -103,7 +105,8 @@ def lrp_hooks(bridge, rules: LRPRules) -> list[tuple[str, Callable]]:
         def const_pattern(pattern, hook):
             return pattern.detach()
 
-        hooks += [(f"blocks.{layer}.attn.hook_pattern", const_pattern) for layer in range(n_layers)]
+        hooks += [(f"blocks.{layer}.attn.hook_pattern", const_pattern) for layer in range(n_layers)
+                  if f"blocks.{layer}.attn.hook_pattern" in names]  # not in a convolution or state-space block
     return hooks
 
 

@@ -1,7 +1,8 @@
 """Memory-light lens statistics over the vocabulary (the Cut Cross-Entropy pattern).
 
 A lens decodes residual vectors h (one per layer and position) as logits z = h' W_U + b_U, where h' is h after
-the model's final norm recomputed on h itself (or after a tuned-lens translator). Over the vocabulary this module
+the model's final norm recomputed on h itself (or after a tuned-lens translator), followed by the model's own
+element-wise output transform where it has one (Gemma 2's soft-cap). Over the vocabulary this module
 computes, per row:
 
     log-sum-exp, entropy H(p), KL(final || lens), the logits/probabilities/ranks of chosen target tokens, top-k
@@ -16,6 +17,7 @@ Plain torch; runs where the inputs are. Logits are computed in float32 whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,11 +33,12 @@ class LensStats:
     top_logprob: torch.Tensor  # [N, k]
 
 
-def _block_logits(x: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
+def _block_logits(x: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor | None, v0: int, v1: int,
+                  transform: Callable | None = None) -> torch.Tensor:
     z = x @ W_U[:, v0:v1].float()
     if b_U is not None:
         z = z + b_U[v0:v1].float()
-    return z
+    return z if transform is None else transform(z)
 
 
 def lens_stats(
@@ -50,12 +53,15 @@ def lens_stats(
     vocab_block: int | None = None,
     row_block: int | None = None,
     budget_bytes: int | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LensStats:
-    """Statistics of softmax(x W_U + b_U) for normalised rows x [N, d], in blocks.
+    """Statistics of softmax(t(x W_U + b_U)) for normalised rows x [N, d], in blocks.
 
     ref [M, d]: normalised rows of the reference (final) distribution; ref_index [N] says which reference row
     each row is compared with (KL(ref || lens)). targets [N, T]: token ids whose log-probability and rank are
-    reported. Each block holds at most `budget_bytes` of float32 logits (rows x vocabulary)."""
+    reported. Each block holds at most `budget_bytes` of float32 logits (rows x vocabulary). `transform` t: the
+    model's element-wise transform of the unembedding's output (`kernels.readout.output_transform`: Gemma 2's
+    soft-cap, ...), applied to every block; None: the identity."""
     N, V = x.shape[0], W_U.shape[1]
     dev = x.device
     # CPU: blocks that stay in cache. GPU: fewer, larger blocks (each block is ~15 kernel launches).
@@ -65,9 +71,16 @@ def lens_stats(
     vocab_block = min(vocab_block, V)
     if row_block is None:  # a block's temporaries: ~4 float32 [rows, vocab_block] tensors, one bool per target
         n_targets = targets.shape[1] if targets is not None else 0
-        row_block = max(1, budget_bytes // (vocab_block * (16 + n_targets)))
+        direct = 12 if (ref is not None and transform is not None) else 0  # the reference rows' block logits
+        row_block = max(1, budget_bytes // (vocab_block * (16 + direct + n_targets)))
     k = min(k, V)
-    if ref is not None:
+    if ref is not None and transform is not None:
+        # logits not affine in x: KL(ref || lens) = sum_v p_ref (z_ref - z) + lse - lse_ref, block by block
+        # (exactly 0 for a lens row equal to its reference row)
+        ref = ref.float()
+        ref_lse = lens_stats(ref, W_U, b_U, k=1, vocab_block=vocab_block, budget_bytes=budget_bytes,
+                             transform=transform).lse
+    elif ref is not None:
         # KL(ref || lens) = E_ref[log p_ref] - E_ref[z] + lse, and E_ref[z] = x . (W_U p_ref) + b_U . p_ref is
         # linear in x: one pass over the reference rows gives W_U p_ref per reference row.
         ref_logp_mean, ref_u, ref_c = _reference_moments(ref.float(), W_U, b_U, vocab_block, budget_bytes)
@@ -93,12 +106,21 @@ def lens_stats(
             zt = (xb[:, None, :] * W_U.T[tb].float()).sum(-1)  # [n, T]
             if b_U is not None:
                 zt = zt + b_U.float()[tb]
+            if transform is not None:
+                zt = transform(zt)
             above = torch.zeros(tb.shape, dtype=torch.long, device=dev)
         bv = torch.full((n, k), -float("inf"), device=dev)
         bi = torch.zeros((n, k), dtype=torch.long, device=dev)
+        if ref is not None and transform is not None:
+            ridx = ref_index[r0:r1]
+            rb, rb_lse = ref[ridx], ref_lse[ridx]
+            cross = torch.zeros(n, device=dev, dtype=torch.float64)
         for v0 in range(0, V, vocab_block):
             v1 = min(V, v0 + vocab_block)
-            z = _block_logits(xb, W_U, b_U, v0, v1)  # [n, vb]
+            z = _block_logits(xb, W_U, b_U, v0, v1, transform)  # [n, vb]
+            if ref is not None and transform is not None:
+                zr = _block_logits(rb, W_U, b_U, v0, v1, transform)
+                cross += (torch.exp(zr - rb_lse[:, None]) * (zr - z)).sum(-1).double()
             bm = z.max(-1).values
             m_new = torch.maximum(m, bm)
             scale = torch.exp(m - m_new)
@@ -119,7 +141,9 @@ def lens_stats(
         block_lse = m + torch.log(s)
         lse[r0:r1] = block_lse
         ent[r0:r1] = block_lse - sz / s  # H = lse - E_p[z]
-        if ref is not None:
+        if ref is not None and transform is not None:
+            kl[r0:r1] = (cross + (block_lse - rb_lse).double()).float()
+        elif ref is not None:
             ridx = ref_index[r0:r1]
             # float64: the three terms are tens of nats each and KL can be 1e-6 (the last layer)
             cross = (xb.double() * ref_u[ridx]).sum(-1) + ref_c[ridx]  # E_ref[z_lens]
@@ -154,17 +178,20 @@ def _reference_moments(ref: torch.Tensor, W_U, b_U, vocab_block: int, budget_byt
     return neg_ent, u, c
 
 
-def naive_lens_stats(x, W_U, b_U, *, ref=None, ref_index=None, targets=None, k: int = 5) -> LensStats:
+def naive_lens_stats(x, W_U, b_U, *, ref=None, ref_index=None, targets=None, k: int = 5,
+                     transform=None) -> LensStats:
     """The same statistics from the full [N, V] logits (reference implementation)."""
+    t = transform or (lambda v: v)
     z = x.float() @ W_U.float()
     if b_U is not None:
         z = z + b_U.float()
+    z = t(z)
     logp = z.log_softmax(-1)
     lse = torch.logsumexp(z, -1)
     ent = -(logp.exp() * logp).sum(-1)
     kl = None
     if ref is not None:
-        zr = ref.float() @ W_U.float() + (b_U.float() if b_U is not None else 0)
+        zr = t(ref.float() @ W_U.float() + (b_U.float() if b_U is not None else 0))
         lr = zr.log_softmax(-1)[ref_index]
         kl = (lr.exp() * (lr - logp)).sum(-1)
     t_lp = t_rank = None

@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from .readout import residual_logits
+
 # activation name -> (hook name template, index axes after "layer", setter kind)
 ACTIVATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{l}.hook_resid_pre", ("pos",)),
@@ -71,6 +73,28 @@ def is_parallel(bridge) -> bool:
     return bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
 
 
+def hook_layers(bridge, activation: str) -> list[int]:
+    """The layers whose block has this activation (a convolution or state-space block has no attention, Mamba's
+    blocks no MLP; resid_mid is patched through the attention output, and a parallel block has none)."""
+    names = bridge.hook_dict
+    if activation == "resid_mid" and is_parallel(bridge):
+        return []
+    return [layer for layer in range(bridge.cfg.n_layers) if hook_point(activation, layer) in names]
+
+
+def available_activations(bridge) -> tuple[str, ...]:
+    """The activations every block of this model has: the ones a sweep over layers can patch."""
+    n_layers = bridge.cfg.n_layers
+    return tuple(a for a in ACTIVATIONS if len(hook_layers(bridge, a)) == n_layers)
+
+
+def has_attention_cache(bridge) -> bool:
+    """Every block is an attention block (keys and values it can take from a key/value cache): runs over a suffix
+    of the positions are possible. Not so for convolution or state-space blocks (LFM2's, Mamba's), whose caches
+    are states, not per-position keys."""
+    return all(f"blocks.{layer}.attn.hook_k" in bridge.hook_dict for layer in range(bridge.cfg.n_layers))
+
+
 def index_axes(activation: str) -> tuple[str, ...]:
     return ("layer",) + ACTIVATIONS[activation][1]
 
@@ -101,7 +125,11 @@ class BlockRunner:
     """Runs the bridge's blocks from any layer on a given residual, with the bridge's hook points live.
 
     The arguments each block receives besides the residual (causal mask, position ids, rotary cos/sin, ...)
-    are recorded once from a one-row forward of the sequence length and broadcast over any batch size."""
+    are recorded once from a one-row forward of the sequence length and broadcast over any batch size; those laid
+    out per (row, head) on their first axis (BLOOM's ALiBi bias [rows x heads, 1, keys]) cannot broadcast and are
+    kept for one row and repeated to the batch of each run."""
+
+    PER_ROW_HEAD = ("alibi",)  # keyword arguments laid out [rows x heads, ...]
 
     def __init__(self, bridge, tokens: torch.Tensor):
         """One plain forward of `tokens` [B, P]: records each block's call, the residual entering it and the
@@ -113,6 +141,13 @@ class BlockRunner:
         self._calls: dict[int, tuple[tuple, dict]] = {}
         self._cache_slot: dict[int, int | str] = {}  # layer -> where the block takes its key/value cache
         self.inputs: dict[int, torch.Tensor] = {}  # layer -> residual entering the block [B, P, d]
+
+        n_heads = bridge.cfg.n_heads
+
+        def per_row_head(v):  # [rows x heads, ...] -> one row's [heads, ...]
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows * n_heads:
+                return v[:n_heads]
+            return v
 
         def one_row(v):  # unpadded prompts: masks, position ids and rotary tables are the same for every row
             if isinstance(v, Cache):
@@ -133,23 +168,25 @@ class BlockRunner:
                 for k, v in kwargs.items():
                     if isinstance(v, Cache):
                         self._cache_slot[i] = k
-                kw = {k: one_row(v) for k, v in kwargs.items()}
+                kw = {k: per_row_head(v) if k in self.PER_ROW_HEAD else one_row(v) for k, v in kwargs.items()}
                 if "use_cache" in kw:
                     kw["use_cache"] = False
                 self._calls[i] = (tuple(one_row(a) for a in args[1:]), kw)
 
             handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
-        cache = DynamicCache()
+        # a key/value cache (for runs over a suffix of the positions) where every block is an attention block;
+        # other models (LFM2's convolutions, Mamba) run every position, from their own cacheless forward
+        cache = DynamicCache() if has_attention_cache(bridge) else None
+        cache_kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
         try:
             with torch.no_grad():
-                self.final_logits = bridge(tokens, return_type="logits", past_key_values=cache,
-                                           use_cache=True)[:, -1]  # [B, d_vocab]
+                self.final_logits = bridge(tokens, return_type="logits", **cache_kw)[:, -1]  # [B, d_vocab]
         finally:
             for h in handles:
                 h.remove()
         # keys/values per layer [B, kv heads, P, d_head], as the attention stored them (after rotary)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        layers = getattr(cache, "layers", [])
+        layers = getattr(cache, "layers", []) if cache is not None else []
         causal = getattr(bridge.cfg, "attention_dir", "causal") == "causal"
         if causal and len(layers) == len(bridge.blocks) and len(self._cache_slot) == len(bridge.blocks):
             for i, layer in enumerate(layers):
@@ -175,9 +212,22 @@ class BlockRunner:
             args, kwargs = self._calls[i]
             if start_pos:
                 args, kwargs = self._suffix_call(i, start_pos, n)
+            kwargs = self._batched(kwargs, n)
             out = self.bridge.blocks[i](x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
         return x
+
+    def _batched(self, kwargs: dict, n_rows: int) -> dict:
+        """The recorded keyword arguments with the per-(row, head) ones repeated to `n_rows` rows."""
+        if not any(k in kwargs for k in self.PER_ROW_HEAD):
+            return kwargs
+        heads = self.bridge.cfg.n_heads
+        out = dict(kwargs)
+        for k in self.PER_ROW_HEAD:
+            v = out.get(k)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == heads:
+                out[k] = v.repeat(n_rows, *[1] * (v.dim() - 1))
+        return out
 
     def _suffix_call(self, layer: int, p0: int, n_rows: int):
         """The recorded call of block `layer`, cut to query positions p0.. with a key/value prefix 0..p0-1."""
@@ -214,10 +264,11 @@ class BlockRunner:
         return args, kwargs
 
     def logits(self, final_resid: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm and unembedding at the given positions only (default: the last). [N, d_vocab] or [N, k, V]"""
+        """The model's logits (final norm, unembedding, its output transform such as Gemma 2's soft-cap) at the
+        given positions only (default: the last). [N, d_vocab] or [N, k, V]"""
         if positions is None:
-            return self.bridge.unembed(self.bridge.ln_final(final_resid[:, -1:]))[:, 0]
-        return self.bridge.unembed(self.bridge.ln_final(final_resid[:, positions]))
+            return residual_logits(self.bridge, final_resid[:, -1:])[:, 0]
+        return residual_logits(self.bridge, final_resid[:, positions])
 
 
 class _PrefixCache(DynamicCache):

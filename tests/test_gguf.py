@@ -224,13 +224,35 @@ def test_family_lens_last_layer_is_the_output(family_file, store):
     assert (torch.tensor(top["prob"].to_numpy()).float() - want).abs().max().item() < 1e-4, family
 
 
+# components some blocks lack: LFM2's convolution blocks have no attention, Mamba's blocks neither attention nor MLP
+LACKING = {"lfm2": ("z_all_pos", "pattern_all_pos"), "mamba": ("mlp_out", "z_all_pos", "pattern_all_pos")}
+HOOKS = {"resid_pre": "hook_resid_pre", "mlp_out": "hook_mlp_out", "z_all_pos": "attn.hook_z",
+         "pattern_all_pos": "attn.hook_pattern"}
+
+
 def test_family_patching_equals_transformer_lens(family_file, store):
+    """The sweep equals TransformerLens's `patching` on every component the model's blocks all have; a component
+    some block lacks is refused before anything runs, with the architecture and the components it has named."""
     family, path = family_file
-    out = run(PatchingSpec(model=str(path), pairs=json.dumps(TEXT_PAIRS), components=PATCH_COMPONENTS,
+    handle = load_model(str(path))
+    L = handle.bridge.cfg.n_layers
+    lacking = tuple(c for c in PATCH_COMPONENTS
+                    if any(f"blocks.{i}.{HOOKS[c]}" not in handle.bridge.hook_dict for i in range(L)))
+    assert lacking == LACKING.get(family, ()), family
+    components = tuple(c for c in PATCH_COMPONENTS if c not in lacking)
+    if lacking:
+        with pytest.raises(WorkbenchError) as e:
+            run(PatchingSpec(model=str(path), pairs=json.dumps(TEXT_PAIRS), components=PATCH_COMPONENTS,
+                             metric="logit_diff", methods=("activation",)), store=store)
+        message = str(e.value)
+        assert family in message and all(c in message for c in lacking), message
+        assert f"It has: resid_pre, resid_post, {'mlp_out' if 'mlp_out' in components else ''}".rstrip(", ") \
+            in message, message
+        assert "Traceback" not in message
+    out = run(PatchingSpec(model=str(path), pairs=json.dumps(TEXT_PAIRS), components=components,
                            metric="logit_diff", methods=("activation",)), store=store)
     pairs = json.loads(out.spec.pairs)
-    handle = load_model(str(path))
-    for component in PATCH_COMPONENTS:
+    for component in components:
         ref = _tl_reference(handle, pairs, component, "denoise", "logit_diff")
         ours = _grid(out.result.table, component, AXES[component])
         assert ours.shape == ref.shape, (family, component)

@@ -8,16 +8,27 @@ import torch
 from kernels.lens import lens_stats, naive_lens_stats
 
 
-@pytest.mark.parametrize("vocab_block, row_block", [(7, 1), (128, 5), (1000, 64), (333, None)])
-def test_blocked_statistics_equal_the_full_tensor(vocab_block, row_block):
+@pytest.mark.parametrize("vocab_block, row_block, cap", [(7, 1, None), (128, 5, None), (1000, 64, None),
+                                                         (333, None, None), (7, 1, 10.0), (333, None, 10.0)])
+def test_blocked_statistics_equal_the_full_tensor(vocab_block, row_block, cap):
+    """With `cap`: the model's logits soft-capped (Gemma 2: cap * tanh(z / cap)), not affine in the residual."""
     torch.manual_seed(0)
     N, d, V = 40, 16, 1000
     x, W, b = torch.randn(N, d) * 2, torch.randn(d, V), torch.randn(V)
     ref, ref_index = torch.randn(6, d) * 2, torch.randint(0, 6, (N,))
+    ref_index[:6] = torch.arange(6)
+    x[:6] = ref  # rows equal to their reference: KL 0
     targets = torch.randint(0, V, (N, 3))
+    transform = None if cap is None else (lambda z: cap * torch.tanh(z / cap))
     got = lens_stats(x, W, b, ref=ref, ref_index=ref_index, targets=targets, k=7, vocab_block=vocab_block,
-                     row_block=row_block)
-    want = naive_lens_stats(x, W, b, ref=ref, ref_index=ref_index, targets=targets, k=7)
+                     row_block=row_block, transform=transform)
+    want = naive_lens_stats(x, W, b, ref=ref, ref_index=ref_index, targets=targets, k=7, transform=transform)
+    if cap is not None:  # the cap is reached and changes the distribution
+        z = x @ W + b
+        assert z.abs().max() > 2 * cap
+        assert torch.allclose(want.lse, torch.logsumexp(cap * torch.tanh(z / cap), -1))
+        assert not torch.allclose(want.lse, torch.logsumexp(z, -1), atol=1e-2)
+    assert got.kl[:6].abs().max() < 1e-5
     for field in ("lse", "entropy", "kl", "target_logprob", "top_logprob"):
         assert torch.allclose(getattr(got, field), getattr(want, field), atol=1e-4, rtol=1e-5), field
     assert torch.equal(got.target_rank, want.target_rank)

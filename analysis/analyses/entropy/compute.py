@@ -22,6 +22,7 @@ import torch
 
 from kernels.entropy import attention_entropy
 from kernels.lens import lens_stats
+from kernels.readout import output_transform
 
 from ...errors import WorkbenchError
 from ...estimate import Estimate, other_models_bytes, other_models_seconds
@@ -87,7 +88,7 @@ def model_entropy(session: ModelSession, ids: list[int]) -> tuple[pd.DataFrame, 
                                       "norm_entropy": torch.nanmean(norm, -1).cpu().numpy()}))
     keys, h, _, _ = residual_rows(session, ids, ("resid_post",))
     with torch.no_grad():
-        st = lens_stats(bridge.ln_final(h), bridge.W_U, bridge.b_U, k=1)
+        st = lens_stats(bridge.ln_final(h), bridge.W_U, bridge.b_U, k=1, transform=output_transform(bridge))
     return pd.concat(rows, ignore_index=True), st.entropy.view(L, len(ids)).cpu().numpy()
 
 

@@ -2,9 +2,10 @@
 
 For each site (resid_pre, resid_mid, resid_post) of every layer and every position: the final norm is recomputed
 on that residual (not the final layer's cached scale, which flattens early layers), then the unembedding with its
-bias. Reported per cell: entropy, KL from the model's final distribution, the top-k tokens, and the probability
-and rank of the model's own final prediction at that position and of any target tokens the user names. The
-statistics run through `kernels.lens`, which never holds a layers x positions x vocab tensor.
+bias and the model's own output transform (Gemma 2's final soft-cap; `kernels.readout`). Reported per cell:
+entropy, KL from the model's final distribution, the top-k tokens, and the probability and rank of the model's own
+final prediction at that position and of any target tokens the user names. The statistics run through
+`kernels.lens`, which never holds a layers x positions x vocab tensor.
 
     spec = LensSpec(prompt="The capital of France is", targets=(" Paris",))
 """
@@ -16,6 +17,7 @@ import torch
 
 from kernels.lens import lens_stats
 from kernels.patching import is_parallel
+from kernels.readout import output_transform
 
 from ...errors import WorkbenchError
 from ...estimate import Estimate
@@ -30,26 +32,34 @@ from .spec import LensSpec
 def residual_rows(session: ModelSession, ids: list[int], sites: tuple[str, ...]):
     """Residuals [rows, d] for every (site, layer), the final residual [P, d] and the model's logits [P, V].
 
-    resid_mid is resid_pre + attn_out (the stream between attention and MLP); a model whose attention and MLP
-    run in parallel has none, and it is left out."""
+    resid_mid is the stream between a block's two parts: resid_pre + attn_out where the block has an attention
+    output, else (a convolution block then an MLP, LFM2's) the residual entering its MLP. A block with one part
+    (Mamba's) or whose attention and MLP run in parallel has none, and it is left out for that layer."""
     bridge = session.bridge
     L = session.n_layers
     pre = [session.hook("resid_pre", layer) for layer in range(L)]
     names = {*pre, session.hook("resid_post", L - 1)}
+    mid: dict[int, list[str]] = {}  # layer -> the hooks whose sum is its resid_mid
     if "resid_mid" in sites and not is_parallel(bridge):
-        names |= {session.hook("attn_out", layer) for layer in range(L)}
+        for layer in range(L):
+            attn, own = session.hook("attn_out", layer), session.hook("resid_mid", layer)
+            if attn in bridge.hook_dict:
+                mid[layer] = [pre[layer], attn]
+            elif own in bridge.hook_dict and session.hook("mlp_out", layer) in bridge.hook_dict:
+                mid[layer] = [own]
+        names |= {n for hooks in mid.values() for n in hooks}
     with torch.no_grad():
         logits, cache = session.run_with_cache(session.tensor(ids), names)
     final = cache[session.hook("resid_post", L - 1)][0]
     keys, rows = [], []
     for site in sites:
-        if site == "resid_mid" and is_parallel(bridge):
-            continue
         for layer in range(L):
             if site == "resid_pre":
                 h = cache[pre[layer]][0]
             elif site == "resid_mid":
-                h = cache[pre[layer]][0] + cache[session.hook("attn_out", layer)][0]
+                if layer not in mid:
+                    continue
+                h = sum(cache[n][0] for n in mid[layer])
             else:
                 h = cache[pre[layer + 1]][0] if layer + 1 < L else final
             keys.append((site, layer))
@@ -67,7 +77,7 @@ def _lens_tables(session: ModelSession, spec, keys, x, ref, model_top, lens_name
                                                            device=model_top.device).expand(P, -1)], 1)
     with torch.no_grad():
         st = lens_stats(x, bridge.W_U, bridge.b_U, ref=ref, ref_index=pos, targets=targets.repeat(n_rows, 1),
-                        k=spec.top_k)
+                        k=spec.top_k, transform=output_transform(bridge))
     site_col = [s for s, _ in keys for _ in range(P)]
     layer_col = [layer for _, layer in keys for _ in range(P)]
     pos_col = list(range(P)) * n_rows
@@ -107,8 +117,10 @@ def compute(session: ModelSession, spec: LensSpec, inputs, progress) -> Result:
     keys, h, final, logits = residual_rows(session, ids, spec.sites)
     P = len(ids)
     if not keys:
-        raise WorkbenchError(f"{session.name} runs attention and MLP in parallel, so it has no resid_mid.",
-                             hint="Pick resid_pre or resid_post.")
+        why = ("runs attention and MLP in parallel" if is_parallel(bridge) else
+               f"is a {getattr(bridge.original_model.config, 'model_type', type(bridge.original_model).__name__)} "
+               "whose blocks have one part each")
+        raise WorkbenchError(f"{session.name} {why}, so it has no resid_mid.", hint="Pick resid_pre or resid_post.")
     with torch.no_grad():
         ref = bridge.ln_final(final)
     model_top = logits.float().argmax(-1)  # [P]: the model's own prediction at each position

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kernels.patching import ACTIVATIONS, is_parallel
+from kernels.patching import ACTIVATIONS, available_activations, hook_layers, is_parallel
 
 from ...errors import WorkbenchError
 from ...models import ModelHandle
@@ -127,7 +127,29 @@ class PatchingSpec(PairIds, Spec):
             raise WorkbenchError(f"{handle.name} runs attention and MLP in parallel (both read resid_pre), so it has "
                                  "no residual stream between them: resid_mid does not exist.",
                                  hint="Patch resid_pre, resid_post, attn_out or mlp_out instead.")
+        check_components(handle, self.components)
         return resolve_pairs(self, handle)
+
+
+def check_components(handle: ModelHandle, components) -> None:
+    """Refuses, before anything runs, components that not every block of the model has (a convolution block has no
+    attention, Mamba's blocks have neither attention nor an MLP), naming the architecture and what it has."""
+    bridge = handle.bridge
+    have = available_activations(bridge)
+    missing = [c for c in components if c not in have]
+    if not missing:
+        return
+    arch = getattr(getattr(bridge, "original_model", None), "config", None)
+    arch = getattr(arch, "model_type", None) or type(getattr(bridge, "original_model", bridge)).__name__
+    n_layers = bridge.cfg.n_layers
+    parts = []
+    for c in missing:
+        layers = hook_layers(bridge, c)
+        parts.append(f"{c} (only blocks {', '.join(map(str, layers))} of 0-{n_layers - 1} have it)" if layers else c)
+    raise WorkbenchError(f"{handle.name} is a {arch} model whose blocks do not all have "
+                         f"{', '.join(parts)}: a sweep over its layers cannot patch "
+                         f"{'it' if len(missing) == 1 else 'them'}. It has: {', '.join(have)}.",
+                         hint=f"Patch {', '.join(have)} instead.")
 
 
 def resolve_pairs(spec, handle: ModelHandle):

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kernels.readout import residual_logits
+
 from ...errors import WorkbenchError
 from ...estimate import ENTRY_FLOPS, SHIPPED_CORPUS_TOKENS, Estimate
 from ...result import Progress, Result, no_progress, sub_progress
@@ -157,9 +159,9 @@ def _kl_per_token(bridge, translators, h, final, chunk: int | None = None,
         for c in range(0, h.shape[0], chunk):
             progress(c / h.shape[0], f"tokens {c:,} of {h.shape[0]:,}")
             hb, fb = h[c:c + chunk], final[c:c + chunk]
-            ref = bridge.unembed(bridge.ln_final(fb)).float().log_softmax(-1)  # [n, V]
+            ref = residual_logits(bridge, fb).float().log_softmax(-1)  # [n, V]
             x = translators(hb) if translators is not None else hb
-            lp = bridge.unembed(bridge.ln_final(x)).float().log_softmax(-1)  # [n, L, V]
+            lp = residual_logits(bridge, x).float().log_softmax(-1)  # [n, L, V]
             out.append((ref.exp()[:, None] * (ref[:, None] - lp)).sum(-1).double())
     return torch.cat(out).numpy()
 
@@ -186,9 +188,9 @@ def compute(session: ModelSession, spec: TunedLensSpec, inputs, progress) -> Res
         for step in range(spec.steps):
             idx = torch.randint(h.shape[0], (n_tok,), generator=g).to(h.device)
             with torch.no_grad():
-                ref = bridge.unembed(bridge.ln_final(final[idx])).float().log_softmax(-1)[:, None]  # [n, 1, V]
+                ref = residual_logits(bridge, final[idx]).float().log_softmax(-1)[:, None]  # [n, 1, V]
             with torch.enable_grad():
-                lp = bridge.unembed(bridge.ln_final(translators(h[idx]))).float().log_softmax(-1)  # [n, L, V]
+                lp = residual_logits(bridge, translators(h[idx])).float().log_softmax(-1)  # [n, L, V]
                 loss = (ref.exp() * (ref - lp)).sum(-1).mean()
                 opt.zero_grad()
                 loss.backward()
