@@ -224,6 +224,32 @@ def test_family_lens_last_layer_is_the_output(family_file, store):
     assert (torch.tensor(top["prob"].to_numpy()).float() - want).abs().max().item() < 1e-4, family
 
 
+@pytest.mark.parametrize("family", ["lfm2", "mamba"])
+def test_lens_resid_mid_where_blocks_have_two_parts(family, tmp_path, store):
+    """LFM2's convolution blocks have no attention output: their resid_mid is the residual entering the MLP
+    (resid_post - mlp_out). Mamba's one-part blocks have none: asked for it alone, the lens says why."""
+    path = write_tiny_gguf(family, tmp_path)
+    if family == "mamba":
+        with pytest.raises(WorkbenchError) as e:
+            run(LensSpec(model=str(path), prompt=PROMPT, sites=("resid_mid",)), store=store)
+        assert "mamba" in str(e.value) and "resid_mid" in str(e.value), str(e.value)
+        return
+    out = run(LensSpec(model=str(path), prompt=PROMPT, sites=("resid_mid",), top_k=1), store=store)
+    handle = load_model(str(path))
+    ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
+    L = handle.bridge.cfg.n_layers
+    with torch.no_grad():
+        _, cache = handle.bridge.run_with_cache(ids)
+        for layer in range(L):
+            mid = cache[f"blocks.{layer}.hook_resid_post"] - cache[f"blocks.{layer}.hook_mlp_out"]
+            logits = handle.bridge.unembed(handle.bridge.ln_final(mid))[0]  # no soft-cap in LFM2
+            t = out.result.table
+            ent = torch.tensor(t[(t["site"] == "resid_mid") & (t["layer"] == layer)].sort_values("pos")["entropy"]
+                               .to_numpy())
+            lp = logits.float().log_softmax(-1)
+            assert (ent - -(lp.exp() * lp).sum(-1)).abs().max().item() < 1e-3, layer
+
+
 # components some blocks lack: LFM2's convolution blocks have no attention, Mamba's blocks neither attention nor MLP
 LACKING = {"lfm2": ("z_all_pos", "pattern_all_pos"), "mamba": ("mlp_out", "z_all_pos", "pattern_all_pos")}
 HOOKS = {"resid_pre": "hook_resid_pre", "mlp_out": "hook_mlp_out", "z_all_pos": "attn.hook_z",

@@ -64,7 +64,8 @@ def residual_rows(session: ModelSession, ids: list[int], sites: tuple[str, ...])
                 h = cache[pre[layer + 1]][0] if layer + 1 < L else final
             keys.append((site, layer))
             rows.append(h)
-    return keys, torch.cat(rows), final, logits[0]
+    h = torch.cat(rows) if rows else final[:0]  # no rows: only resid_mid asked of a model that has none
+    return keys, h, final, logits[0]
 
 
 def _lens_tables(session: ModelSession, spec, keys, x, ref, model_top, lens_name):
