@@ -15,6 +15,7 @@ The runner opens the session around a compute; a compute never takes a lock itse
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from typing import Iterable, Iterator
 
@@ -273,9 +274,16 @@ class ModelSession:
     def cache_in_batches(self, seqs: list[list[int]], names, visit, indices=None, batch: int = 64) -> None:
         """Run the sequences (those at `indices`, default all) in batches of one length each, caching the named
         hook points, and call visit(batch indices, cache) for each batch."""
+        names = set(names)
+        layers = [int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))]
+        # only block hook points: stop after the last block they name (no later block, no unembedding over the
+        # vocabulary for every position: on a wide vocabulary most of a forward's time)
+        stop = max(layers) + 1 if layers and len(layers) == len(names) else None
         with torch.no_grad():
             for idx, toks in same_length_batches(seqs, indices, batch):
-                _, cache = self.run_with_cache(toks.to(self.device), names)
+                self._check_open()
+                _, cache = self.handle.bridge.run_with_cache(toks.to(self.device), names_filter=lambda n: n in names,
+                                                             stop_at_layer=stop)
                 visit(idx, cache)
 
     def last_logits(self, seqs: list[list[int]], batch: int = 64, progress=None) -> torch.Tensor:
