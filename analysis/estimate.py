@@ -261,7 +261,7 @@ PROBES_ENOUGH = 5  # a process whose store holds this many probes of its pace do
 RUNS_KEPT = 9  # the correction is the median over an analysis's last few finished runs on the machine
 MIN_RUN_SECONDS = 0.5  # a shorter run (measured and predicted) is mostly fixed costs: it says little of the pace
 RUNS_ALIKE = 4.0  # only runs predicted within this factor of the one estimated correct it
-RUN_S = 0.1  # what every run costs besides its work: the session, tokenising, the result's tables
+RUN_S = 0.02  # what every run costs besides its work: the session, tokenising, the result's tables
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
 
 
 
-UMAP_SECONDS = 1.6e-4  # per point and neighbour on the reference machine (after numba's first compilation)
+UMAP_SECONDS = 2.5e-4  # per point and neighbour on the reference machine (after numba's first compilation)
 
 
 def estimate(plan) -> Estimate:

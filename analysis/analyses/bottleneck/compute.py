@@ -160,8 +160,8 @@ def compute(session: ModelSession, spec: BottleneckSpec, inputs, progress) -> Re
     progress(0.6, "the bottleneck head")
     acc, clf = _head(S[tr], y[tr], S[te], y[te], spec.l1_ratio, spec.C, spec.seed)
     full_layer = spec.layer if spec.layer != -2 else n_layers - 1
-    progress(0.65, f"the head on the full residual (layer {full_layer})")
     full = acts[:, full_layer + 1].astype(np.float64)
+    progress(0.65, f"the head on the full residual (layer {full_layer})")
     full_acc, _ = _head(full[tr], y[tr], full[te], y[te], 0.0, spec.C, spec.seed)
     reference = 1.0 if spec.target == "next_token" else full_acc
 

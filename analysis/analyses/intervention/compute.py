@@ -109,8 +109,8 @@ def refit_directions(acts_result: Result, spec: InterventionSpec, layer: int, cl
     rng = np.random.default_rng(pspec.seed)
     out = []
     while len(out) < spec.refits:
-        idx = rng.choice(tr, size=len(tr), replace=True)
         progress(len(out) / spec.refits, f"probe refit {len(out) + 1} of {spec.refits}")
+        idx = rng.choice(tr, size=len(tr), replace=True)
         if len(np.unique(y[idx])) < len(np.unique(y[tr])):
             continue  # a resample that lost a class cannot point toward it
         probe = fit_probe(X[idx], y[idx], X[te], y[te], pspec.C, pspec.seed)
