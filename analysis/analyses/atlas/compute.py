@@ -124,7 +124,7 @@ def estimate(plan) -> Estimate:
         n_points = sum(n - 1 for n in lengths)
         peak = largest(batches(lengths), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, 1, 4))
         kept = 2 * n_points * s.d_model * 4
-        flops = sum(s.forward_flops(r, n) for r, n in batches(lengths))
+        flops = sum(s.forward_flops(r, n, logits_pos=0) for r, n in batches(lengths))  # no unembedding
         blocks = s.batched_calls(lengths)
     else:
         n_points, peak, flops, blocks = len(lengths), 0, 0.0, 0.0

@@ -253,7 +253,8 @@ def forward_batches(plan, lengths: list[int]) -> tuple[int, float, float]:
     s = plan.shape
     peak = largest(batches(lengths), lambda r, n: s.forward_bytes(r, n) + s.resid_bytes(r, n, s.n_layers + 1)
                    + s.resid_bytes(r, n, s.n_layers + 1, 4))
-    return peak, sum(s.forward_flops(r, n) for r, n in batches(lengths)), s.batched_calls(lengths)
+    # session.cache_in_batches stops after the last block: no unembedding
+    return peak, sum(s.forward_flops(r, n, logits_pos=0) for r, n in batches(lengths)), s.batched_calls(lengths)
 
 
 def estimate_activations(plan) -> Estimate:

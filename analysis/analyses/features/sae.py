@@ -520,7 +520,8 @@ def estimate(plan) -> Estimate:
     forward = s.forward_bytes(64, 16)
     P = 14  # a typical shipped text
     per_step = 8 * 2.0 * B * d * W + ENTRY_FLOPS * (12 * B * W + 8 * d * W)
-    flops = (s.forward_flops(T / P, P) + 4 * s.forward_flops(H / P, P) + s.vocab_flops(H, 3 * 3)
+    # the training text's activations stop before the unembedding (session.cache_in_batches)
+    flops = (s.forward_flops(T / P, P, logits_pos=0) + 4 * s.forward_flops(H / P, P) + s.vocab_flops(H, 3 * 3)
              + steps * per_step + 2.0 * (T + 2 * H) * d * W)
     blocks = s.calls((T + 4 * H) / (P * 64) + 4 * 20) + steps / 2
     return Estimate(parts={"activations": 2 * T * d * 4, "forward, training or encoding": max(forward, step, encode)},

@@ -201,7 +201,7 @@ def estimate(plan) -> Estimate:
     per_model = batch + (s.n_layers + 1) * N * s.d_model * 4 * 2
     return Estimate(parts={"checkpoints' weights": other_models_bytes(plan, series), "forward": per_model,
                            "Gram matrices": grams},
-                    flops=len(series) * sum(s.forward_flops(r, n) for r, n in batches(run)),
+                    flops=len(series) * sum(s.forward_flops(r, n, logits_pos=0) for r, n in batches(run)),
                     blocks=len(series) * s.batched_calls(run),
                     extra_seconds=other_models_seconds(plan, series) + len(series) * s.n_layers * (
                         LAYER_SECONDS_PER_N * N + LAYER_SECONDS_PER_N3 * N**3),

@@ -264,7 +264,7 @@ def estimate(plan) -> Estimate:
     per_step = (2.0 * n_tok * d * V + s.vocab_flops(n_tok, 2)  # the reference distribution
                 + 3 * 2.0 * rows * (d * V + d * d) + s.vocab_flops(rows, 9)  # translate, decode, KL; backward
                 + ENTRY_FLOPS * 12 * L * d * d)  # Adam's moments and update
-    flops = (s.forward_flops(texts, P)  # the hidden states
+    flops = (s.forward_flops(texts, P, logits_pos=0)  # the hidden states (no unembedding)
              + spec.steps * per_step
              + 2 * (2.0 * n_eval * (L + 1) * d * V + s.vocab_flops(n_eval * (L + 1), 4)))  # held-out KL, both lenses
     blocks = s.calls(texts / batch + 20) + spec.steps + 4 * n_eval / eval_chunk(L, V)
