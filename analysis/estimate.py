@@ -360,13 +360,14 @@ class Pace:
     def correction(self, analysis: str, model: str = "", predicted: float = 0.0) -> tuple[float, str]:
         """(measured / predicted, basis): the median over this analysis's recent finished runs on this machine of a
         size like this one's (predicted within RUNS_ALIKE times `predicted`: a run a hundred times smaller is
-        mostly fixed costs and says little of this one's pace), those of this model when there are two or more;
+        mostly fixed costs and says little of this one's pace), those of this model when it has one (another
+        model's pace in the same analysis can differ by 3x: SmolLM2's probes against a wide-vocabulary model's);
         or (1, the probe) when none has finished."""
         mine = [r for r in self.runs if r["analysis"] == analysis and r["predicted_s"] > 0
                 and max(r["measured_s"], r["predicted_s"]) >= MIN_RUN_SECONDS
                 and (predicted <= 0 or predicted / RUNS_ALIKE <= r["predicted_s"] <= predicted * RUNS_ALIKE)]
         same = [r for r in mine if model and r["model"] == model]
-        by_model = len(same) >= 2
+        by_model = len(same) >= 1
         use = (same if by_model else mine)[:RUNS_KEPT]
         if not use:
             probes = "probe" if self.n_probes <= 1 else f"{self.n_probes} probes"

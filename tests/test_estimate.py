@@ -263,7 +263,7 @@ def test_a_fresh_process_reads_the_machines_pace_from_the_store(tmp_path, monkey
 
 def test_the_correction_comes_from_runs_of_a_like_size():
     """A run a hundred times smaller than the one estimated is mostly fixed costs: it does not correct it; runs
-    of a like size do (their median), those of this model first when it has two."""
+    of a like size do (their median), those of this model first when it has one."""
     runs = [{"analysis": "lens", "model": "a", "predicted_s": 0.6, "measured_s": 30.0},  # tiny run, slow for it
             {"analysis": "lens", "model": "b", "predicted_s": 60.0, "measured_s": 30.0},
             {"analysis": "lens", "model": "b", "predicted_s": 50.0, "measured_s": 100.0},
@@ -275,7 +275,10 @@ def test_the_correction_comes_from_runs_of_a_like_size():
     ratio, basis = pace.correction("lens", "a", 50.0)  # a's only lens run is unlike this one: b's count
     assert ratio == pytest.approx(1.5) and basis == "from 3 finished runs of lens on this machine"
     ratio, basis = pace.correction("lens", "a", 0.5)
-    assert ratio == pytest.approx(50.0) and "1 finished run" in basis
+    assert ratio == pytest.approx(50.0) and basis == "from 1 finished run of lens with this model on this machine"
+    runs.append({"analysis": "lens", "model": "c", "predicted_s": 45.0, "measured_s": 20.0})
+    ratio, basis = pace.correction("lens", "c", 50.0)  # one run of this model outweighs the others' three
+    assert ratio == pytest.approx(20 / 45) and basis == "from 1 finished run of lens with this model on this machine"
     assert pace.correction("model", "a", 1.0)[0] == 1.0
 
 
