@@ -281,11 +281,11 @@ class _Reader:
 
 
 def readable_types() -> list[str]:
-    """The ggml tensor types that load: plain floats and ints, and every block type gguf.quants dequantises."""
+    """The ggml tensor types that load: what gguf.quants.dequantize reads (F32, F16, and every type it has traits
+    for: BF16 and the block types; not F64 or the integer types)."""
     from gguf.quants import _type_traits
 
-    return ["F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64",
-            *sorted(q.name for q in _type_traits if q.name not in ("BF16",))]
+    return ["F32", "F16", "BF16", *sorted(q.name for q in _type_traits if q.name != "BF16")]
 
 
 def _gguf_version() -> str:
