@@ -682,57 +682,24 @@ def prepends_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-HASH_THREADS = 2  # hashlib releases the GIL on large buffers: the weights' digests are taken two at a time
-FILE_CHUNK = 64 * 2**20
-
-
-def _digests(buffers) -> list[str]:
-    """sha256 of each buffer (a callable giving its bytes), in parallel: a 1 B model's 2.3 GiB took 22 s under one
-    blake2b, about 4x less this way on 2 cores."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(get) -> str:
-        return hashlib.sha256(get()).hexdigest()
-
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        return list(pool.map(one, buffers))
-
-
 def file_fingerprint(path: Path, name: str) -> str:
-    """Content hash of a weights file (a GGUF) plus its name: sha256 of each 64 MiB of it, combined."""
-    size = path.stat().st_size
-
-    def chunk(start: int):
-        def read() -> bytes:
-            with path.open("rb") as f:
-                f.seek(start)
-                return f.read(FILE_CHUNK)
-        return read
-
+    """Content hash of a weights file (a GGUF) plus its name."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"name": name, "file": True, "chunk": FILE_CHUNK}).encode())
-    for d in _digests([chunk(start) for start in range(0, size, FILE_CHUNK)]):
-        h.update(d.encode())
+    h.update(json.dumps({"name": name, "file": True}).encode())
+    with path.open("rb") as f:
+        while block := f.read(2**24):
+            h.update(block)
     return h.hexdigest()
 
 
 def weights_fingerprint(model: torch.nn.Module, name: str, revision: str | None) -> str:
-    """Content hash of every tensor in the state dict (names, shapes, dtypes, and the sha256 of its bytes, a tied
-    tensor's once) plus name and revision."""
-    items = sorted(model.state_dict().items())
-    unique = {}
-    for _, t in items:
-        unique.setdefault((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), t.detach())
-
-    def raw(t: torch.Tensor):
-        return lambda: t.contiguous().cpu().view(-1).view(torch.uint8).numpy()
-
-    digest = dict(zip(unique, _digests([raw(t) for t in unique.values()])))
+    """Content hash of every tensor in the state dict (names, shapes, dtypes, bytes) plus name and revision."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"name": name, "revision": revision, "hash": "sha256"}).encode())
-    for key, t in items:
+    h.update(json.dumps({"name": name, "revision": revision}).encode())
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach()
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(digest[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())].encode())
+        h.update(t.contiguous().cpu().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
