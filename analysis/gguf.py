@@ -58,6 +58,14 @@ class TensorEntry:
     def n_elements(self) -> int:
         return int(np.prod(self.dims, dtype=np.int64)) if self.dims else 1
 
+    @property
+    def n_bytes(self) -> int:
+        """Its bytes in the file (a known type: the file's parse refuses unknown ones first)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(self.type_id)]
+        return self.n_elements // block * size
+
 
 @dataclass
 class GgufFile:
@@ -124,7 +132,7 @@ class GgufFile:
     def _check_extents(self) -> None:
         """A tensor whose bytes reach past the file's end means the file was cut short: the only case called
         incomplete. Unknown type ids are refused by name here too (their size is unknown)."""
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf import GGMLQuantizationType
 
         end = self.data_start
         for t in self.tensors:
@@ -135,8 +143,7 @@ class GgufFile:
                     f"{_gguf_version()} does not know.",
                     hint=f"Types that load: {', '.join(readable_types())}. Convert the file to one of them "
                          "(llama.cpp's llama-quantize), or update the gguf package if llama.cpp added a new type.")
-            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.type_id)]
-            end = max(end, self.data_start + t.offset + t.n_elements // block * nbytes)
+            end = max(end, self.data_start + t.offset + t.n_bytes)
         if end > self.size:
             self.close()
             raise WorkbenchError(
@@ -182,19 +189,17 @@ class GgufFile:
     def tensor_data(self, t: TensorEntry) -> np.ndarray:
         """The tensor's bytes as gguf.GGUFReader shapes them (values for plain types, uint8 rows of blocks for
         the rest), viewing the file."""
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf import GGMLQuantizationType
         from gguf.quants import quant_shape_to_byte_shape
 
         qtype = GGMLQuantizationType(t.type_id)
-        block, nbytes = GGML_QUANT_SIZES[qtype]
         shape = tuple(reversed(t.dims))
         plain = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                  "I32": np.int32, "I64": np.int64}
         start = self.data_start + t.offset
         if qtype.name in plain:
             return np.frombuffer(self._mm, dtype=plain[qtype.name], count=t.n_elements, offset=start).reshape(shape)
-        count = t.n_elements // block * nbytes
-        return np.frombuffer(self._mm, dtype=np.uint8, count=count, offset=start).reshape(
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.n_bytes, offset=start).reshape(
             quant_shape_to_byte_shape(shape, qtype))
 
     def dequantize(self, name: str) -> np.ndarray:
@@ -256,14 +261,12 @@ class _Field:
 
 class _Tensor:
     def __init__(self, file: GgufFile, t: TensorEntry):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf import GGMLQuantizationType
 
         self._file, self._entry = file, t
         self.name, self.tensor_type = t.name, GGMLQuantizationType(t.type_id)
         self.shape = np.array(t.dims, dtype=np.uint64)
-        self.n_elements = t.n_elements
-        block, nbytes = GGML_QUANT_SIZES[self.tensor_type]
-        self.n_bytes = t.n_elements // block * nbytes
+        self.n_elements, self.n_bytes = t.n_elements, t.n_bytes
         self.data_offset = file.data_start + t.offset
         self.field = None
 
