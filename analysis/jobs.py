@@ -4,8 +4,11 @@ A page does not compute in its own script thread: it starts a run here (or joins
 same spec: a second press of Run, a second person asking for the same result) and watches it, drawing its
 progress. That is what lets a person stop a run, and lets a page rerun (a click elsewhere, the Run button pressed
 again) without starting the run over. A run is cancelled when the last page watching it stops it, or when no page
-has looked at it for `ORPHAN_S` seconds (its tab closed): its progress callback raises `RunCancelled`, so nothing is
-stored and the model's session is closed as for any failure (analysis.runner).
+has looked at it for `ORPHAN_S` seconds, or when every page watching it says it has gone (a watcher may hand in an
+`alive` check, e.g. "is this browser session still connected"): its progress callback raises `RunCancelled`, so
+nothing is stored and the model's session is closed as for any failure (analysis.runner). The run checks at every
+progress report, the last one just before it writes the store, so a tab closed in a run's last seconds stores
+nothing either (the timer alone let such a run finish: a closed tab's page stops polling at once).
 """
 from __future__ import annotations
 
@@ -29,27 +32,38 @@ class Job:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     watchers: dict[str, float] = field(default_factory=dict)  # who watches -> when they last looked
+    alive: dict[str, Callable[[], bool]] = field(default_factory=dict)  # who watches -> are they still there
     cancelled: str = ""  # why it was stopped, once it was
 
     # -- the run's side ---------------------------------------------------------------------------------------
     def progress(self, frac: float, what: str) -> None:
         """The run's progress callback: records where it is; stops it when it was cancelled or nobody watches."""
         with _LOCK:
-            if not self.cancelled and self.watchers and time.monotonic() - max(self.watchers.values()) > ORPHAN_S:
+            if not self.cancelled and self.watchers and all(map(self._gone, self.watchers)):
                 self.cancelled = "Nobody was waiting for this run any more (its page was closed); it was stopped."
             if self.cancelled:
                 raise RunCancelled(self.cancelled)
             self.frac, self.what = min(max(float(frac), 0.0), 1.0), str(what)
 
     # -- the watchers' side -----------------------------------------------------------------------------------
-    def watch(self, who: str) -> None:
+    def _gone(self, who: str) -> bool:
+        if time.monotonic() - self.watchers[who] > ORPHAN_S:
+            return True
+        check = self.alive.get(who)
+        return check is not None and not check()
+
+    def watch(self, who: str, alive: Callable[[], bool] | None = None) -> None:
+        """`who` is looking at the run now; `alive`, when given, tells the run later whether `who` is still there."""
         with _LOCK:
             self.watchers[who] = time.monotonic()
+            if alive is not None:
+                self.alive[who] = alive
 
     def stop(self, who: str, why: str = "Stopped: nothing was stored.") -> bool:
         """`who` stops watching; the run is cancelled when nobody else watches it. Returns whether it was."""
         with _LOCK:
             self.watchers.pop(who, None)
+            self.alive.pop(who, None)
             if not self.watchers and not self.done.is_set():
                 self.cancelled = self.cancelled or why
                 return True

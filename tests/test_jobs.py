@@ -113,3 +113,40 @@ def test_the_information_plane_reports_progress_within_each_model(tmp_path):
     assert len(inside) == load_model("default").summary.n_layers
     fracs = [f for f, _ in reports if f < 1.0]
     assert fracs == sorted(fracs) and len(set(fracs)) > 3
+
+
+def test_a_run_stops_once_every_page_watching_it_has_gone(tmp_path, default_handle):
+    """A closed tab's script is stopped by Streamlit before it could stop its run (and a rerun stops the script the
+    same way, so the script cannot tell the two apart): the run asks each watcher whether it is still there at every
+    report. CI's browser test saw a tab closed in a run's last seconds outlive the orphan timer and store its run.
+    Both directions: while one of two watchers is there the run goes on and is stored; when both have gone it stops
+    and stores nothing."""
+    there = {"alice": True, "bob": True}
+
+    def watched(key, store):
+        job = jobs.Job(key, watchers={w: time.monotonic() for w in there})
+        for w in there:
+            job.watch(w, lambda w=w: there[w])
+        seen = []
+
+        def report(frac, what):
+            seen.append(what)
+            if len(seen) == 2:
+                there["alice"] = False  # alice's tab closes mid-run
+            if what == "storing the result" and leave_bob:
+                there["bob"] = False  # bob's too, in the run's last step
+            job.progress(frac, what)
+
+        return run(HEAVY, store=store, progress=report)
+
+    leave_bob = False
+    kept = Store(tmp_path / "kept.duckdb")
+    assert not watched("k-alive", kept).hit and len(kept.runs("patching")) == 1  # bob still watches: stored
+    there.update(alice=True, bob=True)
+    leave_bob = True
+    gone = Store(tmp_path / "gone.duckdb")
+    with pytest.raises(RunCancelled, match="Nobody was waiting"):
+        watched("k-gone", gone)
+    assert gone.runs("patching").empty
+    assert default_handle.lock.acquire(timeout=5)  # the model is free
+    default_handle.lock.release()

@@ -165,6 +165,20 @@ def session_is_open() -> bool:
     return get_instance().is_active_session(ctx.session_id)
 
 
+def session_alive_check():
+    """A check, callable from any thread, of whether this script's browser session is still connected (None when
+    not under a server). A closed tab stops its script before Streamlit marks the session gone, and a rerun stops
+    it too (fast reruns), so the script cannot tell the two apart; the run asks this instead (analysis.jobs)."""
+    from streamlit.runtime import exists, get_instance
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is None or not exists():
+        return None
+    runtime, sid = get_instance(), ctx.session_id
+    return lambda: runtime.is_active_session(sid)
+
+
 def session_id() -> str:
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
@@ -203,11 +217,12 @@ def watch_run(spec, model: ModelChoice, est=None, submitted: bool = False) -> Ru
     stopped.discard(key)
     seconds = getattr(est, "total_seconds", None) or getattr(est, "seconds", None)
     job, _ = jobs.start(key, who, lambda progress: run(spec, store=store(), device=model.device, progress=progress))
+    alive = session_alive_check()
     while not job.done.wait(0.25):
         if not session_is_open():
             job.stop(who, "The browser tab that asked for this run has closed; it was stopped.")
             break
-        job.watch(who)
+        job.watch(who, alive)
         left = job.time_left(seconds)
         bar_slot.progress(job.frac, text=f"{job.what} · {fmt_seconds(job.elapsed)} so far"
                           + (f" · ≈ {fmt_seconds(left)} left" if left is not None else ""))
