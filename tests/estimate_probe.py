@@ -32,6 +32,7 @@ WARM = {  # the warm-up run: small settings (it is there for imports and compila
                           "seq_len": 8, "min_samples": 2, "max_samples": 2},
     "quant_allocation": {"formats": ("int8-channel", "int4-g32"), "n_seqs": 1, "seq_len": 8, "min_samples": 2,
                          "max_samples": 2},
+    "sae": {"steps": 20, "max_tokens": 2048, "batch_tokens": 256},
     # the feature analyses warm up on the same SAE (trained then): what is measured is their own work
     "sae_features": {"top_n": 3},
     "sae_attribution": {"n_pairs": 2},

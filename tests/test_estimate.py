@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,22 +33,40 @@ SMOL = {"n_params": 134_515_008, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, 
         "block": "sequential"}  # SmolLM2-135M's dimensions
 
 
+SHARED_INPUT = "sae"  # the input worth training once: the analyses built on an SAE start from a copy of its store
+
+
 def probe(model: str, specs: dict, store: Path, separate: bool = False) -> list[dict]:
     """Estimate and measured peak of each spec, from a fresh process (tests/estimate_probe.py). `separate`: a
     process (and store) per analysis, two at a time, so no run's peak depends on what ran before it in the
-    process (the heap earlier runs left behind moves a small model's peaks by tens of MiB)."""
+    process (the heap earlier runs left behind moves a small model's peaks by tens of MiB). The analyses built on
+    the SAE start from a copy of the SAE run's store (the same SAE when their fields derive the same one), so the
+    SAE is trained once rather than once per analysis; what is measured is still each analysis's own run."""
     def one(item: tuple[int, dict]) -> list[dict]:
         i, part = item
+        path = Path(f"{store}.{i}")
+        if separate and set(part) & built_on and shared is not None:
+            shared.result()  # the SAE run has finished: start from its store
+            shutil.copyfile(Path(f"{store}.{first}"), path)
         env = {**os.environ, **MALLOC_ENV, **({"OMP_NUM_THREADS": "1"} if separate else {})}  # one core each
-        out = subprocess.run([sys.executable, str(PROBE), model, json.dumps(part), f"{store}.{i}"],
+        out = subprocess.run([sys.executable, str(PROBE), model, json.dumps(part), str(path)],
                              capture_output=True, text=True, timeout=1800, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
     if not separate:
         return one((0, specs))
+    names = list(specs)
+    built_on = {n for n in names if any(getattr(need, "name", "") == SHARED_INPUT for need in get_analysis(n).inputs)}
+    first = names.index(SHARED_INPUT) if SHARED_INPUT in names else None
     with ThreadPoolExecutor(2) as pool:
-        return [row for rows in pool.map(one, enumerate({k: v} for k, v in specs.items())) for row in rows]
+        def submit(i: int):
+            return pool.submit(one, (i, {names[i]: specs[names[i]]}))
+
+        shared = submit(first) if first is not None else None  # the SAE first, the analyses built on it last
+        futures = {i: submit(i) for i in sorted(range(len(names)), key=lambda i: names[i] in built_on) if i != first}
+        futures.update({first: shared} if shared is not None else {})
+        return [row for i in range(len(names)) for row in futures[i].result()]
 
 
 def check_within(rows: list[dict], names) -> None:
