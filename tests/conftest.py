@@ -17,13 +17,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two worker processes on two cores: 
 
 # tests that must share a worker process: the Ray cluster tests (one local cluster at a time), the browser tests
 GROUPS = {"test_batch": "ray", "test_batch_nodes": "ray", "test_browser": "browser", "test_browser_links": "browser"}
+# tests that share a module-scoped store whose inputs they build on (SmolLM2's analyses: one SAE, one set of traces);
+# apart, each worker would train them again
+FUNCTION_GROUPS = {("test_real_model", "test_every_analysis_runs_on_it"): "smol-every-analysis"}
+# the longest tests (minutes each) go first, so that neither worker is left with one of them at the end
+FIRST = ("test_estimate.py::test_estimates_match_measured_peaks_on_the_default_model",
+         "test_real_model.py::test_estimates_match_measured_peaks_on_it")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        group = GROUPS.get(item.module.__name__.rsplit(".", 1)[-1])
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        group = GROUPS.get(module) or FUNCTION_GROUPS.get((module, getattr(item, "originalname", item.name)))
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: not item.nodeid.endswith(FIRST))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -490,7 +490,7 @@ def test_sae_training_lets_a_waiting_run_in(tmp_path):
 
     from analysis.analyses.lens.spec import LensSpec
 
-    sae_spec = SAESpec(width=256, k=8, steps=1200)
+    sae_spec = SAESpec(width=256, k=8, steps=400)
     alone = run(sae_spec, store=Store(tmp_path / "alone.duckdb"))
     shared, done, errors, training = Store(tmp_path / "shared.duckdb"), {}, [], threading.Event()
 
