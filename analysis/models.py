@@ -124,8 +124,12 @@ class ModelHandle:
     @property
     def info(self) -> dict:
         """The summary the store and the app keep for this model: its config summary, whether its tokenizer puts a
-        BOS token in front, and its tokenizer's fingerprint."""
-        return {**self.summary.as_dict(), "prepends_bos": self.prepends_bos, "tokenizer": self.tokenizer_fingerprint}
+        BOS token in front, its tokenizer's fingerprint, and the activations every block has (what a sweep over
+        layers can patch: a convolution or state-space block has no attention)."""
+        from kernels.patching import available_activations
+
+        return {**self.summary.as_dict(), "prepends_bos": self.prepends_bos, "tokenizer": self.tokenizer_fingerprint,
+                "activations": list(available_activations(self.bridge))}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -286,6 +286,42 @@ def test_family_patching_equals_transformer_lens(family_file, store):
         assert ref.abs().max().item() > 1e-3, (family, component)  # the sweep measures something
 
 
+@pytest.mark.parametrize("family", ["lfm2", "mamba", "default"])
+def test_the_patching_page_opens_on_components_the_model_has(family, tmp_path, monkeypatch):
+    """The Patching page's default components include attention and MLP outputs, which LFM2's convolution blocks
+    and Mamba's blocks lack: opened on such a model it used to refuse its own defaults. It now opens on the
+    components every block has and says what it left out; the default model keeps all four (its run keys with
+    them); a link that asks for a component the model lacks still gets the message naming what it has."""
+    from test_app import _errors, _run
+    from test_model_switch import ran, use_model
+
+    from analysis.runner import get_store
+
+    monkeypatch.setenv("WORKBENCH_STORE", str(tmp_path / "app.duckdb"))
+    get_store.cache_clear()
+    model = "default" if family == "default" else str(write_tiny_gguf(family, tmp_path / "model"))
+    link = dict(pairs=json.dumps(TEXT_PAIRS), methods="activation", metric="logit_diff")
+    at = use_model(_run("patching", **link), model)  # picked in the sidebar, as a person does
+    assert not at.exception and not _errors(at), (at.exception, _errors(at))
+    full = PatchingSpec().components
+    spec = ran(at, tmp_path / "app.duckdb", "patching")
+    assert spec["_model"] == model
+    components = tuple(spec["components"])
+    left_out = [c.value for c in at.caption if "left out of the components" in c.value]
+    if family == "default":
+        assert components == full and not left_out
+    else:
+        have = load_model(model).info["activations"]
+        assert components == tuple(c for c in full if c in have) and "resid_pre" in components, components
+        assert left_out and all(c in left_out[0] for c in full if c not in have), left_out
+        [pick] = [m for m in at.multiselect if m.label == "Components"]  # a person asks for heads: refused, said why
+        pick.set_value(["z_all_pos"])
+        [press] = [b for b in at.button if b.label == "Run"]
+        press.click().run()
+        assert not at.exception and any(family in e and "It has: resid_pre" in e for e in _errors(at)), _errors(at)
+    get_store.cache_clear()
+
+
 # --- errors ------------------------------------------------------------------------------------------------------
 
 def _incomplete(message: str) -> bool:

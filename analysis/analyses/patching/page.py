@@ -41,12 +41,26 @@ class PatchingView(ViewState):
     view_component: str = ""
 
 
+def fit_components(ctx, url: PatchingSpec) -> PatchingSpec:
+    """The link's components (or the defaults) less those not every block of the sidebar's model has (LFM2's
+    convolution blocks have no attention, Mamba's blocks neither attention nor an MLP): a page opened on such a
+    model, or switched to one, starts from a sweep it can run and says what it left out. A link that names only
+    components the model lacks keeps them, so its run gets the message saying what the model has."""
+    have = (ctx.st.session_state.get("model_summary") or {}).get("activations")
+    kept = tuple(c for c in url.components if c in have) if have else url.components
+    if not kept or kept == url.components:
+        return url
+    ctx.st.caption(f"Not every block of this model has {', '.join(c for c in url.components if c not in kept)}: "
+                   f"left out of the components ({', '.join(kept)} kept).")
+    return dataclasses.replace(url, components=kept)
+
+
 def render(ctx) -> None:
     st = ctx.st
     model = ctx.start("Patching",
                       "Which components carry the behaviour? Activation patching is the ground truth; attribution "
                       "(AtP) and relevance patching (RelP) estimate it from 2 forwards and 1 backward.")
-    url, view = ctx.link(PatchingSpec), ctx.view(PatchingView)
+    url, view = fit_components(ctx, ctx.link(PatchingSpec)), ctx.view(PatchingView)
     if url.pairs:  # a link with its own pairs opens on them
         url = dataclasses.replace(url, dataset="")
     with st.form("patching"):
