@@ -1,9 +1,15 @@
 """Run analyses in a fresh process and print, per analysis, its estimate beside the measured peak (JSON lines).
 
     python tests/estimate_probe.py MODEL '{"analysis": {fields}, ...}' STORE
+    python tests/estimate_probe.py MODEL --serve      (then one JSON line per job on stdin: {"part": ..., "store": ...})
 
 A fresh process, so the peak is not hidden by memory other tests freed; each analysis first runs once with
-another seed or prompt (imports and compilations are not the run's), its inputs are run and stored first."""
+another seed or prompt (imports and compilations are not the run's), its inputs are run and stored first.
+
+`--serve` imports everything and loads the model once, then forks a child per job: each child starts from that
+state, with no run's heap behind it (the parent has run nothing), as a fresh process would, without paying the
+imports and the load again (seconds each, for every analysis of every model). The parent answers each job with
+the child's JSON lines and a line "END <exit status>"."""
 from __future__ import annotations
 
 import json
@@ -61,5 +67,35 @@ def main(model: str, specs: dict, store_path: str) -> None:
                           "estimated_seconds": est.seconds, "hit": out.hit}), flush=True)
 
 
+def serve(model: str) -> None:
+    import os
+
+    from analysis import load_model
+
+    load_model(model)  # the weights once, shared with every child (copy-on-write)
+    for line in sys.stdin:
+        job = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                main(model, job["part"], job["store"])
+            except BaseException:  # noqa: BLE001 - the traceback goes to stderr, the status to the parent
+                import traceback
+
+                traceback.print_exc()
+                status = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        _, code = os.waitpid(pid, 0)
+        print(f"END {os.waitstatus_to_exitcode(code)}", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])
+    if sys.argv[2] == "--serve":
+        serve(sys.argv[1])
+    else:
+        main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,37 +37,72 @@ SMOL = {"n_params": 134_515_008, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, 
 SHARED_INPUT = "sae"  # the input worth training once: the analyses built on an SAE start from a copy of its store
 
 
+class ProbeServer:
+    """tests/estimate_probe.py --serve: a process that has imported everything and loaded the model, forking a
+    fresh child per job (one torch thread each)."""
+
+    def __init__(self, model: str, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, str(PROBE), model, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                     env={**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"})
+
+    def ask(self, part: dict, store: Path) -> list[dict]:
+        self.proc.stdin.write(json.dumps({"part": part, "store": str(store)}) + "\n")
+        self.proc.stdin.flush()
+        rows = []
+        for line in self.proc.stdout:
+            if line.startswith("END "):
+                assert line.split()[1] == "0", f"{list(part)}: " + self.log.read_text()[-3000:]
+                return rows
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+        raise AssertionError(f"the probe server ended: {self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def probe(model: str, specs: dict, store: Path, separate: bool = False) -> list[dict]:
     """Estimate and measured peak of each spec, from a fresh process (tests/estimate_probe.py). `separate`: a
     process (and store) per analysis, two at a time, so no run's peak depends on what ran before it in the
-    process (the heap earlier runs left behind moves a small model's peaks by tens of MiB). The analyses built on
-    the SAE start from a copy of the SAE run's store (the same SAE when their fields derive the same one), so the
-    SAE is trained once rather than once per analysis; what is measured is still each analysis's own run."""
-    def one(item: tuple[int, dict]) -> list[dict]:
-        i, part = item
-        path = Path(f"{store}.{i}")
-        if separate and set(part) & built_on and shared is not None:
-            shared.result()  # the SAE run has finished: start from its store
-            shutil.copyfile(Path(f"{store}.{first}"), path)
-        env = {**os.environ, **MALLOC_ENV, **({"OMP_NUM_THREADS": "1"} if separate else {})}  # one core each
-        out = subprocess.run([sys.executable, str(PROBE), model, json.dumps(part), str(path)],
+    process (the heap earlier runs left behind moves a small model's peaks by tens of MiB): each is forked from a
+    server that has imported everything and loaded the model, and run nothing. The analyses built on the SAE
+    start from a copy of the SAE run's store (the same SAE when their fields derive the same one), so the SAE is
+    trained once rather than once per analysis; what is measured is still each analysis's own run."""
+    if not separate:
+        env = {**os.environ, **MALLOC_ENV}
+        out = subprocess.run([sys.executable, str(PROBE), model, json.dumps(specs), f"{store}.0"],
                              capture_output=True, text=True, timeout=1800, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-    if not separate:
-        return one((0, specs))
     names = list(specs)
     built_on = {n for n in names if any(getattr(need, "name", "") == SHARED_INPUT for need in get_analysis(n).inputs)}
     first = names.index(SHARED_INPUT) if SHARED_INPUT in names else None
-    with ThreadPoolExecutor(2) as pool:
-        def submit(i: int):
-            return pool.submit(one, (i, {names[i]: specs[names[i]]}))
+    servers, local, lock = [], threading.local(), threading.Lock()
 
-        shared = submit(first) if first is not None else None  # the SAE first, the analyses built on it last
-        futures = {i: submit(i) for i in sorted(range(len(names)), key=lambda i: names[i] in built_on) if i != first}
-        futures.update({first: shared} if shared is not None else {})
-        return [row for i in range(len(names)) for row in futures[i].result()]
+    def one(i: int) -> list[dict]:
+        path = Path(f"{store}.{i}")
+        if names[i] in built_on and shared is not None:
+            shared.result()  # the SAE run has finished: start from its store
+            shutil.copyfile(Path(f"{store}.{first}"), path)
+        if not hasattr(local, "server"):
+            with lock:
+                local.server = ProbeServer(model, Path(f"{store}.server{len(servers)}.log"))
+                servers.append(local.server)
+        return local.server.ask({names[i]: specs[names[i]]}, path)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            shared = pool.submit(one, first) if first is not None else None  # the SAE first, its users last
+            futures = {i: pool.submit(one, i) for i in sorted(range(len(names)), key=lambda i: names[i] in built_on)
+                       if i != first}
+            futures.update({first: shared} if shared is not None else {})
+            return [row for i in range(len(names)) for row in futures[i].result()]
+    finally:
+        for server in servers:
+            server.close()
 
 
 def check_within(rows: list[dict], names) -> None:
