@@ -560,9 +560,44 @@ def _check_gguf(req: _Request) -> GgufFile:
     return file
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the hub's endpoint (HF_ENDPOINT) be connected to at all? One TCP connection with a short timeout."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub(req: _Request) -> None:
+    """A hub model not in the local cache, with the hub out of reach, is refused at once: huggingface_hub would
+    retry the request five times with back-off (23 s) before saying what one connection says in a moment."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if req.source != "hub" or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(req.target, "config.json", revision=req.revision), str):
+            return  # cached: transformers reads it from the cache when the hub does not answer
+    except ValueError:  # not a valid repository id: transformers' own call says so below
+        return
+    if not hub_reachable():
+        raise WorkbenchError(f"{req.name} is not in the local Hugging Face cache and the hub cannot be reached "
+                             f"from here ({constants.ENDPOINT}).",
+                             hint="Download it where there is network (`hf download NAME`) and copy the cache over, "
+                                  "or load a local folder.")
+
+
 def _load_config(req: _Request):
     from transformers import AutoConfig
 
+    _check_hub(req)
     try:
         return AutoConfig.from_pretrained(req.target, revision=req.revision, trust_remote_code=req.trust_remote_code,
                                           **_gguf_kwargs(req))

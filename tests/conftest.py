@@ -15,23 +15,53 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two worker processes on two cores: 
 
     torch.set_num_threads(1)
 
-# tests that must share a worker process: the Ray cluster tests (one local cluster at a time), the browser tests
-GROUPS = {"test_batch": "ray", "test_batch_nodes": "ray", "test_browser": "browser", "test_browser_links": "browser"}
-# tests that share a module-scoped store whose inputs they build on (SmolLM2's analyses: one SAE, one set of traces);
-# apart, each worker would train them again
+# Tests that share a worker process (`--dist loadgroup`, two workers). xdist 3.8 reads an `xdist_group` mark into
+# the test's id, which pytest 9 no longer lets it change: the marks grouped nothing. The groups are ours instead
+# (pytest_xdist_make_scheduler below), from the test ids. A group holds tests that must not run beside each other
+# (one local Ray cluster at a time; the browser tests' server) or that share a module's expensive fixture, which
+# each worker would otherwise build again (the default SAE of test_features, SmolLM2's SAE and traces).
+GROUPS = {"test_batch": "ray", "test_batch_nodes": "ray", "test_browser": "browser", "test_browser_links": "browser",
+          "test_features": "features", "test_model_switch": "model-switch"}
 FUNCTION_GROUPS = {("test_real_model", "test_every_analysis_runs_on_it"): "smol-every-analysis"}
-# the longest tests (minutes each) go first, so that neither worker is left with one of them at the end
-FIRST = ("test_estimate.py::test_estimates_match_measured_peaks_on_the_default_model",
-         "test_real_model.py::test_estimates_match_measured_peaks_on_it")
+# the longest work goes first (minutes each), so that neither worker is left with it at the end; the rest keep
+# their order
+FIRST = ("test_real_model.py::test_estimates_match_measured_peaks_on_it",
+         "test_estimate.py::test_estimates_match_measured_peaks_on_the_default_model",
+         "features", "smol-every-analysis", "browser", "model-switch", "ray")
+
+
+def group_of(nodeid: str) -> str | None:
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    return GROUPS.get(module) or FUNCTION_GROUPS.get((module, name.split("[")[0]))
+
+
+def _rank(nodeid: str) -> int:
+    group = group_of(nodeid)
+    for i, first in enumerate(FIRST):
+        if group == first or nodeid.endswith(first):
+            return i
+    return len(FIRST)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        group = GROUPS.get(module) or FUNCTION_GROUPS.get((module, getattr(item, "originalname", item.name)))
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: not item.nodeid.endswith(FIRST))  # stable: the rest keep their order
+    items.sort(key=lambda item: _rank(item.nodeid))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with our groups: each group one unit of work, every other test its own, handed out in
+    collection order (longest first, above)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    config.option.loadscopereorder = False  # keep the order above (xdist would sort units by their test count)
+    return Groups(config, log)
 
 
 @pytest.fixture(scope="session")
