@@ -578,10 +578,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _check_hub(req: _Request) -> None:
     """A hub model not in the local cache, with the hub out of reach, is refused at once: huggingface_hub would
     retry the request five times with back-off (23 s) before saying what one connection says in a moment."""
+    import urllib.request
+
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if req.source != "hub" or constants.HF_HUB_OFFLINE:
-        return
+    if req.source != "hub" or constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return  # behind a proxy the hub is reached through it, not directly: huggingface_hub's own call decides
     try:
         if isinstance(try_to_load_from_cache(req.target, "config.json", revision=req.revision), str):
             return  # cached: transformers reads it from the cache when the hub does not answer
