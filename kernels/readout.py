@@ -45,12 +45,19 @@ def transform_logits(bridge, logits: torch.Tensor) -> torch.Tensor:
     return logits if fn is None else fn(logits)
 
 
+def _in_model_dtype(bridge, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype of the model's weights: a lens trained or computed in float32 reads out through a bfloat16
+    or float16 model's own norm and unembedding (autograd carries gradients back through the cast)."""
+    weight = getattr(getattr(bridge.unembed, "original_component", None), "weight", None)
+    return x if weight is None or x.dtype == weight.dtype else x.to(weight.dtype)
+
+
 def residual_logits(bridge, resid: torch.Tensor) -> torch.Tensor:
     """A residual [.., d] (as it leaves the last block) -> the model's logits [.., V]: the final norm recomputed on
     it, the unembedding and the model's output transform."""
-    return unembed_logits(bridge, bridge.ln_final(resid))
+    return unembed_logits(bridge, bridge.ln_final(_in_model_dtype(bridge, resid)))
 
 
 def unembed_logits(bridge, normed: torch.Tensor) -> torch.Tensor:
     """A normalised residual [.., d] (after the final norm, or a lens's stand-in for it) -> the model's logits."""
-    return transform_logits(bridge, bridge.unembed(normed))
+    return transform_logits(bridge, bridge.unembed(_in_model_dtype(bridge, normed)))

@@ -235,3 +235,25 @@ def test_lens_summary_by_layer_has_bootstrap_intervals_over_positions(tmp_path):
                               method="percentile", random_state=0).confidence_interval
         width = ref.high - ref.low
         assert abs(row["kl_low"] - ref.low) < 0.15 * width and abs(row["kl_high"] - ref.high) < 0.15 * width
+
+
+def test_tuned_lens_trains_and_reads_out_on_a_bfloat16_model(tiny_dirs, tmp_path):
+    """A 1 B model is loaded in bfloat16; the tuned lens trains its translators in float32 and read out through the
+    model's own norm and unembedding, which refused float32 inputs ("mat1 and mat2 must have the same dtype", seen
+    on the 1 B benchmark). It now trains and reads out there: the last layer needs no translation, as in float32."""
+    from analysis import load_model
+    from analysis.analyses.lens.spec import LensSpec
+    from analysis.analyses.tuned_lens.compute import TunedLensSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store, folder = Store(tmp_path / "s.duckdb"), str(tiny_dirs["llama"])
+    assert load_model(folder, dtype="bfloat16").summary.dtype == "bfloat16"
+    trained = run(TunedLensSpec(model=folder, dtype="bfloat16", steps=20, max_tokens=512, batch_tokens=128),
+                  store=store)
+    assert len(trained.result.table) > 0
+    out = run(LensSpec(model=folder, dtype="bfloat16", prompt="The capital of France is", lenses=("logit", "tuned")),
+              store=store)
+    t = out.result.table
+    last = t[(t["site"] == "resid_post") & (t["layer"] == t["layer"].max())]
+    assert set(last["lens"]) == {"logit", "tuned"} and last["kl_to_final"].max() < 1e-2  # bfloat16 rounding
