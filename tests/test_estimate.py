@@ -64,19 +64,13 @@ class ProbeServer:
         self.proc.wait(timeout=60)
 
 
-def probe(model: str, specs: dict, store: Path, separate: bool = False) -> list[dict]:
-    """Estimate and measured peak of each spec, from a fresh process (tests/estimate_probe.py). `separate`: a
+def probe(model: str, specs: dict, store: Path) -> list[dict]:
+    """Estimate and measured peak of each spec, from a fresh process (tests/estimate_probe.py): a
     process (and store) per analysis, two at a time, so no run's peak depends on what ran before it in the
     process (the heap earlier runs left behind moves a small model's peaks by tens of MiB): each is forked from a
     server that has imported everything and loaded the model, and run nothing. The analyses built on the SAE
     start from a copy of the SAE run's store (the same SAE when their fields derive the same one), so the SAE is
     trained once rather than once per analysis; what is measured is still each analysis's own run."""
-    if not separate:
-        env = {**os.environ, **MALLOC_ENV}
-        out = subprocess.run([sys.executable, str(PROBE), model, json.dumps(specs), f"{store}.0"],
-                             capture_output=True, text=True, timeout=1800, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     names = list(specs)
     built_on = {n for n in names if any(getattr(need, "name", "") == SHARED_INPUT for need in get_analysis(n).inputs)}
     first = names.index(SHARED_INPUT) if SHARED_INPUT in names else None
@@ -130,7 +124,7 @@ def test_estimates_match_measured_peaks_on_the_default_model(tmp_path):
     was resident when the run began)."""
     names = [a.name for a in ANALYSES]
     specs = {n: LIGHTER.get(n, {}) for n in names}
-    check_within(probe("default", specs, tmp_path / "s.duckdb", separate=True), names)
+    check_within(probe("default", specs, tmp_path / "s.duckdb"), names)
 
 
 def test_a_run_that_does_not_fit_is_refused_naming_the_setting(tmp_path, monkeypatch):

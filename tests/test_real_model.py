@@ -283,7 +283,7 @@ def test_estimates_match_measured_peaks_on_it(tmp_path):
     from test_estimate import check_within, probe
 
     assert set(MEASURED) == {a.name for a in ANALYSES}
-    check_within(probe(str(GGUF), MEASURED, tmp_path / "s.duckdb", separate=True), list(MEASURED))
+    check_within(probe(str(GGUF), MEASURED, tmp_path / "s.duckdb"), list(MEASURED))
 
 
 def test_pages_pick_smaller_settings_for_it(smol):

@@ -154,17 +154,6 @@ def save_finding(outcome: RunOutcome, link: str) -> None:
                     st.success(f"Saved finding {fid}. It is listed on the Findings page.")
 
 
-def session_is_open() -> bool:
-    """Is the browser session this script runs for still connected (a closed tab is not)?"""
-    from streamlit.runtime import exists, get_instance
-    from streamlit.runtime.scriptrunner import get_script_run_ctx
-
-    ctx = get_script_run_ctx()
-    if ctx is None or not exists():
-        return True  # not under a server (AppTest, bare mode): nobody can leave
-    return get_instance().is_active_session(ctx.session_id)
-
-
 def session_alive_check():
     """A check, callable from any thread, of whether this script's browser session is still connected (None when
     not under a server). A closed tab stops its script before Streamlit marks the session gone, and a rerun stops
@@ -217,9 +206,9 @@ def watch_run(spec, model: ModelChoice, est=None, submitted: bool = False) -> Ru
     stopped.discard(key)
     seconds = getattr(est, "total_seconds", None) or getattr(est, "seconds", None)
     job, _ = jobs.start(key, who, lambda progress: run(spec, store=store(), device=model.device, progress=progress))
-    alive = session_alive_check()
+    alive = session_alive_check()  # None when not under a server (AppTest, bare mode): nobody can leave
     while not job.done.wait(0.25):
-        if not session_is_open():
+        if alive is not None and not alive():
             job.stop(who, "The browser tab that asked for this run has closed; it was stopped.")
             break
         job.watch(who, alive)
