@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: _rank(item.nodeid))  # stable: the rest keep their order
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: the suite also runs with -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup` with our groups: each group one unit of work, every other test its own, handed out in
     collection order (longest first, above)."""
