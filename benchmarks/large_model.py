@@ -119,12 +119,16 @@ def analyses(folder: Path, names: list[str]) -> None:
             base["prompt"] = "The capital of France is"
         chosen, _, _ = smaller_defaults(get_analysis(a.name), handle.summary, base)
         spec = a.spec.from_dict({**base, **chosen})
-        resolve_inputs(a, spec, store=store, handle=handle)
-        est = estimate_run(a, spec, handle, store=store)
         t = time.perf_counter()
-        run(spec, store=store)
-        took = time.perf_counter() - t
-        print(f"| {a.name} | {chosen or 'defaults'} | {est.total_seconds:.0f} s | {took:.0f} s |", flush=True)
+        try:  # one page failing is a finding to print, not the end of the table
+            resolve_inputs(a, spec, store=store, handle=handle)
+            est = f"{estimate_run(a, spec, handle, store=store).total_seconds:.0f} s"
+            t = time.perf_counter()
+            run(spec, store=store)
+            took = f"{time.perf_counter() - t:.0f} s"
+        except Exception as e:  # noqa: BLE001
+            est, took = locals().get("est", "-"), f"failed after {time.perf_counter() - t:.0f} s: {e}"[:300]
+        print(f"| {a.name} | {chosen or 'defaults'} | {est} | {took} |", flush=True)
 
 
 def main() -> None:

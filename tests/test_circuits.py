@@ -1,0 +1,316 @@
+"""Edge circuits (kernels/circuits.py, the `circuit` analysis) against independent references: a brute force with
+hooks on the plain transformers model under the bridge (one forward per edge), TransformerLens 4's own edge
+attribution patching and faithfulness, and analytic identities (the empty circuit is the corrupted run, the full
+one the clean run)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.circuits import (
+    EdgeGraph,
+    check_additive,
+    edge_hooks,
+    edge_patch,
+    edge_scores_from,
+    evaluate_circuits,
+    on_paths,
+    reader_gradients,
+    record,
+)
+from kernels.patching import BlockRunner
+
+
+def _pairs(handle, n=3):
+    """Shipped IOI pairs built for the model's tokenizer: clean, corrupted [n, P], answer, wrong [n]."""
+    from analysis.analyses.patching.spec import _shipped_pairs
+
+    pairs, _ = _shipped_pairs(handle, n, "auto")
+    t = lambda k: torch.tensor([p[k] for p in pairs])  # noqa: E731
+    return t("clean_ids"), t("corrupted_ids"), t("answer_id"), t("wrong_id")
+
+
+def _logit_diff(answer, wrong):
+    def metric_rows(logits):  # rows (patch, pair)
+        n = logits.shape[0] // answer.shape[0]
+        a, w = answer.repeat(n)[:, None], wrong.repeat(n)[:, None]
+        return (logits.gather(1, a) - logits.gather(1, w))[:, 0]
+    return metric_rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The brute force: plain transformers, one forward per edge
+# ----------------------------------------------------------------------------------------------------------
+class _HF:
+    """Writers' outputs and edge edits on the transformers model itself (GPT-2, Llama, GPT-NeoX layouts)."""
+
+    def __init__(self, handle):
+        from transformers import AutoModelForCausalLM
+
+        # a fresh copy from the model's folder: nothing of the bridge's wrapping in its forward
+        self.model = AutoModelForCausalLM.from_pretrained(handle.path, dtype=torch.float32).eval()
+        cfg = self.model.config
+        self.arch = cfg.model_type
+        if self.arch == "gpt2":
+            body = self.model.transformer
+            self.layers, self.final_norm = body.h, body.ln_f
+            self.parts = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp) for b in body.h]
+        elif self.arch == "llama":
+            body = self.model.model
+            self.layers, self.final_norm = body.layers, body.norm
+            self.parts = [(b.input_layernorm, None, b.self_attn.o_proj, b.post_attention_layernorm, b.mlp)
+                          for b in body.layers]
+        else:
+            body = self.model.gpt_neox
+            self.layers, self.final_norm = body.layers, body.final_layer_norm
+            self.parts = [(b.input_layernorm, b.attention.query_key_value, b.attention.dense,
+                           b.post_attention_layernorm, b.mlp) for b in body.layers]
+        self.n_heads = cfg.num_attention_heads if self.arch != "gpt2" else cfg.n_head
+        self.d = cfg.hidden_size
+
+    def _head_results(self, proj, z):
+        """z [B, S, H * dh] (the output projection's input) -> each head's share of its output [B, S, H, D]."""
+        H = self.n_heads
+        dh = z.shape[-1] // H
+        zh = z.reshape(*z.shape[:-1], H, dh)
+        w = proj.weight
+        if self.arch == "gpt2":  # Conv1D: [in, out]
+            return torch.einsum("bshe,hed->bshd", zh, w.reshape(H, dh, -1))
+        return torch.einsum("bshe,dhe->bshd", zh, w.reshape(w.shape[0], H, dh))
+
+    def writers(self, tokens):
+        """[B, S, n_sources, D] in EdgeGraph's order: input, then per layer the heads and the MLP."""
+        got, handles = {}, []
+        handles.append(self.layers[0].register_forward_pre_hook(
+            lambda m, a, k: got.__setitem__("input", (a[0] if a else k["hidden_states"]).detach()),
+            with_kwargs=True))
+        for i, (_, _, proj, _, mlp) in enumerate(self.parts):
+            handles.append(proj.register_forward_pre_hook(
+                lambda m, a, i=i, proj=proj: got.__setitem__(f"a{i}", self._head_results(proj, a[0]).detach())))
+            handles.append(mlp.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(f"m{i}", o.detach())))
+        try:
+            with torch.no_grad():
+                self.model(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        parts = [got["input"][:, :, None]]
+        for i in range(len(self.parts)):
+            parts += [got[f"a{i}"], got[f"m{i}"][:, :, None]]
+        return torch.cat(parts, 2)
+
+    def logits_with(self, tokens, edit):
+        """Final-position logits with `edit` = (kind, layer, head, delta [B, S, D]) added to one reader's input."""
+        kind, layer, head, delta = edit
+        handles = []
+        if kind == "logits":
+            handles.append(self.final_norm.register_forward_pre_hook(lambda m, a: (a[0] + delta,) + a[1:]))
+        elif kind == "mlp":
+            handles.append(self.parts[layer][3].register_forward_pre_hook(lambda m, a: (a[0] + delta,) + a[1:]))
+        else:  # q/k/v of one head (GPT-2's joint projection): that head's slice from the edited residual
+            ln1, qkv = self.parts[layer][0], self.parts[layer][1]
+            seen = {}
+            handles.append(ln1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])))
+            dh = self.d // self.n_heads
+            at = "qkv".index(kind) * self.d + head * dh
+
+            def swap(m, a, out):
+                alt = qkv.forward(ln1.forward(seen["x"] + delta))  # .forward: not through the hooks
+                out = out.clone()
+                out[..., at:at + dh] = alt[..., at:at + dh]
+                return out
+            handles.append(qkv.register_forward_hook(swap))
+        try:
+            with torch.no_grad():
+                return self.model(tokens).logits[:, -1]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _brute_force(handle, graph, base, source, metric_rows, edges):
+    hf = _HF(handle)
+    delta = hf.writers(source) - hf.writers(base)
+    out = []
+    for u, d in edges:
+        r = graph.readers[d]
+        out.append(metric_rows(hf.logits_with(base, (r.kind, r.layer, r.head, delta[:, :, u]))))
+    return torch.stack(out)  # [E, B]
+
+
+def _edge_patching(handle, base, source, metric_rows, edges=None):
+    bridge = handle.bridge
+    graph = EdgeGraph.of(bridge)
+    with edge_hooks(bridge):
+        wb, rb, _ = record(bridge, graph, base)
+        ws, _, _ = record(bridge, graph, source)
+        runner = BlockRunner(bridge, base)
+        edges = graph.edges if edges is None else edges
+        return graph, edges, edge_patch(bridge, graph, runner, rb[:, :, -1], ws - wb, edges, metric_rows)
+
+
+@pytest.mark.parametrize("which", ["default", "gpt2", "llama", "neox"])
+def test_edge_patching_into_mlps_and_logits_equals_a_brute_force(which, default_handle, tiny_dirs):
+    from analysis import load_model
+
+    handle = default_handle if which == "default" else load_model(str(tiny_dirs[which]))
+    clean, corrupted, answer, wrong = _pairs(handle)
+    metric_rows = _logit_diff(answer, wrong)
+    graph = EdgeGraph.of(handle.bridge)
+    edges = [(u, d) for u, d in graph.edges if graph.readers[d].kind in ("mlp", "logits")]
+    _, _, ours = _edge_patching(handle, corrupted, clean, metric_rows, edges)
+    want = _brute_force(handle, graph, corrupted, clean, metric_rows, edges)
+    assert ours.shape == want.shape == (len(edges), clean.shape[0])
+    assert (want - want[:1]).abs().max() > 1e-3  # the edges do differ
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+    if which == "neox":  # parallel blocks: a layer's heads do not feed its own MLP
+        assert "a0.h0->m0" not in {graph.edge_name(u, d) for u, d in graph.edges}
+    assert handle.bridge.cfg.use_attn_result is False and handle.bridge.cfg.use_split_qkv_input is False
+
+
+def test_edge_patching_into_heads_q_k_v_equals_a_brute_force(default_handle):
+    clean, corrupted, answer, wrong = _pairs(default_handle, 2)
+    metric_rows = _logit_diff(answer, wrong)
+    graph = EdgeGraph.of(default_handle.bridge)
+    edges = [(u, d) for u, d in graph.edges if graph.readers[d].kind in "qkv" and graph.readers[d].layer in (1, 4)]
+    assert {graph.readers[d].kind for _, d in edges} == {"q", "k", "v"}
+    _, _, ours = _edge_patching(default_handle, corrupted, clean, metric_rows, edges)
+    want = _brute_force(default_handle, graph, corrupted, clean, metric_rows, edges)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+
+
+def test_eap_equals_transformer_lens_edge_attribution_patching(default_handle):
+    """TransformerLens 4's edge AtP scores per position (writer and reader at one position); summed over positions
+    they are our edge scores (the same denoising convention: gradient on the corrupted run)."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    clean, corrupted, answer, wrong = _pairs(default_handle, 2)
+    bridge = default_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    with edge_hooks(bridge):
+        wb, _, _ = record(bridge, graph, corrupted)
+        ws, _, _ = record(bridge, graph, clean)
+        ours = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows)).mean(0)
+    tl = {}
+    for i in range(clean.shape[0]):  # one pair at a time: its own metric
+        a, w = int(answer[i]), int(wrong[i])
+        res = attribution_patch(bridge, clean[i:i + 1], corrupted[i:i + 1],
+                                lambda logits, a=a, w=w: logits[0, -1, a] - logits[0, -1, w],
+                                EdgeAttributionConfig(granularity="edge"))
+        for (u, d), v in res.edge_scores.items():
+            key = (_tl_name(u), _tl_name(d))
+            tl[key] = tl.get(key, 0.0) + v / clean.shape[0]
+    assert bridge.cfg.use_attn_result is False  # both put the flags back
+    theirs = torch.tensor([tl[(graph.sources[u], graph.targets[d])] for u, d in graph.edges])
+    mine = torch.stack([ours[u, d] for u, d in graph.edges])
+    assert len(tl) == len(graph.edges)
+    torch.testing.assert_close(mine, theirs.float(), atol=2e-4, rtol=1e-3)
+
+
+def _tl_name(node) -> str:
+    if node.kind == "embed":
+        return "input"
+    if node.kind == "attn_head_out":
+        return f"a{node.layer}.h{node.head}"
+    if node.kind == "mlp_out":
+        return f"m{node.layer}"
+    if node.kind == "mlp_in":
+        return f"m{node.layer}"
+    if node.kind == "logits":
+        return "logits"
+    return f"a{node.layer}.h{node.head}<{node.kind[0]}>"
+
+
+def test_the_empty_circuit_is_the_corrupted_run_and_the_full_one_the_clean_run(tiny_handle):
+    clean, corrupted, answer, wrong = _pairs(tiny_handle)
+    bridge = tiny_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    with edge_hooks(bridge):
+        wc, rc, lc = record(bridge, graph, clean)
+        wx, _, lx = record(bridge, graph, corrupted)
+        check_additive(graph, wc, rc)
+        keep = torch.stack([graph.mask, torch.zeros_like(graph.mask)])
+        got = evaluate_circuits(bridge, graph, clean, wx, keep, metric_rows)
+    torch.testing.assert_close(got[0], metric_rows(lc), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], metric_rows(lx), atol=1e-5, rtol=0)
+    assert (metric_rows(lc) - metric_rows(lx)).abs().max() > 1e-3
+
+
+def test_a_circuit_scores_what_transformer_lens_faithfulness_measures(default_handle):
+    """A circuit of the top edges: our ablated metric equals TransformerLens 4's `faithfulness` (every position's
+    copy of the kept edges kept, every other edge given the corrupted run's writer output)."""
+    from transformer_lens.tools.analysis.attribution_patching import FaithfulnessConfig, faithfulness
+
+    clean, corrupted, answer, wrong = _pairs(default_handle, 1)
+    bridge = default_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    with edge_hooks(bridge):
+        wc, _, lc = record(bridge, graph, clean)
+        wx, _, lx = record(bridge, graph, corrupted)
+        scores = edge_scores_from(graph, wc - wx, reader_gradients(bridge, graph, clean, metric_rows))[0].abs()
+        order = scores[graph.mask].argsort(descending=True)
+        keep = torch.zeros_like(graph.mask)
+        chosen = [graph.edges[i] for i in order[:60].tolist()]
+        for u, d in chosen:
+            keep[u, d] = True
+        ours = evaluate_circuits(bridge, graph, clean, wx, keep[None], metric_rows)[0, 0]
+    a, w = int(answer[0]), int(wrong[0])
+    circuit = [(_tl_node(graph.sources[u], p), _tl_node(graph.targets[d], p, bridge.cfg.n_layers))
+               for u, d in chosen for p in range(clean.shape[1])]
+    res = faithfulness(bridge, clean, corrupted, lambda logits: logits[0, -1, a] - logits[0, -1, w], circuit,
+                       FaithfulnessConfig(ablation="corrupt"))
+    clean_m, corrupted_m = float(metric_rows(lc)[0]), float(metric_rows(lx)[0])
+    assert res.full_metric == pytest.approx(clean_m, abs=1e-5)
+    assert float(ours) == pytest.approx(corrupted_m + res.recovered * (clean_m - corrupted_m), abs=1e-4)
+    assert 0.05 < abs(res.recovered) and abs(res.recovered - 1) > 0.01  # neither empty nor everything
+
+
+def _tl_node(name: str, position: int, n_layers: int = 0):
+    from transformer_lens.tools.analysis.attribution_patching import Node
+
+    if name == "input":
+        return Node(kind="embed", position=position)
+    if name == "logits":
+        return Node(kind="logits", position=position, layer=n_layers - 1)
+    if name.startswith("m"):
+        return Node(kind="mlp_in" if n_layers else "mlp_out", position=position, layer=int(name[1:]))
+    layer, rest = name[1:].split(".h")
+    if "<" in rest:
+        head, kind = rest[:-1].split("<")
+        return Node(kind=f"{kind}_input", position=position, layer=int(layer), head=int(head))
+    return Node(kind="attn_head_out", position=position, layer=int(layer), head=int(rest))
+
+
+def test_pruning_keeps_only_edges_on_a_path_from_input_to_logits():
+    g = EdgeGraph(n_layers=2, n_heads=2)
+    keep = torch.zeros_like(g.mask)
+    s, t = g.source_index, g.target_index
+
+    def edge(a, b):
+        keep[s[a], t[b]] = True
+    edge("input", "a0.h0<v>")
+    edge("a0.h0", "m0")
+    edge("m0", "logits")          # input -> a0.h0 -> m0 -> logits: a path
+    edge("a0.h1", "logits")       # a0.h1 has no input: dropped
+    edge("input", "a1.h1<q>")     # a1.h1 reaches nothing: dropped
+    edge("input", "m1")           # m1 reaches nothing: dropped
+    kept = on_paths(g, keep)
+    names = {g.edge_name(u, d) for u, d in kept.nonzero().tolist()}
+    assert names == {"input->a0.h0<v>", "a0.h0->m0", "m0->logits"}
+    assert on_paths(g, g.mask).equal(g.mask)  # every edge of the full graph is on a path
+    assert not on_paths(g, torch.zeros_like(g.mask)).any()
+
+
+def test_the_graph_has_the_eap_ig_librarys_names_and_counts():
+    g = EdgeGraph(n_layers=12, n_heads=12)  # GPT-2 small: the EAP-IG library's 32,491 edges
+    assert len(g.sources) == 1 + 12 * 13 and len(g.targets) == 12 * 37 + 1
+    assert len(g.edges) == 32491
+    assert g.sources[:3] == ["input", "a0.h0", "a0.h1"] and g.targets[-1] == "logits"
+    assert g.edge_name(g.source_index["a3.h7"], g.target_index["a5.h2<k>"]) == "a3.h7->a5.h2<k>"
+    assert not g.mask[g.source_index["m5"], g.target_index["a5.h0<q>"]]  # no edge backwards or within a head
+    assert g.mask[g.source_index["a5.h0"], g.target_index["m5"]]
+    gqa = EdgeGraph(n_layers=1, n_heads=4, n_kv_heads=2)
+    assert "a0.h1<k>" in gqa.targets and "a0.h2<k>" not in gqa.targets and "a0.h3<q>" in gqa.targets
