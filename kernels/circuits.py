@@ -23,6 +23,7 @@ source value minus the base run's metric.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -188,11 +189,63 @@ def check_additive(graph: EdgeGraph, writers: torch.Tensor, readers: torch.Tenso
 # --------------------------------------------------------------------------------------------------------------
 # Gradient scores: EAP, EAP-IG, RelP
 # --------------------------------------------------------------------------------------------------------------
+def _frozen_scale_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm's forward with its scale (1 / standard deviation or 1 / RMS) a constant: RelP's LN rule, for the
+    per-head copies of a block's first norm that the split q/k/v inputs run through (the bridge runs those through
+    the transformers module itself, so the rule's hook on the bridge's norm does not reach them)."""
+    eps = getattr(module, "eps", None)
+    eps = getattr(module, "variance_epsilon", eps)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    layer_norm = isinstance(module, torch.nn.LayerNorm)
+    if eps is None or not (layer_norm or type(module).__name__.endswith("RMSNorm")):
+        raise ValueError(f"RelP's LN rule on the split q/k/v inputs knows LayerNorm and RMSNorm, not "
+                         f"{type(module).__name__}")
+    plain = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if layer_norm:
+            xc = xf - xf.mean(-1, keepdim=True)
+            scale = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+        else:
+            xc = xf
+            scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = xc * scale.detach()
+        y = y.to(x.dtype) * weight if weight is not None else y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        want = plain(x)
+        if not torch.allclose(y, want, atol=1e-4, rtol=1e-3):  # a norm of another form (Gemma's 1 + w, ...)
+            raise ValueError(f"RelP's LN rule: {type(module).__name__} is not a plain LayerNorm or RMSNorm")
+        return want.detach() + (y - y.detach())
+    return forward
+
+
+@contextlib.contextmanager
+def per_head_ln_rule(bridge) -> Iterator[None]:
+    """RelP's LN rule on the per-head norms of the split q/k/v inputs, for the length of the block."""
+    patched = []
+    try:
+        for block in bridge.blocks:
+            ln1 = getattr(block, "ln1", None)
+            raw = getattr(ln1, "original_component", None)
+            if raw is not None:
+                raw.forward = _frozen_scale_norm(raw)
+                patched.append(raw)
+        yield
+    finally:
+        for raw in patched:
+            del raw.forward
+
+
 def reader_gradients(bridge, graph: EdgeGraph, tokens: torch.Tensor, metric_rows: Callable, *,
-                     input_values: torch.Tensor | None = None, extra_hooks=()) -> torch.Tensor:
+                     input_values: torch.Tensor | None = None, rules=None) -> torch.Tensor:
     """d(sum of the rows' metrics)/d(each reader's input) [N, S, n_targets, D] on a run of `tokens` [N, P];
     with `input_values` [N, P, D] the residual entering block 0 is replaced by them (an integrated-gradients
-    step). `extra_hooks` go before the readers' (RelP's rules)."""
+    step). With `rules` (kernels.attribution.LRPRules) the backward pass is RelP's."""
+    from .attribution import lrp_hooks
+
+    extra_hooks = lrp_hooks(bridge, rules) if rules is not None else []
     acts: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -211,7 +264,9 @@ def reader_gradients(bridge, graph: EdgeGraph, tokens: torch.Tensor, metric_rows
         return x.detach().requires_grad_(True)
 
     hooks = [(INPUT_HOOK, start)] + list(extra_hooks) + [(n, keep(n)) for n in _reader_hooks(graph)]
-    with frozen(bridge), torch.enable_grad(), bridge.hooks(fwd_hooks=hooks):
+    ln_rule = per_head_ln_rule(bridge) if rules is not None and rules.ln else contextlib.nullcontext()
+    with frozen(bridge), torch.enable_grad(), bridge.hooks(fwd_hooks=hooks), ln_rule, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*edited hook_scale/hook_normalized.*")  # the LN rule's edit
         logits = bridge(tokens, return_type="logits")[:, -1]
         metric_rows(logits).sum().backward()
     grads = {}

@@ -314,3 +314,40 @@ def test_the_graph_has_the_eap_ig_librarys_names_and_counts():
     assert g.mask[g.source_index["a5.h0"], g.target_index["m5"]]
     gqa = EdgeGraph(n_layers=1, n_heads=4, n_kv_heads=2)
     assert "a0.h1<k>" in gqa.targets and "a0.h2<k>" not in gqa.targets and "a0.h3<q>" in gqa.targets
+
+
+@pytest.mark.parametrize("method", ["atp", "relp"])
+def test_edge_scores_out_of_a_writer_add_up_to_its_node_score(method, tiny_handle, default_handle):
+    """A writer's output reaches the metric only through the readers after it, so its edges' scores add up to its
+    node score: AtP and RelP node scores of kernels/attribution (checked against references in
+    test_attribution.py) on the ordinary forward, edge scores on the split one. For RelP this checks that the LN
+    rule reaches the per-head norms of the split q/k/v inputs."""
+    from kernels.attribution import LRPRules, attribution_scores
+    from kernels.patching import source_activations
+
+    for handle in (tiny_handle, default_handle):
+        clean, corrupted, answer, wrong = _pairs(handle, 2)
+        bridge = handle.bridge
+        graph = EdgeGraph.of(bridge)
+        metric_rows = _logit_diff(answer, wrong)
+        rules = LRPRules() if method == "relp" else None
+        comps = ["resid_pre", "z_all_pos", "mlp_out"]
+        source = {k: v for c in comps for k, v in source_activations(bridge, clean, c).items()}
+        nodes = attribution_scores(bridge, corrupted, source, comps, lambda logits: metric_rows(logits).sum(), rules)
+        with edge_hooks(bridge):
+            wb, _, _ = record(bridge, graph, corrupted)
+            ws, _, _ = record(bridge, graph, clean)
+            edges = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows,
+                                                                     rules=rules))
+        out = edges.sum(2)  # [B, n_sources]
+        want = torch.zeros_like(out)
+        want[:, 0] = nodes["resid_pre"][0].sum(0)
+        for layer in range(graph.n_layers):
+            for h in range(graph.n_heads):
+                want[:, graph.source_index[f"a{layer}.h{h}"]] = nodes["z_all_pos"][layer, h]
+            want[:, graph.source_index[f"m{layer}"]] = nodes["mlp_out"][layer].sum(0)
+        torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-3)
+    if method == "relp":  # and the rules do change the scores
+        with edge_hooks(bridge):
+            plain = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows))
+        assert not torch.allclose(plain, edges, atol=1e-3)
