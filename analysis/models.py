@@ -812,6 +812,13 @@ def _load_parts(req: _Request) -> ModelHandle:
             raise mapped from e
         raise WorkbenchError(f"Could not load {req.name}: {type(e).__name__}: {e}") from e
     bridge.eval()
+    for block in getattr(bridge, "blocks", ()):
+        # the bridge wires each block's own hooks (the pre-norm residual for split q/k/v inputs, hook_mlp_in, a
+        # scaled block's output hooks) on the block's first forward; wired here, they are part of the state a
+        # session keeps, not hooks it removes as added during the run that happened to be first
+        wire = getattr(block, "_maybe_wire_capture_hooks", None)
+        if wire is not None:
+            wire()
     hf_model = bridge.original_model
     if n_params is None:  # the bridge adds split q/k/v copies as parameters, so this over-counts a little
         n_params = sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values())

@@ -12,6 +12,7 @@ import os
 from .analyses import (
     atlas,
     bottleneck,
+    circuit,
     concepts,
     entropy,
     features,
@@ -27,8 +28,8 @@ from .analyses import (
 from .contract import Analysis
 from .errors import WorkbenchError
 
-BUILT_IN = [model_view, patching, lens, tuned_lens, entropy, infoplane, concepts, bottleneck, intervention, tcav,
-            atlas, quant, features]
+BUILT_IN = [model_view, patching, circuit, lens, tuned_lens, entropy, infoplane, concepts, bottleneck, intervention,
+            tcav, atlas, quant, features]
 
 
 def _plugins() -> list:

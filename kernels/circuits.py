@@ -239,10 +239,11 @@ def per_head_ln_rule(bridge) -> Iterator[None]:
 
 
 def reader_gradients(bridge, graph: EdgeGraph, tokens: torch.Tensor, metric_rows: Callable, *,
-                     input_values: torch.Tensor | None = None, rules=None) -> torch.Tensor:
+                     input_values: torch.Tensor | None = None, rules=None, fold: int = 1) -> torch.Tensor:
     """d(sum of the rows' metrics)/d(each reader's input) [N, S, n_targets, D] on a run of `tokens` [N, P];
     with `input_values` [N, P, D] the residual entering block 0 is replaced by them (an integrated-gradients
-    step). With `rules` (kernels.attribution.LRPRules) the backward pass is RelP's."""
+    step). With `rules` (kernels.attribution.LRPRules) the backward pass is RelP's. With `fold` > 1 the rows are
+    laid out (fold, B) and the gradients summed over the first: [B, S, n_targets, D]."""
     from .attribution import lrp_hooks
 
     extra_hooks = lrp_hooks(bridge, rules) if rules is not None else []
@@ -273,7 +274,8 @@ def reader_gradients(bridge, graph: EdgeGraph, tokens: torch.Tensor, metric_rows
     for name, t in acts.items():
         if t.grad is None:
             raise ValueError(f"no gradient reached {name}")
-        grads[name] = t.grad.detach()
+        g = t.grad.detach()
+        grads[name] = g.reshape(fold, -1, *g.shape[1:]).sum(0) if fold > 1 else g
     return stack_readers(graph, grads)
 
 
@@ -287,7 +289,7 @@ def edge_scores_from(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor)
 
 def integrated_reader_gradients(bridge, graph: EdgeGraph, base_tokens: torch.Tensor, base_input: torch.Tensor,
                                 source_input: torch.Tensor, metric_rows: Callable, steps: int,
-                                max_rows: int = 256, progress: Callable | None = None) -> torch.Tensor:
+                                max_rows: int = 64, progress: Callable | None = None, rules=None) -> torch.Tensor:
     """EAP-IG's gradients: the mean over `steps` points of the path from the base run's input (the residual
     entering block 0) to the source run's, the midpoints (k + 1/2) / steps, of the readers' gradients
     [B, S, n_targets, D]. `metric_rows` maps logits whose rows are laid out (step, pair) to per-row metrics."""
@@ -298,8 +300,8 @@ def integrated_reader_gradients(bridge, graph: EdgeGraph, base_tokens: torch.Ten
         ks = torch.arange(k0, min(steps, k0 + per), device=base_input.device)
         alpha = ((ks.to(base_input.dtype) + 0.5) / steps)[:, None, None, None]  # [k, 1, 1, 1]
         x = (base_input[None] + alpha * (source_input - base_input)[None]).reshape(-1, *base_input.shape[1:])
-        g = reader_gradients(bridge, graph, base_tokens.repeat(len(ks), 1), metric_rows, input_values=x)
-        g = g.reshape(len(ks), B, *g.shape[1:]).sum(0)
+        g = reader_gradients(bridge, graph, base_tokens.repeat(len(ks), 1), metric_rows, input_values=x,
+                             rules=rules, fold=len(ks))
         total = g if total is None else total + g
         if progress is not None:
             progress(min(steps, k0 + per), steps)
@@ -397,47 +399,70 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
     every other edge carries `replacement` [B, S, n_sources, D] (the corrupted run's writer outputs, or means)
     instead of its source's live output in this run, into its reader only. Rows (circuit, pair).
 
-    Exact, not a linear estimate: a reader's input is the sum of its writers' outputs, so replacing some of them
-    is subtracting (live - replacement) of those."""
+    Exact, not a linear estimate: a reader's input is the sum of its writers' outputs, so it takes
+    sum over ablated writers u of (live_u - replacement_u). That sum is a running total over every writer so far
+    less the kept edges' terms when a circuit keeps few edges into the reader, or the ablated edges' terms when it
+    ablates few: the work is the edges that differ, not every edge of the graph."""
     B, S = tokens.shape
     K = keep.shape[0]
-    ablate = (graph.mask[None] & ~keep.bool().cpu()).to(replacement.device)  # [K, n_sources, n_targets]
-    out = torch.empty(K, B, device=replacement.device)
+    dev = replacement.device
+    keep = keep.bool().cpu() & graph.mask[None]
+    ablate = graph.mask[None] & ~keep
+    out = torch.empty(K, B, device=dev)
     per = max(1, (max_rows or default_chunk_rows(bridge, S)) // B)
     groups = _writer_groups(graph)
+    group_of = torch.zeros(len(graph.sources), dtype=torch.long)
+    for g, (_, i0, count) in enumerate(groups):
+        group_of[i0:i0 + count] = g
     for k0 in range(0, K, per):
         ks = list(range(k0, min(K, k0 + per)))
         n_k = len(ks)
-        live: dict[str, torch.Tensor] = {}
+        diffs: dict[int, torch.Tensor] = {}  # writer group -> (live - replacement) [n, S, count, D]
+        running: dict[int, torch.Tensor] = {}  # writers so far (a count at a group boundary) -> their sum [n, S, D]
 
-        def writer(name):
+        def writer(g, i0, count):
             def hook(t, hook):
-                live[name] = t
+                w = t[:, :, None] if t.dim() == 3 else t
+                d = (w.reshape(n_k, B, S, count, -1) - replacement[None, :, :, i0:i0 + count].to(w)).reshape(
+                    n_k * B, S, count, -1)
+                diffs[g] = d
+                before = running[i0] if i0 else 0
+                running[i0 + count] = before + d.sum(2)
                 return t
             return hook
 
         def reader(js: list[int]):
             m = graph.readers[js[0]].n_sources
-            cut = ablate[ks][:, :m, js]  # [k, m, len(js)]
+            kept, abl = keep[ks][:, :m, js], ablate[ks][:, :m, js]  # [k, m, J]
+            use_kept = int(kept.sum()) <= int(abl.sum())
+            entries = (kept if use_kept else abl).nonzero()  # (k, u, j) of the terms to add (or take away)
 
             def hook(x, hook):
-                fix = 0
-                for name, i0, count in groups:
-                    if i0 >= m:
-                        break
-                    a = cut[:, i0:i0 + count]  # [k, count, J]
-                    if not bool(a.any()):
-                        continue
-                    w = live[name]
-                    w = w[:, :, None] if w.dim() == 3 else w  # [n, S, count, D]
-                    diff = w.reshape(n_k, B, *w.shape[1:]) - replacement[None, :, :, i0:i0 + count].to(w)
-                    fix = fix + torch.einsum("kbsud,kuj->kbsjd", diff, a.to(w)).reshape(n_k * B, S, len(js), -1)
-                if isinstance(fix, int):
+                J = len(js)
+                if use_kept:  # every writer so far, less the kept ones
+                    fix = running[m][:, :, None].expand(-1, -1, J, -1).clone()
+                    sign = -1.0
+                else:
+                    fix = torch.zeros(n_k * B, S, J, x.shape[-1], device=x.device, dtype=x.dtype)
+                    sign = 1.0
+                if len(entries):
+                    fix = fix.permute(0, 2, 1, 3)  # [n, J, S, D]
+                    gs = group_of[entries[:, 1]]
+                    for g in gs.unique().tolist():
+                        e = entries[gs == g]
+                        i0 = groups[g][1]
+                        rows = (e[:, 0:1] * B + torch.arange(B)).reshape(-1)  # each entry's B rows
+                        u = (e[:, 1] - i0).repeat_interleave(B)
+                        j = e[:, 2].repeat_interleave(B)
+                        vals = diffs[g][rows.to(x.device), :, u.to(x.device)]  # [E*B, S, D]
+                        fix.index_put_((rows.to(x.device), j.to(x.device)), sign * vals.to(fix.dtype), accumulate=True)
+                    fix = fix.permute(0, 2, 1, 3)
+                elif not use_kept:
                     return x
                 return x - (fix if x.dim() == 4 else fix[:, :, 0])
             return hook
 
-        hooks = [(name, writer(name)) for name, _, _ in groups]
+        hooks = [(name, writer(g, i0, count)) for g, (name, i0, count) in enumerate(groups)]
         for layer in range(graph.n_layers):
             for kind in ("q", "k", "v", "mlp"):
                 js = [j for j in graph.layer_readers(layer) if graph.readers[j].kind == kind]

@@ -253,19 +253,25 @@ def test_a_circuit_scores_what_transformer_lens_faithfulness_measures(default_ha
         scores = edge_scores_from(graph, wc - wx, reader_gradients(bridge, graph, clean, metric_rows))[0].abs()
         order = scores[graph.mask].argsort(descending=True)
         keep = torch.zeros_like(graph.mask)
-        chosen = [graph.edges[i] for i in order[:60].tolist()]
+        chosen = [tuple(graph.edges[i]) for i in order[:60].tolist()]
         for u, d in chosen:
             keep[u, d] = True
-        ours = evaluate_circuits(bridge, graph, clean, wx, keep[None], metric_rows)[0, 0]
+        # the circuit (few edges kept: a running sum less the kept terms) and the model without it (few edges
+        # ablated: the ablated terms alone)
+        ours = evaluate_circuits(bridge, graph, clean, wx, torch.stack([keep, graph.mask & ~keep]), metric_rows)
     a, w = int(answer[0]), int(wrong[0])
-    circuit = [(_tl_node(graph.sources[u], p), _tl_node(graph.targets[d], p, bridge.cfg.n_layers))
-               for u, d in chosen for p in range(clean.shape[1])]
-    res = faithfulness(bridge, clean, corrupted, lambda logits: logits[0, -1, a] - logits[0, -1, w], circuit,
-                       FaithfulnessConfig(ablation="corrupt"))
     clean_m, corrupted_m = float(metric_rows(lc)[0]), float(metric_rows(lx)[0])
-    assert res.full_metric == pytest.approx(clean_m, abs=1e-5)
-    assert float(ours) == pytest.approx(corrupted_m + res.recovered * (clean_m - corrupted_m), abs=1e-4)
-    assert 0.05 < abs(res.recovered) and abs(res.recovered - 1) > 0.01  # neither empty nor everything
+    complement = [e for e in graph.edges if tuple(e) not in set(chosen)]
+    recovered = []
+    for got, edges in zip(ours[:, 0], (chosen, complement)):
+        circuit = [(_tl_node(graph.sources[u], p), _tl_node(graph.targets[d], p, bridge.cfg.n_layers))
+                   for u, d in edges for p in range(clean.shape[1])]
+        res = faithfulness(bridge, clean, corrupted, lambda logits: logits[0, -1, a] - logits[0, -1, w], circuit,
+                           FaithfulnessConfig(ablation="corrupt"))
+        assert res.full_metric == pytest.approx(clean_m, abs=1e-5)
+        assert float(got) == pytest.approx(corrupted_m + res.recovered * (clean_m - corrupted_m), abs=1e-4)
+        recovered.append(res.recovered)
+    assert 0.05 < recovered[0] < 0.99 and recovered[1] < 0.5  # neither circuit is the empty or the full one
 
 
 def _tl_node(name: str, position: int, n_layers: int = 0):
@@ -351,3 +357,110 @@ def test_edge_scores_out_of_a_writer_add_up_to_its_node_score(method, tiny_handl
         with edge_hooks(bridge):
             plain = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows))
         assert not torch.allclose(plain, edges, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The analysis: runner, store, refusals, page
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ioi_circuit(tmp_path_factory):
+    """The default Circuits run on the shipped model's IOI pairs (every method, every edge patched)."""
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path_factory.mktemp("circuit") / "s.duckdb")
+    return run(CircuitSpec(), store=store), store
+
+
+def test_on_the_shipped_ioi_pairs_each_method_tracks_edge_patching_and_its_circuits_are_faithful(ioi_circuit):
+    out, store = ioi_circuit
+    t, meta, extra = out.result.table, out.result.meta, out.result.extra
+    assert meta["n_edges"] == 1108 and meta["patched_edges"] == "every edge"
+    assert t.groupby("method").size().to_dict() == {m: 1108 for m in ("activation", "eap", "eap_ig", "relp")}
+    # measured on this model (8 pairs): EAP-IG 0.904, RelP 0.939, EAP 0.952
+    assert meta["pearson_eap_ig"] >= 0.9 and meta["pearson_relp"] >= 0.92 and meta["pearson_eap"] >= 0.93, meta
+    # the per-pair values are the reported score's pairs: their mean is it
+    pp = extra["per_pair"]
+    act = pp[pp["method"] == "activation"].groupby(["source", "target"])["value"].mean()
+    score = t[t["method"] == "activation"].set_index(["source", "target"])["score"]
+    assert (act - score.reindex(act.index)).abs().max() < 1e-4
+    assert ((t["ci_low"] <= t["score"] + 1e-6) & (t["score"] <= t["ci_high"] + 1e-6)).all()
+    # the ends of every curve: nothing kept is the corrupted run (0), everything kept the clean run (1)
+    f, c = extra["faithfulness"], extra["completeness"]
+    for method, g in f.groupby("method"):
+        first, last = g.sort_values("n_edges").iloc[[0, -1]].itertuples()
+        assert first.n_edges == 0 and first.faithfulness == 0.0 and first.metric == pytest.approx(
+            meta["corrupted_metric"], abs=1e-4)
+        assert last.n_edges == 1108 and last.faithfulness == pytest.approx(1.0, abs=1e-6)
+        assert last.metric == pytest.approx(meta["clean_metric"], abs=1e-4)
+        gone = c[(c["method"] == method) & (c["n_edges"] == 1108)].iloc[0]
+        assert gone.completeness == pytest.approx(0.0, abs=1e-6)  # the model without every edge
+        n80 = meta[f"edges_for_80_{method}"]
+        assert n80 is not None and n80 <= 200, (method, n80)  # measured: 46 (EAP-IG) to 87 of 1,108
+    assert store.count("runs") == 1
+
+
+def test_the_graph_exports_in_the_eap_ig_librarys_format(ioi_circuit):
+    import json
+
+    from analysis.analyses.circuit.figures import circuit_edges, eap_ig_json, graph_figure
+
+    out, _ = ioi_circuit
+    t, meta = out.result.table, out.result.meta
+    kept = circuit_edges(t, meta, "eap_ig", 40)
+    assert 0 < len(kept) <= 40
+    d = json.loads(eap_ig_json(t, meta, "eap_ig", 40))
+    assert set(d) == {"cfg", "nodes", "edges"} and d["cfg"]["n_layers"] == 6 and d["cfg"]["n_heads"] == 4
+    assert len(d["edges"]) == 1108 and len(d["nodes"]) == 32  # the library's sources plus the logits
+    assert {k for k, v in d["edges"].items() if v["in_graph"]} == {f"{s}->{t}" for s, t in zip(kept["source"],
+                                                                                              kept["target"])}
+    one = kept.iloc[0]
+    assert d["edges"][f"{one.source}->{one.target}"]["score"] == pytest.approx(float(one.score))
+    fig = graph_figure(t, meta, "eap_ig", 40, pinned=one.source)
+    assert any("edge" in str(tr.hovertemplate) for tr in fig.data)
+
+
+def test_the_circuit_runs_on_three_architectures(tiny_dirs, tmp_path):
+    from analysis import load_model
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    for arch, folder in tiny_dirs.items():
+        out = run(CircuitSpec(model=str(folder), n_pairs=3, metric="logit_diff", ig_steps=2, n_points=4), store=store)
+        t = out.result.table
+        g = EdgeGraph.of(load_model(str(folder)).bridge)
+        assert len(t) == 4 * len(g.edges), arch
+        assert out.result.meta["n_patched"] == len(g.edges)
+        if arch == "llama":  # grouped-query: key/value readers are the two key/value heads
+            assert "a1.h1<k>" in set(t["target"]) and "a1.h3<k>" not in set(t["target"])
+
+
+def test_bad_circuit_requests_get_a_message_and_store_nothing(tmp_path):
+    from gguf_files import write_tiny_gguf
+
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.errors import WorkbenchError
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(WorkbenchError, match="Pick at least one method"):
+        run(CircuitSpec(methods=()), store=store)
+    with pytest.raises(WorkbenchError, match="1,108 edges and activation patching runs on at most 100"):
+        run(CircuitSpec(methods=("activation",), patch_limit=100), store=store)
+    with pytest.raises(WorkbenchError, match="not valid JSON"):
+        run(CircuitSpec(dataset="", pairs="[{"), store=store)
+    mamba = write_tiny_gguf("mamba", tmp_path)
+    with pytest.raises(WorkbenchError, match="mamba model.*needs attention in every block"):
+        run(CircuitSpec(model=str(mamba), n_pairs=2), store=store)
+    assert store.count("runs") == 0
+    # with a gradient method beside it, activation patching runs on the largest edges only
+    out = run(CircuitSpec(methods=("activation", "eap"), patch_limit=100, n_pairs=4, n_points=3), store=store)
+    t = out.result.table
+    assert out.result.meta["n_patched"] == 100 and t[t["method"] == "activation"]["score"].notna().sum() == 100
+    eap = t[t["method"] == "eap"].set_index(["source", "target"])["score"]
+    patched = t[(t["method"] == "activation") & t["score"].notna()].set_index(["source", "target"]).index
+    assert eap.abs().loc[patched].min() >= eap.abs().drop(patched).max()  # the 100 largest by EAP

@@ -102,6 +102,7 @@ TEXT_PAGES = [
     ("entropy", {"prompt": PROMPT}, "entropy", prompt_ids),
     ("patching", {"dataset": "", "pairs": PAIRS, "components": "resid_pre", "methods": "activation"}, "patching",
      pair_ids),
+    ("circuits", {"dataset": "", "pairs": PAIRS, "methods": "eap", "n_points": "3"}, "circuit", pair_ids),
     ("concepts", {"section": "intervention", "max_sentences": "60", "refits": "2", "amounts": "0,0.5",
                   "prompt": PROMPT}, "intervention", prompt_ids),
     ("features", {"section": "sae_encode", "prompt": PROMPT, **SMALL_SAE}, "sae_encode", prompt_ids),

@@ -147,6 +147,7 @@ SMALL_SAE = dict(width=1152, k=8, steps=60, max_tokens=2048, batch_tokens=256)  
 SMALL = {
     "model": dict(prompt=PROMPT, top_k=5),
     "patching": dict(n_pairs=2, components=("attn_out",), methods=("activation", "atp")),
+    "circuit": dict(n_pairs=2, ig_steps=2, n_points=4, patch_limit=60),
     "lens": dict(prompt=PROMPT, targets=(" Paris",)),
     "tuned_lens": dict(steps=3, max_tokens=512, batch_tokens=128),
     "entropy": dict(),

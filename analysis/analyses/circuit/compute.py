@@ -1,0 +1,336 @@
+"""Circuits: which edges between components carry a behaviour, and how few of them still do the task.
+
+    spec = CircuitSpec(dataset="ioi", n_pairs=8, methods=("activation", "eap", "eap_ig", "relp"))
+    outcome = run(spec)   # table: method, source, target, score, ci_low, ci_high (one row per edge and method)
+
+Edges are those of the EAP-IG library's residual-stream graph (kernels/circuits.py). Scores, in the metric's units
+(normalised: 0 at the unpatched run, 1 at the other run), are the edge's effect, patched minus unpatched:
+activation patching of that edge alone (the ground truth: the reader gets the writer's other-run output, everything
+after it recomputed), EAP (the writer's change times the gradient at the reader's input), EAP-IG (the same with the
+gradient averaged over `ig_steps` points between the two runs' inputs) and RelP (the gradient under LRP rules).
+
+Each gradient method's circuits: its top-n edges by |score|, kept only where they lie on a path from the input to
+the logits; every other edge carries the corrupted run's writer output into its reader (on the clean prompts).
+faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty)), completeness the same of the model with the circuit
+removed; a curve over n per method (`extra["faithfulness"]`).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kernels.attribution import LRPRules
+from kernels.circuits import (
+    EdgeGraph,
+    check_additive,
+    edge_hooks,
+    edge_patch,
+    edge_scores_from,
+    evaluate_circuits,
+    integrated_reader_gradients,
+    on_paths,
+    reader_gradients,
+    record,
+)
+from kernels.patching import BlockRunner
+
+from ...errors import WorkbenchError
+from ...estimate import ENTRY_FLOPS, Estimate
+from ...result import Result
+from ...session import ModelSession
+from ...stats import N_BOOT, interval, pearson, resample_weights
+from ...tokens import tokenize
+from ..patching.compute import Metric, length_groups
+from ..patching.spec import RELP_RULES
+from .spec import CircuitSpec
+
+GRADIENT_ORDER = ("eap_ig", "relp", "eap")  # which gradient method picks the edges to patch when not all are
+PER_PAIR_ROWS = 1_000_000  # per-pair rows kept (all edges on small graphs, each method's top edges on large ones)
+
+
+class _Group:
+    """One length group of pairs: its runs, writers' outputs and metrics."""
+
+    def __init__(self, session: ModelSession, spec: CircuitSpec, graph: EdgeGraph, pairs: list[dict]):
+        dev = session.device
+        bridge = session.bridge
+        self.clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)
+        self.corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
+        answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
+        wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
+        self.n = len(pairs)
+        w_clean, r_clean, l_clean = record(bridge, graph, self.clean)
+        w_corr, r_corr, l_corr = record(bridge, graph, self.corrupted)
+        check_additive(graph, w_clean, r_clean)
+        self.metric = Metric(spec.metric, answer, wrong, l_clean.float().log_softmax(-1))
+        self.clean_m, self.corrupted_m = self.metric.raw(l_clean).float(), self.metric.raw(l_corr).float()
+        self.w_corrupted = w_corr
+        if spec.direction == "denoise":
+            self.base_tokens, self.w_base, self.w_source, self.r_base = self.corrupted, w_corr, w_clean, r_corr
+            self.base_m, self.source_m = self.corrupted_m, self.clean_m
+        else:
+            self.base_tokens, self.w_base, self.w_source, self.r_base = self.clean, w_clean, w_corr, r_clean
+            self.base_m, self.source_m = self.clean_m, self.corrupted_m
+        self.delta = self.w_source - self.w_base
+
+
+def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Result:
+    pairs = json.loads(spec.pairs)
+    groups = length_groups(pairs)
+    bridge = session.bridge
+    graph = EdgeGraph.of(bridge)
+    n = len(pairs)
+    gradient_methods = [m for m in GRADIENT_ORDER if m in spec.methods]
+    parts = len(spec.methods) + 1  # a share of the bar per method and the faithfulness curves
+    with edge_hooks(bridge):
+        progress(0.0, "the clean and corrupted runs")
+        try:
+            built = [(idx, _Group(session, spec, graph, [pairs[i] for i in idx])) for idx in groups.values()]
+        except ValueError as e:  # a model whose heads' results do not add up to the attention's output
+            raise WorkbenchError(f"{session.name}: {e}; its edges cannot be read from the residual stream.") from e
+        base_p = torch.cat([g.base_m for _, g in built]).double().cpu().numpy()
+        source_p = torch.cat([g.source_m for _, g in built]).double().cpu().numpy()
+        order = [i for idx, _ in built for i in idx]
+        if spec.metric == "logit_diff_normalized" and abs(source_p.mean() - base_p.mean()) < 1e-6:
+            raise WorkbenchError("The clean and corrupted runs give the same logit difference, so it cannot be "
+                                 "normalised.", hint="Pick the raw logit difference, or other pairs.")
+        # per method the estimated (or measured) metric of each edge's patched run: [n_edges, N]
+        patched: dict[str, np.ndarray] = {}
+        step = 0
+
+        def part(what):
+            nonlocal step
+            lo = step / parts
+            step += 1
+            return lambda done, total: progress(lo + (done / max(total, 1)) / parts, f"{what}: {done} of {total}")
+
+        edge_u = torch.tensor([u for u, _ in graph.edges])
+        edge_d = torch.tensor([d for _, d in graph.edges])
+        for method in gradient_methods:
+            report = part(method.upper().replace("_", "-"))
+            cols = []
+            for _, g in built:
+                rules = LRPRules(**{r: r in spec.relp_rules for r in RELP_RULES}) if method == "relp" else None
+                if method == "eap_ig":
+                    grads = integrated_reader_gradients(bridge, graph, g.base_tokens, g.w_base[:, :, 0],
+                                                        g.w_source[:, :, 0], g.metric.raw, spec.ig_steps,
+                                                        progress=report)
+                else:
+                    report(0, 1)
+                    grads = reader_gradients(bridge, graph, g.base_tokens, g.metric.raw, rules=rules)
+                    report(1, 1)
+                scores = edge_scores_from(graph, g.delta, grads)  # [B, n_sources, n_targets]
+                cols.append((g.base_m[:, None] + scores[:, edge_u, edge_d]).T)  # [E, B] estimated patched metric
+                session.let_others_in()
+            patched[method] = torch.cat(cols, 1).double().cpu().numpy()
+        chosen = list(range(len(graph.edges)))
+        if "activation" in spec.methods:
+            report = part("edge activation patching")
+            if len(chosen) > spec.patch_limit:  # the largest edges by the first gradient method
+                lead = patched[gradient_methods[0]]
+                effect = np.abs(lead.mean(1) - base_p.mean())
+                chosen = sorted(np.argsort(-effect, kind="stable")[:spec.patch_limit].tolist())
+            cols = []
+            for _, g in built:
+                runner = BlockRunner(bridge, g.base_tokens)
+                cols.append(edge_patch(bridge, graph, runner, g.r_base[:, :, -1], g.delta,
+                                       [graph.edges[i] for i in chosen], g.metric.raw, progress=report))
+                session.let_others_in()
+            act = np.full((len(graph.edges), n), np.nan)
+            act[chosen] = torch.cat(cols, 1).double().cpu().numpy()
+            patched["activation"] = act
+        weights = resample_weights(n, seed=0)
+        table, per_pair = _edge_table(graph, spec, patched, base_p, source_p, weights, order)
+        report = part("faithfulness curves")
+        faith, completeness = _faithfulness(session, spec, graph, built, patched, base_p, weights, report)
+    longest = pairs[groups[max(groups)][0]]
+    meta = {"n_pairs": n, "n_tokens": max(groups), "metric": spec.metric, "direction": spec.direction,
+            "n_edges": len(graph.edges), "n_sources": len(graph.sources), "n_targets": len(graph.targets),
+            "clean_metric": float(np.mean(torch.cat([g.clean_m for _, g in built]).cpu().numpy())),
+            "corrupted_metric": float(np.mean(torch.cat([g.corrupted_m for _, g in built]).cpu().numpy())),
+            "n_patched": len(chosen) if "activation" in spec.methods else 0,
+            "graph": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
+                      "parallel_attn_mlp": graph.parallel}}
+    if len(groups) > 1:
+        meta["length_groups"] = {str(length): len(idx) for length, idx in groups.items()}
+    if spec.pairs_note:
+        meta["pairs_note"] = spec.pairs_note
+    if "activation" in spec.methods:
+        meta["patched_edges"] = ("every edge" if len(chosen) == len(graph.edges) else
+                                 f"the {len(chosen):,} of {len(graph.edges):,} edges with the largest "
+                                 f"{gradient_methods[0]} scores (patch_limit)")
+        for m in gradient_methods:
+            t = table[table["method"] == m].set_index(["source", "target"])["score"]
+            a = table[table["method"] == "activation"].dropna(subset=["score"]).set_index(["source", "target"])["score"]
+            both = pd.concat([a.rename("a"), t.rename("m")], axis=1, join="inner")
+            meta[f"pearson_{m}"] = pearson(both["a"], both["m"]) if len(both) > 2 else float("nan")
+    for m in patched:
+        f = faith[faith["method"] == m]
+        reach = f[f["faithfulness"] >= 0.8]
+        meta[f"edges_for_80_{m}"] = int(reach["n_edges"].min()) if len(reach) else None
+    renorm = ", the normalisation recomputed in each" if spec.metric == "logit_diff_normalized" else ""
+    meta["statistics"] = (f"score: the edge's effect (patched minus unpatched run), the mean over {n} pairs; "
+                          f"ci_low/ci_high: 95% bootstrap interval over pairs ({N_BOOT} resamples{renorm}"
+                          "); faithfulness measured on the clean prompts of the same pairs, every edge outside the "
+                          "circuit given the corrupted run's writer output")
+    extra = {"tokens": tokenize(session, longest["clean_ids"]), "per_pair": per_pair, "faithfulness": faith,
+             "completeness": completeness}
+    return Result(table=table, meta=meta, extra=extra)
+
+
+def _effects(values: np.ndarray, base: np.ndarray, source: np.ndarray, normalized: bool, weights: np.ndarray,
+             chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean effect (patched minus unpatched) of each row of `values` [E, N] with its bootstrap interval; on the
+    normalised scale each resample divides by its own (source - base) means."""
+    span = source.mean() - base.mean()
+    mean = values.mean(1) - base.mean()
+    if normalized:
+        mean = mean / span
+    lo, hi = np.full(len(values), np.nan), np.full(len(values), np.nan)
+    b_base, b_span = weights @ base, weights @ source - weights @ base
+    for c0 in range(0, len(values), chunk):
+        v = values[c0:c0 + chunk]
+        ok = np.isfinite(v).all(1)
+        if not ok.any():
+            continue
+        boot = v[ok] @ weights.T - b_base[None]  # [e, n_boot]
+        if normalized:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                boot = np.where(np.abs(b_span) > 1e-9, boot / b_span, np.nan)
+        low, high = interval(boot)
+        lo[c0:c0 + chunk][ok], hi[c0:c0 + chunk][ok] = low, high
+    return mean, lo, hi
+
+
+def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarray], base: np.ndarray,
+                source: np.ndarray, weights: np.ndarray, order: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    normalized = spec.metric == "logit_diff_normalized"
+    src = np.array([graph.sources[u] for u, _ in graph.edges], dtype=object)
+    dst = np.array([graph.targets[d] for _, d in graph.edges], dtype=object)
+    rows, per_pair = [], []
+    n = len(base)
+    keep_per_method = max(1, PER_PAIR_ROWS // max(1, n * len(patched)))
+    span = source.mean() - base.mean()
+    for method in [m for m in spec.methods if m in patched]:
+        values = patched[method]
+        mean, lo, hi = _effects(values, base, source, normalized, weights)
+        rows.append(pd.DataFrame({"method": method, "source": src, "target": dst, "score": mean.astype(np.float32),
+                                  "ci_low": lo.astype(np.float32), "ci_high": hi.astype(np.float32)}))
+        top = np.argsort(-np.nan_to_num(np.abs(mean), nan=-1), kind="stable")[:keep_per_method]
+        top = top[np.isfinite(mean[top])]
+        eff = values[top] - base[None]
+        if normalized:
+            eff = eff / span
+        per_pair.append(pd.DataFrame({"method": method, "source": np.repeat(src[top], n),
+                                      "target": np.repeat(dst[top], n), "pair": np.tile(np.asarray(order), len(top)),
+                                      "value": eff.reshape(-1).astype(np.float32)}))
+    return pd.concat(rows, ignore_index=True), pd.concat(per_pair, ignore_index=True)
+
+
+def curve_sizes(n_edges: int, n_points: int) -> list[int]:
+    """Circuit sizes of a faithfulness curve: 1 edge to all, spaced logarithmically, with the empty circuit."""
+    sizes = np.unique(np.round(np.geomspace(1, n_edges, n_points)).astype(int))
+    return [0] + sizes.tolist()
+
+
+def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: dict[str, np.ndarray],
+                  base: np.ndarray, weights: np.ndarray, report) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per method and circuit size: the circuit's faithfulness and the completeness of the model without it, each
+    with a bootstrap interval over pairs; the empty and the full circuit measured the same way."""
+    methods = [m for m in spec.methods if m in patched]
+    sizes = curve_sizes(len(graph.edges), spec.n_points)
+    circuits, labels = [torch.zeros_like(graph.mask), graph.mask.clone()], [("", -1, "empty"), ("", -2, "full")]
+    mean_abs = {m: np.nan_to_num(np.abs(patched[m].mean(1) - base.mean()), nan=-1.0) for m in methods}
+    kept_counts = {}
+    for m in methods:
+        ranked = np.argsort(-mean_abs[m], kind="stable")
+        for size in sizes[1:]:
+            keep = torch.zeros_like(graph.mask)
+            top = [graph.edges[i] for i in ranked[:size] if mean_abs[m][i] >= 0]
+            if top:
+                keep[tuple(torch.tensor(top).T)] = True
+            keep = on_paths(graph, keep)
+            kept_counts[m, size] = int(keep.sum())
+            circuits += [keep, graph.mask & ~keep]
+            labels += [(m, size, "circuit"), (m, size, "complement")]
+    keep = torch.stack(circuits)
+    values = []
+    for i, (_, g) in enumerate(built):
+        def sub(done, total, i=i):
+            report(i * total + done, total * len(built))
+        values.append(evaluate_circuits(session.bridge, graph, g.clean, g.w_corrupted, keep, g.metric.raw,
+                                        progress=sub))
+        session.let_others_in()
+    m = torch.cat(values, 1).double().cpu().numpy()  # [K, N]
+    empty, full = m[0], m[1]
+    b_empty, b_full = weights @ empty, weights @ full
+    span = full.mean() - empty.mean()
+    if abs(span) < 1e-9:
+        raise WorkbenchError("The clean and corrupted runs give the same metric, so no circuit can recover any of "
+                             "the difference.", hint="Pick other pairs or another metric.")
+    rows = {"circuit": [], "complement": []}
+    for k, (method, size, kind) in enumerate(labels):
+        if kind in ("empty", "full"):
+            continue
+        f = (m[k].mean() - empty.mean()) / span
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot = (weights @ m[k] - b_empty) / (b_full - b_empty)
+        lo, hi = interval(boot[None])
+        rows[kind].append({"method": method, "n_edges": size, "n_edges_kept": kept_counts[method, size],
+                           "faithfulness" if kind == "circuit" else "completeness": float(f),
+                           "ci_low": float(lo[0]), "ci_high": float(hi[0]), "metric": float(m[k].mean())})
+    for kind, (name, value) in (("circuit", ("faithfulness", 0.0)), ("complement", ("completeness", 1.0))):
+        # the two ends of every curve, measured: the empty circuit (0 edges) and the full model
+        for method in methods:
+            rows[kind].insert(0, {"method": method, "n_edges": 0, "n_edges_kept": 0, name: value, "ci_low": value,
+                                  "ci_high": value, "metric": float((empty if kind == "circuit" else full).mean())})
+    faith = pd.DataFrame(rows["circuit"]).sort_values(["method", "n_edges"], kind="stable").reset_index(drop=True)
+    comp = pd.DataFrame(rows["complement"]).sort_values(["method", "n_edges"], kind="stable").reset_index(drop=True)
+    return faith, comp
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Work before a run
+# ----------------------------------------------------------------------------------------------------------
+def estimate(plan) -> Estimate:
+    """Recorded runs (every writer's output and reader's input of both runs), one forward and backward per gradient
+    method (EAP-IG: per step), activation patching of each patched edge from its reader's layer on, and a forward
+    per circuit on the curves (two per size and method: the circuit and its complement)."""
+    spec, s = plan.spec, plan.shape
+    pairs = json.loads(spec.pairs) if spec.pairs else None
+    B = len(pairs) if pairs else spec.n_pairs
+    P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED
+    P = P or SHIPPED
+    graph = EdgeGraph(s.n_layers, s.n_heads, s.n_kv_heads, s.parallel)
+    n_src, n_dst, n_edges = len(graph.sources), len(graph.targets), len(graph.edges)
+    stacked = B * P * (n_src + n_dst) * s.d_model * 4
+    recorded = 2 * stacked
+    grads = s.backward_bytes(B, P) + stacked if any(m != "activation" for m in spec.methods) else 0
+    flops = 2 * s.forward_flops(B, P)
+    blocks = s.calls(2)
+    split = 3 * s.n_heads * P * s.d_model * 2.0 * ENTRY_FLOPS / 8  # the per-head copies of each block's input
+    for m in spec.methods:
+        if m == "activation":
+            patchedges = min(n_edges, spec.patch_limit)
+            layers = s.n_layers / 3  # an edge's reader sits, on average, a third of the way down its run
+            flops += patchedges * B * (layers * (2.0 * s.block_params * P + split) + s.vocab_flops(1))
+            blocks += patchedges * B * layers / 64  # rows per forward on the CPU
+        elif m == "eap_ig":
+            flops += spec.ig_steps * s.backward_flops(B, P)
+            blocks += spec.ig_steps * s.calls(3)
+        else:
+            flops += s.backward_flops(B, P)
+            blocks += s.calls(3)
+        flops += 2.0 * B * P * n_src * n_dst * s.d_model  # scores: changes times gradients
+    circuits = 2 + 2 * len(spec.methods) * spec.n_points
+    flops += circuits * s.forward_flops(B, P) * 1.5  # replacing writers at every reader
+    blocks += circuits * s.calls(1)
+    return Estimate(parts={"recorded runs": recorded, "gradients": grads, "circuit forwards": s.forward_bytes(B, P)},
+                    flops=flops, blocks=blocks, lower="methods (activation patching is the largest), n_pairs, "
+                    "n_points or patch_limit")
+
+
+SHIPPED = 15  # a shipped IOI pair's length (without a model to tokenise them)
