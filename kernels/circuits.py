@@ -434,31 +434,32 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
         def reader(js: list[int]):
             m = graph.readers[js[0]].n_sources
             kept, abl = keep[ks][:, :m, js], ablate[ks][:, :m, js]  # [k, m, J]
-            use_kept = int(kept.sum()) <= int(abl.sum())
-            entries = (kept if use_kept else abl).nonzero()  # (k, u, j) of the terms to add (or take away)
+            # per circuit, the smaller of its kept and ablated edges into these readers: a circuit that keeps few
+            # starts from every writer so far and takes the kept ones away, one that ablates few adds those
+            by_kept = kept.flatten(1).sum(1) <= abl.flatten(1).sum(1)  # [k]
+            entries = torch.where(by_kept[:, None, None], kept, abl).nonzero()  # (k, u, j) of the terms
+            signs = torch.where(by_kept[entries[:, 0]], -1.0, 1.0)
+            row_kept = by_kept.repeat_interleave(B)  # [n]
 
             def hook(x, hook):
                 J = len(js)
-                if use_kept:  # every writer so far, less the kept ones
-                    fix = running[m][:, :, None].expand(-1, -1, J, -1).clone()
-                    sign = -1.0
-                else:
-                    fix = torch.zeros(n_k * B, S, J, x.shape[-1], device=x.device, dtype=x.dtype)
-                    sign = 1.0
+                if not len(entries) and not bool(by_kept.any()):
+                    return x
+                fix = running[m][:, :, None] * row_kept.to(x.device, x.dtype)[:, None, None, None]
+                fix = fix.expand(-1, -1, J, -1).permute(0, 2, 1, 3).contiguous()  # [n, J, S, D]
                 if len(entries):
-                    fix = fix.permute(0, 2, 1, 3)  # [n, J, S, D]
                     gs = group_of[entries[:, 1]]
                     for g in gs.unique().tolist():
-                        e = entries[gs == g]
+                        sel = gs == g
+                        e, sg = entries[sel], signs[sel]
                         i0 = groups[g][1]
                         rows = (e[:, 0:1] * B + torch.arange(B)).reshape(-1)  # each entry's B rows
                         u = (e[:, 1] - i0).repeat_interleave(B)
                         j = e[:, 2].repeat_interleave(B)
                         vals = diffs[g][rows.to(x.device), :, u.to(x.device)]  # [E*B, S, D]
-                        fix.index_put_((rows.to(x.device), j.to(x.device)), sign * vals.to(fix.dtype), accumulate=True)
-                    fix = fix.permute(0, 2, 1, 3)
-                elif not use_kept:
-                    return x
+                        vals = vals * sg.repeat_interleave(B).to(vals)[:, None, None]
+                        fix.index_put_((rows.to(x.device), j.to(x.device)), vals.to(fix.dtype), accumulate=True)
+                fix = fix.permute(0, 2, 1, 3)
                 return x - (fix if x.dim() == 4 else fix[:, :, 0])
             return hook
 
@@ -496,23 +497,27 @@ def reader_owners(graph: EdgeGraph) -> list[list[int]]:
 
 def on_paths(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:
     """The kept edges [n_sources, n_targets] that lie on a path from `input` to `logits` through kept edges (the
-    EAP-IG library's pruning)."""
-    keep = keep.bool().cpu() & graph.mask
+    EAP-IG library's pruning). One pass each way over the sources, which are in topological order."""
+    import numpy as np
+
+    k = (keep.bool().cpu() & graph.mask).numpy()
     owners = reader_owners(graph)
-    n_src = len(graph.sources)
+    n_src, n_dst = k.shape
     owned: list[list[int]] = [[] for _ in range(n_src)]  # each source's readers
     for j, os_ in enumerate(owners):
         for u in os_:
             owned[u].append(j)
-    reached = torch.zeros(n_src, dtype=torch.bool)
+    reached = np.zeros(n_src, dtype=bool)
     reached[0] = True
-    for u in range(1, n_src):  # sources are in topological order
-        reached[u] = bool((keep[:, owned[u]] & reached[:, None]).any())
-    useful = torch.zeros(n_src, dtype=torch.bool)
-    logits = len(graph.readers) - 1
-    for u in reversed(range(n_src)):
-        useful[u] = any(j == logits or any(useful[o] for o in owners[j]) for j in keep[u].nonzero().flatten().tolist())
+    for u in range(1, n_src):  # a source is reached when a kept edge from a reached source goes into its input
+        reached[u] = bool(k[reached][:, owned[u]].any())
+    useful = np.zeros(n_src, dtype=bool)
+    reader_useful = np.zeros(n_dst, dtype=bool)
+    reader_useful[n_dst - 1] = True  # the logits
+    for u in reversed(range(n_src)):  # a source is useful when a kept edge from it reaches a useful reader
+        useful[u] = bool((k[u] & reader_useful).any())
+        if useful[u]:
+            reader_useful[owned[u]] = True
     on = reached & useful
-    target_ok = torch.tensor([r.kind == "logits" or any(bool(on[o]) for o in owners[j])
-                              for j, r in enumerate(graph.readers)])
-    return keep & on[:, None] & target_ok[None]
+    target_ok = np.array([r.kind == "logits" or bool(on[owners[j]].any()) for j, r in enumerate(graph.readers)])
+    return torch.from_numpy(k & on[:, None] & target_ok[None])
