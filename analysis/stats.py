@@ -31,7 +31,7 @@ def bootstrap_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def interval(boot: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of bootstrap replicates [rows, n_boot] -> (low [rows], high [rows])."""
     a = (1 - level) / 2
-    if not np.isnan(boot).any():  # the same quantiles, 3x faster than nanquantile's (which a sweep of 70,000 edges feels)
+    if not np.isnan(boot).any():  # the same quantiles, 3x faster than nanquantile (felt over 70,000 edges)
         low, high = np.quantile(boot, [a, 1 - a], axis=-1)
         return low, high
     return np.nanquantile(boot, a, axis=-1), np.nanquantile(boot, 1 - a, axis=-1)

@@ -171,10 +171,13 @@ def record(bridge, graph: EdgeGraph, tokens: torch.Tensor) -> tuple[torch.Tensor
     return stack_writers(graph, acts), stack_readers(graph, acts), logits
 
 
-def check_additive(graph: EdgeGraph, writers: torch.Tensor, readers: torch.Tensor, rtol: float = 1e-3) -> None:
+def check_additive(graph: EdgeGraph, writers: torch.Tensor, readers: torch.Tensor, rtol: float | None = None) -> None:
     """Each reader's input must be the sum of its writers' outputs and a constant (biases, the same at every row
     and position): else an edge is not the writer's output as the reader reads it (a norm or scale after the
-    head sum, as in Gemma's blocks) and edge scores would mean nothing."""
+    head sum, as in Gemma's blocks) and edge scores would mean nothing. The tolerance is the dtype's rounding
+    over a sum of many writers (a structural difference is of the order of the input itself)."""
+    if rtol is None:
+        rtol = 1e-3 if writers.dtype in (torch.float32, torch.float64) else 5e-2
     csum = writers.double().cumsum(2)  # [B, S, n_sources, D]
     for j, r in enumerate(graph.readers):
         rest = readers[:, :, j].double() - csum[:, :, r.n_sources - 1]

@@ -54,7 +54,8 @@ def logit_effects(session: ModelSession, W_dec: torch.Tensor, n: int) -> pd.Data
     """The n tokens each feature's decoder direction promotes and suppresses most through W_U (no final norm)."""
     bridge = session.bridge
     with torch.no_grad():
-        zero = bridge.unembed(torch.zeros(1, 1, W_dec.shape[1], device=session.device)).float()[0, 0]  # b_U
+        zero = bridge.unembed(torch.zeros(1, 1, W_dec.shape[1], device=session.device,
+                                          dtype=bridge.cfg.dtype)).float()[0, 0]  # b_U, in the model's dtype
         rows = []
         for c in range(0, W_dec.shape[0], 256):
             eff = bridge.unembed(W_dec[c:c + 256, None].to(session.device, bridge.cfg.dtype)).float()[:, 0] - zero
