@@ -103,7 +103,7 @@ def analyses(folder: Path, names: list[str]) -> None:
     from analysis import load_model
     from analysis.estimate import smaller_defaults
     from analysis.registry import ANALYSES, get_analysis
-    from analysis.runner import estimate_run, resolve_inputs, run
+    from analysis.runner import estimate_unstored, resolve_inputs, resolve_tokens, run
     from analysis.specs import PromptSpec
     from analysis.store import Store
 
@@ -122,7 +122,8 @@ def analyses(folder: Path, names: list[str]) -> None:
         t = time.perf_counter()
         try:  # one page failing is a finding to print, not the end of the table
             resolve_inputs(a, spec, store=store, handle=handle)
-            est = f"{estimate_run(a, spec, handle, store=store).total_seconds:.0f} s"
+            # what the page shows: its own work and any input run the store does not hold yet
+            est = f"{estimate_unstored(a, resolve_tokens(spec, handle), handle, store).total_seconds:.0f} s"
             t = time.perf_counter()
             run(spec, store=store)
             took = f"{time.perf_counter() - t:.0f} s"

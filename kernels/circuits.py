@@ -37,23 +37,24 @@ INPUT_HOOK = "blocks.0.hook_resid_pre"
 
 
 @contextlib.contextmanager
-def edge_hooks(bridge) -> Iterator[None]:
-    """The bridge's per-head result, split q/k/v input and MLP input hooks on; the flags as they were after."""
+def edge_hooks(bridge, on: bool = True) -> Iterator[None]:
+    """The bridge's per-head result, split q/k/v input and MLP input hooks on (off with on=False: the model as
+    every other analysis sees it, for a pause in which another run may go first); the flags as they were after."""
     cfg = bridge.cfg
     saved = {f: bool(getattr(cfg, f, False)) for f in FLAGS}
     attn_in = bool(getattr(cfg, "use_attn_in", False))
     try:
-        if attn_in:
+        if attn_in and on:
             bridge.set_use_attn_in(False)
         for f in FLAGS:
-            if not saved[f]:
-                getattr(bridge, f"set_{f}")(True)
+            if saved[f] != on:
+                getattr(bridge, f"set_{f}")(on)
         yield
     finally:
         for f in FLAGS:
             if bool(getattr(cfg, f, False)) != saved[f]:
                 getattr(bridge, f"set_{f}")(saved[f])
-        if attn_in:
+        if attn_in and on:
             bridge.set_use_attn_in(True)
 
 
@@ -312,6 +313,36 @@ def integrated_reader_gradients(bridge, graph: EdgeGraph, base_tokens: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Rows per forward
+# --------------------------------------------------------------------------------------------------------------
+ROW_BUDGET = 64 * 2**20  # bytes of per-row tensors a forward of edge patches or circuits holds (CPU and GPU)
+
+
+def split_row_bytes(graph: EdgeGraph, d_model: int, n_pos: int) -> int:
+    """A row's per-head copies of a block's input (q, k and v inputs, before and after their norms)."""
+    return 2 * 4 * n_pos * (graph.n_heads + 2 * graph.n_kv_heads) * d_model
+
+
+def circuit_row_bytes(graph: EdgeGraph, d_model: int, n_pos: int) -> int:
+    """A row of a circuit forward: every writer's (live - replacement) and a running sum per writer hook, besides
+    the split copies."""
+    return 4 * n_pos * d_model * (len(graph.sources) + len(_writer_groups(graph))) + split_row_bytes(
+        graph, d_model, n_pos)
+
+
+def patch_rows(graph: EdgeGraph, bridge, n_pos: int) -> int:
+    """Rows per forward of edge patches: the patching kernels' chunk, fewer where the split copies would outgrow
+    the budget."""
+    per = split_row_bytes(graph, bridge.cfg.d_model, n_pos)
+    return max(1, min(default_chunk_rows(bridge, n_pos), ROW_BUDGET // per))
+
+
+def circuit_rows(graph: EdgeGraph, bridge, n_pos: int) -> int:
+    return max(1, min(default_chunk_rows(bridge, n_pos), ROW_BUDGET // circuit_row_bytes(graph, bridge.cfg.d_model,
+                                                                                           n_pos)))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Edge activation patching: one edge carries the source value, everything downstream recomputed
 # --------------------------------------------------------------------------------------------------------------
 def _reader_edit_hooks(graph: EdgeGraph, layer: int, row_target: torch.Tensor, row_delta: torch.Tensor):
@@ -351,7 +382,7 @@ def edge_patch(bridge, graph: EdgeGraph, runner: BlockRunner, final_resid: torch
     (edge, pair). `runner` recorded the base run with edge hooks on; `final_resid` [B, S, D] is its final
     residual; `delta` [B, S, n_sources, D] the writers' source - base outputs."""
     B, S = runner.tokens.shape
-    chunk_rows = chunk_rows or default_chunk_rows(bridge, S)
+    chunk_rows = chunk_rows or patch_rows(graph, bridge, S)
     out = torch.empty(len(edges), B, device=delta.device)
     by_layer: dict[int, list[int]] = {}
     for i, (u, d) in enumerate(edges):
@@ -412,7 +443,7 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
     keep = keep.bool().cpu() & graph.mask[None]
     ablate = graph.mask[None] & ~keep
     out = torch.empty(K, B, device=dev)
-    per = max(1, (max_rows or default_chunk_rows(bridge, S)) // B)
+    per = max(1, (max_rows or circuit_rows(graph, bridge, S)) // B)
     groups = _writer_groups(graph)
     group_of = torch.zeros(len(graph.sources), dtype=torch.long)
     for g, (_, i0, count) in enumerate(groups):

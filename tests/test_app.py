@@ -416,3 +416,29 @@ def test_steering_link_replays_and_bad_input_gets_messages():
     assert not at.exception and any("Feature 999 does not exist" in e for e in _errors(at))
     at = _run("features", source="folder", folder="/no/such/folder")
     assert not at.exception and any("not a folder holding cfg.json" in e for e in _errors(at))
+
+
+def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_store):
+    at = _run(page="circuits", n_pairs="4", n_points="6")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) == 3  # the graph, the faithfulness curves, EAP-IG against patching
+    assert _qp(at, "view_method") == "eap_ig" and int(_qp(at, "n_edges")) >= 1 and not _qp(at, "pinned")
+    link = {k: _qp(at, k) for k in at.query_params}
+    kept = at.dataframe[-1].value  # the circuit's edges
+    node = kept["source"].iloc[0]
+    again = _run(page="circuits", **{**link, "n_edges": "25", "pinned": node, "view_method": "relp"})
+    assert not again.exception and not again.error and not again.warning
+    assert any("from the store" in c.value for c in again.caption)
+    assert again.slider(key="n_edges").value == 25 and again.selectbox(key="pinned").value == node
+    assert again.selectbox(key="view_method").value == "relp"
+    assert any(f"Out of {node}" in m.value for m in again.markdown)
+    assert _qp(again, "pinned") == node and _qp(again, "n_edges") == "25"
+    again.slider(key="n_edges").set_value(10).run()  # fewer edges: the link follows
+    assert not again.exception and _qp(again, "n_edges") == "10"
+    for bad, says in (({"pinned": "a9.h9"}, "not a node of this model's graph"),
+                      ({"pinned": "<script>"}, "not a node of this model's graph"),
+                      ({"n_edges": "99999"}, "outside 1 to")):
+        odd = _run(page="circuits", **{**link, **bad})
+        assert not odd.exception and not odd.error
+        assert any(says in w.value for w in odd.warning), [w.value for w in odd.warning]
+    assert Store(own_store).count("runs") == 2  # the Model page's first view, and the one circuit run

@@ -67,3 +67,36 @@ def test_a_findings_link_opens_its_view(server, page):  # noqa: F811 - the impor
     assert urlsplit(view.url).path == "/lens" and _state(view.url) == _state(link)
     assert shown.get_by_role("textbox", name="Prompt").input_value() == PROMPT
     assert view.locator("[data-testid='stException']").count() == 0
+
+
+def test_a_circuit_link_opens_pins_a_node_follows_the_edge_count_and_exports(server, page):  # noqa: F811
+    """Issue 28: the Circuits page opened from a link with a pinned node and an edge count shows that node's
+    edges; a keystroke on the slider changes the count in the link; the graph downloads as the EAP-IG library's
+    JSON; a link pinning a node the model does not have says so."""
+    import json
+
+    page.goto(f"{server}/circuits?n_pairs=4&n_points=6&methods=eap,eap_ig&n_edges=20&pinned=input")
+    main = page.locator("[data-testid='stMain']")
+    main.get_by_text("Share and export").wait_for(timeout=180_000)
+    _settled(page)
+    assert main.get_by_text("Out of input").count() == 1
+    assert _state(page.url)["n_edges"] == "20" and _state(page.url)["pinned"] == "input"
+    main.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)  # the graph, the faithfulness curves
+    assert main.locator(".js-plotly-plot").count() == 2
+
+    thumb = main.get_by_role("slider")
+    thumb.focus()
+    thumb.press("ArrowRight")
+    page.wait_for_url(re.compile(r"n_edges=21"), timeout=60_000)
+    _settled(page)
+
+    with page.expect_download() as got:
+        main.get_by_role("button", name="Download the graph (EAP-IG JSON)").click()
+    graph = json.loads(open(got.value.path()).read())
+    assert set(graph) == {"cfg", "nodes", "edges"} and len(graph["edges"]) == 1108
+    kept = [k for k, v in graph["edges"].items() if v["in_graph"]]
+    assert 0 < len(kept) <= 21 and all(graph["nodes"][k.split("->")[0]]["in_graph"] for k in kept)
+
+    page.goto(f"{server}/circuits?n_pairs=4&n_points=6&methods=eap,eap_ig&n_edges=20&pinned=a9.h9")
+    main.get_by_text("not a node of this model's graph").wait_for(timeout=180_000)
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -257,6 +257,7 @@ MEASURED_SAE = {"width": 2304, "k": 32, "steps": 30, "max_tokens": 4096, "batch_
 MEASURED = {  # settings large enough that the run's own memory shows beside the weights, small enough for CI
     "model": {},
     "patching": {"n_pairs": 2, "components": ("attn_out",), "methods": ("activation", "atp")},
+    "circuit": {"n_pairs": 4, "ig_steps": 4, "n_points": 4, "patch_limit": 200},
     "lens": {"targets": (" Paris",)},
     "tuned_lens": {"steps": 3, "max_tokens": 1024, "batch_tokens": 128},
     "entropy": {},

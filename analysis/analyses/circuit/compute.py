@@ -41,7 +41,7 @@ from ...errors import WorkbenchError
 from ...estimate import ENTRY_FLOPS, Estimate
 from ...result import Result
 from ...session import ModelSession
-from ...stats import N_BOOT, interval, pearson, resample_weights
+from ...stats import CHUNK_ELEMENTS, N_BOOT, interval, pearson, resample_weights
 from ...tokens import tokenize
 from ..patching.compute import Metric, length_groups
 from ..patching.spec import RELP_RULES
@@ -75,6 +75,12 @@ class _Group:
             self.base_tokens, self.w_base, self.w_source, self.r_base = self.clean, w_clean, w_corr, r_clean
             self.base_m, self.source_m = self.clean_m, self.corrupted_m
         self.delta = self.w_source - self.w_base
+
+
+def _let_others_in(session: ModelSession) -> None:
+    """Between parts a waiting run may go first, on the model as every analysis sees it (the edge hooks off)."""
+    with edge_hooks(session.bridge, on=False):
+        session.let_others_in()
 
 
 def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Result:
@@ -124,7 +130,7 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
                     report(1, 1)
                 scores = edge_scores_from(graph, g.delta, grads)  # [B, n_sources, n_targets]
                 cols.append((g.base_m[:, None] + scores[:, edge_u, edge_d]).T)  # [E, B] estimated patched metric
-                session.let_others_in()
+                _let_others_in(session)
             patched[method] = torch.cat(cols, 1).double().cpu().numpy()
         chosen = list(range(len(graph.edges)))
         if "activation" in spec.methods:
@@ -138,7 +144,7 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
                 runner = BlockRunner(bridge, g.base_tokens)
                 cols.append(edge_patch(bridge, graph, runner, g.r_base[:, :, -1], g.delta,
                                        [graph.edges[i] for i in chosen], g.metric.raw, progress=report))
-                session.let_others_in()
+                _let_others_in(session)
             act = np.full((len(graph.edges), n), np.nan)
             act[chosen] = torch.cat(cols, 1).double().cpu().numpy()
             patched["activation"] = act
@@ -181,10 +187,12 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
     return Result(table=table, meta=meta, extra=extra)
 
 
-def _effects(values: np.ndarray, base: np.ndarray, source: np.ndarray, normalized: bool, weights: np.ndarray,
-             chunk: int = 20_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _effects(values: np.ndarray, base: np.ndarray, source: np.ndarray, normalized: bool,
+             weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean effect (patched minus unpatched) of each row of `values` [E, N] with its bootstrap interval; on the
-    normalised scale each resample divides by its own (source - base) means."""
+    normalised scale each resample divides by its own (source - base) means. In chunks of CHUNK_ELEMENTS
+    resampled means (64 MiB)."""
+    chunk = max(1, CHUNK_ELEMENTS // weights.shape[0])
     span = source.mean() - base.mean()
     mean = values.mean(1) - base.mean()
     if normalized:
@@ -263,7 +271,7 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
             report(i * total + done, total * len(built))
         values.append(evaluate_circuits(session.bridge, graph, g.clean, g.w_corrupted, keep, g.metric.raw,
                                         progress=sub))
-        session.let_others_in()
+        _let_others_in(session)
     m = torch.cat(values, 1).double().cpu().numpy()  # [K, N]
     empty, full = m[0], m[1]
     b_empty, b_full = weights @ empty, weights @ full
@@ -296,9 +304,17 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
 # Work before a run
 # ----------------------------------------------------------------------------------------------------------
 def estimate(plan) -> Estimate:
-    """Recorded runs (every writer's output and reader's input of both runs), one forward and backward per gradient
-    method (EAP-IG: per step), activation patching of each patched edge from its reader's layer on, and a forward
-    per circuit on the curves (two per size and method: the circuit and its complement)."""
+    """Memory: what the run holds throughout (both runs' writer outputs, the base run's reader inputs, the
+    writers' changes, the block runner's recorded inputs) and the largest of its phases: the gradients (a
+    [pairs, positions, readers, width] stack and the backward), the edge-patch forwards and the circuit forwards
+    (rows sized to a fixed budget, kernels.circuits.ROW_BUDGET), the bootstrap (a chunk of resampled means) and the
+    tables.
+
+    Work: recorded runs, one forward and backward per gradient method (EAP-IG: per step), activation patching of
+    each patched edge from its reader's layer on, and a forward per circuit on the curves (two per size and
+    method: the circuit and its complement)."""
+    from kernels.circuits import ROW_BUDGET, circuit_row_bytes, split_row_bytes
+
     spec, s = plan.spec, plan.shape
     pairs = json.loads(spec.pairs) if spec.pairs else None
     B = len(pairs) if pairs else spec.n_pairs
@@ -306,17 +322,35 @@ def estimate(plan) -> Estimate:
     P = P or SHIPPED
     graph = EdgeGraph(s.n_layers, s.n_heads, s.n_kv_heads, s.parallel)
     n_src, n_dst, n_edges = len(graph.sources), len(graph.targets), len(graph.edges)
-    stacked = B * P * (n_src + n_dst) * s.d_model * 4
-    recorded = 2 * stacked
-    grads = s.backward_bytes(B, P) + stacked if any(m != "activation" for m in spec.methods) else 0
+    methods = [m for m in spec.methods]
+    per_pos = B * P * s.d_model * 4
+    held = per_pos * (3 * n_src + n_dst) + 2 * s.resid_bytes(B, P, s.n_layers + 1)
+    split = split_row_bytes(graph, s.d_model, P)
+    phases = {"tables": 0}
+    if any(m != "activation" for m in methods):
+        rows = B * min(spec.ig_steps, max(1, 64 // B)) if "eap_ig" in methods else B
+        phases["gradients"] = (3 * per_pos * n_dst + s.backward_bytes(rows, P) + rows * s.n_layers * split // 2
+                               + B * n_src * n_dst * 4 * 3)
+    chunk_rows = _chunk_rows(s, P)
+    if "activation" in methods:
+        rows = min(min(chunk_rows, ROW_BUDGET // split), B * min(n_edges, spec.patch_limit))
+        phases["edge patches"] = rows * (split + 4 * P * (6 * s.d_model + 2 * s.d_mlp)) + s.logits_bytes(rows, 1, 2)
+    circuits = 2 + 2 * len(methods) * spec.n_points
+    per_row = circuit_row_bytes(graph, s.d_model, P)
+    rows = max(B, min(min(chunk_rows, ROW_BUDGET // per_row) // B * B, circuits * B))
+    phases["circuit forwards"] = rows * (per_row + 4 * P * (6 * s.d_model + 2 * s.d_mlp)) + s.logits_bytes(rows, 1, 2)
+    boot = min(n_edges, max(1, CHUNK_ELEMENTS // N_BOOT)) * N_BOOT * 8
+    kept = min(n_edges * len(methods) * B, 1_000_000)
+    phases["tables"] = 3 * boot + n_edges * len(methods) * 64 + kept * 40
+    phase = max(phases, key=phases.get)
     flops = 2 * s.forward_flops(B, P)
     blocks = s.calls(2)
-    split = 3 * s.n_heads * P * s.d_model * 2.0 * ENTRY_FLOPS / 8  # the per-head copies of each block's input
-    for m in spec.methods:
+    split_flops = split / 4 * ENTRY_FLOPS / 8  # the per-head copies of each block's input
+    for m in methods:
         if m == "activation":
             patchedges = min(n_edges, spec.patch_limit)
             layers = s.n_layers / 3  # an edge's reader sits, on average, a third of the way down its run
-            flops += patchedges * B * (layers * (2.0 * s.block_params * P + split) + s.vocab_flops(1))
+            flops += patchedges * B * (layers * (2.0 * s.block_params * P + split_flops) + s.vocab_flops(1))
             blocks += patchedges * B * layers / 64  # rows per forward on the CPU
         elif m == "eap_ig":
             flops += spec.ig_steps * s.backward_flops(B, P)
@@ -325,12 +359,18 @@ def estimate(plan) -> Estimate:
             flops += s.backward_flops(B, P)
             blocks += s.calls(3)
         flops += 2.0 * B * P * n_src * n_dst * s.d_model  # scores: changes times gradients
-    circuits = 2 + 2 * len(spec.methods) * spec.n_points
     flops += circuits * s.forward_flops(B, P) * 1.5  # replacing writers at every reader
     blocks += circuits * s.calls(1)
-    return Estimate(parts={"recorded runs": recorded, "gradients": grads, "circuit forwards": s.forward_bytes(B, P)},
-                    flops=flops, blocks=blocks, lower="methods (activation patching is the largest), n_pairs, "
-                    "n_points or patch_limit")
+    return Estimate(parts={"recorded runs": held, phase: phases[phase]}, flops=flops, blocks=blocks,
+                    lower="methods (activation patching is the largest), n_pairs, n_points or patch_limit")
+
+
+def _chunk_rows(s, n: int) -> int:
+    """kernels.patching.default_chunk_rows without a model at hand."""
+    if s.device == "cuda":
+        return 1 << 20
+    per_row = 4 * n * (6 * s.d_model + 2 * s.d_mlp + 3 * s.n_heads * n) + 4 * s.d_vocab
+    return max(1, 32 * 2**20 // per_row)
 
 
 SHIPPED = 15  # a shipped IOI pair's length (without a model to tokenise them)

