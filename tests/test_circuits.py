@@ -412,6 +412,7 @@ def test_the_graph_exports_in_the_eap_ig_librarys_format(ioi_circuit):
     assert 0 < len(kept) <= 40
     d = json.loads(eap_ig_json(t, meta, "eap_ig", 40))
     assert set(d) == {"cfg", "nodes", "edges"} and d["cfg"]["n_layers"] == 6 and d["cfg"]["n_heads"] == 4
+    assert d["cfg"]["d_model"] == 128 and d["cfg"]["parallel_attn_mlp"] is False  # what the library's reader needs
     assert len(d["edges"]) == 1108 and len(d["nodes"]) == 32  # the library's sources plus the logits
     assert {k for k, v in d["edges"].items() if v["in_graph"]} == {f"{s}->{t}" for s, t in zip(kept["source"],
                                                                                               kept["target"])}

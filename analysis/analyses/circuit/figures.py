@@ -173,8 +173,9 @@ def eap_ig_json(table: pd.DataFrame, meta: dict, method: str, n_edges: int, d_mo
     edges = {f"{s}->{t}": {"score": float(scores.get((s, t), float("nan"))), "in_graph": (s, t) in in_graph}
              for s, t in ((graph.sources[u], graph.targets[d]) for u, d in graph.edges)}
     cfg = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": graph.parallel}
-    if d_model:
-        cfg["d_model"] = d_model
+    d_model = d_model or (meta.get("model_summary") or {}).get("d_model")
+    if d_model:  # the library's reader sizes its neuron masks by it
+        cfg["d_model"] = int(d_model)
     return json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges})
 
 
