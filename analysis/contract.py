@@ -46,8 +46,9 @@ from .specs import Spec, coerce
 @dataclass(frozen=True)
 class Needs:
     """A stored run this analysis builds on. `spec(spec, inputs)` derives the input's spec from this one (and
-    the inputs resolved before it); it returns None when this spec does not need it. The runner hands the
-    input's `RunOutcome` (its `.key` and `.result`) to compute under `name`. With `scaled`, the derived spec's
+    the inputs resolved before it); it returns None when this spec does not need it, or a dict {input name: spec}
+    for several runs of one kind (a feature circuit's SAE at each layer). The runner hands each input's
+    `RunOutcome` (its `.key` and `.result`) to compute under its name. With `scaled`, the derived spec's
     fields left at their defaults take the input analysis's smaller settings for a large model (as its page would)."""
 
     name: str

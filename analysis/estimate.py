@@ -194,6 +194,7 @@ class Estimate:
     device: str = "cpu"
     extra_seconds: float = 0.0  # work that is not matrix products (eigendecompositions, scikit-learn fits)
     upstream: list["Estimate"] = field(default_factory=list)  # stored runs it builds on, when not stored yet
+    input: str = ""  # the input this upstream estimate stands for, where several inputs share one analysis
     blocks: float = 0.0  # block invocations: the fixed cost of each, whatever its size
     block_bytes: float = 0.0  # weights one block invocation reads (filled in from the model's shape)
     seconds: float = field(default=0.0, init=False)

@@ -151,16 +151,18 @@ def estimate_unstored(analysis: Analysis, spec: Spec, handle: ModelHandle, store
     if est is None or not est.upstream:
         return est
 
-    def held(sub: Spec) -> str:
+    def held(sub: Spec) -> tuple[str, bool]:
         key = run_key(handle.fingerprint, resolve_tokens(sub, handle), get_analysis(sub.analysis).version)
-        return sub.analysis if store.stored_keys([key]) else ""
+        return sub.analysis, bool(store.stored_keys([key]))
 
     try:
-        stored = {v for v in declared_inputs(analysis, spec, store.get_dataset, handle, held).values()
-                  if isinstance(v, str) and v}
+        declared = {k: v for k, v in declared_inputs(analysis, spec, store.get_dataset, handle, held).items()
+                    if isinstance(v, tuple) and v[1]}
     except WorkbenchError:  # an input that cannot be derived fails when it runs, with its message
         return est
-    est.upstream = [u for u in est.upstream if u.analysis not in stored]
+    # an upstream estimate names its input where several share an analysis (a feature circuit's SAEs)
+    est.upstream = [u for u in est.upstream
+                    if not (u.input in declared if u.input else u.analysis in {a for a, _ in declared.values()})]
     return est
 
 
@@ -255,10 +257,12 @@ def declared_inputs(analysis: Analysis, spec: Spec, get_dataset, handle: ModelHa
             inputs[need.name] = need.load(getattr(spec, need.field), get_dataset)
         elif isinstance(need, Needs):
             sub = need.spec(spec, inputs)
-            if sub is not None and need.scaled and handle is not None:
-                sub, _ = with_smaller_defaults(sub, handle.summary)
-            if sub is not None:
-                inputs[need.name] = resolve(sub)
+            subs = sub if isinstance(sub, dict) else {need.name: sub}  # several runs of one kind, by input name
+            for name, one in subs.items():
+                if one is not None and need.scaled and handle is not None:
+                    one, _ = with_smaller_defaults(one, handle.summary)
+                if one is not None:
+                    inputs[name] = resolve(one)
         else:
             raise TypeError(f"unknown input declaration {need!r}")
     return inputs

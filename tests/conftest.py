@@ -22,7 +22,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two worker processes on two cores: 
 # each worker would otherwise build again (the default SAE of test_features, SmolLM2's SAE and traces).
 GROUPS = {"test_batch": "ray", "test_batch_nodes": "ray", "test_browser": "browser", "test_browser_links": "browser",
           "test_features": "features", "test_model_switch": "model-switch",
-          "test_circuits": "circuits", "test_bfloat16": "bfloat16"}  # the last two: a module's shared run or store
+          "test_circuits": "circuits", "test_bfloat16": "bfloat16",
+          "test_feature_circuits": "feature-circuits"}  # the last three: a module's shared run or store
 FUNCTION_GROUPS = {("test_real_model", "test_every_analysis_runs_on_it"): "smol-every-analysis"}
 # the longest work goes first (minutes each), so that neither worker is left with it at the end; the rest keep
 # their order

@@ -442,3 +442,30 @@ def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_
         assert not odd.exception and not odd.error
         assert any(says in w.value for w in odd.warning), [w.value for w in odd.warning]
     assert Store(own_store).count("runs") == 2  # the Model page's first view, and the one circuit run
+
+
+def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_bad_pin():
+    small = dict(page="circuits", level="features", n_pairs="4", layers="1,3", methods="eap,relp", n_points="4",
+                 edge_nodes="12", sae_width="64", sae_steps="100", sae_max_tokens="2048")
+    at = _run(**small)
+    assert not at.exception and not at.error, _errors(at)
+    assert len(at.get("plotly_chart")) == 2  # the graph and the faithfulness curves (no node patching asked)
+    assert _qp(at, "view_method") == "relp" and int(_qp(at, "n_edges")) >= 1  # RelP before EAP when no EAP-IG
+    nodes = next(d.value for d in at.dataframe if "kind" in d.value.columns)
+    pages = nodes[nodes["kind"] == "feature"]["page"]
+    assert len(pages) and pages.str.startswith("./features?layer=").all()
+    assert pages.str.contains("width=64").all() and pages.str.contains("section=sae_features").all()
+    assert nodes[nodes["kind"] != "feature"]["page"].isna().all()
+    link = {k: _qp(at, k) for k in at.query_params}
+    node = nodes["node"].iloc[0]
+    again = _run(**{**link, "page": "circuits", "pinned": node, "view_method": "eap", "n_edges": "5"})
+    assert not again.exception and not again.error and not again.warning
+    assert any("from the store" in c.value for c in again.caption)
+    assert again.selectbox(key="pinned").value == node and again.slider(key="n_edges").value == 5
+    assert _qp(again, "pinned") == node and _qp(again, "view_method") == "eap"
+    for bad, says in (({"pinned": "f1.99999@3"}, "not a node of this circuit"),
+                      ({"pinned": "<b>x</b>"}, "not a node of this circuit"),
+                      ({"n_edges": "99999"}, "outside 1 to")):
+        odd = _run(**{**link, "page": "circuits", **bad})
+        assert not odd.exception and not odd.error
+        assert any(says in w.value for w in odd.warning), [w.value for w in odd.warning]

@@ -100,3 +100,48 @@ def test_a_circuit_link_opens_pins_a_node_follows_the_edge_count_and_exports(ser
     page.goto(f"{server}/circuits?n_pairs=4&n_points=6&methods=eap,eap_ig&n_edges=20&pinned=a9.h9")
     main.get_by_text("not a node of this model's graph").wait_for(timeout=180_000)
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_a_feature_circuit_link_opens_pins_a_node_links_its_feature_page_and_exports(server, page):  # noqa: F811
+    """Issue 28: a feature circuit opened from a link (small SAEs trained on the way) shows the graph with the
+    pinned node's edges; a feature node's page link opens the Features page at that SAE and feature; the graph
+    downloads in Neuronpedia's attribution-graph JSON; a link pinning a node the circuit lacks says so."""
+    import json
+
+    small = ("level=features&n_pairs=4&layers=1,3&methods=eap,relp&n_points=4&edge_nodes=12&sae_width=64"
+             "&sae_steps=100&sae_max_tokens=2048")
+    page.goto(f"{server}/circuits?{small}&n_edges=8")
+    main = page.locator("[data-testid='stMain']")
+    main.get_by_text("Share and export").wait_for(timeout=240_000)
+    _settled(page)
+    assert _state(page.url)["n_edges"] == "8" and _state(page.url)["level"] == "features"
+    assert main.locator(".js-plotly-plot").count() == 2  # the graph, the faithfulness curves
+
+    with page.expect_download() as got:
+        main.get_by_role("button", name="Download the graph (Neuronpedia attribution-graph JSON)").click()
+    graph = json.loads(open(got.value.path()).read())
+    assert set(graph) == {"metadata", "qParams", "nodes", "links"} and len(graph["links"]) == 8
+    feature = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
+    node = f"f{feature['layer']}.{feature['feature']}@{feature['ctx_idx']}"
+
+    page.goto(f"{server}/circuits?{small}&n_edges=8&pinned={node}")
+    main.get_by_text(f"Out of {node}").wait_for(timeout=120_000)
+    _settled(page)
+    assert _state(page.url)["pinned"] == node
+    # the node table's link to the feature's page (a canvas grid: its address is the page's own helper's) opens
+    # the Features page at that SAE, from the store, and that feature
+    from analysis.analyses.circuit.page import feature_page_link
+    from analysis.analyses.circuit.spec import CircuitSpec
+
+    spec = CircuitSpec.from_dict({k: v for k, v in _state(page.url).items() if k in CircuitSpec.field_names()})
+    href = feature_page_link(spec, int(feature["layer"]), int(feature["feature"]))
+    page.goto(f"{server}/{href.removeprefix('./')}")
+    main.get_by_text("Share and export").first.wait_for(timeout=120_000)
+    _settled(page)
+    state = _state(page.url)
+    assert state["feature"] == str(feature["feature"]) and state["layer"] == str(feature["layer"])
+    assert state["width"] == "64" and page.locator("[data-testid='stException']").count() == 0
+
+    page.goto(f"{server}/circuits?{small}&n_edges=8&pinned=f1.99999@3")
+    main.get_by_text("not a node of this circuit").wait_for(timeout=120_000)
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -84,6 +84,10 @@ def _let_others_in(session: ModelSession) -> None:
 
 
 def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Result:
+    if spec.level == "features":
+        from .features import compute_features
+
+        return compute_features(session, spec, inputs, progress)
     pairs = json.loads(spec.pairs)
     groups = length_groups(pairs)
     bridge = session.bridge
@@ -273,12 +277,22 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
                                         progress=sub))
         _let_others_in(session)
     m = torch.cat(values, 1).double().cpu().numpy()  # [K, N]
+    return curves(m, labels, weights, methods, "n_edges", lambda method, size: {"n_edges_kept": kept_counts.get(
+        (method, size), 0)}, "The clean and corrupted runs give the same metric, so no circuit can recover any of "
+        "the difference.")
+
+
+def curves(m: np.ndarray, labels: list, weights: np.ndarray, methods: list[str], unit: str, more,
+           flat: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Faithfulness and completeness rows from the circuits' metrics [C, B] (the empty circuit first, the full
+    model second; `labels` (method, size, "circuit" | "complement") for the rest), each with a bootstrap interval
+    over pairs; `unit` names the size column, `more(method, size)` adds columns; `flat` is the message when the
+    empty and the full circuit measure the same."""
     empty, full = m[0], m[1]
     b_empty, b_full = weights @ empty, weights @ full
     span = full.mean() - empty.mean()
     if abs(span) < 1e-9:
-        raise WorkbenchError("The clean and corrupted runs give the same metric, so no circuit can recover any of "
-                             "the difference.", hint="Pick other pairs or another metric.")
+        raise WorkbenchError(flat, hint="Pick other pairs or another metric.")
     rows = {"circuit": [], "complement": []}
     for k, (method, size, kind) in enumerate(labels):
         if kind in ("empty", "full"):
@@ -287,16 +301,17 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
         with np.errstate(divide="ignore", invalid="ignore"):
             boot = (weights @ m[k] - b_empty) / (b_full - b_empty)
         lo, hi = interval(boot[None])
-        rows[kind].append({"method": method, "n_edges": size, "n_edges_kept": kept_counts[method, size],
+        rows[kind].append({"method": method, unit: size, **more(method, size),
                            "faithfulness" if kind == "circuit" else "completeness": float(f),
                            "ci_low": float(lo[0]), "ci_high": float(hi[0]), "metric": float(m[k].mean())})
     for kind, (name, value) in (("circuit", ("faithfulness", 0.0)), ("complement", ("completeness", 1.0))):
-        # the two ends of every curve, measured: the empty circuit (0 edges) and the full model
+        # the two ends of every curve, measured: the empty circuit and the full model
         for method in methods:
-            rows[kind].insert(0, {"method": method, "n_edges": 0, "n_edges_kept": 0, name: value, "ci_low": value,
-                                  "ci_high": value, "metric": float((empty if kind == "circuit" else full).mean())})
-    faith = pd.DataFrame(rows["circuit"]).sort_values(["method", "n_edges"], kind="stable").reset_index(drop=True)
-    comp = pd.DataFrame(rows["complement"]).sort_values(["method", "n_edges"], kind="stable").reset_index(drop=True)
+            rows[kind].insert(0, {"method": method, unit: 0, **{k: 0 for k in more(method, 0)}, name: value,
+                                  "ci_low": value, "ci_high": value,
+                                  "metric": float((empty if kind == "circuit" else full).mean())})
+    faith = pd.DataFrame(rows["circuit"]).sort_values(["method", unit], kind="stable").reset_index(drop=True)
+    comp = pd.DataFrame(rows["complement"]).sort_values(["method", unit], kind="stable").reset_index(drop=True)
     return faith, comp
 
 
@@ -316,6 +331,10 @@ def estimate(plan) -> Estimate:
     from kernels.circuits import ROW_BUDGET, circuit_row_bytes, split_row_bytes
 
     spec, s = plan.spec, plan.shape
+    if spec.level == "features":
+        from .features import estimate_features
+
+        return estimate_features(plan)
     pairs = json.loads(spec.pairs) if spec.pairs else None
     B = len(pairs) if pairs else spec.n_pairs
     P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED

@@ -116,26 +116,30 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
 
 
 def faithfulness_figure(faith: pd.DataFrame, completeness: pd.DataFrame) -> go.Figure:
-    """Faithfulness (solid) and completeness (dotted) against the number of edges, a line and a 95% band per
-    method."""
+    """Faithfulness (solid) and completeness (dotted) against the number of edges (or nodes, for feature
+    circuits), a line and a 95% band per method."""
     fig = go.Figure()
     colors = {"eap": "#1b9e77", "eap_ig": "#d95f02", "relp": "#7570b3", "activation": "#444444"}
+    unit = "n_nodes" if "n_nodes" in faith.columns else "n_edges"
+    what = unit[2:]
     for method, f in faith.groupby("method", sort=False):
         c = colors.get(method, "#666")
-        x = np.maximum(f["n_edges"], 0.8)  # the empty circuit at the left edge of a log axis
+        x = np.maximum(f[unit], 0.8)  # the empty circuit at the left edge of a log axis
         fig.add_trace(go.Scatter(x=list(x) + list(x[::-1]), y=list(f["ci_high"]) + list(f["ci_low"][::-1]),
                                  fill="toself", fillcolor=c, opacity=0.15, line=dict(width=0), hoverinfo="skip",
                                  showlegend=False))
+        kept = "n_edges_kept" in f.columns
         fig.add_trace(go.Scatter(x=x, y=f["faithfulness"], mode="lines+markers", name=METHOD_NAMES.get(method, method),
-                                 line=dict(color=c), customdata=f[["n_edges_kept"]],
-                                 hovertemplate="top %{x} edges (%{customdata[0]} on paths): %{y:.3f}<extra></extra>"))
+                                 line=dict(color=c), customdata=f[["n_edges_kept"]] if kept else None,
+                                 hovertemplate=("top %{x} edges (%{customdata[0]} on paths): %{y:.3f}<extra></extra>"
+                                                if kept else f"top %{{x}} {what}: %{{y:.3f}}<extra></extra>")))
         comp = completeness[completeness["method"] == method]
-        fig.add_trace(go.Scatter(x=np.maximum(comp["n_edges"], 0.8), y=comp["completeness"], mode="lines",
+        fig.add_trace(go.Scatter(x=np.maximum(comp[unit], 0.8), y=comp["completeness"], mode="lines",
                                  line=dict(color=c, dash="dot"), name=f"{method}: model without the circuit",
-                                 hovertemplate="without the top %{x} edges: %{y:.3f}<extra></extra>"))
+                                 hovertemplate=f"without the top %{{x}} {what}: %{{y:.3f}}<extra></extra>"))
     fig.add_hline(y=0.8, line=dict(color="#999", dash="dash", width=1))
     return go.Figure(fig, layout=dict(title="Faithfulness of each method's circuits (dotted: completeness)",
-                                      xaxis=dict(title="edges kept (top n by |score|)", type="log"),
+                                      xaxis=dict(title=f"{what} kept (top n by |score|)", type="log"),
                                       yaxis=dict(title="fraction of the clean − corrupted metric"),
                                       height=420, margin=MARGIN))
 
@@ -143,17 +147,22 @@ def faithfulness_figure(faith: pd.DataFrame, completeness: pd.DataFrame) -> go.F
 def comparison_figure(table: pd.DataFrame, method: str) -> go.Figure:
     truth = table[table["method"] == "activation"].set_index(["source", "target"])["score"]
     est = table[table["method"] == method].set_index(["source", "target"])["score"]
+    return _against_patching(truth, est, method, "edge", lambda index: [f"{s}->{t}" for s, t in index])
+
+
+def _against_patching(truth: pd.Series, est: pd.Series, method: str, what: str, names) -> go.Figure:
+    """Each item's `method` score against its activation-patching effect, with Pearson r and the diagonal."""
     both = pd.concat([truth.rename("a"), est.rename("m")], axis=1, join="inner").dropna()
     r = pearson(both["a"], both["m"]) if len(both) > 2 else float("nan")
-    names = [f"{s}->{t}" for s, t in both.index]
-    fig = go.Figure(go.Scattergl(x=both["a"], y=both["m"], mode="markers", text=names, marker=dict(size=4),
+    fig = go.Figure(go.Scattergl(x=both["a"], y=both["m"], mode="markers", text=names(both.index),
+                                 marker=dict(size=4),
                                  hovertemplate="%{text}<br>patched %{x:.4g} · estimate %{y:.4g}<extra></extra>"))
     bound = float(np.nanmax(np.abs(both.to_numpy()))) if len(both) else 1.0
     fig.add_trace(go.Scatter(x=[-bound, bound], y=[-bound, bound], mode="lines", line=dict(dash="dot", color="#999"),
                              showlegend=False, hoverinfo="skip"))
-    return go.Figure(fig, layout=dict(title=f"{METHOD_NAMES.get(method, method)} against edge activation patching "
-                                            f"(Pearson r = {r:.3f}, {len(both):,} edges)",
-                                      xaxis=dict(title="edge activation patching"), yaxis=dict(title=method),
+    return go.Figure(fig, layout=dict(title=f"{METHOD_NAMES.get(method, method)} against {what} activation patching "
+                                            f"(Pearson r = {r:.3f}, {len(both):,} {what}s)",
+                                      xaxis=dict(title=f"{what} activation patching"), yaxis=dict(title=method),
                                       height=420, margin=MARGIN, showlegend=False))
 
 
@@ -181,6 +190,8 @@ def eap_ig_json(table: pd.DataFrame, meta: dict, method: str, n_edges: int, d_mo
 
 def figures(result: Result) -> dict:
     t, meta = result.table, result.meta
+    if meta.get("level") == "features":
+        return feature_figures(result)
     methods = [m for m in dict.fromkeys(t["method"]) if m != "activation"] or ["activation"]
     method = methods[0] if "eap_ig" not in methods else "eap_ig"
     figs = {"graph": graph_figure(t, meta, method, default_edges(result, method))}
@@ -196,3 +207,178 @@ def default_edges(result: Result, method: str) -> int:
     (else 50 edges)."""
     n = result.meta.get(f"edges_for_80_{method}")
     return int(n) if n else min(50, int(result.meta.get("n_edges", 50)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature circuits
+# ----------------------------------------------------------------------------------------------------------
+def node_parts(name: str) -> tuple[int, int, int]:
+    """(level's layer, -1 for the input and len for the logits; feature, -1 for an error or input; position)."""
+    if name == "logits":
+        return (10**6, -1, -1)
+    head, pos = name.rsplit("@", 1)
+    if head == "input":
+        return (-1, -1, int(pos))
+    if head.startswith("err"):
+        return (int(head[3:]), -1, int(pos))
+    layer, feat = head[1:].split(".")
+    return (int(layer), int(feat), int(pos))
+
+
+def feature_edges(table: pd.DataFrame, method: str, n_edges: int) -> pd.DataFrame:
+    """The method's top `n_edges` edges by |score|, strongest first."""
+    sub = table[table["method"] == method].dropna(subset=["score"])
+    return sub.reindex(sub["score"].abs().sort_values(ascending=False, kind="stable").index).head(n_edges)
+
+
+def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str = "") -> go.Figure:
+    """The feature circuit of `method`'s top `n_edges` edges: layers up (the input at the bottom, the logits on
+    top), positions across with the prompt's tokens under them; node size by |node score|, edge width by |score|,
+    colour by sign; hover gives each node's and edge's score and interval. A pinned node's edges are drawn on top,
+    the others faded."""
+    meta = result.meta
+    edges = feature_edges(result.table, method, n_edges)
+    nodes = result.extra["nodes"]
+    nodes = nodes[nodes["method"] == method].set_index("node")
+    layers = [-1] + list(meta["sae_layers"])
+    row = {layer: i for i, layer in enumerate(layers)}
+    P = int(meta["n_tokens"])
+    names = sorted(set(edges["source"]) | set(edges["target"]) - {"logits"}, key=node_parts)
+    # nodes sharing a layer and position spread across the position's column
+    slot: dict[tuple[int, int], list[str]] = {}
+    for name in names:
+        layer, _, p = node_parts(name)
+        slot.setdefault((layer, p), []).append(name)
+    xy = {}
+    for (layer, p), group in slot.items():
+        for i, name in enumerate(group):
+            xy[name] = (p + (i - (len(group) - 1) / 2) * min(0.8 / max(len(group), 1), 0.18), float(row[layer]))
+    xy["logits"] = (P - 1, float(len(layers)))
+    peak = float(edges["score"].abs().max()) if len(edges) else 1.0
+    fig = go.Figure()
+    mids = {"x": [], "y": [], "text": [], "color": []}
+    for r in edges.itertuples():
+        (x0, y0), (x1, y1) = xy[r.source], xy[r.target]
+        on = not pinned or pinned in (r.source, r.target)
+        color = POSITIVE if r.score >= 0 else NEGATIVE
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                                 opacity=0.85 if on else 0.12, line=dict(width=0.5 + 6 * abs(r.score) / peak,
+                                                                         color=color)))
+        ci = f" [{r.ci_low:.3g}, {r.ci_high:.3g}]" if np.isfinite(r.ci_low) else ""
+        mids["x"].append((x0 + x1) / 2)
+        mids["y"].append((y0 + y1) / 2)
+        mids["text"].append(f"{r.source}->{r.target}<br>{r.score:.4g}{ci}")
+        mids["color"].append(color)
+    fig.add_trace(go.Scatter(x=mids["x"], y=mids["y"], mode="markers", text=mids["text"], showlegend=False,
+                             marker=dict(size=6, color=mids["color"], opacity=0.5),
+                             hovertemplate="%{text}<extra>edge</extra>"))
+    shown = names + ["logits"]
+    score = [float(nodes["score"].get(n, np.nan)) if n != "logits" else np.nan for n in shown]
+    top = max((abs(v) for v in score if np.isfinite(v)), default=1.0) or 1.0
+    text = []
+    for n, v in zip(shown, score):
+        if n == "logits":
+            text.append("logits")
+            continue
+        r = nodes.loc[n]
+        ci = f" [{r['ci_low']:.3g}, {r['ci_high']:.3g}]" if np.isfinite(r["ci_low"]) else ""
+        text.append(f"{n} ({r['token']!s})<br>node effect {v:.4g}{ci}")
+    fig.add_trace(go.Scatter(
+        x=[xy[n][0] for n in shown], y=[xy[n][1] for n in shown], mode="markers", text=text,
+        marker=dict(size=[8 + 20 * abs(v) / top if np.isfinite(v) else 14 for v in score],
+                    color=["#f4a582" if n == pinned else (POSITIVE if v >= 0 else NEGATIVE) if np.isfinite(v)
+                           else "#d9d9d9" for n, v in zip(shown, score)],
+                    symbol=["square" if n.startswith("err") else "diamond" if n.startswith("input") else "circle"
+                            for n in shown], line=dict(width=1, color="#444"), opacity=0.9),
+        hovertemplate="%{text}<extra>node</extra>", showlegend=False))
+    tokens = result.extra.get("tokens")
+    ticks = [str(t) for t in tokens["token"]] if tokens is not None else [str(p) for p in range(P)]
+    return go.Figure(fig, layout=dict(
+        title=f"{METHOD_NAMES.get(method, method)}: the top {len(edges)} edges between features (squares: SAE "
+              "errors, diamonds: the input)", height=max(420, 80 * len(layers) + 160), margin=MARGIN,
+        xaxis=dict(tickmode="array", tickvals=list(range(P)), ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)],
+                   range=[-0.6, P - 0.4]),
+        yaxis=dict(tickmode="array", tickvals=list(range(len(layers) + 1)),
+                   ticktext=["input"] + [f"resid {layer}" for layer in layers[1:]] + ["logits"])))
+
+
+def node_comparison_figure(result: Result, method: str) -> go.Figure:
+    """Each node's `method` score against its activation-patching effect."""
+    n = result.extra["nodes"]
+    truth = n[n["method"] == "activation"].set_index("node")["score"]
+    est = n[n["method"] == method].set_index("node")["score"]
+    return _against_patching(truth, est, method, "node", list)
+
+
+def default_feature_edges(result: Result, method: str) -> int:
+    return int(min(40, max(1, (result.table["method"] == method).sum())))
+
+
+def feature_figures(result: Result) -> dict:
+    t = result.table
+    methods = list(dict.fromkeys(t["method"])) or ["eap"]
+    method = "eap_ig" if "eap_ig" in methods else methods[0]
+    figs = {"graph": feature_graph_figure(result, method, default_feature_edges(result, method))}
+    if len(result.extra.get("faithfulness", [])):
+        figs["faithfulness"] = faithfulness_figure(result.extra["faithfulness"], result.extra["completeness"])
+    if "activation" in set(result.extra["nodes"]["method"]):
+        figs["comparison"] = node_comparison_figure(result, method)
+    return figs
+
+
+def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str = "") -> str:
+    """The feature circuit of `method`'s top `n_edges` edges in Neuronpedia's attribution-graph JSON (the format
+    circuit-tracer writes and Neuronpedia's graph viewer reads): metadata, qParams, nodes and links. Node ids follow
+    it: `{layer}_{feature}_{position}` for a feature, `{layer}_-1_{position}` for an SAE's error node (the viewer's
+    "reconstruction error"), `E_{token id}_{position}` for an input token and `{n_layers + 1}_{token id}_{last}`
+    for the answer's logit; `feature_type` takes the viewer's vocabulary."""
+    meta = result.meta
+    edges = feature_edges(result.table, method, n_edges)
+    nodes = result.extra["nodes"]
+    nodes = nodes[nodes["method"] == method].set_index("node")
+    tokens = result.extra["tokens"]
+    ids = [int(t) for t in tokens["token_id"]]
+    P = len(ids)
+    n_layers = int((meta.get("model_summary") or {}).get("n_layers") or (max(meta["sae_layers"]) + 1))
+    logit_id = f"{n_layers + 1}_{meta.get('answer_id', -1)}_{P - 1}"
+
+    def node_id(name: str) -> str:
+        if name == "logits":
+            return logit_id
+        layer, feat, p = node_parts(name)
+        if layer == -1:
+            return f"E_{ids[p]}_{p}"
+        return f"{layer}_{feat}_{p}"
+
+    out_nodes = []
+    for name in sorted(set(edges["source"]) | set(edges["target"]), key=node_parts):
+        nid = node_id(name)
+        if name == "logits":
+            out_nodes.append({"node_id": nid, "feature": int(meta.get("answer_id", -1)), "layer": str(n_layers + 1),
+                              "ctx_idx": P - 1, "feature_type": "logit", "token_prob": 0.0, "is_target_logit": True,
+                              "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"L_{meta.get('answer_id', -1)}-{P - 1}",
+                              "clerp": f"the metric: {meta['metric']}"})
+            continue
+        layer, feat, p = node_parts(name)
+        r = nodes.loc[name]
+        if layer == -1:
+            kind, js = "embedding", f"E_{ids[p]}-{p}"
+        elif feat < 0:
+            kind, js = "mlp reconstruction error", f"{layer}_-1-{p}"
+        else:
+            kind, js = "cross layer transcoder", f"{layer}_{feat}-0"
+        out_nodes.append({"node_id": nid, "feature": feat if feat >= 0 else (p if layer == -1 else -1),
+                          "layer": "E" if layer == -1 else str(layer), "ctx_idx": p, "feature_type": kind,
+                          "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                          "jsNodeId": js, "clerp": "", "influence": float(abs(r["score"])),
+                          "activation": None})
+    links = [{"source": node_id(r.source), "target": node_id(r.target), "weight": float(r.score)}
+             for r in edges.itertuples()]
+    out = {"metadata": {"slug": f"workbench-circuit-{method}", "scan": model_name or "workbench",
+                        "transcoder_list": [f"resid_post SAE, layer {layer}" for layer in meta["sae_layers"]],
+                        "prompt_tokens": [str(t) for t in tokens["token"]],
+                        "prompt": "".join(map(str, tokens["token"])),
+                        "node_threshold": None, "schema_version": 1},
+           "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+           "nodes": out_nodes, "links": links}
+    return json.dumps(out)

@@ -13,13 +13,19 @@ from .figures import (
     circuit_edges,
     comparison_figure,
     default_edges,
+    default_feature_edges,
     eap_ig_json,
     faithfulness_figure,
+    feature_edges,
+    feature_graph_figure,
     graph_figure,
     graph_of,
+    neuronpedia_json,
+    node_comparison_figure,
     node_of_target,
+    node_parts,
 )
-from .spec import METHOD_NAMES, CircuitSpec
+from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
 
 WIDGETS = {
     "dataset": Widget("Prompt pairs", "radio", labels={"ioi": "Shipped IOI pairs", "": "My pairs (JSON)"}),
@@ -28,14 +34,23 @@ WIDGETS = {
                     "text_area", height=140),
     "methods": Widget(labels=METHOD_NAMES),
     "direction": Widget(labels={"denoise": "clean → corrupted", "noise": "corrupted → clean"}),
-    "level": Widget("Nodes", "radio", labels={"components": "heads, MLPs, input, logits"}),
+    "level": Widget("Nodes", "radio", labels={"components": "heads, MLPs, input, logits",
+                                              "features": "SAE features and errors, by position"}),
+    "layers": Widget("SAE layers (features; empty: every block)"),
+    "sae_width": Widget("SAE width"),
+    "sae_k": Widget("SAE k"),
+    "sae_steps": Widget("SAE training steps"),
+    "sae_max_tokens": Widget("SAE training tokens"),
+    "edge_nodes": Widget("Nodes per method with edges"),
+    "ablation": Widget("Nodes outside a circuit", labels={"mean": "at their mean", "corrupted": "corrupted value"}),
     "ig_steps": Widget("EAP-IG steps"),
     "n_points": Widget("Points on each faithfulness curve"),
     "patch_limit": Widget("Edges activation patching runs on at most"),
     "relp_rules": Widget("RelP rules"),
 }
-LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "level", "methods", ("metric", "direction"),
+LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("metric", "direction"),
           ("relp_rules", "patch_limit")]
+FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation")]
 
 
 @dataclass(frozen=True)
@@ -55,10 +70,14 @@ def render(ctx) -> None:
     url, view = ctx.link(CircuitSpec), ctx.view(CircuitView)
     if url.pairs:
         url = dataclasses.replace(url, dataset="")
+    # the level outside the form: the SAE settings show only for feature circuits
+    level = st.radio(WIDGETS["level"].label, LEVELS, index=LEVELS.index(url.level), horizontal=True,
+                     format_func=WIDGETS["level"].labels.get, key="circuit_level")
     with st.form("circuit"):
-        values = ctx.spec_widgets(CircuitSpec, dataclasses.replace(url, pairs=url.pairs or EXAMPLE_PAIRS), LAYOUT,
-                                  WIDGETS)
+        values = ctx.spec_widgets(CircuitSpec, dataclasses.replace(url, pairs=url.pairs or EXAMPLE_PAIRS),
+                                  LAYOUT + (FEATURE_LAYOUT if level == "features" else []), WIDGETS)
         ctx.run_button()
+    values["level"] = level
     shipped = values["dataset"] == "ioi"
     values["pairs"] = "" if shipped else values["pairs"]
     make = lambda: ctx.make_spec(CircuitSpec, model, url, values)  # noqa: E731
@@ -66,48 +85,31 @@ def render(ctx) -> None:
     outcome = ctx.run(make, model)
     result = outcome.result
     table, meta = result.table, result.meta
+    if meta.get("level") == "features":
+        figures, title, shown = _features(ctx, outcome, view)
+        ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec.replace(
+            pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures, title, view=shown)
+        return
     graph = graph_of(meta)
-    st.caption(f"{meta['n_pairs']} pairs of {meta['n_tokens']} tokens · {meta['metric']} · clean "
-               f"{meta['clean_metric']:.3f} · corrupted {meta['corrupted_metric']:.3f} · {meta['n_edges']:,} edges "
-               f"between {meta['n_sources']} writers and {meta['n_targets']} readers")
-    if meta.get("pairs_note"):
-        st.caption(f"Shipped IOI pairs for this model: {meta['pairs_note']}")
-    if meta.get("patched_edges"):
-        st.caption(f"Edge activation patching ran on {meta['patched_edges']}.")
+    _captions(st, meta, f"{meta['n_edges']:,} edges between {meta['n_sources']} writers and {meta['n_targets']} "
+                        "readers", "edge")
 
     methods = list(dict.fromkeys(table["method"]))
-    c1, c2 = st.columns(2)
-    method = ctx.choose(view, "view_method", "Show method", methods, slot=c1,
-                        fallback="eap_ig" if "eap_ig" in methods else None,
-                        format_func=lambda m: METHOD_NAMES.get(m, m))
-    top = min(int(meta["n_edges"]), 2000)
-    start = view.n_edges if 1 <= view.n_edges <= top else min(default_edges(result, method), top)
-    if view.n_edges and view.n_edges != start:
-        st.warning(f"The link's edge count {view.n_edges} is outside 1 to {top}: showing {start}.")
-    n_edges = c2.slider("Edges kept (top n by |score|, then pruned to paths input → logits)", 1, top, start,
-                        key="n_edges")
+    method, n_edges = _method_and_count(ctx, view, methods, lambda m: min(int(meta["n_edges"]), 2000),
+                                        lambda m: default_edges(result, m),
+                                        "Edges kept (top n by |score|, then pruned to paths input → logits)")
     kept = circuit_edges(table, meta, method, n_edges)
     nodes = sorted({"input", "logits"} | set(kept["source"]) | {node_of_target(graph, t) for t in kept["target"]},
                    key=_node_order)
-    pinned = view.pinned
-    if pinned and pinned not in nodes:
-        known = set(graph.sources) | {"logits"} | {node_of_target(graph, t) for t in graph.targets}
-        st.warning(f"The link pins {pinned!r}, " + ("which is not in this circuit." if pinned in known else
-                                                     "which is not a node of this model's graph."))
-        pinned = ""
-    pinned = ctx.choose(CircuitView(pinned=pinned), "pinned", "Pin a node (its inputs and outputs below)",
-                        [""] + nodes, format_func=lambda k: k or "none")
+    known = set(graph.sources) | {"logits"} | {node_of_target(graph, t) for t in graph.targets}
+    pinned = _pin(ctx, view.pinned, nodes, known, "which is not in this circuit.",
+                  "which is not a node of this model's graph.")
     graph_fig = graph_figure(table, meta, method, n_edges, pinned)
     st.plotly_chart(graph_fig, width="stretch")
     figures = {"graph": graph_fig}
     if pinned:
-        into = kept[[node_of_target(graph, t) == pinned for t in kept["target"]]]
-        out = kept[kept["source"] == pinned]
-        a, b = st.columns(2)
-        a.markdown(f"**Into {pinned}**")
-        a.dataframe(into.drop(columns=["method"]), hide_index=True, width="stretch")
-        b.markdown(f"**Out of {pinned}**")
-        b.dataframe(out.drop(columns=["method"]), hide_index=True, width="stretch")
+        _pinned_edges(st, pinned, kept[[node_of_target(graph, t) == pinned for t in kept["target"]]],
+                      kept[kept["source"] == pinned])
 
     faith = result.extra.get("faithfulness")
     if faith is not None and len(faith):
@@ -132,6 +134,111 @@ def render(ctx) -> None:
         pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
               view=CircuitView(method, n_edges, pinned))
+
+
+def _captions(st, meta: dict, graph: str, unit: str) -> None:
+    st.caption(f"{meta['n_pairs']} pairs of {meta['n_tokens']} tokens · {meta['metric']} · clean "
+               f"{meta['clean_metric']:.3f} · corrupted {meta['corrupted_metric']:.3f} · {graph}")
+    if meta.get("pairs_note"):
+        st.caption(f"Shipped IOI pairs for this model: {meta['pairs_note']}")
+    if meta.get(f"patched_{unit}s"):
+        st.caption(f"{unit.capitalize()} activation patching ran on {meta[f'patched_{unit}s']}.")
+
+
+def _method_and_count(ctx, view: CircuitView, methods: list[str], top_of, default, label: str) -> tuple[str, int]:
+    """The method shown and the edge count (the link's when it is in 1..top_of(method), else the method's default,
+    with a warning for a link's count out of range)."""
+    st = ctx.st
+    c1, c2 = st.columns(2)
+    method = ctx.choose(view, "view_method", "Show method", methods, slot=c1,
+                        fallback="eap_ig" if "eap_ig" in methods else None,
+                        format_func=lambda m: METHOD_NAMES.get(m, m))
+    top = top_of(method)
+    start = view.n_edges if 1 <= view.n_edges <= top else min(default(method), top)
+    if view.n_edges and view.n_edges != start:
+        st.warning(f"The link's edge count {view.n_edges} is outside 1 to {top}: showing {start}.")
+    return method, (c2.slider(label, 1, top, start, key="n_edges") if top > 1 else 1)
+
+
+def _pin(ctx, pinned: str, shown: list[str], known: set[str], hidden: str, unknown: str) -> str:
+    """The pinned node: the link's when the graph shows it (else a warning saying why not), from a select box."""
+    if pinned and pinned not in shown:
+        ctx.st.warning(f"The link pins {pinned!r}, " + (hidden if pinned in known else unknown))
+        pinned = ""
+    return ctx.choose(CircuitView(pinned=pinned), "pinned", "Pin a node (its inputs and outputs below)",
+                      [""] + shown, format_func=lambda k: k or "none")
+
+
+def _pinned_edges(st, pinned: str, into, out) -> None:
+    a, b = st.columns(2)
+    a.markdown(f"**Into {pinned}**")
+    a.dataframe(into.drop(columns=["method"]), hide_index=True, width="stretch")
+    b.markdown(f"**Out of {pinned}**")
+    b.dataframe(out.drop(columns=["method"]), hide_index=True, width="stretch")
+
+
+def feature_page_link(spec: CircuitSpec, layer: int, feature: int) -> str:
+    """The Features page of one feature of the SAE a feature circuit split layer `layer` with (a link into this
+    app; the sidebar's model stays)."""
+    from urllib.parse import urlencode
+
+    from ..features.sae import SAESpec
+
+    sae, defaults = sae_specs(spec, {})[SAE_INPUT.format(layer)], SAESpec()
+    fields = {f: getattr(sae, f) for f in ("layer", "site", "width", "k", "steps", "max_tokens")
+              if f == "layer" or getattr(sae, f) != getattr(defaults, f)}
+    return "./features?" + urlencode({**fields, "section": "sae_features", "feature": int(feature)})
+
+
+def _features(ctx, outcome, view: CircuitView):
+    """The feature circuit's page body: the graph with its edge count and pinned node, the nodes (feature nodes
+    linked to their feature pages), the faithfulness curves and the comparison with node patching; the graph in
+    Neuronpedia's JSON. Returns (figures, title, the view shown)."""
+    st = ctx.st
+    result = outcome.result
+    table, meta, nodes = result.table, result.meta, result.extra["nodes"]
+    _captions(st, meta, f"SAEs after blocks {', '.join(map(str, meta['sae_layers']))} · {meta['n_nodes']:,} nodes "
+                        f"that change · {meta['n_edges']:,} edges", "node")
+    method, n_edges = _method_and_count(ctx, view, list(dict.fromkeys(table["method"])) or ["eap"],
+                                        lambda m: max(1, min(int((table["method"] == m).sum()), 2000)),
+                                        lambda m: default_feature_edges(result, m), "Edges shown (top n by |score|)")
+    kept = feature_edges(table, method, n_edges)
+    shown = sorted(set(kept["source"]) | set(kept["target"]), key=node_parts)
+    pinned = _pin(ctx, view.pinned, shown, set(nodes["node"]) | {"logits"}, "which is not among the edges shown.",
+                  "which is not a node of this circuit.")
+    graph_fig = feature_graph_figure(result, method, n_edges, pinned)
+    st.plotly_chart(graph_fig, width="stretch")
+    figures = {"graph": graph_fig}
+    if pinned:
+        _pinned_edges(st, pinned, kept[kept["target"] == pinned], kept[kept["source"] == pinned])
+    st.subheader("Nodes of the graph")
+    spec = outcome.spec
+    in_graph = nodes[(nodes["method"] == method) & nodes["node"].isin(shown)].copy()
+    in_graph["page"] = [feature_page_link(spec, int(r.layer), int(r.feature)) if r.kind == "feature" else None
+                        for r in in_graph.itertuples()]
+    in_graph = in_graph.reindex(in_graph["score"].abs().sort_values(ascending=False).index)
+    st.dataframe(in_graph[["page", "node", "token", "kind", "score", "ci_low", "ci_high"]], hide_index=True,
+                 width="stretch", column_config={"page": st.column_config.LinkColumn(
+                     "feature page", display_text=r"feature=(\d+)")})
+    faith = result.extra.get("faithfulness")
+    if faith is not None and len(faith):
+        st.subheader("Faithfulness")
+        ff = faithfulness_figure(faith, result.extra["completeness"])
+        st.plotly_chart(ff, width="stretch")
+        figures["faithfulness"] = ff
+        methods_f = list(dict.fromkeys(faith["method"]))
+        st.caption("Nodes needed for 80% faithfulness: " + " · ".join(
+            f"{m}: {meta.get(f'nodes_for_80_{m}') or 'not reached'}" for m in methods_f))
+    if "activation" in set(nodes["method"]):
+        comp = node_comparison_figure(result, method)
+        st.plotly_chart(comp, width="stretch")
+        figures["comparison"] = comp
+    st.caption(meta["statistics"])
+    st.download_button("Download the graph (Neuronpedia attribution-graph JSON)",
+                       neuronpedia_json(result, method, n_edges, outcome.spec.model),
+                       file_name=f"feature-circuit-{method}-{n_edges}.json", mime="application/json")
+    return figures, f"Feature circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges", \
+        CircuitView(method, n_edges, pinned)
 
 
 def _node_order(name: str):

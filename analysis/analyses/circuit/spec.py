@@ -2,6 +2,7 @@
 faithfulness curve."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,8 +13,9 @@ from ...models import ModelHandle
 from ...specs import Spec, param
 from ..patching.spec import DIRECTIONS, MAX_PAIRS, METRICS, RELP_RULES, PairIds, _parse_pairs, resolve_pairs
 
+SAE_INPUT = "sae.{}"  # the input name of layer l's SAE run (feature circuits)
 METHODS = ("activation", "eap", "eap_ig", "relp")
-LEVELS = ("components",)
+LEVELS = ("components", "features")
 METHOD_NAMES = {"activation": "edge activation patching", "eap": "EAP (edge attribution patching)",
                 "eap_ig": "EAP-IG (integrated gradients)", "relp": "RelP on edges (LRP rules)"}
 
@@ -26,13 +28,17 @@ class CircuitSpec(PairIds, Spec):
 
     analysis: ClassVar[str] = "circuit"
     display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
-    title: ClassVar[str] = "Circuits: edges between components, pruned by faithfulness"
+    # the feature level's fields, added after component circuits were stored: out of the key at their defaults
+    key_legacy: ClassVar[dict] = {**Spec.key_legacy, "layers": [], "sae_width": 512, "sae_k": 16, "sae_steps": 1500,
+                                  "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64}
+    title: ClassVar[str] = "Circuits: edges between components and between SAE features, pruned by faithfulness"
     dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
     n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
                          max=MAX_PAIRS)
     pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
                         '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
-    level: str = param("components", "components: heads, MLPs, the input and the logits", choices=LEVELS)
+    level: str = param("components", "components: heads, MLPs, the input and the logits; features: SAE features "
+                       "and error nodes at each chosen layer's residual, by position", choices=LEVELS)
     methods: tuple[str, ...] = param(METHODS, "edge scores: activation patching of each edge alone (the ground "
                                      "truth), EAP, EAP-IG, RelP", choices=METHODS, max_len=len(METHODS))
     ig_steps: int = param(8, "EAP-IG's integration steps (points on the path between the two runs' inputs)", min=1,
@@ -46,6 +52,16 @@ class CircuitSpec(PairIds, Spec):
                           "logarithmically)", min=2, max=64)
     patch_limit: int = param(5000, "edges activation patching runs on at most (the largest by the first gradient "
                              "method when the graph has more)", min=1, max=1_000_000)
+    layers: tuple[int, ...] = param((), "features: the blocks after which an SAE splits the residual (empty: "
+                                    "every block)", min=0, max=1024, max_len=1024)
+    sae_width: int = param(512, "features: each SAE's number of features", min=8, max=262_144)
+    sae_k: int = param(16, "features: active features per token (TopK SAEs)", min=1, max=4096)
+    sae_steps: int = param(1500, "features: each SAE's training steps", min=1, max=200_000)
+    sae_max_tokens: int = param(65_536, "features: each SAE's training tokens", min=256, max=2_000_000)
+    ablation: str = param("mean", "features: what a node outside a circuit takes: its mean over the clean prompts "
+                          "(position by position), or its value in the corrupted run", choices=("mean", "corrupted"))
+    edge_nodes: int = param(64, "features: the nodes per method (the largest by |score|) whose edges are computed",
+                            min=1, max=5_000)
     pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
                             max_len=2_000)
 
@@ -58,6 +74,8 @@ class CircuitSpec(PairIds, Spec):
             _parse_pairs(self.pairs)
 
     def resolve(self, handle: ModelHandle) -> "CircuitSpec":
+        if self.level == "features":
+            return self.resolve_features(handle)
         check_graph(handle)
         spec = resolve_pairs(self, handle)
         n_edges = len(EdgeGraph.of(handle.bridge).edges)
@@ -65,6 +83,27 @@ class CircuitSpec(PairIds, Spec):
             raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} edges and activation patching runs on at "
                                  f"most {self.patch_limit:,} (patch_limit).",
                                  hint="Add a gradient method (EAP-IG picks the edges to patch), or raise patch_limit.")
+        return spec
+
+
+    def resolve_features(self, handle: ModelHandle) -> "CircuitSpec":
+        """Every block's residual when no layers are given; a gradient method for the edges; in-range layers."""
+        n_layers = handle.summary.n_layers
+        if not any(m != "activation" for m in self.methods):
+            raise WorkbenchError("Feature circuits need a gradient method (EAP, EAP-IG or RelP): their edges come "
+                                 "from gradients; activation patching scores the nodes.",
+                                 hint="Add EAP-IG, EAP or RelP.")
+        layers = tuple(sorted(set(self.layers))) if self.layers else tuple(range(n_layers))
+        bad = [layer for layer in layers if layer >= n_layers]
+        if bad:
+            raise WorkbenchError(f"{handle.name} has blocks 0 to {n_layers - 1}; the SAE layers {bad} are not among "
+                                 "them.", hint="Leave layers empty for every block.")
+        spec = resolve_pairs(self.replace(layers=layers), handle)
+        lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
+        if len(lengths) > 1:
+            raise WorkbenchError(f"Feature circuits name nodes by position, and these pairs have {len(lengths)} token "
+                                 f"lengths ({', '.join(map(str, lengths))}).",
+                                 hint="Give pairs of one token length (the shipped IOI pairs are).")
         return spec
 
 
@@ -79,3 +118,15 @@ def check_graph(handle: ModelHandle) -> None:
         arch = getattr(arch, "model_type", None) or "this"
         raise WorkbenchError(f"{handle.name} is a {arch} model: {e}. A circuit of heads and MLPs needs attention in "
                              "every block.", hint="Use the Patching page's node sweeps on this model.") from e
+
+
+def sae_specs(spec: CircuitSpec, got) -> dict | None:
+    """The Features page's SAE at each layer a feature circuit splits, by input name (None for components)."""
+    if spec.level != "features":
+        return None
+    from ..features.sae import SAESpec
+
+    base = {f: getattr(spec, f) for f in Spec.field_names()}
+    return {SAE_INPUT.format(layer): SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width,
+                                             k=spec.sae_k, steps=spec.sae_steps, max_tokens=spec.sae_max_tokens)
+            for layer in spec.layers}

@@ -1,0 +1,374 @@
+"""Feature circuits (kernels/feature_circuits.py, the `circuit` analysis at level "features") against independent
+references: the plain transformers model under the bridge with hooks on its blocks' outputs (one forward per node
+patched, autograd for the gradients and the edges' Jacobians, the mean ablation layer by layer), integrated
+gradients' completeness, and the exact identities of the splice (every node kept is the clean run)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_circuits import _HF, _logit_diff, _pairs
+
+from kernels.feature_circuits import (
+    FeatureStack,
+    changes,
+    edges_into,
+    evaluate,
+    integrated_level_gradients,
+    level_gradients,
+    level_means,
+    patch_nodes,
+    record,
+)
+from kernels.sae import SparseAutoencoder
+
+
+def _random_sae(d: int, width: int = 48, k: int = 6, seed: int = 0) -> SparseAutoencoder:
+    g = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(d, width, "topk", k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, width, generator=g) * 0.3)
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(width, d, generator=g), dim=1))
+        sae.b_enc.copy_(torch.randn(width, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+    return sae.requires_grad_(False)
+
+
+class _Blocks:
+    """The transformers model itself with edits on its blocks' outputs (and the first block's input)."""
+
+    def __init__(self, handle):
+        self.hf = _HF(handle)
+
+    def run(self, tokens, edit_input=None, edits=None, grad=False):
+        edits = edits or {}
+        handles = []
+        if edit_input is not None:
+            def pre(m, a, k):
+                if a:
+                    return (edit_input(a[0]),) + a[1:], k
+                return a, {**k, "hidden_states": edit_input(k["hidden_states"])}
+            handles.append(self.hf.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+        for layer, fn in edits.items():
+            def post(m, a, o, fn=fn):
+                if isinstance(o, tuple):
+                    return (fn(o[0]),) + tuple(o[1:])
+                return fn(o)
+            handles.append(self.hf.layers[layer].register_forward_hook(post))
+        try:
+            with torch.set_grad_enabled(grad):
+                return self.hf.model(tokens).logits[:, -1]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@pytest.fixture(scope="module")
+def split_default(default_handle):
+    """The shipped model with random SAEs after blocks 1, 3 and 5, on three IOI pairs (corrupted = base)."""
+    d = default_handle.bridge.cfg.d_model
+    stack = FeatureStack({layer: _random_sae(d, seed=layer) for layer in (1, 3, 5)}, default_handle.bridge.cfg.n_layers)
+    clean, corr, ans, wrong = _pairs(default_handle, 3)
+    metric = _logit_diff(ans, wrong)
+    base, src = record(default_handle.bridge, stack, corr), record(default_handle.bridge, stack, clean)
+    return stack, clean, corr, metric, base, src, changes(stack, base, src)
+
+
+def _moved(stack, delta, k, n_pos, limit=4):
+    """A few node indices of level k whose value changes in the first pair, and the last position's error node."""
+    if k == 0:
+        return (delta[0][0] != 0).any(-1).nonzero().squeeze(1)[:limit]
+    d_acts, d_err = delta[k]
+    feats = (d_acts[0] != 0).flatten().nonzero().squeeze(1)[:limit]
+    return torch.cat([feats, torch.tensor([n_pos * stack.width(k) + n_pos - 1])])
+
+
+@pytest.mark.parametrize("which", ["default", "llama", "neox"])
+def test_node_patching_equals_a_brute_force_on_the_transformers_model(which, default_handle, tiny_dirs):
+    from analysis import load_model
+
+    handle = default_handle if which == "default" else load_model(str(tiny_dirs[which]))
+    bridge = handle.bridge
+    L, d = bridge.cfg.n_layers, bridge.cfg.d_model
+    layers = sorted({0, L - 1} | ({1} if L > 2 else set()))
+    stack = FeatureStack({layer: _random_sae(d, seed=layer) for layer in layers}, L)
+    clean, corr, ans, wrong = _pairs(handle, 3)
+    metric = _logit_diff(ans, wrong)
+    base, src = record(bridge, stack, corr), record(bridge, stack, clean)
+    delta = changes(stack, base, src)
+    ref = _Blocks(handle)
+    assert torch.allclose(metric(base.runner.logits(base.final)), metric(ref.run(corr)), atol=1e-4)
+    P = clean.shape[1]
+    checked = 0
+    for k in range(stack.n_levels):
+        nodes = _moved(stack, delta, k, P)
+        ours = patch_nodes(bridge, stack, base, delta, k, nodes, metric)
+        pos, vec = stack.node_vectors(k, delta[k], nodes, P)
+        for j in range(len(nodes)):
+            def add(x, j=j):
+                x = x.clone()
+                x[:, pos[j]] += vec[j].to(x.dtype)
+                return x
+            if k == 0:
+                want = metric(ref.run(corr, edit_input=add))
+            else:
+                want = metric(ref.run(corr, edits={stack.layers[k - 1]: add}))
+            assert torch.allclose(ours[j], want, atol=1e-4), (which, k, j, ours[j], want)
+            checked += 1
+    assert checked >= 3 * stack.n_levels
+
+
+def test_node_gradients_and_edges_equal_autograd_on_the_transformers_model(split_default, default_handle):
+    stack, clean, corr, metric, base, src, delta = split_default
+    bridge = default_handle.bridge
+    ref = _Blocks(default_handle)
+    P = corr.shape[1]
+    grads = level_gradients(bridge, stack, base, metric)
+    # autograd on the transformers model: the first block's input and each SAE layer's block output
+    seen = {}
+
+    def keep(name):
+        def fn(x):
+            x.retain_grad()
+            seen[name] = x
+            return x
+        return fn
+    m = metric(ref.run(corr, edit_input=keep("in"), edits={layer: keep(layer) for layer in stack.layers}, grad=True))
+    m.sum().backward()
+    assert torch.allclose(grads[0], seen["in"].grad, atol=1e-4)
+    for k, layer in enumerate(stack.layers, 1):
+        assert torch.allclose(grads[k], seen[layer].grad, atol=1e-5)
+
+    # edges into level 2 (after block 3) from level 1 (after block 1): the Jacobian by autograd through the
+    # transformers model's blocks 2 and 3, the level-1 residual a leaf
+    k = 2
+    targets, sources = _moved(stack, delta, k, P), _moved(stack, delta, k - 1, P, limit=6)
+    ours = edges_into(bridge, stack, base, delta, k, grads[k], targets, sources)
+    s_pos, s_vec = stack.node_vectors(k - 1, delta[k - 1], sources, P)
+    W, sae = stack.width(k), stack.saes[k - 1]
+    for j, t in enumerate(targets.tolist()):
+        x = base.resid[k - 1].clone().requires_grad_(True)
+        out = {}
+        ref.run(corr, edits={stack.layers[k - 2]: lambda _: x, stack.layers[k - 1]: lambda y: out.setdefault("y", y)},
+                grad=True)
+        acts = sae.encode(out["y"])
+        acts = torch.cat([torch.zeros_like(acts[:, :1]), acts[:, 1:]], 1)
+        if t < P * W:
+            p, f = divmod(t, W)
+            value = acts[:, p, f] * (grads[k][:, p] @ sae.W_dec[f])
+        else:
+            p = t - P * W
+            value = ((out["y"] - sae.decode(acts))[:, p] * grads[k][:, p]).sum(-1)
+        (gx,) = torch.autograd.grad(value.sum(), x)
+        want = torch.einsum("bsd,sbd->sb", gx[:, s_pos], s_vec)
+        assert torch.allclose(ours[:, j], want, atol=1e-5), (j, ours[:, j], want)
+    assert (ours != 0).any()
+
+
+def test_integrated_gradients_add_up_to_the_change_at_every_level(split_default, default_handle):
+    """IG's completeness: at each level, the node scores sum to m(source residual there) - m(base run), every
+    node of the level counted (features, errors; the input's positions)."""
+    stack, clean, corr, metric, base, src, delta = split_default
+    grads = integrated_level_gradients(default_handle.bridge, stack, base, src, metric, 32)
+    change = metric(src.runner.logits(src.final)) - metric(base.runner.logits(base.final))
+    for k in range(stack.n_levels):
+        total = stack.scores(k, delta[k], grads[k]).sum(1)
+        assert torch.allclose(total, change, rtol=2e-3, atol=2e-2), (k, total, change)
+
+
+def test_mean_ablation_equals_a_brute_force_and_keeping_every_node_is_the_clean_run(split_default, default_handle):
+    stack, clean, corr, metric, base, src, delta = split_default
+    bridge = default_handle.bridge
+    ref = _Blocks(default_handle)
+    P = clean.shape[1]
+    runs = record(bridge, stack, clean)
+    K = stack.n_levels
+    none = [torch.zeros(0, dtype=torch.long)] * K
+    g = torch.Generator().manual_seed(0)
+    some = [torch.randperm(stack.n_nodes(k, P), generator=g)[:stack.n_nodes(k, P) // 3] for k in range(K)]
+    for means in (level_means(stack, runs), base.parts):  # the clean runs' means; the corrupted run, pair by pair
+        got = evaluate(bridge, stack, runs, means, [(none, False), (none, True), (some, False), (some, True)],
+                       metric)
+        assert torch.allclose(got[1], metric(runs.runner.logits(runs.final)), atol=1e-4)  # every node kept
+        for i, (keep, complement) in enumerate([(none, False), (some, False), (some, True)]):
+            masks = []
+            for k in range(K):
+                m = torch.zeros(stack.n_nodes(k, P), dtype=torch.bool)
+                m[keep[k]] = True
+                masks.append(~m if complement else m)
+
+            def ablate_input(x, m=masks[0], means=means):
+                return torch.where(m[:, None], x, means[0])
+            edits = {}
+            for k, layer in enumerate(stack.layers, 1):
+                W = stack.width(k)
+
+                def ablate(y, k=k, m=masks[k], W=W, means=means):
+                    acts, err = stack.split(k, y)
+                    acts = torch.where(m[:P * W].view(P, W), acts, means[k][0])
+                    err = torch.where(m[P * W:].view(P, 1), err, means[k][1])
+                    return stack.join(k, acts, err)
+                edits[layer] = ablate
+            want = metric(ref.run(clean, edit_input=ablate_input, edits=edits))
+            assert torch.allclose(got[[0, 2, 3][i]], want, atol=1e-4), (i, got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The analysis
+# ----------------------------------------------------------------------------------------------------------
+SMALL_SAES = dict(sae_width=128, sae_steps=150, sae_max_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def feature_circuit(tmp_path_factory):
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path_factory.mktemp("feature_circuit") / "s.duckdb")
+    spec = CircuitSpec(level="features", n_pairs=6, layers=(1, 3, 5), edge_nodes=24, n_points=6, **SMALL_SAES)
+    return run(spec, store=store), store
+
+
+def test_on_the_shipped_ioi_pairs_feature_circuits_track_node_patching(feature_circuit):
+    out, store = feature_circuit
+    r = out.result
+    meta, nodes, table = r.meta, r.extra["nodes"], r.table
+    assert meta["sae_layers"] == [1, 3, 5] and meta["n_patched"] == meta["n_nodes"] > 100
+    # node names and kinds: the input by position, features and errors of each SAE layer
+    kinds = set(nodes["kind"])
+    assert kinds == {"input", "feature", "error"}
+    assert nodes["node"].str.fullmatch(r"input@\d+|f[135]\.\d+@\d+|err[135]@\d+").all()
+    # each gradient method tracks node activation patching (measured 0.92-0.96 on these pairs)
+    for m in ("eap", "eap_ig", "relp"):
+        assert meta[f"pearson_{m}"] >= 0.8, (m, meta[f"pearson_{m}"])
+    # edges join successive levels only, and the last level reaches the logits
+    from analysis.analyses.circuit.figures import node_parts
+
+    level = {-1: 0, 1: 1, 3: 2, 5: 3, 10**6: 4}
+    for s, t in zip(table["source"], table["target"]):
+        assert level[node_parts(t)[0]] == level[node_parts(s)[0]] + 1, (s, t)
+    assert set(table["method"]) == {"eap", "eap_ig", "relp"} and np.isfinite(table["score"]).all()
+    # the ends of the curves: nothing kept is every node at its mean; every node kept is the clean run
+    assert meta["full_metric"] == pytest.approx(meta["clean_metric"], abs=1e-4)
+    f = r.extra["faithfulness"]
+    assert (f[f["n_nodes"] == 0]["faithfulness"] == 0).all()
+    assert set(f["method"]) == {"activation", "eap", "eap_ig", "relp"}
+    assert f["n_nodes"].max() == meta["n_nodes"]
+
+
+def test_with_the_corrupted_run_as_ablation_every_scored_node_recovers_the_clean_run(feature_circuit):
+    """Nodes no pair changes are no-ops when ablated to the corrupted run, so the circuit of every scored node is
+    the clean run: faithfulness 1 at the end of each curve."""
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.runner import run
+
+    _, store = feature_circuit
+    spec = CircuitSpec(level="features", n_pairs=6, layers=(1, 3, 5), edge_nodes=8, n_points=4,
+                       methods=("eap",), ablation="corrupted", **SMALL_SAES)
+    r = run(spec, store=store).result
+    f = r.extra["faithfulness"]
+    assert f["faithfulness"].iloc[-1] == pytest.approx(1.0, abs=1e-4)
+    assert r.meta["empty_metric"] == pytest.approx(r.meta["corrupted_metric"], abs=1e-4)
+
+
+def test_feature_circuit_figures_and_neuronpedia_export(feature_circuit):
+    from analysis.analyses.circuit.figures import feature_figures, neuronpedia_json
+
+    r = feature_circuit[0].result
+    figs = feature_figures(r)
+    assert set(figs) == {"graph", "faithfulness", "comparison"}
+    graph = json.loads(neuronpedia_json(r, "relp", 30, "default"))
+    assert set(graph) == {"metadata", "qParams", "nodes", "links"}
+    ids = [n["node_id"] for n in graph["nodes"]]
+    assert len(ids) == len(set(ids))
+    assert all(link["source"] in ids and link["target"] in ids for link in graph["links"])
+    assert len(graph["links"]) == 30
+    types = {n["feature_type"] for n in graph["nodes"]}
+    assert "logit" in types and types <= {"embedding", "cross layer transcoder", "mlp reconstruction error", "logit"}
+    for n in graph["nodes"]:
+        if n["feature_type"] == "cross layer transcoder":
+            assert n["node_id"] == f"{n['layer']}_{n['feature']}_{n['ctx_idx']}"
+    assert graph["metadata"]["prompt_tokens"] == [str(t) for t in r.extra["tokens"]["token"]]
+
+
+def test_the_estimate_counts_only_the_saes_not_stored(feature_circuit, default_handle):
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.registry import get_analysis
+    from analysis.runner import estimate_unstored, resolve_tokens
+
+    _, store = feature_circuit
+    a = get_analysis("circuit")
+    stored = resolve_tokens(CircuitSpec(level="features", n_pairs=6, layers=(1, 3, 5), **SMALL_SAES), default_handle)
+    assert estimate_unstored(a, stored, default_handle, store).upstream == []
+    # two of these three SAEs are not in the store (1 and 3 are): their two training runs are upstream
+    partly = resolve_tokens(CircuitSpec(level="features", n_pairs=6, layers=(0, 1, 2, 3), **SMALL_SAES),
+                            default_handle)
+    up = estimate_unstored(a, partly, default_handle, store).upstream
+    assert sorted(u.input for u in up) == ["sae.0", "sae.2"]
+
+
+def test_bad_feature_circuit_requests_get_a_message_and_store_nothing(tmp_path):
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.errors import WorkbenchError
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(WorkbenchError, match="gradient method"):
+        run(CircuitSpec(level="features", methods=("activation",), **SMALL_SAES), store=store)
+    with pytest.raises(WorkbenchError, match="blocks 0 to 5"):
+        run(CircuitSpec(level="features", layers=(2, 9), **SMALL_SAES), store=store)
+    two_lengths = json.dumps([{"clean_ids": [0, 5, 6, 7, 8], "corrupted_ids": [0, 5, 9, 7, 8], "answer_id": 10,
+                               "wrong_id": 11},
+                              {"clean_ids": [0, 5, 6, 7, 8, 12], "corrupted_ids": [0, 5, 9, 7, 8, 12],
+                               "answer_id": 10, "wrong_id": 11}])
+    with pytest.raises(WorkbenchError, match="one token length"):
+        run(CircuitSpec(level="features", dataset="", pairs=two_lengths, layers=(1,), **SMALL_SAES), store=store)
+    assert store.count("runs") == 0  # refused before any SAE trained
+
+
+def test_the_feature_fields_leave_component_circuits_run_keys_as_they_were():
+    """Component circuits stored before the feature level existed stay hits: its fields are out of the key at their
+    defaults, and those defaults are the spec's own."""
+    from analysis.analyses.circuit.spec import CircuitSpec
+
+    d = CircuitSpec().to_dict()
+    added = {k: v for k, v in CircuitSpec.key_legacy.items() if k != "bos"}  # bos: every spec's own legacy
+    assert {k: d[k] for k in added} == added and len(added) == 7
+
+
+
+def test_the_feature_circuit_estimate_matches_its_measured_peak(tmp_path):
+    """The estimate the runner gates on, against the peak measured in a fresh process (as every analysis's default
+    is in test_estimate.py), the SAEs trained first."""
+    from test_estimate import check_within, probe
+
+    fields = {"level": "features", "layers": [1, 3], "n_pairs": 6, "edge_nodes": 16, "n_points": 6, **SMALL_SAES}
+    check_within(probe("default", {"circuit": fields}, tmp_path / "s.duckdb"), ["circuit"])
+
+
+def test_a_batch_plans_each_layers_sae_as_its_own_item_and_a_worker_computes_the_circuit(feature_circuit, tmp_path):
+    """The batch and Ray path: the plan holds one SAE item per layer before the circuit (what Ray's actors train
+    side by side), and the worker's computation from a payload (the stored SAEs by input name) gives the result the
+    runner stored."""
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.batch import compute_payload, payload, plan
+    from analysis.result import decode_result
+
+    out, store = feature_circuit
+    spec = CircuitSpec(level="features", n_pairs=6, layers=(1, 3, 5), edge_nodes=24, n_points=6, **SMALL_SAES)
+    items = plan([spec, spec.replace(layers=(1, 2))], store)
+    kinds = [(i.spec.analysis, getattr(i.spec, "layer", None), i.status) for i in items]
+    assert kinds == [("sae", 1, "hit"), ("sae", 3, "hit"), ("sae", 5, "hit"), ("circuit", None, "hit"),
+                     ("sae", 2, "todo"), ("circuit", None, "todo")]  # layer 1's SAE planned once
+    assert items[3].inputs == {"sae.1": ("run", 0), "sae.3": ("run", 1), "sae.5": ("run", 2)}
+    assert items[5].inputs == {"sae.1": ("run", 0), "sae.2": ("run", 4)}
+    got = compute_payload(payload(items[3], items, store))
+    again = decode_result(got["tables"])
+    a = again.table.sort_values(["method", "source", "target"]).reset_index(drop=True)
+    b = out.result.table.sort_values(["method", "source", "target"]).reset_index(drop=True)
+    assert a[["method", "source", "target"]].equals(b[["method", "source", "target"]])
+    assert np.allclose(a["score"], b["score"], atol=1e-5)
