@@ -19,13 +19,15 @@ Time is the work at this machine's pace, times what this analysis's finished run
    them does not probe at all;
 2. a correction per analysis and machine: the median of measured / predicted seconds over the analysis's recent
    finished runs on this machine (the store's `run_timings`, written with each run's result; those of the same
-   model when there are two or more), so what the work model misses (a kernel faster than its FLOPs, Python
-   loops, a library's fixed costs) is learnt from the runs themselves.
+   model when there is one), so what the work model misses (a kernel faster than its FLOPs, Python loops, a
+   library's fixed costs) is learnt from the runs themselves; an analysis with no run like this one yet takes the
+   median of the other analyses' corrections (from two analyses on: the probe's pace is off by much the same
+   factor for most of them).
 
-`Estimate.basis` says which: "from 5 finished runs of patching on this machine", or "from this machine's
-matrix-multiply probe" before any has finished. Defaults that scale with the model (`smaller_defaults`) use the
-reference machine's pace instead (2 CPU cores, fixed numbers), so the same model gets the same defaults, and the
-same run keys, anywhere.
+`Estimate.basis` says which: "from 5 finished runs of patching on this machine", "from 14 finished runs of 6 other
+analyses on this machine", or "from this machine's matrix-multiply probe" before any has finished. Defaults that
+scale with the model (`smaller_defaults`) use the reference machine's pace instead (2 CPU cores, fixed numbers), so
+the same model gets the same defaults, and the same run keys, anywhere.
 
 Measured peaks (`measure_peak`, for tests and benchmarks): on CUDA the allocator's peak; on the CPU the process's
 resident high-water mark (reset through /proc/self/clear_refs) above what was resident when the run began.
@@ -371,12 +373,32 @@ class Pace:
         by_model = len(same) >= 1
         use = (same if by_model else mine)[:RUNS_KEPT]
         if not use:
-            probes = "probe" if self.n_probes <= 1 else f"{self.n_probes} probes"
-            return 1.0, f"from this machine's matrix-multiply {probes} (no finished {analysis} runs here yet)"
+            return self._machine_correction(analysis)
         ratio = statistics.median(min(100.0, max(0.01, r["measured_s"] / r["predicted_s"])) for r in use)
         n = len(use)
         which = " with this model" if by_model else ""
         return ratio, f"from {n} finished run{'s' if n > 1 else ''} of {analysis}{which} on this machine"
+
+    def _machine_correction(self, analysis: str) -> tuple[float, str]:
+        """For an analysis with no finished run like this one: the machine's pace as its other analyses' finished
+        runs found it (each analysis's median over its recent runs, then the median of those), where at least
+        MACHINE_ANALYSES analyses have finished — the probe's pace is off by the same factor for most analyses on
+        a machine (1.5-2x slow on the 2-core box); else (1, the probe)."""
+        per: dict[str, list[float]] = {}
+        for r in self.runs:
+            if r["analysis"] != analysis and r["predicted_s"] > 0 and \
+                    max(r["measured_s"], r["predicted_s"]) >= MIN_RUN_SECONDS:
+                per.setdefault(r["analysis"], []).append(min(100.0, max(0.01, r["measured_s"] / r["predicted_s"])))
+        if len(per) < MACHINE_ANALYSES:
+            probes = "probe" if self.n_probes <= 1 else f"{self.n_probes} probes"
+            return 1.0, f"from this machine's matrix-multiply {probes} (no finished {analysis} runs here yet)"
+        ratio = statistics.median(statistics.median(v[:RUNS_KEPT]) for v in per.values())
+        n = sum(min(len(v), RUNS_KEPT) for v in per.values())
+        return ratio, (f"from {n} finished runs of {len(per)} other analyses on this machine (no {analysis} run "
+                       "like this one here yet)")
+
+
+MACHINE_ANALYSES = 2  # other analyses with finished runs before their pace corrects an analysis with none
 
 
 def machine_pace(device: str, dtype: str, width: int, store=None) -> Pace:

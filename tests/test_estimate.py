@@ -320,7 +320,8 @@ def test_a_fresh_process_reads_the_machines_pace_from_the_store(tmp_path, monkey
 
 def test_the_correction_comes_from_runs_of_a_like_size():
     """A run a hundred times smaller than the one estimated is mostly fixed costs: it does not correct it; runs
-    of a like size do (their median), those of this model first when it has one."""
+    of a like size do (their median), those of this model first when it has one; with none, the other analyses'
+    runs on the machine (from two analyses on)."""
     runs = [{"analysis": "lens", "model": "a", "predicted_s": 0.6, "measured_s": 30.0},  # tiny run, slow for it
             {"analysis": "lens", "model": "b", "predicted_s": 60.0, "measured_s": 30.0},
             {"analysis": "lens", "model": "b", "predicted_s": 50.0, "measured_s": 100.0},
@@ -336,7 +337,14 @@ def test_the_correction_comes_from_runs_of_a_like_size():
     runs.append({"analysis": "lens", "model": "c", "predicted_s": 45.0, "measured_s": 20.0})
     ratio, basis = pace.correction("lens", "c", 50.0)  # one run of this model outweighs the others' three
     assert ratio == pytest.approx(20 / 45) and basis == "from 1 finished run of lens with this model on this machine"
-    assert pace.correction("model", "a", 1.0)[0] == 1.0
+    # no run of this analysis: the median over the other analyses' medians (lens 1.5 of its five, patching 10)
+    ratio, basis = pace.correction("model", "a", 1.0)
+    assert ratio == pytest.approx((1.5 + 10) / 2)
+    assert basis == "from 6 finished runs of 2 other analyses on this machine (no model run like this one here yet)"
+    # one other analysis is not yet the machine's pace: the probe alone
+    one = estimate_mod.Pace("m", estimate_mod.REFERENCE, 1, [r for r in runs if r["analysis"] == "lens"])
+    ratio, basis = one.correction("model", "a", 1.0)
+    assert ratio == 1.0 and "matrix-multiply probe" in basis
 
 
 def test_a_run_that_shared_the_model_teaches_nothing(tmp_path):
