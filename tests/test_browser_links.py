@@ -108,23 +108,24 @@ def test_a_feature_circuit_link_opens_pins_a_node_links_its_feature_page_and_exp
     downloads in Neuronpedia's attribution-graph JSON; a link pinning a node the circuit lacks says so."""
     import json
 
-    small = ("level=features&n_pairs=4&layers=1,3&methods=eap,relp&n_points=4&edge_nodes=12&sae_width=64"
+    small = ("level=features&n_pairs=4&layers=1,3&methods=eap,relp&n_points=4&edge_nodes=40&sae_width=64"
              "&sae_steps=100&sae_max_tokens=2048")
-    page.goto(f"{server}/circuits?{small}&n_edges=8")
+    page.goto(f"{server}/circuits?{small}&n_edges=60")
     main = page.locator("[data-testid='stMain']")
     main.get_by_text("Share and export").wait_for(timeout=240_000)
     _settled(page)
-    assert _state(page.url)["n_edges"] == "8" and _state(page.url)["level"] == "features"
-    assert main.locator(".js-plotly-plot").count() == 2  # the graph, the faithfulness curves
+    assert _state(page.url)["n_edges"] == "60" and _state(page.url)["level"] == "features"
+    main.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)  # the graph, the faithfulness curves
+    assert main.locator(".js-plotly-plot").count() == 2
 
     with page.expect_download() as got:
         main.get_by_role("button", name="Download the graph (Neuronpedia attribution-graph JSON)").click()
     graph = json.loads(open(got.value.path()).read())
-    assert set(graph) == {"metadata", "qParams", "nodes", "links"} and len(graph["links"]) == 8
+    assert set(graph) == {"metadata", "qParams", "nodes", "links"} and len(graph["links"]) == 60
     feature = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
     node = f"f{feature['layer']}.{feature['feature']}@{feature['ctx_idx']}"
 
-    page.goto(f"{server}/circuits?{small}&n_edges=8&pinned={node}")
+    page.goto(f"{server}/circuits?{small}&n_edges=60&pinned={node}")
     main.get_by_text(f"Out of {node}").wait_for(timeout=120_000)
     _settled(page)
     assert _state(page.url)["pinned"] == node
@@ -142,6 +143,6 @@ def test_a_feature_circuit_link_opens_pins_a_node_links_its_feature_page_and_exp
     assert state["feature"] == str(feature["feature"]) and state["layer"] == str(feature["layer"])
     assert state["width"] == "64" and page.locator("[data-testid='stException']").count() == 0
 
-    page.goto(f"{server}/circuits?{small}&n_edges=8&pinned=f1.99999@3")
+    page.goto(f"{server}/circuits?{small}&n_edges=60&pinned=f1.99999@3")
     main.get_by_text("not a node of this circuit").wait_for(timeout=120_000)
     assert page.locator("[data-testid='stException']").count() == 0

@@ -420,6 +420,7 @@ def test_the_graph_exports_in_the_eap_ig_librarys_format(ioi_circuit):
     assert d["edges"][f"{one.source}->{one.target}"]["score"] == pytest.approx(float(one.score))
     fig = graph_figure(t, meta, "eap_ig", 40, pinned=one.source)
     assert any("edge" in str(tr.hovertemplate) for tr in fig.data)
+    assert "edges on a path input → logits" in fig.layout.title.text and fig.layout.xaxis.visible is False
 
 
 def test_the_circuit_runs_on_three_architectures(tiny_dirs, tmp_path):

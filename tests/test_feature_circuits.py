@@ -280,6 +280,12 @@ def test_feature_circuit_figures_and_neuronpedia_export(feature_circuit):
     r = feature_circuit[0].result
     figs = feature_figures(r)
     assert set(figs) == {"graph", "faithfulness", "comparison"}
+    # the layout reaches the figures: layers up with their names, positions across under the prompt's tokens
+    graph = figs["graph"].layout
+    assert graph.yaxis.ticktext == ("input", "resid 1", "resid 3", "resid 5", "logits")
+    assert [t.split("<br>")[0] for t in graph.xaxis.ticktext] == [str(t) for t in r.extra["tokens"]["token"]]
+    assert figs["faithfulness"].layout.xaxis.type == "log" and "nodes kept" in figs["faithfulness"].layout.xaxis.title.text
+    assert "node activation patching" in figs["comparison"].layout.title.text
     graph = json.loads(neuronpedia_json(r, "relp", 30, "default"))
     assert set(graph) == {"metadata", "qParams", "nodes", "links"}
     ids = [n["node_id"] for n in graph["nodes"]]

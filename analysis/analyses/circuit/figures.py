@@ -109,7 +109,7 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
         marker=dict(size=[10 + 22 * weight.get(k, 0.0) / top for k in shown],
                     color=["#f4a582" if k == pinned else "#d9d9d9" for k in shown], line=dict(width=1, color="#444")),
         hovertemplate="%{text}<br>|score| of its edges: %{customdata[0]:.4g}<extra>node</extra>", showlegend=False))
-    return go.Figure(fig, layout=dict(
+    return fig.update_layout(dict(
         title=f"{METHOD_NAMES.get(method, method)}: {len(edges)} of the top {n_edges} edges on a path "
               "input → logits", height=max(420, 70 * graph.n_layers + 160), margin=MARGIN,
         xaxis=dict(visible=False), yaxis=dict(visible=False)))
@@ -138,7 +138,7 @@ def faithfulness_figure(faith: pd.DataFrame, completeness: pd.DataFrame) -> go.F
                                  line=dict(color=c, dash="dot"), name=f"{method}: model without the circuit",
                                  hovertemplate=f"without the top %{{x}} {what}: %{{y:.3f}}<extra></extra>"))
     fig.add_hline(y=0.8, line=dict(color="#999", dash="dash", width=1))
-    return go.Figure(fig, layout=dict(title="Faithfulness of each method's circuits (dotted: completeness)",
+    return fig.update_layout(dict(title="Faithfulness of each method's circuits (dotted: completeness)",
                                       xaxis=dict(title=f"{what} kept (top n by |score|)", type="log"),
                                       yaxis=dict(title="fraction of the clean − corrupted metric"),
                                       height=420, margin=MARGIN))
@@ -160,7 +160,7 @@ def _against_patching(truth: pd.Series, est: pd.Series, method: str, what: str, 
     bound = float(np.nanmax(np.abs(both.to_numpy()))) if len(both) else 1.0
     fig.add_trace(go.Scatter(x=[-bound, bound], y=[-bound, bound], mode="lines", line=dict(dash="dot", color="#999"),
                              showlegend=False, hoverinfo="skip"))
-    return go.Figure(fig, layout=dict(title=f"{METHOD_NAMES.get(method, method)} against {what} activation patching "
+    return fig.update_layout(dict(title=f"{METHOD_NAMES.get(method, method)} against {what} activation patching "
                                             f"(Pearson r = {r:.3f}, {len(both):,} {what}s)",
                                       xaxis=dict(title=f"{what} activation patching"), yaxis=dict(title=method),
                                       height=420, margin=MARGIN, showlegend=False))
@@ -293,7 +293,7 @@ def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str 
         hovertemplate="%{text}<extra>node</extra>", showlegend=False))
     tokens = result.extra.get("tokens")
     ticks = [str(t) for t in tokens["token"]] if tokens is not None else [str(p) for p in range(P)]
-    return go.Figure(fig, layout=dict(
+    return fig.update_layout(dict(
         title=f"{METHOD_NAMES.get(method, method)}: the top {len(edges)} edges between features (squares: SAE "
               "errors, diamonds: the input)", height=max(420, 80 * len(layers) + 160), margin=MARGIN,
         xaxis=dict(tickmode="array", tickvals=list(range(P)), ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)],

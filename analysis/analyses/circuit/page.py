@@ -45,7 +45,7 @@ WIDGETS = {
     "ablation": Widget("Nodes outside a circuit", labels={"mean": "at their mean", "corrupted": "corrupted value"}),
     "ig_steps": Widget("EAP-IG steps"),
     "n_points": Widget("Points on each faithfulness curve"),
-    "patch_limit": Widget("Edges activation patching runs on at most"),
+    "patch_limit": Widget("Edges (features: nodes) activation patching runs on at most"),
     "relp_rules": Widget("RelP rules"),
 }
 LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("metric", "direction"),
@@ -66,7 +66,10 @@ def render(ctx) -> None:
                       "Which edges between heads and MLPs carry the behaviour, and how few still do the task? Edge "
                       "activation patching is the ground truth; EAP, EAP-IG and RelP estimate every edge from a "
                       "few passes. Each method's top edges are pruned to paths from the input to the logits and "
-                      "scored by faithfulness: every other edge gets the corrupted run's value.")
+                      "scored by faithfulness: every other edge gets the corrupted run's value. With SAE features "
+                      "as the nodes, an SAE after each chosen block splits the residual into features and an error "
+                      "node per position; nodes are scored the same ways, edges join successive layers, and "
+                      "circuits keep the top nodes with every other node at its mean.")
     url, view = ctx.link(CircuitSpec), ctx.view(CircuitView)
     if url.pairs:
         url = dataclasses.replace(url, dataset="")

@@ -50,8 +50,8 @@ class CircuitSpec(PairIds, Spec):
                            "corrupted value into the clean run", choices=DIRECTIONS)
     n_points: int = param(12, "circuit sizes on each method's faithfulness curve (1 edge to all, spaced "
                           "logarithmically)", min=2, max=64)
-    patch_limit: int = param(5000, "edges activation patching runs on at most (the largest by the first gradient "
-                             "method when the graph has more)", min=1, max=1_000_000)
+    patch_limit: int = param(5000, "edges (features: nodes) activation patching runs on at most (the largest by "
+                             "the first gradient method when the graph has more)", min=1, max=1_000_000)
     layers: tuple[int, ...] = param((), "features: the blocks after which an SAE splits the residual (empty: "
                                     "every block)", min=0, max=1024, max_len=1024)
     sae_width: int = param(512, "features: each SAE's number of features", min=8, max=262_144)
