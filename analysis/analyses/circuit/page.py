@@ -114,15 +114,7 @@ def render(ctx) -> None:
         _pinned_edges(st, pinned, kept[[node_of_target(graph, t) == pinned for t in kept["target"]]],
                       kept[kept["source"] == pinned])
 
-    faith = result.extra.get("faithfulness")
-    if faith is not None and len(faith):
-        st.subheader("Faithfulness")
-        ff = faithfulness_figure(faith, result.extra["completeness"])
-        st.plotly_chart(ff, width="stretch")
-        figures["faithfulness"] = ff
-        reach = {m: meta.get(f"edges_for_80_{m}") for m in methods}
-        st.caption("Edges needed for 80% faithfulness: " + " · ".join(
-            f"{m}: {n if n else 'not reached'}" for m, n in reach.items()))
+    _faithfulness(st, result, figures, "edges")
     if "activation" in methods and method != "activation":
         comp = comparison_figure(table, method)
         st.plotly_chart(comp, width="stretch")
@@ -137,6 +129,19 @@ def render(ctx) -> None:
         pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
               view=CircuitView(method, n_edges, pinned))
+
+
+def _faithfulness(st, result, figures: dict, unit: str) -> None:
+    """The faithfulness curves and how many edges (or nodes) each method needs for 80%."""
+    faith = result.extra.get("faithfulness")
+    if faith is None or not len(faith):
+        return
+    st.subheader("Faithfulness")
+    ff = faithfulness_figure(faith, result.extra["completeness"])
+    st.plotly_chart(ff, width="stretch")
+    figures["faithfulness"] = ff
+    st.caption(f"{unit.capitalize()} needed for 80% faithfulness: " + " · ".join(
+        f"{m}: {result.meta.get(f'{unit}_for_80_{m}') or 'not reached'}" for m in dict.fromkeys(faith["method"])))
 
 
 def _captions(st, meta: dict, graph: str, unit: str) -> None:
@@ -223,15 +228,7 @@ def _features(ctx, outcome, view: CircuitView):
     st.dataframe(in_graph[["page", "node", "token", "kind", "score", "ci_low", "ci_high"]], hide_index=True,
                  width="stretch", column_config={"page": st.column_config.LinkColumn(
                      "feature page", display_text=r"feature=(\d+)")})
-    faith = result.extra.get("faithfulness")
-    if faith is not None and len(faith):
-        st.subheader("Faithfulness")
-        ff = faithfulness_figure(faith, result.extra["completeness"])
-        st.plotly_chart(ff, width="stretch")
-        figures["faithfulness"] = ff
-        methods_f = list(dict.fromkeys(faith["method"]))
-        st.caption("Nodes needed for 80% faithfulness: " + " · ".join(
-            f"{m}: {meta.get(f'nodes_for_80_{m}') or 'not reached'}" for m in methods_f))
+    _faithfulness(st, result, figures, "nodes")
     if "activation" in set(nodes["method"]):
         comp = node_comparison_figure(result, method)
         st.plotly_chart(comp, width="stretch")
