@@ -74,7 +74,7 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
     answer = torch.tensor([p["answer_id"] for p in pairs], device=dev)
     wrong = torch.tensor([p["wrong_id"] for p in pairs], device=dev)
     gradient_methods = [m for m in GRADIENT_ORDER if m in spec.methods]
-    parts = 2 + len(spec.methods) + 1  # the runs, each method, the edges, the curves
+    parts = len(spec.methods) + 2  # each method (the gradients, or node patching), the edges, the curves
     step = [0]
 
     def part(what):
