@@ -41,13 +41,13 @@ from ...errors import WorkbenchError
 from ...estimate import ENTRY_FLOPS, Estimate
 from ...result import Result
 from ...session import ModelSession
-from ...stats import CHUNK_ELEMENTS, N_BOOT, interval, pearson, resample_weights
+from ...stats import CHUNK_ELEMENTS, N_BOOT, pearson, resample_weights
 from ...tokens import tokenize
 from ..patching.compute import Metric, length_groups
 from ..patching.spec import RELP_RULES
+from .common import GRADIENT_ORDER, SHIPPED, curve_sizes, curves, mean_effects, rows_per_forward
 from .spec import CircuitSpec
 
-GRADIENT_ORDER = ("eap_ig", "relp", "eap")  # which gradient method picks the edges to patch when not all are
 PER_PAIR_ROWS = 1_000_000  # per-pair rows kept (all edges on small graphs, each method's top edges on large ones)
 
 
@@ -191,32 +191,6 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
     return Result(table=table, meta=meta, extra=extra)
 
 
-def _effects(values: np.ndarray, base: np.ndarray, source: np.ndarray, normalized: bool,
-             weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean effect (patched minus unpatched) of each row of `values` [E, N] with its bootstrap interval; on the
-    normalised scale each resample divides by its own (source - base) means. In chunks of CHUNK_ELEMENTS
-    resampled means (64 MiB)."""
-    chunk = max(1, CHUNK_ELEMENTS // weights.shape[0])
-    span = source.mean() - base.mean()
-    mean = values.mean(1) - base.mean()
-    if normalized:
-        mean = mean / span
-    lo, hi = np.full(len(values), np.nan), np.full(len(values), np.nan)
-    b_base, b_span = weights @ base, weights @ source - weights @ base
-    for c0 in range(0, len(values), chunk):
-        v = values[c0:c0 + chunk]
-        ok = np.isfinite(v).all(1)
-        if not ok.any():
-            continue
-        boot = v[ok] @ weights.T - b_base[None]  # [e, n_boot]
-        if normalized:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                boot = np.where(np.abs(b_span) > 1e-9, boot / b_span, np.nan)
-        low, high = interval(boot)
-        lo[c0:c0 + chunk][ok], hi[c0:c0 + chunk][ok] = low, high
-    return mean, lo, hi
-
-
 def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarray], base: np.ndarray,
                 source: np.ndarray, weights: np.ndarray, order: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     normalized = spec.metric == "logit_diff_normalized"
@@ -228,7 +202,7 @@ def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarr
     span = source.mean() - base.mean()
     for method in [m for m in spec.methods if m in patched]:
         values = patched[method]
-        mean, lo, hi = _effects(values, base, source, normalized, weights)
+        mean, lo, hi = mean_effects(values, base, source, normalized, weights)
         rows.append(pd.DataFrame({"method": method, "source": src, "target": dst, "score": mean.astype(np.float32),
                                   "ci_low": lo.astype(np.float32), "ci_high": hi.astype(np.float32)}))
         top = np.argsort(-np.nan_to_num(np.abs(mean), nan=-1), kind="stable")[:keep_per_method]
@@ -240,12 +214,6 @@ def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarr
                                       "target": np.repeat(dst[top], n), "pair": np.tile(np.asarray(order), len(top)),
                                       "value": eff.reshape(-1).astype(np.float32)}))
     return pd.concat(rows, ignore_index=True), pd.concat(per_pair, ignore_index=True)
-
-
-def curve_sizes(n_edges: int, n_points: int) -> list[int]:
-    """Circuit sizes of a faithfulness curve: 1 edge to all, spaced logarithmically, with the empty circuit."""
-    sizes = np.unique(np.round(np.geomspace(1, n_edges, n_points)).astype(int))
-    return [0] + sizes.tolist()
 
 
 def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: dict[str, np.ndarray],
@@ -280,39 +248,6 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
     return curves(m, labels, weights, methods, "n_edges", lambda method, size: {"n_edges_kept": kept_counts.get(
         (method, size), 0)}, "The clean and corrupted runs give the same metric, so no circuit can recover any of "
         "the difference.")
-
-
-def curves(m: np.ndarray, labels: list, weights: np.ndarray, methods: list[str], unit: str, more,
-           flat: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Faithfulness and completeness rows from the circuits' metrics [C, B] (the empty circuit first, the full
-    model second; `labels` (method, size, "circuit" | "complement") for the rest), each with a bootstrap interval
-    over pairs; `unit` names the size column, `more(method, size)` adds columns; `flat` is the message when the
-    empty and the full circuit measure the same."""
-    empty, full = m[0], m[1]
-    b_empty, b_full = weights @ empty, weights @ full
-    span = full.mean() - empty.mean()
-    if abs(span) < 1e-9:
-        raise WorkbenchError(flat, hint="Pick other pairs or another metric.")
-    rows = {"circuit": [], "complement": []}
-    for k, (method, size, kind) in enumerate(labels):
-        if kind in ("empty", "full"):
-            continue
-        f = (m[k].mean() - empty.mean()) / span
-        with np.errstate(divide="ignore", invalid="ignore"):
-            boot = (weights @ m[k] - b_empty) / (b_full - b_empty)
-        lo, hi = interval(boot[None])
-        rows[kind].append({"method": method, unit: size, **more(method, size),
-                           "faithfulness" if kind == "circuit" else "completeness": float(f),
-                           "ci_low": float(lo[0]), "ci_high": float(hi[0]), "metric": float(m[k].mean())})
-    for kind, (name, value) in (("circuit", ("faithfulness", 0.0)), ("complement", ("completeness", 1.0))):
-        # the two ends of every curve, measured: the empty circuit and the full model
-        for method in methods:
-            rows[kind].insert(0, {"method": method, unit: 0, **{k: 0 for k in more(method, 0)}, name: value,
-                                  "ci_low": value, "ci_high": value,
-                                  "metric": float((empty if kind == "circuit" else full).mean())})
-    faith = pd.DataFrame(rows["circuit"]).sort_values(["method", unit], kind="stable").reset_index(drop=True)
-    comp = pd.DataFrame(rows["complement"]).sort_values(["method", unit], kind="stable").reset_index(drop=True)
-    return faith, comp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +285,7 @@ def estimate(plan) -> Estimate:
         rows = B * min(spec.ig_steps, max(1, 64 // B)) if "eap_ig" in methods else B
         phases["gradients"] = (3 * per_pos * n_dst + s.backward_bytes(rows, P) + rows * s.n_layers * split // 2
                                + B * n_src * n_dst * 4 * 3)
-    chunk_rows = _chunk_rows(s, P)
+    chunk_rows = rows_per_forward(s, P)
     if "activation" in methods:
         rows = min(min(chunk_rows, ROW_BUDGET // split), B * min(n_edges, spec.patch_limit))
         phases["edge patches"] = rows * (split + 4 * P * (6 * s.d_model + 2 * s.d_mlp)) + s.logits_bytes(rows, 1, 2)
@@ -384,12 +319,3 @@ def estimate(plan) -> Estimate:
                     lower="methods (activation patching is the largest), n_pairs, n_points or patch_limit")
 
 
-def _chunk_rows(s, n: int) -> int:
-    """kernels.patching.default_chunk_rows without a model at hand."""
-    if s.device == "cuda":
-        return 1 << 20
-    per_row = 4 * n * (6 * s.d_model + 2 * s.d_mlp + 3 * s.n_heads * n) + 4 * s.d_vocab
-    return max(1, 32 * 2**20 // per_row)
-
-
-SHIPPED = 15  # a shipped IOI pair's length (without a model to tokenise them)

@@ -48,7 +48,7 @@ from ...tokens import tokenize
 from ..features.sae import SKIP_FIRST, sae_from_result
 from ..patching.compute import Metric
 from ..patching.spec import RELP_RULES
-from .compute import GRADIENT_ORDER, _effects, curve_sizes, curves
+from .common import GRADIENT_ORDER, SHIPPED, curve_sizes, curves, mean_effects, rows_per_forward
 from .spec import SAE_INPUT
 
 
@@ -167,7 +167,7 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
     kind = np.where(np.array(levels) == 0, "input", np.where(np.array(feats) >= 0, "feature", "error"))
     node_rows, per_pair, means = [], [], {}
     for method in [m for m in spec.methods if m in effects]:
-        mean, lo, hi = _effects(base_p[None] + effects[method], base_p, source_p, normalized, weights)
+        mean, lo, hi = mean_effects(base_p[None] + effects[method], base_p, source_p, normalized, weights)
         means[method] = mean
         node_rows.append(pd.DataFrame({
             "method": method, "node": names, "layer": layer_of, "position": positions,
@@ -210,7 +210,7 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
         v = np.concatenate(values)
         moved = (v != 0).any(1)  # an edge that no pair moves is no edge (a later position into an earlier one)
         v, srcs, dsts = v[moved], [x for x, k in zip(srcs, moved) if k], [x for x, k in zip(dsts, moved) if k]
-        mean, lo, hi = _effects(base_p[None] + v, base_p, source_p, normalized, weights)
+        mean, lo, hi = mean_effects(base_p[None] + v, base_p, source_p, normalized, weights)
         edge_rows.append(pd.DataFrame({"method": method, "source": srcs, "target": dsts,
                                        "score": mean.astype(np.float32), "ci_low": lo.astype(np.float32),
                                        "ci_high": hi.astype(np.float32)}))
@@ -292,7 +292,6 @@ def estimate_features(plan):
     stored yet are upstream runs, one per layer."""
     from ...estimate import Estimate, Plan, input_estimate
     from ..features.sae import estimate as sae_estimate
-    from .compute import SHIPPED, _chunk_rows
     from .spec import sae_specs
 
     spec, s = plan.spec, plan.shape
@@ -311,7 +310,7 @@ def estimate_features(plan):
     nodes = K * (P / 2) * (2 * k_act + 1) + P
     per_level = B * P * (2 * d + W) * 4
     held = 3 * (K + 1) * per_level + len(grads) * (K + 1) * B * P * d * 4
-    rows = min(_chunk_rows(s, P), 256)
+    rows = min(rows_per_forward(s, P), 256)
     phases = {"gradients": s.backward_bytes(B * (min(spec.ig_steps, max(1, 64 // B)) if "eap_ig" in grads else 1), P)
               + K * B * P * W * 4 * 3,
               "patches and circuits": rows * P * (3 * W + 8 * d) * 4 + s.forward_bytes(rows, P, 1)}
