@@ -241,13 +241,18 @@ def compute(session: ModelSession, spec: FeatureNamesSpec, inputs, progress) -> 
 
 
 def estimate(plan) -> Estimate:
+    """The labelled texts' activations (a forward that stops before the unembedding), the model's choice on them
+    (a forward with its logits), every token encoded; the heads' fits (scikit-learn) and the AUROCs."""
     spec, s = plan.spec, plan.shape
-    n = min(spec.max_sentences, 2000)
-    return Estimate(parts={"activations and pooled features": n * 14 * s.d_model * 4 * 2 + 4 * n * spec.width * 8},
+    lengths = plan.lengths(spec.max_sentences, spec.drop_last)  # the texts as the model tokenises them
+    n, tokens = len(lengths), sum(lengths)
+    P = tokens / max(1, n)
+    return Estimate(parts={"activations and pooled features": tokens * s.d_model * 4 * 2 + 4 * n * spec.width * 8},
                     upstream=sae_upstream(plan) + [input_estimate(estimate_bottleneck, Plan(
                         s, probe_bottleneck_spec(spec), plan.handle, plan.dataset, plan.get_stored))],
-                    flops=s.forward_flops(n, 14) * 2 + 2.0 * n * 14 * s.d_model * spec.width,  # n texts, twice
-                    blocks=s.calls(2 * (n / 64 + 20)),
+                    flops=(s.forward_flops(n, P, logits_pos=0) + s.forward_flops(n, P)
+                           + 2.0 * tokens * s.d_model * spec.width),
+                    blocks=2 * s.batched_calls(lengths) + s.calls(40),
                     extra_seconds=(SAGA_SECONDS * 0.8 * n * (spec.width + 4 * spec.n_random)  # the heads
                                    + 3e-6 * n * spec.width),  # AUROCs of every feature
                     lower="max_sentences or width")
