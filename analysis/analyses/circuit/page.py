@@ -188,14 +188,13 @@ def _pinned_edges(st, pinned: str, into, out) -> None:
 def feature_page_link(spec: CircuitSpec, layer: int, feature: int) -> str:
     """The Features page of one feature of the SAE a feature circuit split layer `layer` with (a link into this
     app; the sidebar's model stays)."""
-    from urllib.parse import urlencode
-
+    from ..features.page import feature_link
     from ..features.sae import SAESpec
 
     sae, defaults = sae_specs(spec, {})[SAE_INPUT.format(layer)], SAESpec()
     fields = {f: getattr(sae, f) for f in ("layer", "site", "width", "k", "steps", "max_tokens")
               if f == "layer" or getattr(sae, f) != getattr(defaults, f)}
-    return "./features?" + urlencode({**fields, "section": "sae_features", "feature": int(feature)})
+    return feature_link(fields, feature)
 
 
 def _features(ctx, outcome, view: CircuitView):

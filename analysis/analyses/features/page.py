@@ -43,13 +43,17 @@ SECTIONS = {"sae": "SAE", "sae_features": "Feature pages", "sae_encode": "Search
             "sae_steer": "Steering", "sae_names": "Discover & name"}
 
 
-def with_links(ctx, table, common: dict, column: str = "feature"):
-    """(the table with a link to each feature's page first, its column config) — links into this app only."""
+def feature_link(sae: dict, feature: int) -> str:
+    """The address of one feature's page of the SAE these fields name (relative: a link into this app)."""
     from urllib.parse import urlencode
 
+    return "./features?" + urlencode({**sae, "section": "sae_features", "feature": int(feature)})
+
+
+def with_links(ctx, table, common: dict, column: str = "feature"):
+    """(the table with a link to each feature's page first, its column config) — links into this app only."""
     sae = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in common.items() if v != ""}
-    link = {f: "./features?" + urlencode({**sae, "section": "sae_features", "feature": int(f)})
-            for f in table[column].unique()}
+    link = {f: feature_link(sae, f) for f in table[column].unique()}
     out = table.assign(page=table[column].map(link))[["page", *table.columns]]
     return out, {"page": ctx.st.column_config.LinkColumn("page", display_text=r"feature=(\d+)")}
 
