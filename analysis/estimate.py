@@ -22,7 +22,8 @@ Time is the work at this machine's pace, times what this analysis's finished run
    model when there is one), so what the work model misses (a kernel faster than its FLOPs, Python loops, a
    library's fixed costs) is learnt from the runs themselves; an analysis with no run like this one yet takes the
    median of the other analyses' corrections (from two analyses on: the probe's pace is off by much the same
-   factor for most of them).
+   factor for most of them), learnt from and applied to the work at the machine's pace only (not the fixed
+   seconds an estimate counts for scikit-learn fits and the like, which the probe does not set).
 
 `Estimate.basis` says which: "from 5 finished runs of patching on this machine", "from 14 finished runs of 6 other
 analyses on this machine", or "from this machine's matrix-multiply probe" before any has finished. Defaults that
@@ -360,12 +361,14 @@ class Pace:
     n_probes: int
     runs: list[dict] = field(default_factory=list)  # analysis, model, measured_s, predicted_s; newest first
 
-    def correction(self, analysis: str, model: str = "", predicted: float = 0.0) -> tuple[float, str]:
-        """(measured / predicted, basis): the median over this analysis's recent finished runs on this machine of a
-        size like this one's (predicted within RUNS_ALIKE times `predicted`: a run a hundred times smaller is
-        mostly fixed costs and says little of this one's pace), those of this model when it has one (another
-        model's pace in the same analysis can differ by 3x: SmolLM2's probes against a wide-vocabulary model's);
-        or (1, the probe) when none has finished."""
+    def correction(self, analysis: str, model: str = "", predicted: float = 0.0) -> tuple[float, str, bool]:
+        """(measured / predicted, basis, whole): the median over this analysis's recent finished runs on this
+        machine of a size like this one's (predicted within RUNS_ALIKE times `predicted`: a run a hundred times
+        smaller is mostly fixed costs and says little of this one's pace), those of this model when it has one
+        (another model's pace in the same analysis can differ by 3x: SmolLM2's probes against a wide-vocabulary
+        model's); else the machine's pace from its other analyses (`_machine_correction`); or (1, the probe) when
+        too few have finished. `whole`: the ratio corrects the whole estimate (learnt from runs of this analysis,
+        fixed seconds included), not only the part at the machine's pace."""
         mine = [r for r in self.runs if r["analysis"] == analysis and r["predicted_s"] > 0
                 and max(r["measured_s"], r["predicted_s"]) >= MIN_RUN_SECONDS
                 and (predicted <= 0 or predicted / RUNS_ALIKE <= r["predicted_s"] <= predicted * RUNS_ALIKE)]
@@ -377,28 +380,34 @@ class Pace:
         ratio = statistics.median(min(100.0, max(0.01, r["measured_s"] / r["predicted_s"])) for r in use)
         n = len(use)
         which = " with this model" if by_model else ""
-        return ratio, f"from {n} finished run{'s' if n > 1 else ''} of {analysis}{which} on this machine"
+        return ratio, f"from {n} finished run{'s' if n > 1 else ''} of {analysis}{which} on this machine", True
 
-    def _machine_correction(self, analysis: str) -> tuple[float, str]:
+    def _machine_correction(self, analysis: str) -> tuple[float, str, bool]:
         """For an analysis with no finished run like this one: the machine's pace as its other analyses' finished
-        runs found it (each analysis's median over its recent runs, then the median of those), where at least
-        MACHINE_ANALYSES analyses have finished — the probe's pace is off by the same factor for most analyses on
-        a machine (1.5-2x slow on the 2-core box); else (1, the probe)."""
+        runs found it, where at least MACHINE_ANALYSES analyses have finished — the probe's pace is off by the same
+        factor for most analyses on a machine (1.5-2x slow on the 2-core box); else (1, the probe). Only the
+        runs' work at the machine's pace tells of it: a run mostly of fixed seconds (scikit-learn fits, counted on
+        the reference machine) is left out, and the rest count measured less fixed against predicted less fixed;
+        the ratio then corrects only the estimate's own work at the machine's pace (`whole` False). Each
+        analysis's median over its recent runs, then the median of those."""
         per: dict[str, list[float]] = {}
         for r in self.runs:
-            if r["analysis"] != analysis and r["predicted_s"] > 0 and \
+            fixed = r.get("extra_s", 0.0) or 0.0
+            paced = r["predicted_s"] - fixed
+            if r["analysis"] != analysis and paced > 0 and paced >= PACED_SHARE * r["predicted_s"] and \
                     max(r["measured_s"], r["predicted_s"]) >= MIN_RUN_SECONDS:
-                per.setdefault(r["analysis"], []).append(min(100.0, max(0.01, r["measured_s"] / r["predicted_s"])))
+                per.setdefault(r["analysis"], []).append(min(100.0, max(0.01, (r["measured_s"] - fixed) / paced)))
         if len(per) < MACHINE_ANALYSES:
             probes = "probe" if self.n_probes <= 1 else f"{self.n_probes} probes"
-            return 1.0, f"from this machine's matrix-multiply {probes} (no finished {analysis} runs here yet)"
+            return 1.0, f"from this machine's matrix-multiply {probes} (no finished {analysis} runs here yet)", True
         ratio = statistics.median(statistics.median(v[:RUNS_KEPT]) for v in per.values())
         n = sum(min(len(v), RUNS_KEPT) for v in per.values())
         return ratio, (f"from {n} finished runs of {len(per)} other analyses on this machine (no {analysis} run "
-                       "like this one here yet)")
+                       "like this one here yet)"), False
 
 
 MACHINE_ANALYSES = 2  # other analyses with finished runs before their pace corrects an analysis with none
+PACED_SHARE = 0.5  # a run tells the machine's pace when at least this share of its prediction is at that pace
 
 
 def machine_pace(device: str, dtype: str, width: int, store=None) -> Pace:
@@ -427,8 +436,9 @@ def timed(est: Estimate, dtype: str, width: int, store=None, model: str = "") ->
     def fill(e: Estimate) -> float:
         e.device = est.device
         e.base_seconds = pace.speed.seconds(e)
-        e.correction, e.basis = pace.correction(e.analysis or est.analysis, model, e.base_seconds)
-        e.seconds = e.base_seconds * e.correction
+        e.correction, e.basis, whole = pace.correction(e.analysis or est.analysis, model, e.base_seconds)
+        fixed = 0.0 if whole else min(e.extra_seconds, e.base_seconds)  # seconds the machine's pace does not set
+        e.seconds = (e.base_seconds - fixed) * e.correction + fixed
         return e.seconds + sum(fill(u) for u in e.upstream)
 
     fill(est)

@@ -352,12 +352,14 @@ class Store:
 
     def run_timings(self, machine: str, per_analysis: int = 20) -> list[dict]:
         """This machine's finished runs (the last `per_analysis` of each analysis), newest first: analysis, model
-        (fingerprint), predicted_s (at the machine's speed, before any correction), measured_s."""
+        (fingerprint), predicted_s (at the machine's speed, before any correction), measured_s, and extra_s (the
+        part of predicted_s that is fixed seconds, not the machine's pace)."""
         rows = self._read(lambda con: con.execute(
-            "SELECT analysis, model, predicted_s, measured_s FROM (SELECT *, row_number() OVER (PARTITION BY "
-            "analysis ORDER BY created DESC) AS n FROM run_timings WHERE machine = ?) WHERE n <= ? "
+            "SELECT analysis, model, predicted_s, measured_s, extra_s FROM (SELECT *, row_number() OVER (PARTITION "
+            "BY analysis ORDER BY created DESC) AS n FROM run_timings WHERE machine = ?) WHERE n <= ? "
             "ORDER BY created DESC", [machine, int(per_analysis)]).fetchall())
-        return [{"analysis": a, "model": m, "predicted_s": p, "measured_s": t} for a, m, p, t in rows]
+        return [{"analysis": a, "model": m, "predicted_s": p, "measured_s": t, "extra_s": x}
+                for a, m, p, t, x in rows]
 
     # -- batches (progress for the Runs page; a batch's results are ordinary runs) ----------------------------
     def start_batch(self, batch_id: str, *, total: int, hits: int, failed: int, executor: str) -> None:

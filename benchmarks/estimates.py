@@ -165,9 +165,13 @@ def main() -> None:
             rs = [r[col] / r["measured"] for r in mine if r["measured"] > 0]
             within2 = sum(1 / 2 <= x <= 2 for x in rs)
             within3 = sum(1 / 3 <= x <= 3 for x in rs)
+            # the page shows any estimate under a second as "< 1 s": right whenever the run took under a second
+            said = [r for r in mine if r["measured"] > 0 and (1 / 2 <= r[col] / r["measured"] <= 2 or
+                                                              max(r[col], r["measured"]) < 1)]
             worst = max(rs, key=lambda x: max(x, 1 / x)) if rs else float("nan")
             print(f"{label}, {col} estimate / measured: median {statistics.median(rs):.2f}, within 2x {within2} of "
-                  f"{len(rs)}, within 3x {within3}, worst {worst:.2f}")
+                  f"{len(rs)} ({len(said)} with \"< 1 s\" right for a run under a second), within 3x {within3}, "
+                  f"worst {worst:.2f}")
 
 
 if __name__ == "__main__":

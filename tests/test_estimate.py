@@ -328,23 +328,50 @@ def test_the_correction_comes_from_runs_of_a_like_size():
             {"analysis": "lens", "model": "b", "predicted_s": 40.0, "measured_s": 60.0},
             {"analysis": "patching", "model": "a", "predicted_s": 60.0, "measured_s": 600.0}]
     pace = estimate_mod.Pace("m", estimate_mod.REFERENCE, 1, runs)
-    ratio, basis = pace.correction("lens", "b", 50.0)
+    ratio, basis, whole = pace.correction("lens", "b", 50.0)
     assert ratio == pytest.approx(1.5) and basis == "from 3 finished runs of lens with this model on this machine"
-    ratio, basis = pace.correction("lens", "a", 50.0)  # a's only lens run is unlike this one: b's count
+    ratio, basis, whole = pace.correction("lens", "a", 50.0)  # a's only lens run is unlike this one: b's count
     assert ratio == pytest.approx(1.5) and basis == "from 3 finished runs of lens on this machine"
-    ratio, basis = pace.correction("lens", "a", 0.5)
+    ratio, basis, whole = pace.correction("lens", "a", 0.5)
     assert ratio == pytest.approx(50.0) and basis == "from 1 finished run of lens with this model on this machine"
     runs.append({"analysis": "lens", "model": "c", "predicted_s": 45.0, "measured_s": 20.0})
-    ratio, basis = pace.correction("lens", "c", 50.0)  # one run of this model outweighs the others' three
+    ratio, basis, whole = pace.correction("lens", "c", 50.0)  # one run of this model outweighs the others' three
     assert ratio == pytest.approx(20 / 45) and basis == "from 1 finished run of lens with this model on this machine"
     # no run of this analysis: the median over the other analyses' medians (lens 1.5 of its five, patching 10)
-    ratio, basis = pace.correction("model", "a", 1.0)
+    ratio, basis, whole = pace.correction("model", "a", 1.0)
     assert ratio == pytest.approx((1.5 + 10) / 2)
     assert basis == "from 6 finished runs of 2 other analyses on this machine (no model run like this one here yet)"
     # one other analysis is not yet the machine's pace: the probe alone
     one = estimate_mod.Pace("m", estimate_mod.REFERENCE, 1, [r for r in runs if r["analysis"] == "lens"])
-    ratio, basis = one.correction("model", "a", 1.0)
+    ratio, basis, whole = one.correction("model", "a", 1.0)
     assert ratio == 1.0 and "matrix-multiply probe" in basis
+    assert whole
+
+
+def test_the_machine_wide_correction_is_of_the_machines_pace_only(monkeypatch):
+    """The other analyses' runs tell the machine's pace by their work at that pace: a run mostly of fixed
+    seconds (scikit-learn fits counted on the reference machine) is left out, the others count measured less
+    fixed against predicted less fixed; and the estimate it corrects keeps its own fixed seconds as they are
+    (SAE names' heads on the default model were halved with the matrix products' correction)."""
+    runs = [{"analysis": "lens", "model": "a", "predicted_s": 10.0, "measured_s": 6.0, "extra_s": 2.0},  # (6-2)/8
+            {"analysis": "patching", "model": "a", "predicted_s": 20.0, "measured_s": 10.0, "extra_s": 0.0},
+            {"analysis": "probes", "model": "a", "predicted_s": 10.0, "measured_s": 30.0, "extra_s": 9.0}]
+    pace = estimate_mod.Pace("m", estimate_mod.REFERENCE, 1, runs)
+    ratio, basis, whole = pace.correction("sae_names", "a", 10.0)
+    assert ratio == pytest.approx(0.5) and not whole  # probes (mostly fixed seconds) left out
+    assert basis.startswith("from 2 finished runs of 2 other analyses")
+    ratio, basis, whole = pace.correction("lens", "a", 10.0)  # its own runs: the whole estimate, fixed included
+    assert ratio == pytest.approx(0.6) and whole
+    monkeypatch.setattr(estimate_mod, "machine_pace", lambda *a, **k: pace)
+    est = estimate_mod.Estimate(parts={}, flops=estimate_mod.REFERENCE.flops_per_s * 4.0, lower="",
+                                analysis="sae_names", extra_seconds=6.0)
+    estimate_mod.timed(est, "float32", 64)
+    assert est.base_seconds == pytest.approx(10.0 + estimate_mod.RUN_S)
+    assert est.seconds == pytest.approx((4.0 + estimate_mod.RUN_S) * 0.5 + 6.0)
+    lens = estimate_mod.Estimate(parts={}, flops=estimate_mod.REFERENCE.flops_per_s * 4.0, lower="",
+                                 analysis="lens", extra_seconds=6.0)
+    estimate_mod.timed(lens, "float32", 64)
+    assert lens.seconds == pytest.approx(lens.base_seconds * 0.6)
 
 
 def test_a_run_that_shared_the_model_teaches_nothing(tmp_path):
