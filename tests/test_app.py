@@ -1,6 +1,7 @@
 """Page tests with Streamlit's AppTest: the app runs the real default model through the real pipeline."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -421,10 +422,11 @@ def test_steering_link_replays_and_bad_input_gets_messages():
 def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_store):
     at = _run(page="circuits", n_pairs="4", n_points="6")
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert len(at.get("plotly_chart")) == 3  # the graph, the faithfulness curves, EAP-IG against patching
+    # the graph, the faithfulness curves, EAP-IG against patching; the intervention's metric and next tokens
+    assert len(at.get("plotly_chart")) == 5
     assert _qp(at, "view_method") == "eap_ig" and int(_qp(at, "n_edges")) >= 1 and not _qp(at, "pinned")
     link = {k: _qp(at, k) for k in at.query_params}
-    kept = at.dataframe[-1].value  # the circuit's edges
+    kept = next(d.value for d in at.dataframe if "target" in d.value.columns)  # the circuit's edges
     node = kept["source"].iloc[0]
     again = _run(page="circuits", **{**link, "n_edges": "25", "pinned": node, "view_method": "relp"})
     assert not again.exception and not again.error and not again.warning
@@ -441,7 +443,39 @@ def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_
         odd = _run(page="circuits", **{**link, **bad})
         assert not odd.exception and not odd.error
         assert any(says in w.value for w in odd.warning), [w.value for w in odd.warning]
-    assert Store(own_store).count("runs") == 2  # the Model page's first view, and the one circuit run
+    # the Model page's first view, the one circuit run and the intervention on its nodes (the same in every link)
+    assert Store(own_store).count("runs") == 3
+
+
+def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_nodes(own_store):
+    """Interventions from the graph: the circuit's nodes set at once (the default), a link's nodes, value and pair
+    replayed from the store, the metric and next tokens shown; bad nodes get a message and leave the page, its
+    link and the store as they were."""
+    at = _run(page="circuits", n_pairs="4", n_points="6", methods="eap,relp")
+    assert not at.exception and not at.error, _errors(at)
+    default = _qp(at, "nodes").split(",")
+    assert default and all(re.fullmatch(r"a\d+\.h\d+|m\d+", n) for n in default)  # the circuit's heads and MLPs
+    assert _qp(at, "prompts") == "clean" and _qp(at, "value") == "other"
+    link = {k: _qp(at, k) for k in at.query_params}
+    chosen = {**link, "nodes": "a1.h0,m2@14", "value": "mean", "pair": "2"}
+    again = _run(page="circuits", **chosen)
+    assert not again.exception and not again.error and not again.warning, _errors(again)
+    assert again.multiselect(key="iv_nodes").value == ["a1.h0", "m2@14"] and again.selectbox(key="pair").value == 2
+    assert _qp(again, "nodes") == "a1.h0,m2@14" and _qp(again, "value") == "mean" and _qp(again, "pair") == "2"
+    table = next(d.value for d in again.dataframe if "after" in d.value.columns)
+    assert len(table) == 4 and (table["before"] == table["clean"]).all()  # the clean prompts, set to the mean
+    assert any("→" in m.value and "change" in m.value for m in again.markdown)
+    runs = Store(own_store).count("runs")
+    replay = _run(page="circuits", **chosen)  # the same link again: everything from the store
+    assert not replay.exception and Store(own_store).count("runs") == runs
+    assert sum("from the store" in c.value for c in replay.caption) >= 1
+    for bad, says in (({"nodes": "a9.h0"}, "has blocks 0 to 5"), ({"nodes": "a1.h7"}, "has heads 0 to 3"),
+                      ({"nodes": "<script>alert(1)</script>"}, "is not a node name"),
+                      ({"nodes": "m1@99"}, "positions 0 to")):
+        odd = _run(page="circuits", **{**link, **bad})
+        assert not odd.exception and any(says in e for e in _errors(odd)), (bad, _errors(odd))
+        assert any("Share and export" in h.value for h in odd.subheader)  # the rest of the page stays
+    assert Store(own_store).count("runs") == runs
 
 
 def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_bad_pin():

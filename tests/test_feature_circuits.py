@@ -378,3 +378,82 @@ def test_a_batch_plans_each_layers_sae_as_its_own_item_and_a_worker_computes_the
     b = out.result.table.sort_values(["method", "source", "target"]).reset_index(drop=True)
     assert a[["method", "source", "target"]].equals(b[["method", "source", "target"]])
     assert np.allclose(a["score"], b["score"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interventions on feature nodes (the circuit_intervention analysis)
+# ----------------------------------------------------------------------------------------------------------
+def test_feature_interventions_equal_node_patching_and_a_brute_force_through_the_saes(feature_circuit,
+                                                                                      default_handle):
+    """One feature node patched alone changes each pair's metric by the feature circuit's own activation-patching
+    effect for it; several nodes on several layers set at once (mean ablation) equal a brute force through the
+    transformers model's blocks, splitting each residual with the stored SAE."""
+    from analysis.analyses.circuit.intervene import CircuitInterventionSpec
+    from analysis.analyses.circuit.spec import sae_spec_at
+    from analysis.analyses.features.sae import SKIP_FIRST, sae_from_result
+    from analysis.runner import run
+
+    out, store = feature_circuit
+    nodes = out.result.extra["nodes"]
+    act = nodes[(nodes["method"] == "activation") & (nodes["kind"] != "input")]
+    top = act.reindex(act["score"].abs().sort_values(ascending=False).index)
+    per_pair = out.result.extra["per_pair"]
+    meta = out.result.meta
+    span = meta["clean_metric"] - meta["corrupted_metric"]  # means over pairs: the normalised scale's unit
+    for name in top["node"].head(3):
+        spec = CircuitInterventionSpec(level="features", n_pairs=6, nodes=(name,), prompts="corrupted",
+                                       value="other", **SMALL_SAES)
+        r = run(spec, store=store).result
+        want = per_pair[(per_pair["method"] == "activation") & (per_pair["node"] == name)].sort_values("pair")
+        assert np.allclose(r.table["change"] / span, want["value"], atol=1e-4), name
+
+    feats = top[top["kind"] == "feature"].head(4)
+    chosen = list(feats["node"]) + ["err3@5", f"err5@{int(feats['position'].iloc[0])}"]
+    spec = CircuitInterventionSpec(level="features", n_pairs=6, nodes=tuple(chosen), prompts="clean", value="mean",
+                                   metric="logit_diff", **SMALL_SAES)
+    got = run(spec, store=store).result
+    saes = {}
+    for layer in (1, 3, 5):  # the circuit's SAEs, from the store
+        sae_run = run(sae_spec_at(spec, layer), store=store)
+        assert sae_run.hit
+        saes[layer] = sae_from_result(sae_run.result)[0].float()
+    clean, _, ans, wrong = _pairs(default_handle, 6)
+    ref = _Blocks(default_handle)
+    parsed = {}
+    for name in chosen:
+        head, pos = name.split("@")
+        layer = int(head[3:]) if head.startswith("err") else int(head[1:].split(".")[0])
+        feat = -1 if head.startswith("err") else int(head.split(".")[1])
+        parsed.setdefault(layer, []).append((feat, int(pos)))
+
+    def split(layer, x):
+        acts = saes[layer].encode(x.float())
+        if SKIP_FIRST:
+            acts = torch.cat([torch.zeros_like(acts[:, :1]), acts[:, 1:]], 1)
+        return acts, x.float() - saes[layer].decode(acts)
+
+    # the mean over the clean prompts of each node, from the run that is not intervened
+    resid = {}
+    hooks = [ref.hf.layers[layer].register_forward_hook(
+        lambda m, a, o, layer=layer: resid.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).detach()))
+        for layer in parsed]
+    with torch.no_grad():
+        ref.hf.model(clean)
+    for h in hooks:
+        h.remove()
+    means = {layer: tuple(t.mean(0, keepdim=True) for t in split(layer, resid[layer])) for layer in parsed}
+
+    def edit(layer):
+        def fn(x):
+            acts, err = split(layer, x)
+            for feat, pos in parsed[layer]:
+                if feat >= 0:
+                    acts[:, pos, feat] = means[layer][0][:, pos, feat]
+                else:
+                    err[:, pos] = means[layer][1][:, pos]
+            return (saes[layer].decode(acts) + err).to(x.dtype)
+        return fn
+
+    logits = ref.run(clean, edits={layer: edit(layer) for layer in parsed})
+    want = (logits.gather(1, ans[:, None]) - logits.gather(1, wrong[:, None]))[:, 0]
+    assert np.allclose(got.table["after"], want.numpy(), atol=1e-3)

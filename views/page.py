@@ -179,6 +179,31 @@ class PageContext:
         submitted, self._submitted = self._submitted, False
         return common.run_or_stop(make_spec, model, slot=slot, smaller=self._smaller, submitted=submitted)
 
+    def run_part(self, make_spec, model: common.ModelChoice) -> tuple[Spec | None, RunOutcome | None]:
+        """A second run on a page, below the first (an intervention on a circuit's nodes): (spec, outcome). Unlike
+        `run`, what is wrong with it does not stop the page (the rest of it, its link and exports stay): a spec
+        that does not validate or does not fit the model gets its message and (None, None); in review mode a run
+        the store does not hold is said so, (spec, None)."""
+        from analysis import load_model
+        from analysis.runner import resolve_tokens, run
+        from analysis.settings import review_mode
+
+        try:
+            spec = make_spec()
+            spec = type(spec).from_dict(spec.to_dict())
+            handle = load_model(spec.model, revision=spec.revision or None, device=model.device, dtype=spec.dtype)
+            resolve_tokens(spec, handle)  # against this model, before anything runs
+        except WorkbenchError as e:
+            common.show_error(e)
+            return None, None
+        if review_mode():
+            try:
+                return spec, run(spec, store=common.store(), device=model.device, allow_compute=False)
+            except WorkbenchError as e:
+                st.info(f"Not in the store (review mode shows stored results only): {e}")
+                return spec, None
+        return spec, self.run(lambda: spec, model)
+
     def share(self, outcome: RunOutcome, params: dict, figures: dict, title: str,
               view: ViewState | None = None) -> None:
         params = {**params, **(view.to_query() if view is not None else {})}

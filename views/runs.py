@@ -18,7 +18,10 @@ MAX_ROWS = 2000
 # analyses with no page of their own that another page shows: that page's analysis, and the link fields (besides
 # the model's) that open a stored run there
 SHOWN_ON = {"quant_traces": ("quant_sensitivity", quant_run_query),
-            "quant_allocation": ("quant_sensitivity", quant_run_query)}
+            "quant_allocation": ("quant_sensitivity", quant_run_query),
+            # the Circuits page runs the circuit of the same pairs and shows the intervention below its graph
+            "circuit_intervention": ("circuit", lambda analysis, spec: {k: v for k, v in spec.items()
+                                                                        if k not in MODEL_KEYS})}
 
 
 def _link_value(v):

@@ -2,7 +2,8 @@
 faithfulness."""
 from ...contract import Analysis, Needs
 from .compute import compute, estimate
-from .figures import figures
+from .figures import figures, intervention_figures
+from .intervene import CircuitInterventionSpec, compute_intervention, estimate_intervention, sae_inputs
 from .page import PAGE
 from .spec import CircuitSpec, sae_specs
 
@@ -13,4 +14,8 @@ ANALYSIS = Analysis(spec=CircuitSpec, version="1", compute=compute, figures=figu
                     smaller=({"patch_limit": 1000, "n_pairs": 6},
                              {"methods": ("eap", "eap_ig", "relp"), "n_pairs": 6},
                              {"methods": ("eap", "eap_ig", "relp"), "n_pairs": 6, "n_points": 8, "ig_steps": 4}))
-ANALYSES = [ANALYSIS]
+# a chosen set of the graph's nodes ablated or patched (shown on the Circuits page, below the graph)
+INTERVENTION = Analysis(spec=CircuitInterventionSpec, version="1", compute=compute_intervention,
+                        figures=intervention_figures, estimate=estimate_intervention,
+                        inputs=(Needs("sae", sae_inputs),))
+ANALYSES = [ANALYSIS, INTERVENTION]

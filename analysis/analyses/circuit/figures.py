@@ -382,3 +382,44 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
            "nodes": out_nodes, "links": links}
     return json.dumps(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interventions
+# ----------------------------------------------------------------------------------------------------------
+def intervention_metric_figure(result: Result) -> go.Figure:
+    """Per pair: the metric of the clean and the corrupted run, and of the chosen prompts before and after the
+    intervention."""
+    t, meta = result.table, result.meta
+    fig = go.Figure()
+    x = [f"pair {p}" for p in t["pair"]]
+    for col, name, color in (("clean", "clean run", "#999999"), ("corrupted", "corrupted run", "#dddddd"),
+                             ("before", f"{meta['prompts']} prompts", "#6baed6"),
+                             ("after", "with the nodes set", POSITIVE)):
+        fig.add_bar(x=x, y=t[col], name=name, marker_color=color,
+                    hovertemplate=f"{name}: %{{y:.3f}}<extra>%{{x}}</extra>")
+    nodes = meta["nodes"]
+    shown = ", ".join(nodes[:6]) + (f" and {len(nodes) - 6} more" if len(nodes) > 6 else "")
+    fig.update_layout(barmode="group", title=f"{meta['metric']}: {shown} set to {meta['value']}",
+                      yaxis_title=meta["metric"], margin=MARGIN, legend_orientation="h", legend_y=-0.15)
+    return fig
+
+
+def intervention_next_token_figure(result: Result, pair: int = 0) -> go.Figure:
+    """One pair's next-token distribution before and after the intervention (the other prompt's for reference)."""
+    nt = result.extra["next_token"]
+    sub = nt[nt["pair"] == pair].sort_values("p_before", ascending=False)
+    labels = [f"{tok!r}" + (" (answer)" if a else " (wrong)" if w else "")
+              for tok, a, w in zip(sub["token"], sub["answer"], sub["wrong"])]
+    fig = go.Figure()
+    for col, name, color in (("p_before", "before", "#6baed6"), ("p_after", "after", POSITIVE),
+                             ("p_other", "the other prompt", "#cccccc")):
+        fig.add_bar(x=labels, y=sub[col], name=name, marker_color=color,
+                    hovertemplate=f"{name}: %{{y:.4f}}<extra>%{{x}}</extra>")
+    fig.update_layout(barmode="group", title=f"Next token, pair {pair}", yaxis_title="probability",
+                      margin=MARGIN, legend_orientation="h", legend_y=-0.25)
+    return fig
+
+
+def intervention_figures(result: Result) -> dict:
+    return {"metric": intervention_metric_figure(result), "next_token": intervention_next_token_figure(result)}

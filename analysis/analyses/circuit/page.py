@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ...contract import Page, ViewState, Widget
+from ...untrusted import md_escape
 from ..patching.page import EXAMPLE_PAIRS
 from ..patching.spec import pairs_with_text
 from .figures import (
@@ -20,11 +21,14 @@ from .figures import (
     feature_graph_figure,
     graph_figure,
     graph_of,
+    intervention_metric_figure,
+    intervention_next_token_figure,
     neuronpedia_json,
     node_comparison_figure,
     node_of_target,
     node_parts,
 )
+from .intervene import KINDS, CircuitInterventionSpec, parse_node
 from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
 
 WIDGETS = {
@@ -51,6 +55,15 @@ WIDGETS = {
 LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("metric", "direction"),
           ("relp_rules", "patch_limit")]
 FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation")]
+IV_WIDGETS = {
+    "prompts": Widget("Run", "radio", labels={"clean": "the clean prompts", "corrupted": "the corrupted prompts"}),
+    "value": Widget("Set each chosen node to", "radio", labels={"other": "the other prompt's value (patch)",
+                                                                "mean": "its mean (mean ablation)", "zero": "zero"}),
+    "top_k": Widget("Next tokens shown"),
+}
+# the intervention's fields that are the circuit's own (the same pairs, metric and SAEs)
+SHARED = ("dataset", "n_pairs", "pairs", "metric", "level", "sae_width", "sae_k", "sae_steps", "sae_max_tokens")
+IV_FIELDS = ("nodes", "prompts", "value", "top_k")
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class CircuitView(ViewState):
     view_method: str = ""
     n_edges: int = 0  # 0: the smallest circuit that reaches 80% faithfulness
     pinned: str = ""  # a node whose inputs and outputs are listed
+    pair: int = 0  # the pair whose next-token distribution the intervention shows
 
 
 def render(ctx) -> None:
@@ -88,10 +102,13 @@ def render(ctx) -> None:
     outcome = ctx.run(make, model)
     result = outcome.result
     table, meta = result.table, result.meta
+    circuit_spec = make() if shipped else outcome.spec.replace(
+        pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))
     if meta.get("level") == "features":
-        figures, title, shown = _features(ctx, outcome, view)
-        ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec.replace(
-            pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures, title, view=shown)
+        figures, title, shown, options, start = _features(ctx, outcome, view)
+        params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures)
+        ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures, title,
+                  view=dataclasses.replace(shown, pair=pair))
         return
     graph = graph_of(meta)
     _captions(st, meta, f"{meta['n_edges']:,} edges between {meta['n_sources']} writers and {meta['n_targets']} "
@@ -125,10 +142,12 @@ def render(ctx) -> None:
     st.download_button("Download the graph (EAP-IG JSON)", eap_ig_json(table, meta, method, n_edges),
                        file_name=f"circuit-{method}-{n_edges}.json", mime="application/json")
 
-    ctx.share(outcome, ctx.spec_params(make() if shipped else outcome.spec.replace(
-        pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))), figures,
+    writers = [n for n in graph.sources]
+    start = [pinned] if pinned in writers else [n for n in nodes if n in writers and n != "input"]
+    params, pair = _intervention(ctx, model, circuit_spec, writers, start, view, figures)
+    ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
-              view=CircuitView(method, n_edges, pinned))
+              view=CircuitView(method, n_edges, pinned, pair))
 
 
 def _faithfulness(st, result, figures: dict, unit: str) -> None:
@@ -236,8 +255,65 @@ def _features(ctx, outcome, view: CircuitView):
     st.download_button("Download the graph (Neuronpedia attribution-graph JSON)",
                        neuronpedia_json(result, method, n_edges, outcome.spec.model),
                        file_name=f"feature-circuit-{method}-{n_edges}.json", mime="application/json")
+    ranked = nodes[nodes["method"] == method]
+    ranked = ranked.reindex(ranked["score"].abs().sort_values(ascending=False).index)["node"].tolist()
+    options = list(dict.fromkeys([n for n in shown if n != "logits"] + ranked[:200]))
+    start = [pinned] if pinned and pinned != "logits" else [n for n in ranked if not n.startswith("input")][:5]
     return figures, f"Feature circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges", \
-        CircuitView(method, n_edges, pinned)
+        CircuitView(method, n_edges, pinned), options, start
+
+
+def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str], view: CircuitView,
+                  figures: dict) -> tuple[dict, int]:
+    """Interventions from the graph: the chosen nodes set all at once on the circuit's pairs, the metric and the
+    next-token distribution before and after. Returns the link's fields for it and the pair shown."""
+    st = ctx.st
+    level = circuit_spec.level
+    st.subheader("Intervene on nodes")
+    st.caption("The chosen nodes are set all at once on the circuit's prompt pairs (everything after them "
+               "recomputed): to the pair's other prompt's value (patching), their mean over the prompts run, "
+               "position by position (mean ablation), or zero. Nodes: the graph's names; @p for one position.")
+    url = ctx.link(CircuitInterventionSpec, defaults={"level": level, "nodes": tuple(start)})
+    chosen = list(start)
+    if "nodes" in ctx.query():
+        fits = [n for n in url.nodes if parse_node(n).kind in KINDS[level]]
+        if fits:
+            chosen = fits
+        elif ctx.query().get("level") == level:
+            st.warning(f"The link's nodes are not {level} nodes: starting from the graph's.")
+    widgets = {**IV_WIDGETS, "nodes": Widget("Nodes to set (all at once)", "multiselect", key="iv_nodes",
+                                             options=tuple(dict.fromkeys([*chosen, *options])))}
+    with st.form("circuit_intervention"):
+        values = ctx.spec_widgets(CircuitInterventionSpec, url.replace(nodes=tuple(chosen), level=level),
+                                  ["nodes", ("prompts", "value", "top_k")], widgets)
+        ctx.run_button("Intervene")
+    data = {**values, **{f: getattr(circuit_spec, f) for f in SHARED}}
+    spec, outcome = ctx.run_part(lambda: ctx.make_spec(CircuitInterventionSpec, model, url, data), model)
+    params = {k: v for k, v in ctx.spec_params(spec).items() if k in IV_FIELDS} if spec is not None else {}
+    if outcome is None:
+        return params, 0
+    r = outcome.result
+    meta, table = r.meta, r.table
+    line = (f"{meta['metric']} on the {meta['prompts']} prompts: {meta['before']:.3f} → {meta['after']:.3f} "
+            f"(change {meta['change']:+.3f}, 95% interval {meta['change_low']:+.3f} to {meta['change_high']:+.3f})")
+    if "after_normalized" in meta:
+        line += (f" · between the corrupted (0) and the clean run (1): {meta['before_normalized']:.2f} → "
+                 f"{meta['after_normalized']:.2f} ({meta['after_normalized_low']:.2f} to "
+                 f"{meta['after_normalized_high']:.2f})")
+    st.markdown(md_escape(line))
+    st.caption(f"KL(before ‖ after) at the final position: {meta['kl']:.4f} nats, mean over pairs · "
+               f"{meta['statistics']}")
+    fig = intervention_metric_figure(r)
+    st.plotly_chart(fig, width="stretch")
+    pair = ctx.choose(view, "pair", "Next-token distribution of pair", list(table["pair"]),
+                      format_func=lambda i: f"{i}: {table['prompt'].iloc[i][-80:]}")
+    nt = intervention_next_token_figure(r, int(pair))
+    st.plotly_chart(nt, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.download_button("Download the intervention (CSV)", table.to_csv(index=False), file_name="intervention.csv",
+                       mime="text/csv")
+    figures.update({"intervention": fig, "intervention_next_token": nt})
+    return params, int(pair)
 
 
 def _node_order(name: str):

@@ -120,13 +120,17 @@ def check_graph(handle: ModelHandle) -> None:
                              "every block.", hint="Use the Patching page's node sweeps on this model.") from e
 
 
+def sae_spec_at(spec, layer: int):
+    """The Features page's SAE (its residual after block `layer`) with a circuit spec's SAE settings."""
+    from ..features.sae import SAESpec
+
+    base = {f: getattr(spec, f) for f in Spec.field_names()}
+    return SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
+                   max_tokens=spec.sae_max_tokens)
+
+
 def sae_specs(spec: CircuitSpec, got) -> dict | None:
     """The Features page's SAE at each layer a feature circuit splits, by input name (None for components)."""
     if spec.level != "features":
         return None
-    from ..features.sae import SAESpec
-
-    base = {f: getattr(spec, f) for f in Spec.field_names()}
-    return {SAE_INPUT.format(layer): SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width,
-                                             k=spec.sae_k, steps=spec.sae_steps, max_tokens=spec.sae_max_tokens)
-            for layer in spec.layers}
+    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer) for layer in spec.layers}
