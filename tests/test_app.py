@@ -469,13 +469,32 @@ def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_no
     replay = _run(page="circuits", **chosen)  # the same link again: everything from the store
     assert not replay.exception and Store(own_store).count("runs") == runs
     assert sum("from the store" in c.value for c in replay.caption) >= 1
-    for bad, says in (({"nodes": "a9.h0"}, "has blocks 0 to 5"), ({"nodes": "a1.h7"}, "has heads 0 to 3"),
+    # the Runs page opens the stored intervention on the Circuits page, below its circuit, from the store
+    from urllib.parse import parse_qs, urlparse
+
+    from views.runs import run_link
+
+    stored = Store(own_store).runs("circuit_intervention")
+    mean_run = next(s for s in stored["spec"] if '"value": "mean"' in s)
+    opened = urlparse(run_link("circuit_intervention", mean_run))
+    query = {k: v[0] for k, v in parse_qs(opened.query).items()}
+    assert opened.path == "/circuits" and query["nodes"] == "a1.h0,m2@14" and query["value"] == "mean"
+    from_runs = _run(page="circuits", **{k: v for k, v in query.items() if k not in ("model", "dtype", "bos")})
+    assert not from_runs.exception and not from_runs.error, _errors(from_runs)
+    assert from_runs.multiselect(key="iv_nodes").value == ["a1.h0", "m2@14"]
+    # the intervention from the store (the circuit at the page's defaults for what the intervention does not name)
+    assert len(Store(own_store).runs("circuit_intervention")) == len(stored)
+    runs = Store(own_store).count("runs")
+    for bad, says in (({"nodes": "a9.h0,a1.h0,m2@14"}, "a9.h0 are not in this model's graph"),  # the rest ran
+                      ({"nodes": "a1.h7"}, "no components node of this model"),
                       ({"nodes": "<script>alert(1)</script>"}, "is not a node name"),
                       ({"nodes": "m1@99"}, "positions 0 to")):
-        odd = _run(page="circuits", **{**link, **bad})
-        assert not odd.exception and any(says in e for e in _errors(odd)), (bad, _errors(odd))
+        odd = _run(page="circuits", **{**chosen, **bad})
+        said = _errors(odd) + [w.value for w in odd.warning]
+        assert not odd.exception and any(says in e for e in said), (bad, said)
         assert any("Share and export" in h.value for h in odd.subheader)  # the rest of the page stays
-    assert Store(own_store).count("runs") == runs
+    # nothing stored for the refused nodes; one run where no node of the link was this model's: the circuit's own
+    assert Store(own_store).count("runs") == runs + 1
 
 
 def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_bad_pin():

@@ -16,6 +16,7 @@ SMALL = {
     "model": {}, "lens": {}, "entropy": {},
     "patching": dict(n_pairs=2),
     "circuit": dict(n_pairs=2, ig_steps=2, n_points=3),
+    "circuit_intervention": dict(n_pairs=2, nodes=("a0.h0", "m1"), value="mean"),
     "tuned_lens": dict(steps=3, max_tokens=256, batch_tokens=64),
     "infoplane": dict(n_samples=50),
     "concept_activations": dict(max_sentences=40),

@@ -229,6 +229,7 @@ KEYS_BEFORE_ISSUE_13 = {
     "sae_steer": "df534ba938fcd475a2fd5ea69289d1e1",
     "sae_names": "5f043c5db2dac4941910c7c13f548218",
     "circuit": "a49bc2b6ee6b1613b01c802df65cb967",  # new with issue 28
+    "circuit_intervention": "869b35d619d875be983f0a569e616065",
 }
 
 

@@ -277,10 +277,15 @@ def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str]
     chosen = list(start)
     if "nodes" in ctx.query():
         fits = [n for n in url.nodes if parse_node(n).kind in KINDS[level]]
+        if level == "components":  # the graph names every component: a node it lacks is another model's
+            foreign = [n for n in fits if n.split("@")[0] not in options]
+            if foreign:
+                st.warning(f"The link's nodes {', '.join(foreign[:5])} are not in this model's graph: left out.")
+            fits = [n for n in fits if n not in foreign]
         if fits:
             chosen = fits
         elif ctx.query().get("level") == level:
-            st.warning(f"The link's nodes are not {level} nodes: starting from the graph's.")
+            st.warning(f"The link names no {level} node of this model: starting from the circuit's.")
     widgets = {**IV_WIDGETS, "nodes": Widget("Nodes to set (all at once)", "multiselect", key="iv_nodes",
                                              options=tuple(dict.fromkeys([*chosen, *options])))}
     with st.form("circuit_intervention"):
