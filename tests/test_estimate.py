@@ -173,14 +173,14 @@ def test_check_fits_uses_free_memory():
         check_fits(est, free=est.working_bytes // 2)
 
 
-QUANT = ("quant_traces", "quant_sensitivity", "quant_allocation")
+QUANT = ("quant_sensitivity",)
 
 
 def test_the_default_model_keeps_its_defaults():
     """Defaults scale only where they would take over a minute: nothing changes for the default model (its run
-    keys stay those of every store written before) but the quantization analyses, whose Hessian traces (up to
-    100 Hutchinson samples, each a double backward over 16 x 64 tokens) take minutes even on it (measured: over
-    100 s on one core for the first rung's quarter of the tokens); they start from their ladder's first rung."""
+    keys stay those of every store written before) but the quantization sweep (every unit in four formats on top
+    of the Hessian traces: about 100 s at the reference pace), which starts from its ladder's first rung. Its
+    Hessian traces alone (measured 27 s at their defaults here) and the bit allocation keep theirs."""
     summary = load_model("default").summary
     for a in ANALYSES:
         chosen, full, took = smaller_defaults(a, summary, {})
@@ -188,7 +188,7 @@ def test_the_default_model_keeps_its_defaults():
             first = estimate_mod.ladder(a, Shape.of(summary))[0]
             assert chosen == first and took <= estimate_mod.BUDGET_S < full, (a.name, full, took)
         else:
-            assert chosen == {}, (a.name, full)
+            assert chosen == {} and full <= estimate_mod.BUDGET_S, (a.name, full)
 
 
 def test_a_large_model_gets_smaller_defaults_and_given_fields_stay():

@@ -640,9 +640,11 @@ def _text_cost(s, n: int, t: int) -> tuple[int, float]:
 
 def _hutchinson_cost(s, n: int, t: int, samples: int) -> tuple[int, float]:
     """Gradients with their graph kept (every block's saved tensors twice over, the parameters' gradients and
-    a Rademacher vector and Hessian-vector product per parameter); work: ~4 forwards per sample."""
+    a Rademacher vector and Hessian-vector product per parameter); work: the gradient with its graph, then per
+    sample a Hessian-vector product, which measures about one backward's work (benchmarks/estimates.py: counted
+    as four, the traces' estimates were 2-4x over on the default model, SmolLM2 and the wide-vocabulary model)."""
     peak = 3 * s.backward_bytes(n, t) + 4 * s.weights + 2 * s.logits_bytes(n, t)
-    return peak, s.backward_flops(n, t) + samples * 4 * s.backward_flops(n, t)
+    return peak, s.backward_flops(n, t) + samples * s.backward_flops(n, t)
 
 
 # seconds per parameter on the reference machine (2 CPU cores, float32) of work that is not matrix products,
@@ -664,7 +666,9 @@ def estimate_traces(plan) -> Estimate:
     text_peak, text_flops = _text_cost(s, n, t)
     hutch_peak, hutch_flops = _hutchinson_cost(s, n, t, samples)
     return Estimate(parts={"Hessian traces": max(hutch_peak, text_peak)}, flops=text_flops + hutch_flops,
-                    blocks=s.calls(t) + s.calls(3 + 6 * samples),  # the text a token at a time; the products
+                    # the text a token at a time; the products (a Hessian-vector product passes each block about
+                    # twice: counted six times, the traces' estimates were 2-4x over)
+                    blocks=s.calls(t) + s.calls(3 + 2 * samples),
                     extra_seconds=s.n_params * (UNITS_S_PER_PARAM + GRAPH_S_PER_PARAM
                                                 + samples * RADEMACHER_S_PER_PARAM),
                     lower="n_seqs, seq_len or max_samples")
