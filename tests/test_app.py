@@ -437,8 +437,18 @@ def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_
     assert _qp(again, "pinned") == node and _qp(again, "n_edges") == "25"
     again.slider(key="n_edges").set_value(10).run()  # fewer edges: the link follows
     assert not again.exception and _qp(again, "n_edges") == "10"
+    # grouped nodes (supernodes) from the link: outlined, their edges summed, written back to the link
+    two = list(dict.fromkeys(kept["source"]))[:2]
+    grouped = _run(page="circuits", **{**link, "groups": f"movers: {two[0]} + {two[1]}"})
+    assert not grouped.exception and not grouped.error and not grouped.warning, [w.value for w in grouped.warning]
+    assert _qp(grouped, "groups") == f"movers: {two[0]} + {two[1]}"
+    assert any("Edges of the groups" in m.value for m in grouped.markdown)
+    grouped.text_input(key="groups").set_value("movers: m5").run()
+    assert not grouped.exception and _qp(grouped, "groups") == "movers: m5"
     for bad, says in (({"pinned": "a9.h9"}, "not a node of this model's graph"),
                       ({"pinned": "<script>"}, "not a node of this model's graph"),
+                      ({"groups": "<b>x</b>: m1"}, "The groups were not read"),
+                      ({"groups": "g: a9.h9 + m1"}, "not nodes of this graph"),
                       ({"n_edges": "99999"}, "outside 1 to")):
         odd = _run(page="circuits", **{**link, **bad})
         assert not odd.exception and not odd.error
@@ -502,7 +512,11 @@ def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_
                  edge_nodes="12", sae_width="64", sae_steps="100", sae_max_tokens="2048")
     at = _run(**small)
     assert not at.exception and not at.error, _errors(at)
-    assert len(at.get("plotly_chart")) == 2  # the graph and the faithfulness curves (no node patching asked)
+    # the graph and the faithfulness curves (no node patching asked); the intervention's metric and next tokens
+    assert len(at.get("plotly_chart")) == 4
+    # the intervention starts from the graph's strongest feature and error nodes (through the circuit's SAEs)
+    assert all(re.fullmatch(r"(f\d+\.\d+|err\d+)@\d+", n) for n in _qp(at, "nodes").split(","))
+    assert any("→" in m.value for m in at.markdown)
     assert _qp(at, "view_method") == "relp" and int(_qp(at, "n_edges")) >= 1  # RelP before EAP when no EAP-IG
     nodes = next(d.value for d in at.dataframe if "kind" in d.value.columns)
     pages = nodes[nodes["kind"] == "feature"]["page"]

@@ -81,8 +81,10 @@ def test_a_circuit_link_opens_pins_a_node_follows_the_edge_count_and_exports(ser
     _settled(page)
     assert main.get_by_text("Out of input").count() == 1
     assert _state(page.url)["n_edges"] == "20" and _state(page.url)["pinned"] == "input"
-    main.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)  # the graph, the faithfulness curves
-    assert main.locator(".js-plotly-plot").count() == 2
+    # the graph, the faithfulness curves; the intervention on the pinned node: its metric and next tokens
+    main.locator(".js-plotly-plot").nth(3).wait_for(timeout=30_000)
+    assert main.locator(".js-plotly-plot").count() == 4
+    assert _state(page.url)["nodes"] == "input" and _state(page.url)["value"] == "other"
 
     thumb = main.get_by_role("slider")
     thumb.focus()
@@ -96,6 +98,15 @@ def test_a_circuit_link_opens_pins_a_node_follows_the_edge_count_and_exports(ser
     assert set(graph) == {"cfg", "nodes", "edges"} and len(graph["edges"]) == 1108
     kept = [k for k, v in graph["edges"].items() if v["in_graph"]]
     assert 0 < len(kept) <= 21 and all(graph["nodes"][k.split("->")[0]]["in_graph"] for k in kept)
+
+    # an intervention from the graph: the pinned node mean-ablated instead; the link follows
+    main.get_by_text("its mean (mean ablation)").click()
+    main.get_by_role("button", name="Intervene").click()
+    page.wait_for_url(re.compile(r"value=mean"), timeout=120_000)
+    _settled(page)
+    assert _state(page.url)["nodes"] == "input" and _state(page.url)["n_edges"] == "21"
+    assert main.get_by_text("between the corrupted (0) and the clean run (1)").count() >= 1
+    assert page.locator("[data-testid='stException']").count() == 0
 
     page.goto(f"{server}/circuits?n_pairs=4&n_points=6&methods=eap,eap_ig&n_edges=20&pinned=a9.h9")
     main.get_by_text("not a node of this model's graph").wait_for(timeout=180_000)
@@ -115,8 +126,9 @@ def test_a_feature_circuit_link_opens_pins_a_node_links_its_feature_page_and_exp
     main.get_by_text("Share and export").wait_for(timeout=240_000)
     _settled(page)
     assert _state(page.url)["n_edges"] == "60" and _state(page.url)["level"] == "features"
-    main.locator(".js-plotly-plot").nth(1).wait_for(timeout=30_000)  # the graph, the faithfulness curves
-    assert main.locator(".js-plotly-plot").count() == 2
+    # the graph, the faithfulness curves; the intervention's metric and next tokens
+    main.locator(".js-plotly-plot").nth(3).wait_for(timeout=30_000)
+    assert main.locator(".js-plotly-plot").count() == 4
 
     with page.expect_download() as got:
         main.get_by_role("button", name="Download the graph (Neuronpedia attribution-graph JSON)").click()

@@ -401,6 +401,46 @@ def test_on_the_shipped_ioi_pairs_each_method_tracks_edge_patching_and_its_circu
     assert store.count("runs") == 1
 
 
+def test_groups_of_nodes_parse_are_outlined_and_sum_their_members_edges(ioi_circuit):
+    """Supernodes: 'name: node + node; …' parsed (and written back the same), refused when malformed; outlined
+    and named in the graph; their edges the sums of their members' shown edges (against a loop over the edges)."""
+    from analysis.analyses.circuit.figures import (
+        circuit_edges,
+        format_groups,
+        graph_figure,
+        graph_of,
+        group_edges,
+        node_of_target,
+        parse_groups,
+    )
+
+    groups = parse_groups(" movers: a5.h1 + a4.h3 ; mlps: m2+m3+m2")
+    assert groups == [("movers", ["a5.h1", "a4.h3"]), ("mlps", ["m2", "m3"])]
+    assert parse_groups(format_groups(groups)) == groups and parse_groups("") == []
+    for bad in ("m1 + m2", "a: ", "<b>x</b>: m1", "a: m1; a: m2", "a: m1; b: m1", ";".join(f"g{i}: m{i}"
+                                                                                        for i in range(17))):
+        with pytest.raises(ValueError):
+            parse_groups(bad)
+    out, _ = ioi_circuit
+    t, meta = out.result.table, out.result.meta
+    graph = graph_of(meta)
+    kept = circuit_edges(t, meta, "eap_ig", 60)
+    members = list(dict.fromkeys(kept["source"]))[1:3]
+    got = group_edges(kept, [("g", members)], lambda x: node_of_target(graph, x)).set_index(["source", "target"])
+    want: dict = {}
+    for r in kept.itertuples():
+        s = "g" if r.source in members else r.source
+        d = "g" if node_of_target(graph, r.target) in members else node_of_target(graph, r.target)
+        if s != d and "g" in (s, d):
+            n, v = want.get((s, d), (0, 0.0))
+            want[(s, d)] = (n + 1, v + r.score)
+    assert set(got.index) == set(want) and len(want) > 0
+    for k, (n, v) in want.items():
+        assert got.loc[k, "edges"] == n and got.loc[k, "score"] == pytest.approx(v, abs=1e-6)
+    fig = graph_figure(t, meta, "eap_ig", 60, groups=[("g", members), ("unseen", ["a0.h0@3"])])
+    assert len(fig.layout.shapes) == 1 and [a.text for a in fig.layout.annotations] == ["<b>g</b>"]
+
+
 def test_the_graph_exports_in_the_eap_ig_librarys_format(ioi_circuit):
     import json
 

@@ -298,6 +298,23 @@ def test_feature_circuit_figures_and_neuronpedia_export(feature_circuit):
         if n["feature_type"] == "cross layer transcoder":
             assert n["node_id"] == f"{n['layer']}_{n['feature']}_{n['ctx_idx']}"
     assert graph["metadata"]["prompt_tokens"] == [str(t) for t in r.extra["tokens"]["token"]]
+    assert graph["qParams"]["supernodes"] == []
+    # a group of nodes (a supernode) goes out as Neuronpedia's supernodes: its name and its members' node ids
+    from analysis.analyses.circuit.figures import feature_edges, feature_graph_figure
+
+    shown = list(dict.fromkeys(feature_edges(r.table, "relp", 30)["source"]))[:2]
+    grouped = json.loads(neuronpedia_json(r, "relp", 30, "default", [("pair", shown), ("off", ["f1.0@99"])]))
+    by_name = {n: i for n, i in zip([n for n in _shown_names(r, "relp", 30)], ids)}
+    assert grouped["qParams"]["supernodes"] == [["pair", *[by_name[m] for m in shown]]]
+    fig = feature_graph_figure(r, "relp", 30, groups=[("pair", shown)])
+    assert len(fig.layout.shapes) == 1 and fig.layout.annotations[0].text == "<b>pair</b>"
+
+
+def _shown_names(r, method, n):
+    from analysis.analyses.circuit.figures import feature_edges, node_parts
+
+    e = feature_edges(r.table, method, n)
+    return sorted(set(e["source"]) | set(e["target"]), key=node_parts)
 
 
 def test_the_estimate_counts_only_the_saes_not_stored(feature_circuit, default_handle):

@@ -110,7 +110,8 @@ def compute(session: ModelSession, spec: AtlasSpec, inputs, progress) -> Result:
 
 
 
-UMAP_SECONDS = 2.5e-4  # per point and neighbour on the reference machine (after numba's first compilation)
+UMAP_SECONDS = 1.1e-4  # per point and neighbour on the reference machine, after numba's first compilation (the default
+# model's atlas of 5,000 points, 15 neighbours: 8.8 s in all, benchmarks/estimates.py)
 
 
 def estimate(plan) -> Estimate:

@@ -3,6 +3,7 @@ against edge activation patching; and the EAP-IG library's graph JSON."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -73,10 +74,11 @@ def _positions(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
     return pos
 
 
-def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pinned: str = "") -> go.Figure:
+def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pinned: str = "",
+                 groups: list | None = None) -> go.Figure:
     """The circuit of `method`'s top `n_edges` edges as a layered graph: edge width by |score|, colour by sign,
     node size by the |score| of its kept edges; hover gives each edge's score and interval. A pinned node's edges
-    are drawn on top, the others faded."""
+    are drawn on top, the others faded; each group of nodes (`groups`: [(name, members)]) is outlined and named."""
     graph = graph_of(meta)
     edges = circuit_edges(table, meta, method, n_edges)
     pos = _positions(graph)
@@ -109,6 +111,7 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
         marker=dict(size=[10 + 22 * weight.get(k, 0.0) / top for k in shown],
                     color=["#f4a582" if k == pinned else "#d9d9d9" for k in shown], line=dict(width=1, color="#444")),
         hovertemplate="%{text}<br>|score| of its edges: %{customdata[0]:.4g}<extra>node</extra>", showlegend=False))
+    draw_groups(fig, groups or [], {k: pos[k] for k in shown})
     return fig.update_layout(dict(
         title=f"{METHOD_NAMES.get(method, method)}: {len(edges)} of the top {n_edges} edges on a path "
               "input → logits", height=max(420, 70 * graph.n_layers + 160), margin=MARGIN,
@@ -210,6 +213,76 @@ def default_edges(result: Result, method: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Groups of nodes (supernodes): named in the link, outlined in the graph, their edges summed
+# ----------------------------------------------------------------------------------------------------------
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,39}")
+GROUP_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+MAX_GROUPS = 16
+
+
+def parse_groups(text: str) -> list[tuple[str, list[str]]]:
+    """'name: node + node; other: node' -> [(name, [nodes])], in order; a node in two groups, a name given twice or
+    not of letters, digits, spaces and _ . - (up to 40), and an empty group are refused (ValueError)."""
+    out: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        name, sep, rest = part.partition(":")
+        name = name.strip()
+        if not sep or not GROUP_NAME.fullmatch(name):
+            raise ValueError(f"{part[:60]!r} is not 'name: node + node' (a name of letters, digits, spaces and "
+                             "_ . -, up to 40)")
+        members = [m.strip() for m in rest.split("+") if m.strip()]
+        if not members:
+            raise ValueError(f"the group {name!r} has no nodes")
+        if name in {n for n, _ in out}:
+            raise ValueError(f"the group name {name!r} is given twice")
+        twice = [m for m in members if m in seen]
+        if twice:
+            raise ValueError(f"{twice[0]!r} is in two groups")
+        seen |= set(members)
+        out.append((name, list(dict.fromkeys(members))))
+    if len(out) > MAX_GROUPS:
+        raise ValueError(f"{len(out)} groups; at most {MAX_GROUPS}")
+    return out
+
+
+def format_groups(groups: list[tuple[str, list[str]]]) -> str:
+    return "; ".join(f"{name}: {' + '.join(members)}" for name, members in groups)
+
+
+def draw_groups(fig: go.Figure, groups: list[tuple[str, list[str]]], xy: dict) -> None:
+    """Each group's members (those drawn) outlined together and the group named above them."""
+    for i, (name, members) in enumerate(groups):
+        pts = [xy[m] for m in members if m in xy]
+        if not pts:
+            continue
+        c = GROUP_COLORS[i % len(GROUP_COLORS)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs) - 0.3, max(xs) + 0.3, min(ys) - 0.3, max(ys) + 0.3
+        fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, line=dict(color=c, width=2, dash="dot"),
+                      fillcolor=c, opacity=0.15, layer="below")
+        fig.add_annotation(x=x0, y=y1, text=f"<b>{name}</b>", showarrow=False, xanchor="left", yanchor="bottom",
+                           font=dict(color=c))
+
+
+def group_edges(edges: pd.DataFrame, groups: list[tuple[str, list[str]]], node_of=lambda n: n) -> pd.DataFrame:
+    """The shown edges with each group's members taken together: source and target (a group's name or a node not
+    in any group), the edges between them and their summed score; edges inside a group are left out. Only rows
+    that touch a group."""
+    member = {m: name for name, ms in groups for m in ms}
+    if not member or not len(edges):
+        return pd.DataFrame(columns=["source", "target", "edges", "score"])
+    src = [member.get(s, s) for s in edges["source"]]
+    dst = [member.get(node_of(t), node_of(t)) for t in edges["target"]]
+    df = pd.DataFrame({"source": src, "target": dst, "score": edges["score"].to_numpy()})
+    named = set(member.values())
+    df = df[(df["source"] != df["target"]) & (df["source"].isin(named) | df["target"].isin(named))]
+    out = df.groupby(["source", "target"], sort=False).agg(edges=("score", "size"), score=("score", "sum"))
+    return out.reset_index().reindex(columns=["source", "target", "edges", "score"]).sort_values(
+        "score", key=abs, ascending=False, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Feature circuits
 # ----------------------------------------------------------------------------------------------------------
 def node_parts(name: str) -> tuple[int, int, int]:
@@ -231,7 +304,8 @@ def feature_edges(table: pd.DataFrame, method: str, n_edges: int) -> pd.DataFram
     return sub.reindex(sub["score"].abs().sort_values(ascending=False, kind="stable").index).head(n_edges)
 
 
-def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str = "") -> go.Figure:
+def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str = "",
+                         groups: list | None = None) -> go.Figure:
     """The feature circuit of `method`'s top `n_edges` edges: layers up (the input at the bottom, the logits on
     top), positions across with the prompt's tokens under them; node size by |node score|, edge width by |score|,
     colour by sign; hover gives each node's and edge's score and interval. A pinned node's edges are drawn on top,
@@ -291,6 +365,7 @@ def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str 
                     symbol=["square" if n.startswith("err") else "diamond" if n.startswith("input") else "circle"
                             for n in shown], line=dict(width=1, color="#444"), opacity=0.9),
         hovertemplate="%{text}<extra>node</extra>", showlegend=False))
+    draw_groups(fig, groups or [], xy)
     tokens = result.extra.get("tokens")
     ticks = [str(t) for t in tokens["token"]] if tokens is not None else [str(p) for p in range(P)]
     return fig.update_layout(dict(
@@ -326,7 +401,8 @@ def feature_figures(result: Result) -> dict:
     return figs
 
 
-def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str = "") -> str:
+def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str = "",
+                     groups: list | None = None) -> str:
     """The feature circuit of `method`'s top `n_edges` edges in Neuronpedia's attribution-graph JSON (the format
     circuit-tracer writes and Neuronpedia's graph viewer reads): metadata, qParams, nodes and links. Node ids follow
     it: `{layer}_{feature}_{position}` for a feature, `{layer}_-1_{position}` for an SAE's error node (the viewer's
@@ -351,7 +427,8 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
         return f"{layer}_{feat}_{p}"
 
     out_nodes = []
-    for name in sorted(set(edges["source"]) | set(edges["target"]), key=node_parts):
+    drawn = set(edges["source"]) | set(edges["target"])
+    for name in sorted(drawn, key=node_parts):
         nid = node_id(name)
         if name == "logits":
             out_nodes.append({"node_id": nid, "feature": int(meta.get("answer_id", -1)), "layer": str(n_layers + 1),
@@ -379,7 +456,10 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
                         "prompt_tokens": [str(t) for t in tokens["token"]],
                         "prompt": "".join(map(str, tokens["token"])),
                         "node_threshold": None, "schema_version": 1},
-           "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+           "qParams": {"pinnedIds": [], "linkType": "both", "clickedId": "", "sg_pos": "",
+                       # Neuronpedia's supernodes: [name, node ids…] of each group's members in the graph
+                       "supernodes": [[name, *[node_id(m) for m in ms if m in drawn]] for name, ms in groups or []
+                                      if any(m in drawn for m in ms)]},
            "nodes": out_nodes, "links": links}
     return json.dumps(out)
 

@@ -19,14 +19,17 @@ from .figures import (
     faithfulness_figure,
     feature_edges,
     feature_graph_figure,
+    format_groups,
     graph_figure,
     graph_of,
+    group_edges,
     intervention_metric_figure,
     intervention_next_token_figure,
     neuronpedia_json,
     node_comparison_figure,
     node_of_target,
     node_parts,
+    parse_groups,
 )
 from .intervene import KINDS, CircuitInterventionSpec, parse_node
 from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
@@ -72,6 +75,7 @@ class CircuitView(ViewState):
     n_edges: int = 0  # 0: the smallest circuit that reaches 80% faithfulness
     pinned: str = ""  # a node whose inputs and outputs are listed
     pair: int = 0  # the pair whose next-token distribution the intervention shows
+    groups: str = ""  # named groups of nodes (supernodes): "name: node + node; other: node"
 
 
 def render(ctx) -> None:
@@ -124,12 +128,14 @@ def render(ctx) -> None:
     known = set(graph.sources) | {"logits"} | {node_of_target(graph, t) for t in graph.targets}
     pinned = _pin(ctx, view.pinned, nodes, known, "which is not in this circuit.",
                   "which is not a node of this model's graph.")
-    graph_fig = graph_figure(table, meta, method, n_edges, pinned)
+    groups, groups_text = _groups(ctx, view.groups, nodes, known)
+    graph_fig = graph_figure(table, meta, method, n_edges, pinned, groups)
     st.plotly_chart(graph_fig, width="stretch")
     figures = {"graph": graph_fig}
     if pinned:
         _pinned_edges(st, pinned, kept[[node_of_target(graph, t) == pinned for t in kept["target"]]],
                       kept[kept["source"] == pinned])
+    _group_table(st, group_edges(kept, groups, lambda t: node_of_target(graph, t)))
 
     _faithfulness(st, result, figures, "edges")
     if "activation" in methods and method != "activation":
@@ -147,7 +153,7 @@ def render(ctx) -> None:
     params, pair = _intervention(ctx, model, circuit_spec, writers, start, view, figures)
     ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
-              view=CircuitView(method, n_edges, pinned, pair))
+              view=CircuitView(method, n_edges, pinned, pair, groups_text))
 
 
 def _faithfulness(st, result, figures: dict, unit: str) -> None:
@@ -196,6 +202,35 @@ def _pin(ctx, pinned: str, shown: list[str], known: set[str], hidden: str, unkno
                       [""] + shown, format_func=lambda k: k or "none")
 
 
+def _groups(ctx, text: str, shown: list[str], known: set[str]) -> tuple[list, str]:
+    """Named groups of nodes (supernodes) from the link's or the box's text: (groups, the text for the link). Text
+    that does not parse, or names a node this graph does not have, gets a warning and is left out of the link;
+    members not among the nodes shown stay in the group (a larger edge count may show them) and are said."""
+    st = ctx.st
+    typed = st.text_input("Group nodes (name: node + node; other: node)", value=text, key="groups",
+                          help="Named groups are outlined in the graph and their edges summed below it; they are "
+                               "part of the link and of the Neuronpedia export (its supernodes).")
+    try:
+        groups = parse_groups(typed)
+    except ValueError as e:
+        st.warning(f"The groups were not read: {e}.")
+        return [], ""
+    unknown = [m for _, ms in groups for m in ms if m not in known]
+    if unknown:
+        st.warning(f"The groups name {', '.join(map(repr, unknown[:5]))}, not nodes of this graph: groups left out.")
+        return [], ""
+    hidden = [m for _, ms in groups for m in ms if m not in shown]
+    if hidden:
+        st.caption(f"Not among the nodes shown (more edges may show them): {', '.join(hidden[:10])}.")
+    return groups, format_groups(groups)
+
+
+def _group_table(st, table) -> None:
+    if len(table):
+        st.markdown("**Edges of the groups** (summed over their members' edges shown)")
+        st.dataframe(table, hide_index=True, width="stretch")
+
+
 def _pinned_edges(st, pinned: str, into, out) -> None:
     a, b = st.columns(2)
     a.markdown(f"**Into {pinned}**")
@@ -230,13 +265,16 @@ def _features(ctx, outcome, view: CircuitView):
                                         lambda m: default_feature_edges(result, m), "Edges shown (top n by |score|)")
     kept = feature_edges(table, method, n_edges)
     shown = sorted(set(kept["source"]) | set(kept["target"]), key=node_parts)
-    pinned = _pin(ctx, view.pinned, shown, set(nodes["node"]) | {"logits"}, "which is not among the edges shown.",
+    known = set(nodes["node"]) | {"logits"}
+    pinned = _pin(ctx, view.pinned, shown, known, "which is not among the edges shown.",
                   "which is not a node of this circuit.")
-    graph_fig = feature_graph_figure(result, method, n_edges, pinned)
+    groups, groups_text = _groups(ctx, view.groups, shown, known)
+    graph_fig = feature_graph_figure(result, method, n_edges, pinned, groups)
     st.plotly_chart(graph_fig, width="stretch")
     figures = {"graph": graph_fig}
     if pinned:
         _pinned_edges(st, pinned, kept[kept["target"] == pinned], kept[kept["source"] == pinned])
+    _group_table(st, group_edges(kept, groups))
     st.subheader("Nodes of the graph")
     spec = outcome.spec
     in_graph = nodes[(nodes["method"] == method) & nodes["node"].isin(shown)].copy()
@@ -253,14 +291,14 @@ def _features(ctx, outcome, view: CircuitView):
         figures["comparison"] = comp
     st.caption(meta["statistics"])
     st.download_button("Download the graph (Neuronpedia attribution-graph JSON)",
-                       neuronpedia_json(result, method, n_edges, outcome.spec.model),
+                       neuronpedia_json(result, method, n_edges, outcome.spec.model, groups),
                        file_name=f"feature-circuit-{method}-{n_edges}.json", mime="application/json")
     ranked = nodes[nodes["method"] == method]
     ranked = ranked.reindex(ranked["score"].abs().sort_values(ascending=False).index)["node"].tolist()
     options = list(dict.fromkeys([n for n in shown if n != "logits"] + ranked[:200]))
     start = [pinned] if pinned and pinned != "logits" else [n for n in ranked if not n.startswith("input")][:5]
     return figures, f"Feature circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges", \
-        CircuitView(method, n_edges, pinned), options, start
+        CircuitView(method, n_edges, pinned, groups=groups_text), options, start
 
 
 def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str], view: CircuitView,
