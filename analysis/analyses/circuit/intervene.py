@@ -35,9 +35,9 @@ from ...session import ModelSession
 from ...specs import Spec, param
 from ...stats import resample_weights
 from ..patching.compute import Metric, length_groups
-from ..patching.spec import MAX_PAIRS, METRICS, PairIds, _parse_pairs, resolve_pairs
+from ..patching.spec import METRICS, PromptPairs, resolve_pairs
 from .common import SHIPPED, mean_effects
-from .spec import LEVELS, SAE_INPUT, sae_spec_at
+from .spec import LEVELS, SAE_INPUT, SAEFields, sae_spec_at
 
 NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)|f(?P<fl>\d+)\.(?P<feature>\d+)"
                   r"|err(?P<el>\d+))(?:@(?P<pos>\d+))?$")
@@ -93,17 +93,11 @@ def sae_layers(spec) -> list[int]:
 
 
 @dataclass(frozen=True)
-class CircuitInterventionSpec(PairIds, Spec):
+class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
     """Prompt pairs (as the Circuits page's) run with a set of graph nodes ablated or patched."""
 
     analysis: ClassVar[str] = "circuit_intervention"
-    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
     title: ClassVar[str] = "Interventions on circuit nodes: the metric and the next-token distribution before and after"
-    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
-    n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
-                         max=MAX_PAIRS)
-    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
-                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     level: str = param("components", "components: nodes are the input, heads and MLPs; features: the input, SAE "
                        "features and SAE error nodes", choices=LEVELS)
     nodes: tuple[str, ...] = param(("a0.h0",), "the nodes set, all at once (input, a{l}.h{h}, m{l}; f{l}.{i}, "
@@ -113,21 +107,11 @@ class CircuitInterventionSpec(PairIds, Spec):
                        choices=tuple(VALUES))
     metric: str = param("logit_diff_normalized", "metric at the final position", choices=METRICS)
     top_k: int = param(10, "next tokens shown per run (the union of both runs' top k)", min=1, max=100)
-    sae_width: int = param(512, "features: each SAE's number of features (as the circuit's)", min=8, max=262_144)
-    sae_k: int = param(16, "features: active features per token (as the circuit's)", min=1, max=4096)
-    sae_steps: int = param(1500, "features: each SAE's training steps (as the circuit's)", min=1, max=200_000)
-    sae_max_tokens: int = param(65_536, "features: each SAE's training tokens (as the circuit's)", min=256,
-                                max=2_000_000)
-    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
-                            max_len=2_000)
 
     def validate(self) -> None:
         if not self.nodes:
             raise WorkbenchError("Pick at least one node to set.")
-        if not self.pairs and not self.dataset:
-            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
-        if self.pairs:
-            _parse_pairs(self.pairs)
+        self.validate_pairs()
         kinds = KINDS[self.level]
         for name in self.nodes:
             node = parse_node(name)

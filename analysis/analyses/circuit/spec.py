@@ -11,7 +11,7 @@ from kernels.circuits import EdgeGraph, check_edge_hooks
 from ...errors import WorkbenchError
 from ...models import ModelHandle
 from ...specs import Spec, param
-from ..patching.spec import DIRECTIONS, MAX_PAIRS, METRICS, RELP_RULES, PairIds, _parse_pairs, resolve_pairs
+from ..patching.spec import DIRECTIONS, METRICS, RELP_RULES, PromptPairs, resolve_pairs
 
 SAE_INPUT = "sae.{}"  # the input name of layer l's SAE run (feature circuits)
 METHODS = ("activation", "eap", "eap_ig", "relp")
@@ -21,22 +21,27 @@ METHOD_NAMES = {"activation": "edge activation patching", "eap": "EAP (edge attr
 
 
 @dataclass(frozen=True)
-class CircuitSpec(PairIds, Spec):
+class SAEFields:
+    """The SAE settings of a feature circuit (and of an intervention on its nodes): the Features page's SAE at
+    each layer's residual, trained with these."""
+
+    sae_width: int = param(512, "features: each SAE's number of features", min=8, max=262_144)
+    sae_k: int = param(16, "features: active features per token (TopK SAEs)", min=1, max=4096)
+    sae_steps: int = param(1500, "features: each SAE's training steps", min=1, max=200_000)
+    sae_max_tokens: int = param(65_536, "features: each SAE's training tokens", min=256, max=2_000_000)
+
+
+@dataclass(frozen=True)
+class CircuitSpec(PromptPairs, SAEFields, Spec):
     """Edges of the residual-stream graph scored on prompt pairs (the shipped IOI pairs built for the model's
     tokenizer, or given as JSON), each method's circuits pruned to paths from the input to the logits, and their
     faithfulness."""
 
     analysis: ClassVar[str] = "circuit"
-    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
     # the feature level's fields, added after component circuits were stored: out of the key at their defaults
     key_legacy: ClassVar[dict] = {**Spec.key_legacy, "layers": [], "sae_width": 512, "sae_k": 16, "sae_steps": 1500,
                                   "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64}
     title: ClassVar[str] = "Circuits: edges between components and between SAE features, pruned by faithfulness"
-    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
-    n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
-                         max=MAX_PAIRS)
-    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
-                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     level: str = param("components", "components: heads, MLPs, the input and the logits; features: SAE features "
                        "and error nodes at each chosen layer's residual, by position", choices=LEVELS)
     methods: tuple[str, ...] = param(METHODS, "edge scores: activation patching of each edge alone (the ground "
@@ -54,24 +59,15 @@ class CircuitSpec(PairIds, Spec):
                              "the first gradient method when the graph has more)", min=1, max=1_000_000)
     layers: tuple[int, ...] = param((), "features: the blocks after which an SAE splits the residual (empty: "
                                     "every block)", min=0, max=1024, max_len=1024)
-    sae_width: int = param(512, "features: each SAE's number of features", min=8, max=262_144)
-    sae_k: int = param(16, "features: active features per token (TopK SAEs)", min=1, max=4096)
-    sae_steps: int = param(1500, "features: each SAE's training steps", min=1, max=200_000)
-    sae_max_tokens: int = param(65_536, "features: each SAE's training tokens", min=256, max=2_000_000)
     ablation: str = param("mean", "features: what a node outside a circuit takes: its mean over the clean prompts "
                           "(position by position), or its value in the corrupted run", choices=("mean", "corrupted"))
     edge_nodes: int = param(64, "features: the nodes per method (the largest by |score|) whose edges are computed",
                             min=1, max=5_000)
-    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
-                            max_len=2_000)
 
     def validate(self) -> None:
         if not self.methods:
             raise WorkbenchError("Pick at least one method.")
-        if not self.pairs and not self.dataset:
-            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
-        if self.pairs:
-            _parse_pairs(self.pairs)
+        self.validate_pairs()
 
     def resolve(self, handle: ModelHandle) -> "CircuitSpec":
         if self.level == "features":

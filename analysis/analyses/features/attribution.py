@@ -26,13 +26,12 @@ import torch
 from kernels.attribution import LRPRules, lrp_hooks
 from kernels.sae import splice_hook
 
-from ...errors import WorkbenchError
 from ...estimate import Estimate, ceil_div
 from ...result import Result
 from ...session import ModelSession
 from ...specs import param
 from ...stats import pearson
-from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, PairIds, _parse_pairs, pair_ids_or_guess, resolve_pairs
+from ..patching.spec import DIRECTIONS, MAX_PAIRS, RELP_RULES, PromptPairs, pair_ids_or_guess, resolve_pairs
 from .browse import token_strings
 from .sae import SKIP_FIRST, SAESpec, sae_from_result, sae_upstream
 
@@ -41,31 +40,22 @@ BATCH = 64  # patched runs per forward
 
 
 @dataclass(frozen=True)
-class FeatureAttributionSpec(PairIds, SAESpec):
+class FeatureAttributionSpec(PromptPairs, SAESpec):
     """AtP and RelP scores of SAE features on prompt pairs, checked against patching the features themselves."""
 
     analysis: ClassVar[str] = "sae_attribution"
     title: ClassVar[str] = "Feature attribution: AtP and RelP of SAE features, checked by patching them"
-    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
-    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
     n_pairs: int = param(4, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
                          max=MAX_PAIRS)
-    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
-                           '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     direction: str = param("denoise", "denoise: clean features into the corrupted run; noise: the reverse",
                            choices=DIRECTIONS)
     relp_rules: tuple[str, ...] = param(("ln", "identity", "half"), "LRP rules for RelP", choices=RELP_RULES,
                                         max_len=len(RELP_RULES))
     max_patched: int = param(2000, "nodes patched per pair (those with the largest |AtP|)", min=1, max=100_000)
-    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
-                            max_len=2_000)
 
     def validate(self) -> None:
         SAESpec.validate(self)
-        if not self.pairs and not self.dataset:
-            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
-        if self.pairs:
-            _parse_pairs(self.pairs)
+        self.validate_pairs()
 
     def resolve(self, model) -> "FeatureAttributionSpec":
         return resolve_pairs(SAESpec.resolve(self, model), model)

@@ -43,6 +43,28 @@ class PairIds:
         return self.replace(pairs=pairs_without_ids(self.pairs))
 
 
+@dataclass(frozen=True)
+class PromptPairs(PairIds):
+    """The prompt-pair fields a spec shares with the Patching page: the shipped IOI pairs built for the model's
+    tokenizer (`dataset`, `n_pairs`), or pairs given as JSON (`pairs`); `pairs_note` says how shipped pairs were
+    built (shown with the result, out of the run key)."""
+
+    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
+    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
+    n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
+                         max=MAX_PAIRS)
+    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
+                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
+    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
+                            max_len=2_000)
+
+    def validate_pairs(self) -> None:
+        if not self.pairs and not self.dataset:
+            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
+        if self.pairs:
+            _parse_pairs(self.pairs)
+
+
 def pairs_without_ids(text: str) -> str:
     """The pairs with their token ids dropped, keeping the text they were made from; a pair given by ids alone is
     refused."""
@@ -83,19 +105,12 @@ def pairs_with_text(resolved: str, given: str) -> str:
 
 
 @dataclass(frozen=True)
-class PatchingSpec(PairIds, Spec):
+class PatchingSpec(PromptPairs, Spec):
     """Patching sweeps over prompt pairs: the shipped IOI pairs (built for the model's tokenizer), or pairs given
     as JSON. Pairs of different token lengths run as one batch per length, combined into one result."""
 
     analysis: ClassVar[str] = "patching"
-    # how the shipped pairs were built for the model: shown with the result, left out of the run key
-    display_only: ClassVar[dict[str, str]] = {"pairs_note": "pairs"}
     title: ClassVar[str] = "Patching: activation, attribution and relevance patching, integrated gradients"
-    dataset: str = param("ioi", "shipped pairs to use when `pairs` is empty", choices=("ioi", ""))
-    n_pairs: int = param(8, "how many shipped pairs (the first ones of the first pair's token length)", min=1,
-                         max=MAX_PAIRS)
-    pairs: str = param("", 'JSON list of {"clean", "corrupted", "answer", "wrong"} (text) or '
-                        '{"clean_ids", "corrupted_ids", "answer_id", "wrong_id"} (token ids)', max_len=200_000)
     components: tuple[str, ...] = param(("resid_pre", "attn_out", "mlp_out", "z_all_pos"),
                                      "component sweeps to run", choices=COMPONENTS, max_len=len(COMPONENTS))
     methods: tuple[str, ...] = param(("activation", "atp", "relp"), "estimators: activation patching (ground truth), "
@@ -108,18 +123,13 @@ class PatchingSpec(PairIds, Spec):
     metric: str = param("logit_diff_normalized", "metric at the final position", choices=METRICS)
     direction: str = param("denoise", "denoise: clean into corrupted; noise: corrupted into clean",
                         choices=DIRECTIONS)
-    pairs_note: str = param("", "how the shipped pairs were built for this model (filled in when they are)",
-                            max_len=2_000)
 
     def validate(self) -> None:
         if not self.components:
             raise WorkbenchError("Pick at least one component to patch.")
         if not self.methods:
             raise WorkbenchError("Pick at least one method.")
-        if not self.pairs and not self.dataset:
-            raise WorkbenchError("Give prompt pairs, or pick the shipped IOI pairs.")
-        if self.pairs:
-            _parse_pairs(self.pairs)
+        self.validate_pairs()
 
     def resolve(self, handle: ModelHandle) -> "PatchingSpec":
         """Token ids for every pair (a link replays from them); checks lengths and single-token answers."""
