@@ -467,6 +467,12 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
 # ----------------------------------------------------------------------------------------------------------
 # Interventions
 # ----------------------------------------------------------------------------------------------------------
+def per_pair_metric(metric: str) -> str:
+    """What a pair's own value of the metric is: the normalised logit difference is normalised on means over
+    pairs, so each pair's value is the raw logit difference."""
+    return "logit difference" if metric.startswith("logit_diff") else metric
+
+
 def intervention_metric_figure(result: Result) -> go.Figure:
     """Per pair: the metric of the clean and the corrupted run, and of the chosen prompts before and after the
     intervention."""
@@ -480,8 +486,9 @@ def intervention_metric_figure(result: Result) -> go.Figure:
                     hovertemplate=f"{name}: %{{y:.3f}}<extra>%{{x}}</extra>")
     nodes = meta["nodes"]
     shown = ", ".join(nodes[:6]) + (f" and {len(nodes) - 6} more" if len(nodes) > 6 else "")
-    fig.update_layout(barmode="group", title=f"{meta['metric']}: {shown} set to {meta['value']}",
-                      yaxis_title=meta["metric"], margin=MARGIN, legend_orientation="h", legend_y=-0.15)
+    what = per_pair_metric(meta["metric"])
+    fig.update_layout(barmode="group", title=f"{what}: {shown} set to {meta['value']}",
+                      yaxis_title=what, margin=MARGIN, legend_orientation="h", legend_y=-0.15)
     return fig
 
 

@@ -30,6 +30,7 @@ from .figures import (
     node_of_target,
     node_parts,
     parse_groups,
+    per_pair_metric,
 )
 from .intervene import KINDS, CircuitInterventionSpec, parse_node
 from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
@@ -337,7 +338,8 @@ def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str]
         return params, 0
     r = outcome.result
     meta, table = r.meta, r.table
-    line = (f"{meta['metric']} on the {meta['prompts']} prompts: {meta['before']:.3f} → {meta['after']:.3f} "
+    line = (f"{per_pair_metric(meta['metric'])}, mean over pairs, on the {meta['prompts']} prompts: "
+            f"{meta['before']:.3f} → {meta['after']:.3f} "
             f"(change {meta['change']:+.3f}, 95% interval {meta['change_low']:+.3f} to {meta['change_high']:+.3f})")
     if "after_normalized" in meta:
         line += (f" · between the corrupted (0) and the clean run (1): {meta['before_normalized']:.2f} → "
