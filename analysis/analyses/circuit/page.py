@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ...contract import Page, ViewState, Widget
+from ...specs import Spec
 from ...untrusted import md_escape
 from ..patching.page import EXAMPLE_PAIRS
 from ..patching.spec import pairs_with_text
@@ -65,9 +66,11 @@ IV_WIDGETS = {
                                                                 "mean": "its mean (mean ablation)", "zero": "zero"}),
     "top_k": Widget("Next tokens shown"),
 }
-# the intervention's fields that are the circuit's own (the same pairs, metric and SAEs)
-SHARED = ("dataset", "n_pairs", "pairs", "metric", "level", "sae_width", "sae_k", "sae_steps", "sae_max_tokens")
-IV_FIELDS = ("nodes", "prompts", "value", "top_k")
+# the intervention's fields that are the circuit's own (the same pairs, metric and SAEs; the model's come from the
+# sidebar), and those that are its own (the nodes and what they are set to)
+SHARED = tuple(f for f in CircuitInterventionSpec.field_names()
+               if f in CircuitSpec.field_names() and f not in Spec.field_names())
+IV_FIELDS = tuple(f for f in CircuitInterventionSpec.field_names() if f not in CircuitSpec.field_names())
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def render(ctx) -> None:
     st.download_button("Download the graph (EAP-IG JSON)", eap_ig_json(table, meta, method, n_edges),
                        file_name=f"circuit-{method}-{n_edges}.json", mime="application/json")
 
-    writers = [n for n in graph.sources]
+    writers = list(graph.sources)
     start = [pinned] if pinned in writers else [n for n in nodes if n in writers and n != "input"]
     params, pair = _intervention(ctx, model, circuit_spec, writers, start, view, figures)
     ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures,
