@@ -30,7 +30,7 @@ from ...result import Result
 from ...session import ModelSession, check_layer, resid_after_name, same_length_batches
 from ...specs import Spec, param
 from ...tokens import encode_texts, single_token_ids
-from ..concepts.compute import FIT_SECONDS
+from ..concepts.compute import FIT_SECONDS, one_blas_thread
 
 
 class LastTokenModel(nn.Module):
@@ -75,7 +75,8 @@ def _classifier(seed: int):
             perm = np.random.default_rng(seed).permutation(len(y))
             n_test = int(test_split_ratio * len(y))
             te, tr = perm[:n_test], perm[n_test:]
-            self.clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(X[tr], y[tr])
+            with one_blas_thread():
+                self.clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(X[tr], y[tr])
             return {"accs": torch.tensor(float((self.clf.predict(X[te]) == y[te]).mean()) if n_test else float("nan"))}
 
         def weights(self):
