@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def probe(model: str, specs: dict, store: Path) -> list[dict]:
             with lock:
                 local.server = ProbeServer(model, Path(f"{store}.server{len(servers)}.log"))
                 servers.append(local.server)
-        return local.server.ask({names[i]: specs[names[i]]}, path)
+        began = time.perf_counter()
+        rows = local.server.ask({names[i]: specs[names[i]]}, path)
+        return [{**r, "job_seconds": time.perf_counter() - began} for r in rows]  # warm-up, inputs and run
 
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -109,7 +112,8 @@ def check_within(rows: list[dict], names) -> None:
     assert [r["analysis"] for r in rows] == list(names)
     report = "\n".join(f"{r['analysis']:20s} estimate {r['estimate'] / 2**20:8.1f} MiB  measured "
                        f"{r['measured'] / 2**20:8.1f} MiB  ({r['working_estimate'] / 2**20:.1f} / "
-                       f"{r['measured_working'] / 2**20:.1f} MiB besides the weights)" for r in rows)
+                       f"{r['measured_working'] / 2**20:.1f} MiB besides the weights; {r.get('job_seconds', 0):.0f} s in all)"
+                       for r in rows)
     print(report)
     for r in rows:
         assert not r["hit"]
