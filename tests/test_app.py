@@ -453,8 +453,15 @@ def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_
         odd = _run(page="circuits", **{**link, **bad})
         assert not odd.exception and not odd.error
         assert any(says in w.value for w in odd.warning), [w.value for w in odd.warning]
-    # the Model page's first view, the one circuit run and the intervention on its nodes (the same in every link)
-    assert Store(own_store).count("runs") == 3
+    # mean ablation from the link: the form shows it, the link keeps it, the note says what was ablated
+    mean = _run(page="circuits", **{**link, "edge_ablation": "mean"})
+    assert not mean.exception and not mean.error, _errors(mean)
+    box = next(b for b in mean.selectbox if b.label == "Edges outside a circuit")
+    assert box.value == "mean" and _qp(mean, "edge_ablation") == "mean"
+    assert any("mean over the other pairs' clean prompts" in str(getattr(e, "value", "")) for e in mean.get("markdown")
+               + mean.get("caption") + mean.get("json")), "the statistics note"
+    # the Model page's first view, the two circuit runs and the intervention on their nodes (the same in every link)
+    assert Store(own_store).count("runs") == 4
 
 
 def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_nodes(own_store):
@@ -530,6 +537,10 @@ def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_
     assert any("from the store" in c.value for c in again.caption)
     assert again.selectbox(key="pinned").value == node and again.slider(key="n_edges").value == 5
     assert _qp(again, "pinned") == node and _qp(again, "view_method") == "eap"
+    assert any(t.label.startswith("SAE folders to load") for t in at.text_area)
+    missing = _run(**{**small, "sae_folders": "/nonexistent/sae"})  # a folder that is not there: a message
+    assert not missing.exception and any("is not a folder holding" in e.value for e in missing.error), \
+        _errors(missing)
     for bad, says in (({"pinned": "f1.99999@3"}, "not a node of this circuit"),
                       ({"pinned": "<b>x</b>"}, "not a node of this circuit"),
                       ({"n_edges": "99999"}, "outside 1 to")):

@@ -274,6 +274,51 @@ def test_a_circuit_scores_what_transformer_lens_faithfulness_measures(default_ha
     assert 0.05 < recovered[0] < 0.99 and recovered[1] < 0.5  # neither circuit is the empty or the full one
 
 
+def test_mean_ablation_scores_what_transformer_lens_faithfulness_measures_with_held_out_means(default_handle):
+    """`edge_ablation="mean"`: every edge outside the circuit carries its writer's mean over the *other* pairs'
+    clean prompts (held out, as TransformerLens 4's `faithfulness(ablation="mean", mean_tokens=...)` requires).
+    Each pair's ablated metric, for a circuit and its complement, equals TransformerLens's with the other pairs as
+    its calibration batch."""
+    from transformer_lens.tools.analysis.attribution_patching import FaithfulnessConfig, faithfulness
+
+    clean, corrupted, answer, wrong = _pairs(default_handle, 4)
+    bridge = default_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    with edge_hooks(bridge):
+        wc, rc, lc = record(bridge, graph, clean)
+        wx, _, _ = record(bridge, graph, corrupted)
+        held_out = (wc.sum(0, keepdim=True) - wc) / (len(wc) - 1)  # what the analysis gives evaluate_circuits
+        scores = edge_scores_from(graph, wc - wx, reader_gradients(bridge, graph, clean, metric_rows)).abs().sum(0)
+        order = scores[graph.mask].argsort(descending=True)
+        keep = torch.zeros_like(graph.mask)
+        chosen = [tuple(graph.edges[i]) for i in order[:60].tolist()]
+        for u, d in chosen:
+            keep[u, d] = True
+        ours = evaluate_circuits(bridge, graph, clean, held_out,
+                                 torch.stack([keep, graph.mask & ~keep, torch.zeros_like(keep)]), metric_rows)
+    complement = [e for e in graph.edges if tuple(e) not in set(chosen)]
+    for i in (0, 2):  # two of the pairs, each against the other three
+        a, w = int(answer[i]), int(wrong[i])
+        others = clean[[j for j in range(len(clean)) if j != i]]
+        for got, edges in zip(ours[:2, i], (chosen, complement)):
+            circuit = [(_tl_node(graph.sources[u], p), _tl_node(graph.targets[d], p, bridge.cfg.n_layers))
+                       for u, d in edges for p in range(clean.shape[1])]
+            res = faithfulness(bridge, clean[i:i + 1], corrupted[i:i + 1],
+                               lambda logits: logits[0, -1, a] - logits[0, -1, w], circuit,
+                               FaithfulnessConfig(ablation="mean"), mean_tokens=others)
+            tl_metric = res.corrupt_metric + res.recovered * (res.full_metric - res.corrupt_metric)
+            assert float(got) == pytest.approx(tl_metric, abs=1e-4)
+    # the empty circuit: every reader reads the held-out mean of its own input (inputs are sums of writers), so the
+    # logits are those of the other pairs' mean final residual
+    final = rc[:, :, -1]
+    with torch.no_grad():
+        held_final = (final.sum(0, keepdim=True) - final) / (len(final) - 1)
+        expected = metric_rows(BlockRunner(bridge, clean).logits(held_final))
+    torch.testing.assert_close(ours[2], expected.float(), atol=1e-4, rtol=0)
+    assert (ours[2] - metric_rows(lc)).abs().max() > 1e-2
+
+
 def _tl_node(name: str, position: int, n_layers: int = 0):
     from transformer_lens.tools.analysis.attribution_patching import Node
 
@@ -506,3 +551,32 @@ def test_bad_circuit_requests_get_a_message_and_store_nothing(tmp_path):
     eap = t[t["method"] == "eap"].set_index(["source", "target"])["score"]
     patched = t[(t["method"] == "activation") & t["score"].notna()].set_index(["source", "target"]).index
     assert eap.abs().loc[patched].min() >= eap.abs().drop(patched).max()  # the 100 largest by EAP
+
+
+def test_component_circuits_with_mean_ablation(tmp_path):
+    """edge_ablation="mean": the curves' ends are the all-mean run (0, another baseline than the corrupted run)
+    and the clean run (1), the edge scores are the same, the result says what was ablated; the default stays the corrupted run (its key unchanged, test_contract's KEYS), and a length with a
+    single pair is refused (it has no other pairs to average)."""
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.errors import WorkbenchError
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    spec = CircuitSpec(methods=("eap",), n_pairs=4, n_points=3)
+    mean = run(spec.replace(edge_ablation="mean"), store=store).result
+    corrupted = run(spec, store=store).result
+    assert "mean over the other pairs' clean prompts" in mean.meta["statistics"]
+    assert "corrupted run" in corrupted.meta["statistics"]
+    f = mean.extra["faithfulness"].sort_values("n_edges")
+    empty, full = f.iloc[0], f.iloc[-1]
+    assert empty.faithfulness == 0.0 and full.faithfulness == pytest.approx(1.0, abs=1e-6)
+    assert full.metric == pytest.approx(mean.meta["clean_metric"], abs=1e-4)
+    other_empty = corrupted.extra["faithfulness"].sort_values("n_edges").iloc[0].metric
+    assert abs(empty.metric - other_empty) > 1e-3  # a different baseline from the corrupted run's
+    assert (mean.table["score"].to_numpy() == corrupted.table["score"].to_numpy()).all()  # the scores are the same
+    from analysis.analyses.patching.page import EXAMPLE_PAIRS
+
+    with pytest.raises(WorkbenchError, match="single pair"):
+        run(CircuitSpec(dataset="", pairs=EXAMPLE_PAIRS, methods=("eap",), edge_ablation="mean"), store=store)
+    assert store.count("runs") == 2

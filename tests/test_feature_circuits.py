@@ -360,7 +360,7 @@ def test_the_feature_fields_leave_component_circuits_run_keys_as_they_were():
 
     d = CircuitSpec().to_dict()
     added = {k: v for k, v in CircuitSpec.key_legacy.items() if k != "bos"}  # bos: every spec's own legacy
-    assert {k: d[k] for k in added} == added and len(added) == 7
+    assert {k: d[k] for k in added} == added and len(added) == 10
 
 
 
@@ -474,3 +474,78 @@ def test_feature_interventions_equal_node_patching_and_a_brute_force_through_the
     logits = ref.run(clean, edits={layer: edit(layer) for layer in parsed})
     want = (logits.gather(1, ans[:, None]) - logits.gather(1, wrong[:, None]))[:, 0]
     assert np.allclose(got.table["after"], want.numpy(), atol=1e-3)
+
+
+def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_here(feature_circuit, tmp_path,
+                                                                                     monkeypatch):
+    """The SAEs a researcher holds: each layer's SAE written out as a SAELens folder and loaded back
+    (`sae_folders`, the layers read from their cfg.json) gives the same circuit as the SAEs trained here, nodes,
+    edges and curves; an intervention on its nodes runs on the same folders. Refused with a message: a folder of
+    another hook, two folders of one block, layers that disagree with the folders, a feature past a loaded SAE's
+    width, a node at a block no folder splits, and folders on a server that reads none (nothing stored)."""
+    from analysis.analyses.circuit.intervene import CircuitInterventionSpec
+    from analysis.analyses.circuit.spec import CircuitSpec, sae_spec_at
+    from analysis.analyses.features.sae import save_folder
+    from analysis.errors import WorkbenchError
+    from analysis.runner import run
+
+    out, store = feature_circuit
+    trained = out.result
+    spec = CircuitSpec(level="features", n_pairs=6, layers=(1, 3, 5), edge_nodes=24, n_points=6, **SMALL_SAES)
+    folders = {}
+    for layer in (5, 1, 3):  # in any order: the cfg.json says which block
+        sae, cfg = _stored_sae(store, sae_spec_at(spec, layer))
+        folders[layer] = str(save_folder(sae, cfg, tmp_path / f"sae{layer}"))
+    loaded = CircuitSpec(level="features", n_pairs=6, edge_nodes=24, n_points=6, sae_folders=tuple(folders.values()))
+    n_runs = store.count("runs")
+    got = run(loaded, store=store)
+    assert not got.hit and got.result.meta["sae_layers"] == [1, 3, 5]
+    assert got.spec.sae_folders == tuple(folders[la] for la in (1, 3, 5)) and len(got.spec.sae_hashes) == 3
+    a = trained.table.sort_values(["method", "source", "target"]).reset_index(drop=True)
+    b = got.result.table.sort_values(["method", "source", "target"]).reset_index(drop=True)
+    assert a[["method", "source", "target"]].equals(b[["method", "source", "target"]])
+    np.testing.assert_allclose(b["score"], a["score"], atol=1e-5)
+    fa, fb = trained.extra["faithfulness"], got.result.extra["faithfulness"]
+    np.testing.assert_allclose(fb["faithfulness"], fa["faithfulness"], atol=1e-5)
+    assert store.count("runs") == n_runs + 4  # the circuit and each folder's SAE run, content-addressed
+    assert run(loaded, store=store).hit
+
+    node = trained.extra["nodes"].query("method == 'activation' and kind == 'feature'")["node"].iloc[0]
+    iv = run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=(node,), sae_folders=tuple(folders.values())),
+             store=store)
+    same = run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=(node,), **SMALL_SAES), store=store)
+    np.testing.assert_allclose(iv.result.table["after"], same.result.table["after"], atol=1e-5)
+
+    n_runs = store.count("runs")
+    sae, cfg = _stored_sae(store, sae_spec_at(spec, 3))
+    other = str(save_folder(sae, {**cfg, "hook_name": "blocks.3.hook_mlp_out"}, tmp_path / "mlp3"))
+    with pytest.raises(WorkbenchError, match="hook_mlp_out; a feature circuit splits the residual"):
+        run(loaded.replace(sae_folders=(other,)), store=store)
+    with pytest.raises(WorkbenchError, match="Two of the folders hold SAEs of block 1"):
+        run(loaded.replace(sae_folders=(folders[1], folders[1])), store=store)
+    with pytest.raises(WorkbenchError, match="split the residual after blocks \\[1, 3, 5\\], and layers asks"):
+        run(loaded.replace(layers=(1, 2)), store=store)
+    f = int(node.split(".")[1].split("@")[0])
+    width = SMALL_SAES["sae_width"]
+    with pytest.raises(WorkbenchError, match=f"features 0 to {width - 1}"):
+        run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=(f"f1.{width + f}@3",),
+                                    sae_folders=(folders[1],)), store=store)
+    with pytest.raises(WorkbenchError, match="none of the SAE folders splits block 3"):
+        run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=("err3@2",), sae_folders=(folders[1],)),
+            store=store)
+    monkeypatch.setenv("WORKBENCH_ALLOW_LOCAL_FOLDERS", "0")
+    with pytest.raises(WorkbenchError, match="does not read folders"):
+        run(loaded.replace(n_points=5), store=store)
+    assert store.count("runs") == n_runs
+
+
+def _stored_sae(store, spec):
+    """(SAE, SAELens cfg) of an input's stored SAE run (its spec resolved on the default model)."""
+    from analysis import load_model
+    from analysis.analyses.features.sae import sae_from_result
+    from analysis.registry import get_analysis
+    from analysis.runner import resolve_tokens, run_key
+
+    handle = load_model("default")
+    key = run_key(handle.fingerprint, resolve_tokens(spec, handle), get_analysis(spec.analysis).version)
+    return sae_from_result(store.get(key))

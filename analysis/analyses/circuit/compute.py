@@ -10,7 +10,8 @@ after it recomputed), EAP (the writer's change times the gradient at the reader'
 gradient averaged over `ig_steps` points between the two runs' inputs) and RelP (the gradient under LRP rules).
 
 Each gradient method's circuits: its top-n edges by |score|, kept only where they lie on a path from the input to
-the logits; every other edge carries the corrupted run's writer output into its reader (on the clean prompts).
+the logits; every other edge carries the corrupted run's writer output into its reader (on the clean prompts), or
+with `edge_ablation="mean"` the writer's mean over the other pairs' clean prompts (held out, position by position).
 faithfulness = (m(circuit) - m(empty)) / (m(full) - m(empty)), completeness the same of the model with the circuit
 removed; a curve over n per method (`extra["faithfulness"]`).
 """
@@ -48,6 +49,8 @@ from ..patching.spec import RELP_RULES
 from .common import GRADIENT_ORDER, SHIPPED, curve_sizes, curves, mean_effects, rows_per_forward
 from .spec import CircuitSpec
 
+ABLATED = {"corrupted": "its writer's output in the pair's corrupted run",
+           "mean": "its writer's mean over the other pairs' clean prompts of the same length, position by position"}
 PER_PAIR_ROWS = 1_000_000  # per-pair rows kept (all edges on small graphs, each method's top edges on large ones)
 
 
@@ -67,7 +70,10 @@ class _Group:
         check_additive(graph, w_clean, r_clean)
         self.metric = Metric(spec.metric, answer, wrong, l_clean.float().log_softmax(-1))
         self.clean_m, self.corrupted_m = self.metric.raw(l_clean).float(), self.metric.raw(l_corr).float()
-        self.w_corrupted = w_corr
+        if spec.edge_ablation == "mean":  # each pair's writers at their mean over the other pairs' clean prompts
+            self.ablated = (w_clean.sum(0, keepdim=True) - w_clean) / (self.n - 1)
+        else:
+            self.ablated = w_corr
         if spec.direction == "denoise":
             self.base_tokens, self.w_base, self.w_source, self.r_base = self.corrupted, w_corr, w_clean, r_corr
             self.base_m, self.source_m = self.corrupted_m, self.clean_m
@@ -185,7 +191,7 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
     meta["statistics"] = (f"score: the edge's effect (patched minus unpatched run), the mean over {n} pairs; "
                           f"ci_low/ci_high: 95% bootstrap interval over pairs ({N_BOOT} resamples{renorm}"
                           "); faithfulness measured on the clean prompts of the same pairs, every edge outside the "
-                          "circuit given the corrupted run's writer output")
+                          "circuit given " + ABLATED[spec.edge_ablation])
     extra = {"tokens": tokenize(session, longest["clean_ids"]), "per_pair": per_pair, "faithfulness": faith,
              "completeness": completeness}
     return Result(table=table, meta=meta, extra=extra)
@@ -241,7 +247,7 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: 
     for i, (_, g) in enumerate(built):
         def sub(done, total, i=i):
             report(i * total + done, total * len(built))
-        values.append(evaluate_circuits(session.bridge, graph, g.clean, g.w_corrupted, keep, g.metric.raw,
+        values.append(evaluate_circuits(session.bridge, graph, g.clean, g.ablated, keep, g.metric.raw,
                                         progress=sub))
         _let_others_in(session)
     m = torch.cat(values, 1).double().cpu().numpy()  # [K, N]
@@ -278,7 +284,8 @@ def estimate(plan) -> Estimate:
     n_src, n_dst, n_edges = len(graph.sources), len(graph.targets), len(graph.edges)
     methods = [m for m in spec.methods]
     per_pos = B * P * s.d_model * 4
-    held = per_pos * (3 * n_src + n_dst) + 2 * s.resid_bytes(B, P, s.n_layers + 1)
+    copies = 4 if spec.edge_ablation == "mean" else 3  # writers: both runs, the changes (and the held-out means)
+    held = per_pos * (copies * n_src + n_dst) + 2 * s.resid_bytes(B, P, s.n_layers + 1)
     split = split_row_bytes(graph, s.d_model, P)
     phases = {"tables": 0}
     if any(m != "activation" for m in methods):

@@ -97,6 +97,7 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
     """Prompt pairs (as the Circuits page's) run with a set of graph nodes ablated or patched."""
 
     analysis: ClassVar[str] = "circuit_intervention"
+    key_legacy: ClassVar[dict] = {**Spec.key_legacy, **SAEFields.LEGACY}
     title: ClassVar[str] = "Interventions on circuit nodes: the metric and the next-token distribution before and after"
     level: str = param("components", "components: nodes are the input, heads and MLPs; features: the input, SAE "
                        "features and SAE error nodes", choices=LEVELS)
@@ -122,6 +123,7 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
 
     def resolve(self, handle: ModelHandle) -> "CircuitInterventionSpec":
         spec = resolve_pairs(self.replace(nodes=tuple(sorted(set(n.strip() for n in self.nodes)))), handle)
+        spec, widths = spec.resolve_folders(handle) if self.level == "features" else (spec, {})
         s = handle.summary
         lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
         nodes = [parse_node(n) for n in spec.nodes]
@@ -136,8 +138,13 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
                 raise WorkbenchError(f"{where} {handle.name} has blocks 0 to {s.n_layers - 1}.")
             if n.kind == "head" and n.index >= s.n_heads:
                 raise WorkbenchError(f"{where} {handle.name} has heads 0 to {s.n_heads - 1} in each layer.")
-            if n.kind == "feature" and n.index >= self.sae_width:
-                raise WorkbenchError(f"{where} the SAEs have features 0 to {self.sae_width - 1} (sae_width).")
+            if widths and n.kind in ("feature", "error") and n.layer not in widths:
+                raise WorkbenchError(f"{where} none of the SAE folders splits block {n.layer}'s residual (they split "
+                                     f"blocks {sorted(widths)}).", hint="Add that block's folder, or pick other nodes.")
+            width = widths.get(n.layer, spec.sae_width)
+            if n.kind == "feature" and n.index >= width:
+                raise WorkbenchError(f"{where} the SAE there has features 0 to {width - 1}"
+                                     f"{'' if widths else ' (sae_width)'}.")
             if n.pos is not None and n.pos >= lengths[0]:
                 raise WorkbenchError(f"{where} the prompts have positions 0 to {lengths[0] - 1}.")
             if n.kind == "feature" and n.pos == 0:

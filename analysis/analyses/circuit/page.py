@@ -51,6 +51,10 @@ WIDGETS = {
     "sae_steps": Widget("SAE training steps"),
     "sae_max_tokens": Widget("SAE training tokens"),
     "edge_nodes": Widget("Nodes per method with edges"),
+    "sae_folders": Widget("SAE folders to load instead (SAELens format, one per line, a block's residual each; empty: "
+                          "train them here)", "lines", height=68),
+    "edge_ablation": Widget("Edges outside a circuit", labels={"corrupted": "corrupted run's value",
+                                                               "mean": "mean over the other pairs"}),
     "ablation": Widget("Nodes outside a circuit", labels={"mean": "at their mean", "corrupted": "corrupted value"}),
     "ig_steps": Widget("EAP-IG steps"),
     "n_points": Widget("Points on each faithfulness curve"),
@@ -59,7 +63,9 @@ WIDGETS = {
 }
 LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("metric", "direction"),
           ("relp_rules", "patch_limit")]
-FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation")]
+COMPONENT_LAYOUT = ["edge_ablation"]
+FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation"),
+                  "sae_folders"]
 IV_WIDGETS = {
     "prompts": Widget("Run", "radio", labels={"clean": "the clean prompts", "corrupted": "the corrupted prompts"}),
     "value": Widget("Set each chosen node to", "radio", labels={"other": "the other prompt's value (patch)",
@@ -86,12 +92,12 @@ def render(ctx) -> None:
     st = ctx.st
     model = ctx.start("Circuits",
                       "Which edges between heads and MLPs carry the behaviour, and how few still do the task? Edge "
-                      "activation patching is the ground truth; EAP, EAP-IG and RelP estimate every edge from a "
-                      "few passes. Each method's top edges are pruned to paths from the input to the logits and "
-                      "scored by faithfulness: every other edge gets the corrupted run's value. With SAE features "
-                      "as the nodes, an SAE after each chosen block splits the residual into features and an error "
-                      "node per position; nodes are scored the same ways, edges join successive layers, and "
-                      "circuits keep the top nodes with every other node at its mean.")
+                      "activation patching is the ground truth; EAP, EAP-IG and RelP estimate every edge from a few "
+                      "passes. Each method's top edges are pruned to paths from the input to the logits and scored by "
+                      "faithfulness: every other edge gets the corrupted run's value (or its mean over the other "
+                      "pairs). With SAE features as the nodes, an SAE after each chosen block splits the residual into "
+                      "features and an error node per position; nodes are scored the same ways, edges join successive "
+                      "layers, and circuits keep the top nodes with every other node at its mean.")
     url, view = ctx.link(CircuitSpec), ctx.view(CircuitView)
     if url.pairs:
         url = dataclasses.replace(url, dataset="")
@@ -100,7 +106,7 @@ def render(ctx) -> None:
                      format_func=WIDGETS["level"].labels.get, key="circuit_level")
     with st.form("circuit"):
         values = ctx.spec_widgets(CircuitSpec, dataclasses.replace(url, pairs=url.pairs or EXAMPLE_PAIRS),
-                                  LAYOUT + (FEATURE_LAYOUT if level == "features" else []), WIDGETS)
+                                  LAYOUT + (FEATURE_LAYOUT if level == "features" else COMPONENT_LAYOUT), WIDGETS)
         ctx.run_button()
     values["level"] = level
     shipped = values["dataset"] == "ioi"

@@ -3,6 +3,7 @@ faithfulness curve."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +30,39 @@ class SAEFields:
     sae_k: int = param(16, "features: active features per token (TopK SAEs)", min=1, max=4096)
     sae_steps: int = param(1500, "features: each SAE's training steps", min=1, max=200_000)
     sae_max_tokens: int = param(65_536, "features: each SAE's training tokens", min=256, max=2_000_000)
+    sae_folders: tuple[str, ...] = param((), "features: SAELens-format folders to load instead of training, one per "
+                                         "layer (each cfg.json's hook_name names its block: the residual after it, "
+                                         "blocks.<l>.hook_resid_post)", max_len=64)
+    sae_hashes: tuple[str, ...] = param((), "each folder's content hash, in layer order (filled in when read)",
+                                        max_len=64)
+    # loaded SAEs came after circuits and interventions were stored: out of their keys when there are none
+    LEGACY: ClassVar[dict] = {"sae_folders": [], "sae_hashes": []}
+
+    def resolve_folders(self, handle: ModelHandle):
+        """The folders read and checked against the model, in layer order with their content hashes (so a folder
+        whose files change is another run), sae_width their largest width; (spec, {layer: width}). Without
+        folders: the trained SAEs' fields, and {}."""
+        if not self.sae_folders:
+            return self.replace(sae_hashes=()), {}
+        from ..features.sae import check_fits, parse_hook, read_folder_cfg
+
+        found: dict[int, tuple[str, str, int]] = {}
+        for folder in self.sae_folders:
+            cfg, sha = read_folder_cfg(folder)
+            site, layer = parse_hook(cfg["hook_name"])
+            if site != "resid_post":
+                raise WorkbenchError(f"{folder[:200]!r} holds an SAE of {cfg['hook_name']}; a feature circuit splits "
+                                     "the residual after each block (blocks.<l>.hook_resid_post).",
+                                     hint="Give residual-stream SAEs, one per block.")
+            check_fits(cfg, handle)
+            if layer in found:
+                raise WorkbenchError(f"Two of the folders hold SAEs of block {layer}'s residual.",
+                                     hint="Give one folder per block.")
+            found[layer] = (folder.strip(), sha, int(cfg["d_sae"]))
+        layers = sorted(found)
+        return (self.replace(sae_folders=tuple(found[la][0] for la in layers),
+                             sae_hashes=tuple(found[la][1] for la in layers),
+                             sae_width=max(found[la][2] for la in layers)), {la: found[la][2] for la in layers})
 
 
 @dataclass(frozen=True)
@@ -40,7 +74,8 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
     analysis: ClassVar[str] = "circuit"
     # the feature level's fields, added after component circuits were stored: out of the key at their defaults
     key_legacy: ClassVar[dict] = {**Spec.key_legacy, "layers": [], "sae_width": 512, "sae_k": 16, "sae_steps": 1500,
-                                  "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64}
+                                  "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64,
+                                  "edge_ablation": "corrupted", **SAEFields.LEGACY}
     title: ClassVar[str] = "Circuits: edges between components and between SAE features, pruned by faithfulness"
     level: str = param("components", "components: heads, MLPs, the input and the logits; features: SAE features "
                        "and error nodes at each chosen layer's residual, by position", choices=LEVELS)
@@ -61,6 +96,10 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
                                     "every block)", min=0, max=1024, max_len=1024)
     ablation: str = param("mean", "features: what a node outside a circuit takes: its mean over the clean prompts "
                           "(position by position), or its value in the corrupted run", choices=("mean", "corrupted"))
+    edge_ablation: str = param("corrupted", "components: what an edge outside a circuit carries into its reader: "
+                               "its writer's output in the pair's corrupted run, or the writer's mean over the other "
+                               "pairs' clean prompts of that length (position by position; held out: never the pair's "
+                               "own)", choices=("corrupted", "mean"))
     edge_nodes: int = param(64, "features: the nodes per method (the largest by |score|) whose edges are computed",
                             min=1, max=5_000)
 
@@ -73,7 +112,15 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
         if self.level == "features":
             return self.resolve_features(handle)
         check_graph(handle)
-        spec = resolve_pairs(self, handle)
+        spec = resolve_pairs(self.replace(ablation="mean"), handle)  # the feature level's field: out of the key
+        if spec.edge_ablation == "mean":
+            counts = Counter(len(p["clean_ids"]) for p in json.loads(spec.pairs))
+            alone = sorted(length for length, c in counts.items() if c < 2)
+            if alone:
+                raise WorkbenchError(f"Mean ablation gives an edge its writer's mean over the other pairs of the "
+                                     f"same token length, and {len(alone)} length(s) ({', '.join(map(str, alone))}) "
+                                     "have a single pair.",
+                                     hint="Add pairs of those lengths, or ablate to the corrupted run.")
         n_edges = len(EdgeGraph.of(handle.bridge).edges)
         if self.methods == ("activation",) and n_edges > self.patch_limit:
             raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} edges and activation patching runs on at "
@@ -89,12 +136,16 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
             raise WorkbenchError("Feature circuits need a gradient method (EAP, EAP-IG or RelP): their edges come "
                                  "from gradients; activation patching scores the nodes.",
                                  hint="Add EAP-IG, EAP or RelP.")
-        layers = tuple(sorted(set(self.layers))) if self.layers else tuple(range(n_layers))
+        spec, widths = self.resolve_folders(handle)
+        if widths and self.layers and set(self.layers) != set(widths):
+            raise WorkbenchError(f"The SAE folders split the residual after blocks {sorted(widths)}, and layers asks "
+                                 f"for {sorted(set(self.layers))}.", hint="Leave layers empty: the folders name them.")
+        layers = tuple(widths) or (tuple(sorted(set(self.layers))) if self.layers else tuple(range(n_layers)))
         bad = [layer for layer in layers if layer >= n_layers]
         if bad:
             raise WorkbenchError(f"{handle.name} has blocks 0 to {n_layers - 1}; the SAE layers {bad} are not among "
                                  "them.", hint="Leave layers empty for every block.")
-        spec = resolve_pairs(self.replace(layers=layers), handle)
+        spec = resolve_pairs(spec.replace(layers=layers, edge_ablation="corrupted"), handle)  # components' field
         lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
         if len(lengths) > 1:
             raise WorkbenchError(f"Feature circuits name nodes by position, and these pairs have {len(lengths)} token "
@@ -117,10 +168,20 @@ def check_graph(handle: ModelHandle) -> None:
 
 
 def sae_spec_at(spec, layer: int):
-    """The Features page's SAE (its residual after block `layer`) with a circuit spec's SAE settings."""
+    """The Features page's SAE (its residual after block `layer`) with a circuit spec's SAE settings, or loaded
+    from the spec's folder for that block."""
     from ..features.sae import SAESpec
 
     base = {f: getattr(spec, f) for f in Spec.field_names()}
+    if spec.sae_folders:  # the folder of this block (resolve put them in layer order, hashes beside them)
+        from ..features.sae import folder_hook
+
+        for folder, sha in zip(spec.sae_folders, spec.sae_hashes or ("",) * len(spec.sae_folders)):
+            if folder_hook(folder) == f"blocks.{layer}.hook_resid_post":
+                return SAESpec(**base, source="folder", folder=folder, folder_sha256=sha, layer=layer,
+                               site="resid_post")
+        raise WorkbenchError(f"None of the SAE folders holds block {layer}'s residual SAE.",
+                             hint="Give a folder for every block whose features or errors are used.")
     return SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
                    max_tokens=spec.sae_max_tokens)
 

@@ -216,6 +216,16 @@ def read_folder_cfg(path: str) -> tuple[dict, str]:
     return normalise_cfg(raw), h.hexdigest()
 
 
+def folder_hook(path: str) -> str:
+    """The hook a SAELens folder's SAE reads (its cfg.json alone, not the weights' hash)."""
+    p = _folder(path)
+    raw_bytes = (p / CFG_FILE).read_bytes()[:MAX_CFG_BYTES + 1]
+    try:
+        return normalise_cfg(json.loads(raw_bytes))["hook_name"]
+    except ValueError as e:
+        raise WorkbenchError(f"{CFG_FILE} is not valid JSON: {e}") from e
+
+
 def check_fits(cfg: dict, model) -> None:
     """An SAE fits this model: its input width is the model's d_model at a hook point the model has."""
     site, layer = parse_hook(cfg["hook_name"])
