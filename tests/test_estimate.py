@@ -19,7 +19,7 @@ import pytest
 from analysis import WorkbenchError
 from analysis import estimate as estimate_mod
 from analysis.estimate import Shape, check_fits, estimate_run, smaller_defaults
-from analysis.models import load_model
+from analysis.models import CHECKPOINTS_DIR, load_model
 from analysis.registry import ANALYSES, get_analysis
 from analysis.result import Result, RunRecord
 from analysis.runner import resolve_tokens, run, with_smaller_defaults
@@ -123,15 +123,23 @@ def check_within(rows: list[dict], names) -> None:
                                                               f"{ratio:.2f}\n{report}")
 
 
-# the quantization sweep's defaults take over a minute here; these keep what sets its peak (the evaluation text's
-# size, the Hessian traces) and drop what only adds time (more units and formats, more Hutchinson samples)
+# What only adds time, dropped from the defaults (the suite's longest test): the quantization sweep's defaults take
+# over a minute here (these keep what sets its peak, the evaluation text's size and the Hessian traces, and drop
+# more units and formats and Hutchinson samples); the SAE's steps (a step's tensors set its peak, not how many;
+# the analyses built on it use the same SAE); the information plane's checkpoints (each is loaded, run and dropped
+# in turn: two of the seven show the same peak)
+SAE_STEPS = {"steps": 300}
 LIGHTER = {"quant_traces": {"max_samples": 8},
-           "quant_sensitivity": {"units": ("type",), "activation_formats": (), "max_samples": 8},
-           "quant_allocation": {"max_samples": 8}}
+           "quant_sensitivity": {"formats": ("int8-channel", "int4-g128"), "units": ("type",),
+                                 "activation_formats": (), "max_samples": 8},
+           "quant_allocation": {"max_samples": 8},
+           "infoplane": {"checkpoints": (str(CHECKPOINTS_DIR / "step-00100"), "default")},
+           **{a.name: SAE_STEPS for a in ANALYSES if "steps" in a.spec.field_names() and (
+               a.name == SHARED_INPUT or any(getattr(need, "name", "") == SHARED_INPUT for need in a.inputs))}}
 
 
 def test_estimates_match_measured_peaks_on_the_default_model(tmp_path):
-    """Every analysis's default run on the default model (the quantization sweep's lighter, see LIGHTER): the
+    """Every analysis's default run on the default model (less of what only adds time, see LIGHTER): the
     estimate within 1.5x of the measured peak (the weights, and the process's resident high-water mark above what
     was resident when the run began)."""
     names = [a.name for a in ANALYSES]

@@ -509,10 +509,20 @@ def heldout_tokens(spec) -> int:
     return corpus // 10 + 1
 
 
+def heldout_batch(spec) -> tuple[int, int]:
+    """(rows, positions) of the held-out evaluation's largest forward: the user's lines (texts of one length run
+    together, 64 at most; at most as many as there are lines), or the shipped sentences' (64 of about 16 tokens)."""
+    if spec.heldout_text.strip():
+        lines = [line for line in spec.heldout_text.splitlines() if line.strip()]
+        return min(64, len(lines)), max(len(line) // 4 + 2 for line in lines)
+    return 64, 16
+
+
 def estimate(plan) -> Estimate:
     """The gathered activations (float32: the per-batch pieces and their concatenation), then the larger of: the
-    forward batches, a training step (its dense [batch, width] tensors, the weights, their gradients and Adam's
-    moments) and the evaluation's encoding chunks.
+    forward batches (the held-out text's with the logits at every position, sized by that text), a training step
+    (its dense [batch, width] tensors, the weights, their gradients and Adam's moments) and the evaluation's
+    encoding chunks.
 
     Work: the forwards that gather the training tokens' activations (whole texts, batches of 64); per step the
     SAE's products forward and backward (and AuxK's), its element-wise work over [batch, width] and Adam over
@@ -527,7 +537,9 @@ def estimate(plan) -> Estimate:
     weights = 2 * d * W * 4
     step = 8 * B * W * 4 + 4 * weights
     encode = 6 * encode_rows(W) * W * 4 + weights
-    forward = s.forward_bytes(64, 16)
+    rows, pos = heldout_batch(spec)
+    # the held-out losses' forwards (logits at every position), or the training text's (stopping before them)
+    forward = max(s.forward_bytes(rows, pos), s.forward_bytes(64, 16, logits_pos=0))
     P = 14  # a typical shipped text
     per_step = 8 * 2.0 * B * d * W + ENTRY_FLOPS * (12 * B * W + 8 * d * W)
     # the training text's activations stop before the unembedding (session.cache_in_batches)
