@@ -575,6 +575,8 @@ def test_component_circuits_with_mean_ablation(tmp_path):
     other_empty = corrupted.extra["faithfulness"].sort_values("n_edges").iloc[0].metric
     assert abs(empty.metric - other_empty) > 1e-3  # a different baseline from the corrupted run's
     assert (mean.table["score"].to_numpy() == corrupted.table["score"].to_numpy()).all()  # the scores are the same
+    # the feature level's fields do not reach a component circuit's key (no folder is read at this level)
+    assert run(spec.replace(ablation="corrupted", sae_folders=("/not/read",)), store=store).hit
     from analysis.analyses.patching.page import EXAMPLE_PAIRS
 
     with pytest.raises(WorkbenchError, match="single pair"):

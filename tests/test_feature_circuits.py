@@ -477,12 +477,13 @@ def test_feature_interventions_equal_node_patching_and_a_brute_force_through_the
 
 
 def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_here(feature_circuit, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     """The SAEs a researcher holds: each layer's SAE written out as a SAELens folder and loaded back
     (`sae_folders`, the layers read from their cfg.json) gives the same circuit as the SAEs trained here, nodes,
     edges and curves; an intervention on its nodes runs on the same folders. Refused with a message: a folder of
     another hook, two folders of one block, layers that disagree with the folders, a feature past a loaded SAE's
-    width, a node at a block no folder splits, and folders on a server that reads none (nothing stored)."""
+    width, a node at a block no folder splits, and folders on a server that reads none (nothing stored). The
+    command line runs it too."""
     from analysis.analyses.circuit.intervene import CircuitInterventionSpec
     from analysis.analyses.circuit.spec import CircuitSpec, sae_spec_at
     from analysis.analyses.features.sae import save_folder
@@ -515,6 +516,13 @@ def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_
              store=store)
     same = run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=(node,), **SMALL_SAES), store=store)
     np.testing.assert_allclose(iv.result.table["after"], same.result.table["after"], atol=1e-5)
+
+    # the command line, which estimates its smaller settings before anything resolves the folders
+    from analysis.__main__ import main
+
+    assert main(["circuit", "--level", "features", "--n-pairs", "6", "--methods", "eap", "--n-points", "3",
+                 "--sae-folders", ",".join(folders.values()), "--store", str(tmp_path / "cli.duckdb")]) == 0
+    assert "computed circuit" in capsys.readouterr().out
 
     n_runs = store.count("runs")
     sae, cfg = _stored_sae(store, sae_spec_at(spec, 3))

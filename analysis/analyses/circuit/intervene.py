@@ -123,7 +123,8 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
 
     def resolve(self, handle: ModelHandle) -> "CircuitInterventionSpec":
         spec = resolve_pairs(self.replace(nodes=tuple(sorted(set(n.strip() for n in self.nodes)))), handle)
-        spec, widths = spec.resolve_folders(handle) if self.level == "features" else (spec, {})
+        spec, widths = (spec.resolve_folders(handle) if self.level == "features"
+                        else (spec.replace(sae_folders=(), sae_hashes=()), {}))  # no SAEs at the component level
         s = handle.summary
         lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
         nodes = [parse_node(n) for n in spec.nodes]

@@ -112,7 +112,8 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
         if self.level == "features":
             return self.resolve_features(handle)
         check_graph(handle)
-        spec = resolve_pairs(self.replace(ablation="mean"), handle)  # the feature level's field: out of the key
+        # the feature level's fields at their defaults: out of the key
+        spec = resolve_pairs(self.replace(ablation="mean", sae_folders=(), sae_hashes=()), handle)
         if spec.edge_ablation == "mean":
             counts = Counter(len(p["clean_ids"]) for p in json.loads(spec.pairs))
             alone = sorted(length for length, c in counts.items() if c < 2)
@@ -184,6 +185,14 @@ def sae_spec_at(spec, layer: int):
                              hint="Give a folder for every block whose features or errors are used.")
     return SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
                    max_tokens=spec.sae_max_tokens)
+
+
+def folder_layers(spec) -> tuple[int, ...]:
+    """The blocks a spec's SAE folders split, from their cfg.json alone (before resolve reads and hashes them: the
+    estimate of smaller settings runs first); () without folders."""
+    from ..features.sae import folder_hook, parse_hook
+
+    return tuple(sorted({parse_hook(folder_hook(f))[1] for f in spec.sae_folders}))
 
 
 def sae_specs(spec: CircuitSpec, got) -> dict | None:
