@@ -14,6 +14,12 @@ several query heads: `a{l}.h{g}<k>` names key/value head g there (the EAP-IG lib
 weights per query head). On a model whose attention and MLP run in parallel the MLP does not read its own layer's
 heads.
 
+Edges can also be taken by position, u@p -> d@p (the residual stream at p carries a writer's output at p to the
+readers at p; positions meet only inside attention, a head at p reading its keys and values up to p): scores by
+position (`edge_scores_from(per_position=True)`), one edge patched at one position (`edge_patch(positions=...)`),
+circuits kept at some positions only (`evaluate_circuits` with a [K, S, n_sources, n_targets] mask) and their
+pruning (`on_paths_by_position`).
+
 The bridge computes these inputs and outputs itself when its `use_attn_result`, `use_split_qkv_input` and
 `use_hook_mlp_in` flags are on (`edge_hooks`); `check_additive` refuses a model where they do not add up (a norm
 after the head sum, as Gemma's). Conventions are the patching kernels': the *base* run is the one patched, the
@@ -283,11 +289,13 @@ def reader_gradients(bridge, graph: EdgeGraph, tokens: torch.Tensor, metric_rows
     return stack_readers(graph, grads)
 
 
-def edge_scores_from(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def edge_scores_from(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor,
+                     per_position: bool = False) -> torch.Tensor:
     """Per-row edge scores [B, n_sources, n_targets] (zero where there is no edge): each source's change
     (source run - base run) [B, S, n_sources, D] dotted with each reader's gradient [B, S, n_targets, D], summed over
-    positions."""
-    out = torch.einsum("bsud,bsvd->buv", delta.float(), grads.float())
+    positions; with `per_position` one score per position, [B, S, n_sources, n_targets] (the edge u@p -> d@p: the
+    residual stream at p carries a writer's output at p to the readers at p only)."""
+    out = torch.einsum("bsud,bsvd->bsuv" if per_position else "bsud,bsvd->buv", delta.float(), grads.float())
     return out * graph.mask.to(out.device)
 
 
@@ -377,10 +385,11 @@ def _reader_edit_hooks(graph: EdgeGraph, layer: int, row_target: torch.Tensor, r
 
 def edge_patch(bridge, graph: EdgeGraph, runner: BlockRunner, final_resid: torch.Tensor, delta: torch.Tensor,
                edges: list[tuple[int, int]], metric_rows: Callable, chunk_rows: int | None = None,
-               progress: Callable | None = None) -> torch.Tensor:
+               progress: Callable | None = None, positions: list[int] | None = None) -> torch.Tensor:
     """The base run's metric with each edge alone patched: [len(edges), B], rows of `metric_rows` laid out
     (edge, pair). `runner` recorded the base run with edge hooks on; `final_resid` [B, S, D] is its final
-    residual; `delta` [B, S, n_sources, D] the writers' source - base outputs."""
+    residual; `delta` [B, S, n_sources, D] the writers' source - base outputs. With `positions` (one per edge) the
+    edge is patched at that position only (u@p -> d@p)."""
     B, S = runner.tokens.shape
     chunk_rows = chunk_rows or patch_rows(graph, bridge, S)
     out = torch.empty(len(edges), B, device=delta.device)
@@ -397,6 +406,10 @@ def edge_patch(bridge, graph: EdgeGraph, runner: BlockRunner, final_resid: torch
             ds = torch.tensor([edges[i][1] for i in chunk], device=delta.device)
             # rows (edge, pair): the edge's source change at every position
             row_delta = delta[:, :, us].permute(2, 0, 1, 3).reshape(len(chunk) * B, S, -1)
+            if positions is not None:  # the change at the edge's own position only
+                at = torch.tensor([positions[i] for i in chunk], device=delta.device).repeat_interleave(B)
+                keep_pos = torch.arange(S, device=delta.device)[None] == at[:, None]  # [rows, S]
+                row_delta = row_delta * keep_pos[:, :, None].to(row_delta.dtype)
             row_target = ds.repeat_interleave(B)
             with torch.no_grad():
                 if layer == graph.n_layers:  # into the logits: the final residual plus the change
@@ -429,9 +442,10 @@ def _writer_groups(graph: EdgeGraph) -> list[tuple[str, int, int]]:
 def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacement: torch.Tensor,
                       keep: torch.Tensor, metric_rows: Callable, max_rows: int | None = None,
                       progress: Callable | None = None) -> torch.Tensor:
-    """The metric of each circuit [K, B]: `keep` [K, n_sources, n_targets] (bool) the edges each circuit keeps;
-    every other edge carries `replacement` [B, S, n_sources, D] (the corrupted run's writer outputs, or means)
-    instead of its source's live output in this run, into its reader only. Rows (circuit, pair).
+    """The metric of each circuit [K, B]: `keep` [K, n_sources, n_targets] (bool) the edges each circuit keeps
+    (at every position), or [K, S, n_sources, n_targets] the edges it keeps at each position; every other edge
+    carries `replacement` [B, S, n_sources, D] (the corrupted run's writer outputs, or means) instead of its
+    source's live output in this run, into its reader only (at that position). Rows (circuit, pair).
 
     Exact, not a linear estimate: a reader's input is the sum of its writers' outputs, so it takes
     sum over ablated writers u of (live_u - replacement_u). That sum is a running total over every writer so far
@@ -440,8 +454,9 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
     B, S = tokens.shape
     K = keep.shape[0]
     dev = replacement.device
-    keep = keep.bool().cpu() & graph.mask[None]
-    ablate = graph.mask[None] & ~keep
+    per_position = keep.dim() == 4
+    keep = keep.bool().cpu() & graph.mask
+    ablate = graph.mask & ~keep
     out = torch.empty(K, B, device=dev)
     per = max(1, (max_rows or circuit_rows(graph, bridge, S)) // B)
     groups = _writer_groups(graph)
@@ -467,11 +482,14 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
 
         def reader(js: list[int]):
             m = graph.readers[js[0]].n_sources
-            kept, abl = keep[ks][:, :m, js], ablate[ks][:, :m, js]  # [k, m, J]
+            kept, abl = keep[ks][..., :m, js], ablate[ks][..., :m, js]  # [k, (S,) m, J]
             # per circuit, the smaller of its kept and ablated edges into these readers: a circuit that keeps few
             # starts from every writer so far and takes the kept ones away, one that ablates few adds those
             by_kept = kept.flatten(1).sum(1) <= abl.flatten(1).sum(1)  # [k]
-            entries = torch.where(by_kept[:, None, None], kept, abl).nonzero()  # (k, u, j) of the terms
+            chosen = torch.where(by_kept.view(-1, *[1] * (kept.dim() - 1)), kept, abl)
+            # (k, u, j) of the terms; per position, each term's positions [E, S] (a term at some positions only)
+            entries = (chosen.any(1) if per_position else chosen).nonzero()
+            at = chosen[entries[:, 0], :, entries[:, 1], entries[:, 2]] if per_position else None
             signs = torch.where(by_kept[entries[:, 0]], -1.0, 1.0)
             row_kept = by_kept.repeat_interleave(B)  # [n]
 
@@ -491,7 +509,10 @@ def evaluate_circuits(bridge, graph: EdgeGraph, tokens: torch.Tensor, replacemen
                         u = (e[:, 1] - i0).repeat_interleave(B)
                         j = e[:, 2].repeat_interleave(B)
                         vals = diffs[g][rows.to(x.device), :, u.to(x.device)]  # [E*B, S, D]
-                        vals = vals * sg.repeat_interleave(B).to(vals)[:, None, None]
+                        weight = sg.repeat_interleave(B).to(vals)[:, None]  # [E*B, 1]: the term's sign
+                        if at is not None:  # at its positions only
+                            weight = weight * at[sel].repeat_interleave(B, 0).to(vals)
+                        vals = vals * weight[:, :, None]
                         fix.index_put_((rows.to(x.device), j.to(x.device)), vals.to(fix.dtype), accumulate=True)
                 fix = fix.permute(0, 2, 1, 3)
                 return x - (fix if x.dim() == 4 else fix[:, :, 0])
@@ -555,3 +576,43 @@ def on_paths(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:
     on = reached & useful
     target_ok = np.array([r.kind == "logits" or bool(on[owners[j]].any()) for j, r in enumerate(graph.readers)])
     return torch.from_numpy(k & on[:, None] & target_ok[None])
+
+
+def on_paths_by_position(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:
+    """The kept edges [S, n_sources, n_targets] of a graph by position (u@p -> d@p) that lie on a path from `input`
+    to the logits at the last position. Positions meet only inside attention: a head at p reads its query at p
+    and its keys and values at every position up to p; an MLP reads its own position; the logits read the last
+    position. One pass each way over the sources (in topological order), every position at once."""
+    import numpy as np
+
+    k = (keep.bool().cpu() & graph.mask).numpy()  # [S, U, V]
+    S, n_src, n_dst = k.shape
+    owners = reader_owners(graph)
+    kinds = [r.kind for r in graph.readers]
+    owned: list[list[int]] = [[] for _ in range(n_src)]
+    for j, os_ in enumerate(owners):
+        for u in os_:
+            owned[u].append(j)
+    reached = np.zeros((n_src, S), dtype=bool)
+    reached[0] = True  # the input at every position
+    for u in range(1, n_src):
+        for j in owned[u]:
+            into = (k[:, :, j] & reached.T).any(1)  # [S]: reader j at p gets a kept edge from a reached source
+            # a head at p reads its keys and values at positions up to p
+            reached[u] |= np.maximum.accumulate(into) if kinds[j] in ("k", "v") else into
+    useful = np.zeros((n_src, S), dtype=bool)
+    reader_useful = np.zeros((n_dst, S), dtype=bool)
+    reader_useful[n_dst - 1, S - 1] = True  # the logits, at the last position
+    for u in reversed(range(n_src)):
+        useful[u] = (k[:, u, :] & reader_useful.T).any(1)
+        for j in owned[u]:  # a key or value read at p' serves the head at every p >= p'
+            reader_useful[j] |= np.maximum.accumulate(useful[u][::-1])[::-1] if kinds[j] in ("k", "v") else useful[u]
+    on = reached & useful  # [U, S]
+    target_ok = np.zeros((n_dst, S), dtype=bool)
+    target_ok[n_dst - 1, S - 1] = True
+    for j, os_ in enumerate(owners):
+        if kinds[j] == "logits":
+            continue
+        mine = on[os_].any(0)
+        target_ok[j] = np.maximum.accumulate(mine[::-1])[::-1] if kinds[j] in ("k", "v") else mine
+    return torch.from_numpy(k & on.T[:, :, None] & target_ok.T[:, None, :])

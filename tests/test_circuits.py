@@ -128,13 +128,17 @@ class _HF:
                 h.remove()
 
 
-def _brute_force(handle, graph, base, source, metric_rows, edges):
+def _brute_force(handle, graph, base, source, metric_rows, edges, positions=None):
     hf = _HF(handle)
     delta = hf.writers(source) - hf.writers(base)
     out = []
-    for u, d in edges:
+    for i, (u, d) in enumerate(edges):
         r = graph.readers[d]
-        out.append(metric_rows(hf.logits_with(base, (r.kind, r.layer, r.head, delta[:, :, u]))))
+        change = delta[:, :, u]
+        if positions is not None:  # that position's change alone
+            change = torch.zeros_like(change).index_copy(1, torch.tensor([positions[i]]),
+                                                         change[:, positions[i]:positions[i] + 1])
+        out.append(metric_rows(hf.logits_with(base, (r.kind, r.layer, r.head, change))))
     return torch.stack(out)  # [E, B]
 
 
@@ -206,6 +210,150 @@ def test_eap_equals_transformer_lens_edge_attribution_patching(default_handle):
     mine = torch.stack([ours[u, d] for u, d in graph.edges])
     assert len(tl) == len(graph.edges)
     torch.testing.assert_close(mine, theirs.float(), atol=2e-4, rtol=1e-3)
+
+
+def test_edges_by_position_patch_and_score_as_a_brute_force_and_transformer_lens_do(default_handle):
+    """Edges u@p -> d@p (the residual stream at p carries a writer's output at p to the readers at p): one edge
+    patched at one position equals a brute force with hooks on plain transformers (MLP, q, k, v and logits
+    readers); EAP by position equals TransformerLens 4's edge `attribution_patch`, whose nodes carry positions;
+    summed over positions it is the edge's EAP score."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    clean, corrupted, answer, wrong = _pairs(default_handle, 2)
+    bridge = default_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    S = clean.shape[1]
+    rng = torch.Generator().manual_seed(0)
+    pick = {kind: [e for e in graph.edges if graph.readers[e[1]].kind == kind] for kind in ("q", "k", "v", "mlp")}
+    edges = [tuple(pick[kind][int(i)]) for kind in pick for i in torch.randint(len(pick[kind]), (4,), generator=rng)]
+    edges += [tuple(e) for e in graph.edges if graph.readers[e[1]].kind == "logits"][:3]
+    positions = [int(p) for p in torch.randint(1, S, (len(edges),), generator=rng)]
+    positions[-3:] = [S - 1, S - 1, S - 2]  # into the logits: only the last position counts
+    with edge_hooks(bridge):
+        wb, rb, lb = record(bridge, graph, corrupted)
+        ws, _, _ = record(bridge, graph, clean)
+        ours = edge_patch(bridge, graph, BlockRunner(bridge, corrupted), rb[:, :, -1], ws - wb, edges, metric_rows,
+                          positions=positions)
+        by_pos = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows),
+                                  per_position=True)
+        summed = edge_scores_from(graph, ws - wb, reader_gradients(bridge, graph, corrupted, metric_rows))
+    want = _brute_force(default_handle, graph, corrupted, clean, metric_rows, edges, positions)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+    assert (ours[-1] - metric_rows(lb)).abs().max() < 1e-5  # into the logits, not at the last position
+    assert (want - want[:1]).abs().max() > 1e-3
+    torch.testing.assert_close(by_pos.sum(1), summed, atol=1e-4, rtol=1e-4)
+    assert by_pos.shape == (2, S, len(graph.sources), len(graph.targets))
+    tl = {}
+    for i in range(clean.shape[0]):
+        a, w = int(answer[i]), int(wrong[i])
+        res = attribution_patch(bridge, clean[i:i + 1], corrupted[i:i + 1],
+                                lambda logits, a=a, w=w: logits[0, -1, a] - logits[0, -1, w],
+                                EdgeAttributionConfig(granularity="edge"))
+        for (u, d), v in res.edge_scores.items():
+            assert u.position == d.position
+            key = (_tl_name(u), _tl_name(d), u.position)
+            tl[key] = tl.get(key, 0.0) + v / clean.shape[0]
+    mean = by_pos.mean(0)
+    keys = [k for k in tl if k[2] >= 1][:400]
+    theirs = torch.tensor([tl[k] for k in keys])
+    mine = torch.stack([mean[p, graph.source_index[u], graph.target_index[d]] for u, d, p in keys])
+    torch.testing.assert_close(mine, theirs.float(), atol=2e-4, rtol=1e-3)
+
+
+def test_circuits_by_position_score_what_transformer_lens_faithfulness_measures(default_handle):
+    """A circuit that keeps edges at some positions only: every other (edge, position) carries the corrupted
+    run's writer output. Equal to TransformerLens 4's `faithfulness` with the same positioned edges, per pair; a
+    circuit kept at every position equals the same circuit without positions."""
+    from transformer_lens.tools.analysis.attribution_patching import FaithfulnessConfig, faithfulness
+
+    clean, corrupted, answer, wrong = _pairs(default_handle, 2)
+    bridge = default_handle.bridge
+    graph = EdgeGraph.of(bridge)
+    metric_rows = _logit_diff(answer, wrong)
+    S = clean.shape[1]
+    with edge_hooks(bridge):
+        wc, _, _ = record(bridge, graph, clean)
+        wx, _, _ = record(bridge, graph, corrupted)
+        scores = edge_scores_from(graph, wc - wx, reader_gradients(bridge, graph, clean, metric_rows),
+                                  per_position=True).abs().sum(0)  # [S, U, V]
+        order = scores.flatten().argsort(descending=True)[:150]
+        keep = torch.zeros(S, *graph.mask.shape, dtype=torch.bool)
+        keep.view(-1)[order] = True
+        keep &= graph.mask
+        everywhere = torch.zeros_like(graph.mask)
+        everywhere[tuple(torch.tensor(graph.edges[:300]).T)] = True
+        got = evaluate_circuits(bridge, graph, clean, wx, torch.stack([keep, graph.mask & ~keep,
+                                                                        everywhere.expand(S, -1, -1)]), metric_rows)
+        plain = evaluate_circuits(bridge, graph, clean, wx, everywhere[None], metric_rows)
+    torch.testing.assert_close(got[2], plain[0], atol=1e-5, rtol=0)
+    kept = keep.nonzero().tolist()  # (p, u, d)
+    rest = (graph.mask & ~keep).nonzero().tolist()
+    assert len(kept) > 50 and len(rest) > 1000
+    for i in range(2):
+        a, w = int(answer[i]), int(wrong[i])
+        for value, chosen in zip(got[:2, i], (kept, rest)):
+            circuit = [(_tl_node(graph.sources[u], p), _tl_node(graph.targets[d], p, bridge.cfg.n_layers))
+                       for p, u, d in chosen]
+            res = faithfulness(bridge, clean[i:i + 1], corrupted[i:i + 1],
+                               lambda logits, a=a, w=w: logits[0, -1, a] - logits[0, -1, w], circuit,
+                               FaithfulnessConfig(ablation="corrupt"))
+            assert float(value) == pytest.approx(res.corrupt_metric + res.recovered * (res.full_metric
+                                                                                      - res.corrupt_metric), abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2, False), (2, 4, 2, False), (2, 2, 2, True)])
+def test_pruning_by_position_keeps_the_edges_a_search_finds_on_paths_to_the_logits(shape):
+    """on_paths_by_position against a breadth-first search over the explicit nodes (writer, position) and
+    (reader, position): a kept edge stays exactly when its writer is reached from an input position and its reader
+    reaches the logits at the last position (a head at p reads its query at p, its keys and values up to p).
+    Random keep masks on small graphs, grouped-query and parallel ones among them."""
+    from collections import deque
+
+    from kernels.circuits import on_paths_by_position, reader_owners
+
+    n_layers, n_heads, n_kv, parallel = shape
+    graph = EdgeGraph(n_layers, n_heads, n_kv, parallel)
+    S = 4
+    owners = reader_owners(graph)
+    kinds = [r.kind for r in graph.readers]
+    last = len(graph.targets) - 1
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        keep = (torch.rand(S, *graph.mask.shape, generator=g) < 0.12) & graph.mask
+        got = on_paths_by_position(graph, keep)
+        kept = keep.nonzero().tolist()
+
+        def succ(node):  # ("w", u, p) -> readers through kept edges; ("r", j, p) -> the writers reading it
+            side, i, p = node
+            if side == "w":
+                return [("r", d, p) for q, u, d in kept if u == i and q == p]
+            if kinds[i] == "logits":
+                return []
+            later = range(p, S) if kinds[i] in ("k", "v") else [p]
+            return [("w", u, p2) for u in owners[i] for p2 in later]
+
+        def search(starts, step):
+            seen, todo = set(starts), deque(starts)
+            while todo:
+                for nxt in step(todo.popleft()):
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+            return seen
+
+        forward = search([("w", 0, p) for p in range(S)], succ)
+        preds: dict = {}
+        for node in ([("w", u, p) for u in range(len(graph.sources)) for p in range(S)]
+                     + [("r", j, p) for j in range(len(kinds)) for p in range(S)]):
+            for nxt in succ(node):
+                preds.setdefault(nxt, set()).add(node)
+        backward = search([("r", last, S - 1)], lambda n: preds.get(n, ()))
+        want = torch.zeros_like(keep)
+        for p, u, d in kept:
+            if ("w", u, p) in forward and ("r", d, p) in backward:
+                want[p, u, d] = True
+        assert torch.equal(got, want), seed
 
 
 def _tl_name(node) -> str:
