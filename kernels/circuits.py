@@ -552,30 +552,8 @@ def reader_owners(graph: EdgeGraph) -> list[list[int]]:
 
 def on_paths(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:
     """The kept edges [n_sources, n_targets] that lie on a path from `input` to `logits` through kept edges (the
-    EAP-IG library's pruning). One pass each way over the sources, which are in topological order."""
-    import numpy as np
-
-    k = (keep.bool().cpu() & graph.mask).numpy()
-    owners = reader_owners(graph)
-    n_src, n_dst = k.shape
-    owned: list[list[int]] = [[] for _ in range(n_src)]  # each source's readers
-    for j, os_ in enumerate(owners):
-        for u in os_:
-            owned[u].append(j)
-    reached = np.zeros(n_src, dtype=bool)
-    reached[0] = True
-    for u in range(1, n_src):  # a source is reached when a kept edge from a reached source goes into its input
-        reached[u] = bool(k[reached][:, owned[u]].any())
-    useful = np.zeros(n_src, dtype=bool)
-    reader_useful = np.zeros(n_dst, dtype=bool)
-    reader_useful[n_dst - 1] = True  # the logits
-    for u in reversed(range(n_src)):  # a source is useful when a kept edge from it reaches a useful reader
-        useful[u] = bool((k[u] & reader_useful).any())
-        if useful[u]:
-            reader_useful[owned[u]] = True
-    on = reached & useful
-    target_ok = np.array([r.kind == "logits" or bool(on[owners[j]].any()) for j, r in enumerate(graph.readers)])
-    return torch.from_numpy(k & on[:, None] & target_ok[None])
+    EAP-IG library's pruning): the graph by position with a single position, where every edge is kept at it."""
+    return on_paths_by_position(graph, keep[None])[0]
 
 
 def on_paths_by_position(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,11 @@ SMOL = {"n_params": 134_515_008, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, 
 SHARED_INPUT = "sae"  # the input worth training once: the analyses built on an SAE start from a copy of its store
 
 
+def built_on_shared(name: str) -> bool:
+    """An analysis that takes the shared input (an SAE) as one of its inputs."""
+    return any(getattr(need, "name", "") == SHARED_INPUT for need in get_analysis(name).inputs)
+
+
 class ProbeServer:
     """tests/estimate_probe.py --serve: a process that has imported everything and loaded the model, forking a
     fresh child per job (one torch thread each)."""
@@ -79,7 +84,7 @@ def probe(model: str, specs: dict, store: Path) -> list[dict]:
     start from a copy of the SAE run's store (the same SAE when their fields derive the same one), so the SAE is
     trained once rather than once per analysis; what is measured is still each analysis's own run."""
     names = list(specs)
-    built_on = {n for n in names if any(getattr(need, "name", "") == SHARED_INPUT for need in get_analysis(n).inputs)}
+    built_on = {n for n in names if built_on_shared(n)}
     first = names.index(SHARED_INPUT) if SHARED_INPUT in names else None
     servers, local, lock = [], threading.local(), threading.Lock()
 
@@ -135,7 +140,7 @@ LIGHTER = {"quant_traces": {"max_samples": 8},
            "quant_allocation": {"max_samples": 8},
            "infoplane": {"checkpoints": (str(CHECKPOINTS_DIR / "step-00100"), "default")},
            **{a.name: SAE_STEPS for a in ANALYSES if "steps" in a.spec.field_names() and (
-               a.name == SHARED_INPUT or any(getattr(need, "name", "") == SHARED_INPUT for need in a.inputs))}}
+               a.name == SHARED_INPUT or built_on_shared(a.name))}}
 
 
 def test_estimates_match_measured_peaks_on_the_default_model(tmp_path):

@@ -292,14 +292,14 @@ def estimate_features(plan):
     stored yet are upstream runs, one per layer."""
     from ...estimate import Estimate, Plan, input_estimate
     from ..features.sae import estimate as sae_estimate
-    from .spec import folder_layers, sae_specs
+    from .spec import folders_by_layer, sae_specs
 
     spec, s = plan.spec, plan.shape
     pairs = json.loads(spec.pairs) if spec.pairs else None
     B = len(pairs) if pairs else spec.n_pairs
     P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED
     P = P or SHIPPED
-    layers = spec.layers or folder_layers(spec) or tuple(range(s.n_layers))
+    layers = spec.layers or tuple(folders_by_layer(spec)) or tuple(range(s.n_layers))
     K, W, d = len(layers), spec.sae_width, s.d_model
     k_act = min(spec.sae_k, W)
     methods = list(spec.methods)

@@ -37,7 +37,7 @@ from ...stats import resample_weights
 from ..patching.compute import Metric, length_groups
 from ..patching.spec import METRICS, PromptPairs, resolve_pairs
 from .common import SHIPPED, mean_effects
-from .spec import LEVELS, SAE_INPUT, SAEFields, sae_spec_at
+from .spec import LEVELS, SAE_INPUT, SAEFields, folders_by_layer, sae_spec_at
 
 NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)|f(?P<fl>\d+)\.(?P<feature>\d+)"
                   r"|err(?P<el>\d+))(?:@(?P<pos>\d+))?$")
@@ -161,7 +161,8 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
 def sae_inputs(spec, got) -> dict | None:
     """The Features page's SAE at each layer a chosen feature or error node sits at (the circuit's SAEs)."""
     layers = sae_layers(spec)
-    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer) for layer in layers} or None
+    folders = folders_by_layer(spec)
+    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer, folders) for layer in layers} or None
 
 
 # ----------------------------------------------------------------------------------------------------------

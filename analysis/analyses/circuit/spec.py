@@ -44,16 +44,12 @@ class SAEFields:
         folders: the trained SAEs' fields, and {}."""
         if not self.sae_folders:
             return self.replace(sae_hashes=()), {}
-        from ..features.sae import check_fits, parse_hook, read_folder_cfg
+        from ..features.sae import check_fits, read_folder_cfg
 
         found: dict[int, tuple[str, str, int]] = {}
         for folder in self.sae_folders:
             cfg, sha = read_folder_cfg(folder)
-            site, layer = parse_hook(cfg["hook_name"])
-            if site != "resid_post":
-                raise WorkbenchError(f"{folder[:200]!r} holds an SAE of {cfg['hook_name']}; a feature circuit splits "
-                                     "the residual after each block (blocks.<l>.hook_resid_post).",
-                                     hint="Give residual-stream SAEs, one per block.")
+            layer = residual_layer(folder, cfg["hook_name"])
             check_fits(cfg, handle)
             if layer in found:
                 raise WorkbenchError(f"Two of the folders hold SAEs of block {layer}'s residual.",
@@ -168,35 +164,51 @@ def check_graph(handle: ModelHandle) -> None:
                              "every block.", hint="Use the Patching page's node sweeps on this model.") from e
 
 
-def sae_spec_at(spec, layer: int):
+def sae_spec_at(spec, layer: int, folders: dict | None = None):
     """The Features page's SAE (its residual after block `layer`) with a circuit spec's SAE settings, or loaded
-    from the spec's folder for that block."""
+    from the spec's folder for that block (`folders`: the spec's folders_by_layer, when the caller has read them)."""
     from ..features.sae import SAESpec
 
     base = {f: getattr(spec, f) for f in Spec.field_names()}
-    if spec.sae_folders:  # the folder of this block (resolve put them in layer order, hashes beside them)
-        from ..features.sae import folder_hook
-
-        for folder, sha in zip(spec.sae_folders, spec.sae_hashes or ("",) * len(spec.sae_folders)):
-            if folder_hook(folder) == f"blocks.{layer}.hook_resid_post":
-                return SAESpec(**base, source="folder", folder=folder, folder_sha256=sha, layer=layer,
-                               site="resid_post")
-        raise WorkbenchError(f"None of the SAE folders holds block {layer}'s residual SAE.",
-                             hint="Give a folder for every block whose features or errors are used.")
+    if spec.sae_folders:
+        folders = folders_by_layer(spec) if folders is None else folders
+        if layer not in folders:
+            raise WorkbenchError(f"None of the SAE folders holds block {layer}'s residual SAE.",
+                                 hint="Give a folder for every block whose features or errors are used.")
+        folder, sha = folders[layer]
+        return SAESpec(**base, source="folder", folder=folder, folder_sha256=sha, layer=layer, site="resid_post")
     return SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
                    max_tokens=spec.sae_max_tokens)
 
 
-def folder_layers(spec) -> tuple[int, ...]:
-    """The blocks a spec's SAE folders split, from their cfg.json alone (before resolve reads and hashes them: the
-    estimate of smaller settings runs first); () without folders."""
-    from ..features.sae import folder_hook, parse_hook
+def folders_by_layer(spec) -> dict[int, tuple[str, str]]:
+    """{block: (folder, content hash)} of a spec's residual SAE folders, in block order, from each cfg.json alone
+    (the hashes are resolve's; before it, as when the smaller settings are estimated, they are empty); {} without
+    folders."""
+    from ..features.sae import folder_hook
 
-    return tuple(sorted({parse_hook(folder_hook(f))[1] for f in spec.sae_folders}))
+    hashes = spec.sae_hashes or ("",) * len(spec.sae_folders)
+    found: dict[int, tuple[str, str]] = {}
+    for folder, sha in zip(spec.sae_folders, hashes):
+        found.setdefault(residual_layer(folder, folder_hook(folder)), (folder, sha))
+    return dict(sorted(found.items()))
+
+
+def residual_layer(folder: str, hook_name: str) -> int:
+    """The block after which a folder's SAE splits the residual; a folder of another hook is refused."""
+    from ..features.sae import parse_hook
+
+    site, layer = parse_hook(hook_name)
+    if site != "resid_post":
+        raise WorkbenchError(f"{folder[:200]!r} holds an SAE of {hook_name}; a feature circuit splits the residual "
+                             "after each block (blocks.<l>.hook_resid_post).",
+                             hint="Give residual-stream SAEs, one per block.")
+    return layer
 
 
 def sae_specs(spec: CircuitSpec, got) -> dict | None:
     """The Features page's SAE at each layer a feature circuit splits, by input name (None for components)."""
     if spec.level != "features":
         return None
-    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer) for layer in spec.layers}
+    folders = folders_by_layer(spec)
+    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer, folders) for layer in spec.layers}

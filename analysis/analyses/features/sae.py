@@ -199,16 +199,21 @@ def normalise_cfg(raw: dict) -> dict:
             "context_size": get("context_size"), "dataset_path": get("dataset_path")}
 
 
-def read_folder_cfg(path: str) -> tuple[dict, str]:
-    """(normalised cfg, sha256 of cfg.json and the weights file) of a SAELens folder."""
-    p = _folder(path)
+def _cfg_bytes(p: Path) -> tuple[bytes, dict]:
+    """cfg.json of a SAELens folder: its bytes (bounded) and the JSON they hold."""
     raw_bytes = (p / CFG_FILE).read_bytes()[:MAX_CFG_BYTES + 1]
     if len(raw_bytes) > MAX_CFG_BYTES:
         raise WorkbenchError(f"{CFG_FILE} is larger than {MAX_CFG_BYTES // 1024} KiB; it cannot be an SAE config.")
     try:
-        raw = json.loads(raw_bytes)
+        return raw_bytes, json.loads(raw_bytes)
     except ValueError as e:
         raise WorkbenchError(f"{CFG_FILE} is not valid JSON: {e}") from e
+
+
+def read_folder_cfg(path: str) -> tuple[dict, str]:
+    """(normalised cfg, sha256 of cfg.json and the weights file) of a SAELens folder."""
+    p = _folder(path)
+    raw_bytes, raw = _cfg_bytes(p)
     h = hashlib.sha256(raw_bytes)
     with open(p / WEIGHTS_FILE, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -218,12 +223,7 @@ def read_folder_cfg(path: str) -> tuple[dict, str]:
 
 def folder_hook(path: str) -> str:
     """The hook a SAELens folder's SAE reads (its cfg.json alone, not the weights' hash)."""
-    p = _folder(path)
-    raw_bytes = (p / CFG_FILE).read_bytes()[:MAX_CFG_BYTES + 1]
-    try:
-        return normalise_cfg(json.loads(raw_bytes))["hook_name"]
-    except ValueError as e:
-        raise WorkbenchError(f"{CFG_FILE} is not valid JSON: {e}") from e
+    return normalise_cfg(_cfg_bytes(_folder(path))[1])["hook_name"]
 
 
 def check_fits(cfg: dict, model) -> None:
