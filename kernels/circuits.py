@@ -111,8 +111,20 @@ class EdgeGraph:
     def edge_name(self, u: int, d: int) -> str:
         return f"{self.sources[u]}->{self.targets[d]}"
 
+    def positioned(self, n_pos: int) -> torch.Tensor:
+        """[n_pos, n_sources, n_targets] (bool): the edges by position, u@p -> d@p, at `n_pos` positions (every edge
+        at every position, but the logits read the last position only)."""
+        m = self.mask[None].expand(n_pos, -1, -1).clone()
+        m[:-1, :, -1] = False
+        return m
+
     def layer_readers(self, layer: int) -> list[int]:
         return [j for j, r in enumerate(self.readers) if r.layer == layer]
+
+
+def positioned_edges(graph: EdgeGraph, n_pos: int) -> torch.Tensor:
+    """The edges by position [E, 3] (position, source, target), position-major."""
+    return graph.positioned(n_pos).nonzero()
 
 
 # --------------------------------------------------------------------------------------------------------------

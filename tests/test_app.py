@@ -464,6 +464,31 @@ def test_circuits_page_opens_a_link_pins_a_node_and_refuses_a_malformed_one(own_
     assert Store(own_store).count("runs") == 4
 
 
+def test_circuits_page_by_position_opens_a_link_pins_a_positioned_node_and_exports(own_store):
+    """Edges by position from a link: the form shows the choice, the graph draws the prompt's tokens across, a
+    positioned node pins from the link (its edges below), a position the prompts lack is refused with a message,
+    and the download is Neuronpedia's graph JSON (the EAP-IG library's has no positions)."""
+    at = _run(page="circuits", n_pairs="3", n_points="4", methods="eap,eap_ig", positions="each")
+    assert not at.exception and not at.error, _errors(at)
+    box = next(b for b in at.selectbox if b.label == "Edges")
+    assert box.value == "each" and _qp(at, "positions") == "each"
+    assert any("by position" in c.value for c in at.caption)
+    link = {k: _qp(at, k) for k in at.query_params}
+    kept = next(d.value for d in at.dataframe if "target" in d.value.columns)
+    assert "position" in kept.columns and all("@" in s for s in kept["source"])
+    node = kept["source"].iloc[0]
+    again = _run(page="circuits", **{**link, "pinned": node, "n_edges": "30"})
+    assert not again.exception and not again.error and not again.warning, [w.value for w in again.warning]
+    assert again.selectbox(key="pinned").value == node and _qp(again, "pinned") == node
+    assert any(f"Out of {node}" in m.value for m in again.markdown)
+    labels = [e.proto.label for e in again.get("download_button")]
+    assert "Download the graph (Neuronpedia attribution-graph JSON)" in labels
+    assert "Download the graph (EAP-IG JSON)" not in labels
+    odd = _run(page="circuits", **{**link, "pinned": "a0.h0@99"})
+    assert not odd.exception and not odd.error
+    assert any("not a node of this model's graph" in w.value for w in odd.warning), [w.value for w in odd.warning]
+
+
 def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_nodes(own_store):
     """Interventions from the graph: the circuit's nodes set at once (the default), a link's nodes, value and pair
     replayed from the store, the metric and next tokens shown; bad nodes get a message and leave the page, its

@@ -730,3 +730,105 @@ def test_component_circuits_with_mean_ablation(tmp_path):
     with pytest.raises(WorkbenchError, match="single pair"):
         run(CircuitSpec(dataset="", pairs=EXAMPLE_PAIRS, methods=("eap",), edge_ablation="mean"), store=store)
     assert store.count("runs") == 2
+
+
+def test_component_circuits_by_position(default_handle, tmp_path, monkeypatch):
+    """positions="each": an edge per position, u@p -> d@p. Each gradient score summed over positions is the
+    summed edge's; an edge into the logits at the last position patches what the summed edge patches (the logits
+    read the last position only); the strongest patched edge equals a brute force on plain transformers at its
+    position; a writer that does not change at p leaves its edges there at exactly 0; the curves run from 0 to 1
+    on circuits pruned by position; the graph draws positions across and exports in Neuronpedia's JSON. Pairs of
+    several lengths and a graph over the cap are refused."""
+    import json
+
+    import numpy as np
+
+    from analysis.analyses.circuit import spec as circuit_spec
+    from analysis.analyses.circuit.figures import (
+        circuit_edges,
+        component_neuronpedia_json,
+        graph_figure,
+        node_of_target,
+        prompt_tokens,
+        split_position,
+    )
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.analyses.patching.page import EXAMPLE_PAIRS
+    from analysis.errors import WorkbenchError
+    from analysis.runner import run
+    from analysis.store import Store
+    from kernels.circuits import on_paths_by_position
+
+    store = Store(tmp_path / "s.duckdb")
+    spec = CircuitSpec(n_pairs=3, n_points=4, metric="logit_diff", methods=("activation", "eap"), patch_limit=20_000)
+    each = run(spec.replace(positions="each"), store=store).result
+    summed = run(spec, store=store).result
+    graph = EdgeGraph.of(default_handle.bridge)
+    P = each.meta["n_tokens"]
+    assert each.meta["n_edges"] == (len(graph.edges) - 31) * P + 31 == 17263  # the logits read the last position
+    t = each.table
+    assert t.groupby("method").size().to_dict() == {"activation": 17263, "eap": 17263}
+    assert (t["source"].map(lambda s: split_position(s)[1]) == t["position"]).all()
+    base = lambda col: t[col].map(lambda s: split_position(s)[0])  # noqa: E731
+    sums = t.assign(s=base("source"), d=base("target")).groupby(["method", "s", "d"])["score"].sum()
+    ref = summed.table.set_index(["method", "source", "target"])["score"]
+    eap = (sums.loc["eap"] - ref.loc["eap"].reindex(sums.loc["eap"].index)).abs()
+    assert eap.max() < 1e-4 * max(1.0, float(ref.loc["eap"].abs().max()))
+    into_logits = t[(t["method"] == "activation") & (t["target"] == "logits")].assign(s=base("source"))
+    want = ref.loc["activation"].xs("logits", level="target").reindex(into_logits["s"])
+    assert np.abs(into_logits["score"].to_numpy() - want.to_numpy()).max() < 1e-4
+    # positions before the first token that differs: no writer changes there, every edge's effect exactly 0
+    pairs = json.loads(run(spec, store=store).spec.pairs)
+    first = min(next(i for i, (a, b) in enumerate(zip(p["clean_ids"], p["corrupted_ids"])) if a != b) for p in pairs)
+    act = t[t["method"] == "activation"]
+    assert first > 0 and (act[act["position"] < first]["score"] == 0).all()
+    assert "effect is 0 without a run" in each.meta["patched_edges"]
+    # the strongest patched edge into an MLP, against one forward of plain transformers with that edge's change
+    top = act[act["target"].str.startswith("m")].sort_values("score", key=abs).iloc[-1]
+    (u, p), (d, _) = split_position(top.source), split_position(top.target)
+    clean, corrupted, answer, wrong = (torch.tensor([q[k] for q in pairs])
+                                       for k in ("clean_ids", "corrupted_ids", "answer_id", "wrong_id"))
+    metric = _logit_diff(answer, wrong)
+    brute = _brute_force(default_handle, graph, corrupted, clean, metric,
+                         [(graph.source_index[u], graph.target_index[d])], positions=[p])
+    unpatched = metric(_HF(default_handle).model(corrupted).logits[:, -1].detach())
+    assert float((brute[0] - unpatched).mean()) == pytest.approx(float(top.score), abs=1e-4)
+    # the curves: nothing kept is 0, every edge 1, the model without every edge 0
+    f, c = each.extra["faithfulness"], each.extra["completeness"]
+    for method, g in f.groupby("method"):
+        g = g.sort_values("n_edges")
+        assert g.iloc[0].faithfulness == 0.0 and g.iloc[-1].faithfulness == pytest.approx(1.0, abs=1e-5)
+    full = c[(c["method"] == "eap") & (c["n_edges"] == 17263)].iloc[0]
+    assert full.completeness == pytest.approx(0.0, abs=1e-5)
+    # the drawn circuit is pruned by position: what it keeps, pruned again, is itself
+    kept = circuit_edges(t, each.meta, "eap", 80)
+    assert 0 < len(kept) <= 80
+    mask = torch.zeros(P, *graph.mask.shape, dtype=torch.bool)
+    for s, d in zip(kept["source"], kept["target"]):
+        (su, sp), (dn, _) = split_position(s), split_position(d)
+        mask[sp, graph.source_index[su], graph.target_index[dn]] = True
+    assert torch.equal(on_paths_by_position(graph, mask), mask)
+    fig = graph_figure(t, each.meta, "eap", 80, pinned=kept.iloc[0].source, tokens=prompt_tokens(each))
+    assert "by position" in fig.layout.title.text and len(fig.layout.xaxis.ticktext) == P
+    # Neuronpedia's JSON: a node per drawn (component, position), links between them summing the edges they join
+    groups = [("first", [kept.iloc[0].source])]
+    j = json.loads(component_neuronpedia_json(each, "eap", 80, "default", groups))
+    ids = {n["node_id"] for n in j["nodes"]}
+    drawn = set(kept["source"]) | {node_of_target(graph, d) for d in kept["target"]}
+    assert len(ids) == len(drawn) and {n["clerp"] for n in j["nodes"] if n["feature_type"] != "logit"} == drawn - {
+        "logits"}
+    assert all(lk["source"] in ids and lk["target"] in ids for lk in j["links"])
+    assert sum(lk["weight"] for lk in j["links"]) == pytest.approx(float(kept["score"].sum()), abs=1e-4)
+    assert j["qParams"]["supernodes"][0][0] == "first" and len(j["qParams"]["supernodes"][0]) == 2
+    assert {n["ctx_idx"] for n in j["nodes"]} <= set(range(P))
+    # refused: pairs of several lengths, a graph over the cap; nothing stored for either
+    n_runs = store.count("runs")
+    two = json.dumps(json.loads(EXAMPLE_PAIRS) + [{"clean": "When Tom and Mary left, Tom waved to",
+                                                   "corrupted": "When Tom and Mary left, Adam waved to",
+                                                   "answer": " Mary", "wrong": " Tom"}])
+    with pytest.raises(WorkbenchError, match="Edges by position name their positions, and these pairs have 2"):
+        run(CircuitSpec(dataset="", pairs=two, methods=("eap",), positions="each"), store=store)
+    monkeypatch.setattr(circuit_spec, "MAX_POSITIONED_EDGES", 10_000)
+    with pytest.raises(WorkbenchError, match="17,263 edges at 16 positions; a circuit by position holds at most 10,000"):
+        run(spec.replace(positions="each", n_pairs=2), store=store)
+    assert store.count("runs") == n_runs

@@ -33,6 +33,8 @@ from kernels.circuits import (
     evaluate_circuits,
     integrated_reader_gradients,
     on_paths,
+    on_paths_by_position,
+    positioned_edges,
     reader_gradients,
     record,
 )
@@ -123,8 +125,10 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
             step += 1
             return lambda done, total: progress(lo + (done / max(total, 1)) / parts, f"{what}: {done} of {total}")
 
-        edge_u = torch.tensor([u for u, _ in graph.edges])
-        edge_d = torch.tensor([d for _, d in graph.edges])
+        each = spec.positions == "each"  # edges u@p -> d@p (pairs of one length: one group)
+        n_pos = built[0][1].base_tokens.shape[1]
+        pe = positioned_edges(graph, n_pos) if each else torch.tensor([(0, u, d) for u, d in graph.edges])
+        e_p, e_u, e_d = pe.T
         for method in gradient_methods:
             report = part(method.upper().replace("_", "-"))
             cols = []
@@ -138,46 +142,68 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
                     report(0, 1)
                     grads = reader_gradients(bridge, graph, g.base_tokens, g.metric.raw, rules=rules)
                     report(1, 1)
-                scores = edge_scores_from(graph, g.delta, grads)  # [B, n_sources, n_targets]
-                cols.append((g.base_m[:, None] + scores[:, edge_u, edge_d]).T)  # [E, B] estimated patched metric
+                scores = edge_scores_from(graph, g.delta, grads, per_position=each)  # [B, (S,) n_sources, n_targets]
+                picked = scores[:, e_p, e_u, e_d] if each else scores[:, e_u, e_d]
+                cols.append((g.base_m[:, None] + picked).T)  # [E, B] estimated patched metric
                 _let_others_in(session)
             patched[method] = torch.cat(cols, 1).double().cpu().numpy()
-        chosen = list(range(len(graph.edges)))
+        chosen = list(range(len(pe)))
+        unmoved = 0
         if "activation" in spec.methods:
             report = part("edge activation patching")
             if len(chosen) > spec.patch_limit:  # the largest edges by the first gradient method
                 lead = patched[gradient_methods[0]]
                 effect = np.abs(lead.mean(1) - base_p.mean())
                 chosen = sorted(np.argsort(-effect, kind="stable")[:spec.patch_limit].tolist())
+            act = np.full((len(pe), n), np.nan)
+            run_on = chosen
+            if each:  # a writer that does not change at p: its edges there change nothing (their runs are the base)
+                g = built[0][1]
+                moved = (g.delta != 0).any(-1).any(0).cpu()  # [S, n_sources]
+                still = [i for i in chosen if not bool(moved[e_p[i], e_u[i]])]
+                act[still] = base_p[None]
+                unmoved = len(still)
+                run_on = [i for i in chosen if bool(moved[e_p[i], e_u[i]])]
             cols = []
             for _, g in built:
                 runner = BlockRunner(bridge, g.base_tokens)
                 cols.append(edge_patch(bridge, graph, runner, g.r_base[:, :, -1], g.delta,
-                                       [graph.edges[i] for i in chosen], g.metric.raw, progress=report))
+                                       [(int(e_u[i]), int(e_d[i])) for i in run_on], g.metric.raw, progress=report,
+                                       positions=[int(e_p[i]) for i in run_on] if each else None))
                 _let_others_in(session)
-            act = np.full((len(graph.edges), n), np.nan)
-            act[chosen] = torch.cat(cols, 1).double().cpu().numpy()
+            if run_on:
+                act[run_on] = torch.cat(cols, 1).double().cpu().numpy()
             patched["activation"] = act
         weights = resample_weights(n, seed=0)
-        table, per_pair = _edge_table(graph, spec, patched, base_p, source_p, weights, order)
+        src, dst = edge_names(graph, pe, each)
+        table, per_pair = _edge_table(src, dst, spec, patched, base_p, source_p, weights, order)
+        if each:
+            table.insert(3, "position", np.tile(e_p.numpy(), len(table) // len(pe)).astype(np.int32))
         report = part("faithfulness curves")
-        faith, completeness = _faithfulness(session, spec, graph, built, patched, base_p, weights, report)
+        faith, completeness = _faithfulness(session, spec, graph, pe if each else None, built, patched, base_p,
+                                            weights, report)
     longest = pairs[groups[max(groups)][0]]
     meta = {"n_pairs": n, "n_tokens": max(groups), "metric": spec.metric, "direction": spec.direction,
-            "n_edges": len(graph.edges), "n_sources": len(graph.sources), "n_targets": len(graph.targets),
+            "n_edges": len(pe), "n_sources": len(graph.sources), "n_targets": len(graph.targets),
+            "positions": spec.positions,
             "clean_metric": float(np.mean(torch.cat([g.clean_m for _, g in built]).cpu().numpy())),
             "corrupted_metric": float(np.mean(torch.cat([g.corrupted_m for _, g in built]).cpu().numpy())),
             "n_patched": len(chosen) if "activation" in spec.methods else 0,
             "graph": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
                       "parallel_attn_mlp": graph.parallel}}
+    if each:
+        meta["n_graph_edges"] = len(graph.edges)
     if len(groups) > 1:
         meta["length_groups"] = {str(length): len(idx) for length, idx in groups.items()}
     if spec.pairs_note:
         meta["pairs_note"] = spec.pairs_note
     if "activation" in spec.methods:
-        meta["patched_edges"] = ("every edge" if len(chosen) == len(graph.edges) else
-                                 f"the {len(chosen):,} of {len(graph.edges):,} edges with the largest "
+        meta["patched_edges"] = ("every edge" if len(chosen) == len(pe) else
+                                 f"the {len(chosen):,} of {len(pe):,} edges with the largest "
                                  f"{gradient_methods[0]} scores (patch_limit)")
+        if unmoved:
+            meta["patched_edges"] += (f"; {unmoved:,} of them leave a writer at a position where it does not change "
+                                      "between the two runs: their effect is 0 without a run")
         for m in gradient_methods:
             t = table[table["method"] == m].set_index(["source", "target"])["score"]
             a = table[table["method"] == "activation"].dropna(subset=["score"]).set_index(["source", "target"])["score"]
@@ -197,11 +223,34 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
     return Result(table=table, meta=meta, extra=extra)
 
 
-def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarray], base: np.ndarray,
-                source: np.ndarray, weights: np.ndarray, order: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def edge_names(graph: EdgeGraph, pe: torch.Tensor, each: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each edge's source and target names: the EAP-IG library's, and by position `a3.h1@5` -> `m4@5` (the logits,
+    read at the last position only, plain `logits`)."""
+    src = np.array(graph.sources, dtype=object)[pe[:, 1].numpy()]
+    dst = np.array(graph.targets, dtype=object)[pe[:, 2].numpy()]
+    if each:
+        at = np.char.add("@", pe[:, 0].numpy().astype(str)).astype(object)
+        src = src + at
+        dst = np.where(dst == "logits", dst, dst + at)
+    return src, dst
+
+
+def moved_share(pairs: list[dict] | None, n_pos: int) -> float:
+    """The share of positions at which the writers can change between a pair's two runs: from the first position
+    where any pair's prompts differ (attention carries a change forward, never back); 1 without pairs."""
+    if not pairs:
+        return 1.0
+    first = n_pos
+    for p in pairs:
+        diff = [i for i, (a, b) in enumerate(zip(p["clean_ids"], p["corrupted_ids"])) if a != b]
+        first = min(first, diff[0] if diff else n_pos)
+    return max(n_pos - first, 1) / n_pos
+
+
+def _edge_table(src: np.ndarray, dst: np.ndarray, spec: CircuitSpec, patched: dict[str, np.ndarray],
+                base: np.ndarray, source: np.ndarray, weights: np.ndarray,
+                order: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     normalized = spec.metric == "logit_diff_normalized"
-    src = np.array([graph.sources[u] for u, _ in graph.edges], dtype=object)
-    dst = np.array([graph.targets[d] for _, d in graph.edges], dtype=object)
     rows, per_pair = [], []
     n = len(base)
     keep_per_method = max(1, PER_PAIR_ROWS // max(1, n * len(patched)))
@@ -222,25 +271,31 @@ def _edge_table(graph: EdgeGraph, spec: CircuitSpec, patched: dict[str, np.ndarr
     return pd.concat(rows, ignore_index=True), pd.concat(per_pair, ignore_index=True)
 
 
-def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, built, patched: dict[str, np.ndarray],
-                  base: np.ndarray, weights: np.ndarray, report) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, pe: torch.Tensor | None, built,
+                  patched: dict[str, np.ndarray], base: np.ndarray, weights: np.ndarray,
+                  report) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per method and circuit size: the circuit's faithfulness and the completeness of the model without it, each
-    with a bootstrap interval over pairs; the empty and the full circuit measured the same way."""
+    with a bootstrap interval over pairs; the empty and the full circuit measured the same way. With `pe` (edges by
+    position, [E, 3]) a circuit keeps edges at their positions ([S, n_sources, n_targets] masks)."""
     methods = [m for m in spec.methods if m in patched]
-    sizes = curve_sizes(len(graph.edges), spec.n_points)
-    circuits, labels = [torch.zeros_like(graph.mask), graph.mask.clone()], [("", -1, "empty"), ("", -2, "full")]
+    if pe is None:
+        full, index = graph.mask.clone(), torch.tensor(graph.edges).T
+    else:
+        full, index = graph.positioned(built[0][1].base_tokens.shape[1]), pe.T
+    sizes = curve_sizes(index.shape[1], spec.n_points)
+    circuits, labels = [torch.zeros_like(full), full], [("", -1, "empty"), ("", -2, "full")]
     mean_abs = {m: np.nan_to_num(np.abs(patched[m].mean(1) - base.mean()), nan=-1.0) for m in methods}
     kept_counts = {}
     for m in methods:
         ranked = np.argsort(-mean_abs[m], kind="stable")
         for size in sizes[1:]:
-            keep = torch.zeros_like(graph.mask)
-            top = [graph.edges[i] for i in ranked[:size] if mean_abs[m][i] >= 0]
+            keep = torch.zeros_like(full)
+            top = [int(i) for i in ranked[:size] if mean_abs[m][i] >= 0]
             if top:
-                keep[tuple(torch.tensor(top).T)] = True
-            keep = on_paths(graph, keep)
+                keep[tuple(index[:, top])] = True
+            keep = on_paths(graph, keep) if pe is None else on_paths_by_position(graph, keep)
             kept_counts[m, size] = int(keep.sum())
-            circuits += [keep, graph.mask & ~keep]
+            circuits += [keep, full & ~keep]
             labels += [(m, size, "circuit"), (m, size, "complement")]
     keep = torch.stack(circuits)
     values = []
@@ -281,7 +336,10 @@ def estimate(plan) -> Estimate:
     P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED
     P = P or SHIPPED
     graph = EdgeGraph(s.n_layers, s.n_heads, s.n_kv_heads, s.parallel)
-    n_src, n_dst, n_edges = len(graph.sources), len(graph.targets), len(graph.edges)
+    each = spec.positions == "each"
+    n_src, n_dst = len(graph.sources), len(graph.targets)
+    n_edges = len(positioned_edges(graph, P)) if each else len(graph.edges)
+    per_score = P if each else 1  # a score per position
     methods = [m for m in spec.methods]
     per_pos = B * P * s.d_model * 4
     copies = 4 if spec.edge_ablation == "mean" else 3  # writers: both runs, the changes (and the held-out means)
@@ -291,7 +349,7 @@ def estimate(plan) -> Estimate:
     if any(m != "activation" for m in methods):
         rows = B * min(spec.ig_steps, max(1, 64 // B)) if "eap_ig" in methods else B
         phases["gradients"] = (3 * per_pos * n_dst + s.backward_bytes(rows, P) + rows * s.n_layers * split // 2
-                               + B * n_src * n_dst * 4 * 3)
+                               + B * per_score * n_src * n_dst * 4 * 3)
     chunk_rows = rows_per_forward(s, P)
     if "activation" in methods:
         rows = min(min(chunk_rows, ROW_BUDGET // split), B * min(n_edges, spec.patch_limit))
@@ -300,6 +358,7 @@ def estimate(plan) -> Estimate:
     per_row = circuit_row_bytes(graph, s.d_model, P)
     rows = max(B, min(min(chunk_rows, ROW_BUDGET // per_row) // B * B, circuits * B))
     phases["circuit forwards"] = rows * (per_row + 4 * P * (6 * s.d_model + 2 * s.d_mlp)) + s.logits_bytes(rows, 1, 2)
+    phases["circuit forwards"] += circuits * per_score * n_src * n_dst  # the circuits' masks
     boot = min(n_edges, max(1, CHUNK_ELEMENTS // N_BOOT)) * N_BOOT * 8
     kept = min(n_edges * len(methods) * B, 1_000_000)
     phases["tables"] = 3 * boot + n_edges * len(methods) * 64 + kept * 40
@@ -309,7 +368,8 @@ def estimate(plan) -> Estimate:
     split_flops = split / 4 * ENTRY_FLOPS / 8  # the per-head copies of each block's input
     for m in methods:
         if m == "activation":
-            patchedges = min(n_edges, spec.patch_limit)
+            # by position: a writer that does not change at p needs no run there
+            patchedges = min(n_edges, spec.patch_limit) * (moved_share(pairs, P) if each else 1.0)
             layers = s.n_layers / 3  # an edge's reader sits, on average, a third of the way down its run
             flops += patchedges * B * (layers * (2.0 * s.block_params * P + split_flops) + s.vocab_flops(1))
             blocks += patchedges * B * layers / 64  # rows per forward on the CPU
@@ -319,7 +379,7 @@ def estimate(plan) -> Estimate:
         else:
             flops += s.backward_flops(B, P)
             blocks += s.calls(3)
-        flops += 2.0 * B * P * n_src * n_dst * s.d_model  # scores: changes times gradients
+        flops += 2.0 * B * P * n_src * n_dst * s.d_model  # scores: changes times gradients (summed or not)
     flops += circuits * s.forward_flops(B, P) * 1.5  # replacing writers at every reader
     blocks += circuits * s.calls(1)
     return Estimate(parts={"recorded runs": held, phase: phases[phase]}, flops=flops, blocks=blocks,

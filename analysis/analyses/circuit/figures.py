@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from kernels.circuits import EdgeGraph, on_paths, reader_owners
+from kernels.circuits import EdgeGraph, on_paths, on_paths_by_position, reader_owners
 
 from ...plots import MARGIN
 from ...result import Result
@@ -26,14 +26,38 @@ def graph_of(meta: dict) -> EdgeGraph:
 
 def circuit_edges(table: pd.DataFrame, meta: dict, method: str, n_edges: int) -> pd.DataFrame:
     """The method's top `n_edges` edges by |score|, kept where they lie on a path from the input to the logits
-    (what the faithfulness curve measures), strongest first."""
+    (what the faithfulness curve measures), strongest first. Edges by position are pruned by position."""
     graph = graph_of(meta)
     sub = table[table["method"] == method].dropna(subset=["score"])
     top = sub.reindex(sub["score"].abs().sort_values(ascending=False, kind="stable").index).head(n_edges)
-    keep = _mask(graph, top)
-    kept = on_paths(graph, keep)
-    names = {(graph.sources[u], graph.targets[d]) for u, d in kept.nonzero().tolist()}
+    if not by_position(meta):
+        keep = _mask(graph, top)
+        kept = on_paths(graph, keep)
+        names = {(graph.sources[u], graph.targets[d]) for u, d in kept.nonzero().tolist()}
+    else:
+        import torch
+
+        keep = torch.zeros(int(meta["n_tokens"]), *graph.mask.shape, dtype=torch.bool)
+        for s, t in zip(top["source"], top["target"]):
+            (u, p), (d, _) = split_position(s), split_position(t)
+            keep[p, graph.source_index[u], graph.target_index[d]] = True
+        kept = on_paths_by_position(graph, keep)
+        names = {(f"{graph.sources[u]}@{p}", _at(graph.targets[d], p)) for p, u, d in kept.nonzero().tolist()}
     return top[[(s, t) in names for s, t in zip(top["source"], top["target"])]]
+
+
+def by_position(meta: dict) -> bool:
+    return meta.get("positions") == "each"
+
+
+def split_position(name: str) -> tuple[str, int]:
+    """'a3.h1<q>@5' -> ('a3.h1<q>', 5); a name without a position (the logits) -> (name, -1)."""
+    base, at, p = name.rpartition("@")
+    return (base, int(p)) if at else (name, -1)
+
+
+def _at(name: str, p: int) -> str:
+    return name if name == "logits" else f"{name}@{p}"
 
 
 def _mask(graph: EdgeGraph, edges: pd.DataFrame):
@@ -47,7 +71,11 @@ def _mask(graph: EdgeGraph, edges: pd.DataFrame):
 
 def node_of_target(graph: EdgeGraph, target: str) -> str:
     """The node a reader belongs to in the drawing: a head's q/k/v input its head (a shared key/value head of a
-    grouped-query model its own node), an MLP's input the MLP, the logits the logits."""
+    grouped-query model its own node), an MLP's input the MLP, the logits the logits; by position at its position
+    (`a3.h1<k>@5` -> `a3.h1@5`)."""
+    base, p = split_position(target)
+    if p >= 0:
+        return _at(node_of_target(graph, base), p)
     if "<" not in target:
         return target
     base, kind = target[:-1].split("<")
@@ -75,13 +103,14 @@ def _positions(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
 
 
 def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pinned: str = "",
-                 groups: list | None = None) -> go.Figure:
+                 groups: list | None = None, tokens: list[str] | None = None) -> go.Figure:
     """The circuit of `method`'s top `n_edges` edges as a layered graph: edge width by |score|, colour by sign,
     node size by the |score| of its kept edges; hover gives each edge's score and interval. A pinned node's edges
-    are drawn on top, the others faded; each group of nodes (`groups`: [(name, members)]) is outlined and named."""
+    are drawn on top, the others faded; each group of nodes (`groups`: [(name, members)]) is outlined and named.
+    Edges by position: positions across (a column of the layer's heads per position, `tokens` under them)."""
     graph = graph_of(meta)
     edges = circuit_edges(table, meta, method, n_edges)
-    pos = _positions(graph)
+    pos = _node_xy(graph, meta)
     peak = float(edges["score"].abs().max()) if len(edges) else 1.0
     fig = go.Figure()
     weight: dict[str, float] = {}
@@ -103,7 +132,8 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
         mids_color.append(color)
     fig.add_trace(go.Scatter(x=mids_x, y=mids_y, mode="markers", marker=dict(size=6, color=mids_color, opacity=0.5),
                              text=mids_text, hovertemplate="%{text}<extra>edge</extra>", showlegend=False))
-    shown = sorted(set(weight) | {"input", "logits"}, key=lambda k: (pos[k][1], pos[k][0]))
+    each = by_position(meta)
+    shown = sorted(set(weight) | ({"logits"} if each else {"input", "logits"}), key=lambda k: (pos[k][1], pos[k][0]))
     top = max(weight.values(), default=1.0)
     fig.add_trace(go.Scatter(
         x=[pos[k][0] for k in shown], y=[pos[k][1] for k in shown], mode="markers+text", text=shown,
@@ -112,10 +142,33 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
                     color=["#f4a582" if k == pinned else "#d9d9d9" for k in shown], line=dict(width=1, color="#444")),
         hovertemplate="%{text}<br>|score| of its edges: %{customdata[0]:.4g}<extra>node</extra>", showlegend=False))
     draw_groups(fig, groups or [], {k: pos[k] for k in shown})
+    xaxis = dict(visible=False)
+    if each:  # the prompt's tokens under their columns
+        P, width = int(meta["n_tokens"]), graph.n_heads + 1
+        ticks = [str(t) for t in tokens] if tokens is not None and len(tokens) == P else [""] * P
+        xaxis = dict(tickmode="array", tickvals=[p * width + (graph.n_heads - 1) / 2 for p in range(P)],
+                     ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)], showgrid=False, zeroline=False)
     return fig.update_layout(dict(
-        title=f"{METHOD_NAMES.get(method, method)}: {len(edges)} of the top {n_edges} edges on a path "
-              "input → logits", height=max(420, 70 * graph.n_layers + 160), margin=MARGIN,
-        xaxis=dict(visible=False), yaxis=dict(visible=False)))
+        title=f"{METHOD_NAMES.get(method, method)}: {len(edges)} of the top {n_edges} edges"
+              f"{' by position' if each else ''} on a path input → logits",
+        height=max(420, 70 * graph.n_layers + 160), margin=MARGIN, xaxis=xaxis, yaxis=dict(visible=False)))
+
+
+def _node_xy(graph: EdgeGraph, meta: dict):
+    """Node -> (x, y) of the drawing; by position (`a3.h1@5`) the layer's row in the position's column, the logits
+    above the last position."""
+    pos = _positions(graph)
+    if not by_position(meta):
+        return pos
+    width, last = graph.n_heads + 1, int(meta["n_tokens"]) - 1
+
+    class At(dict):
+        def __missing__(self, name):
+            base, p = split_position(name)
+            x, y = pos[base]
+            self[name] = (x + width * (last if base == "logits" else p), y)
+            return self[name]
+    return At()
 
 
 def faithfulness_figure(faith: pd.DataFrame, completeness: pd.DataFrame) -> go.Figure:
@@ -197,12 +250,17 @@ def figures(result: Result) -> dict:
         return feature_figures(result)
     methods = [m for m in dict.fromkeys(t["method"]) if m != "activation"] or ["activation"]
     method = methods[0] if "eap_ig" not in methods else "eap_ig"
-    figs = {"graph": graph_figure(t, meta, method, default_edges(result, method))}
+    figs = {"graph": graph_figure(t, meta, method, default_edges(result, method), tokens=prompt_tokens(result))}
     if "faithfulness" in result.extra and len(result.extra["faithfulness"]):
         figs["faithfulness"] = faithfulness_figure(result.extra["faithfulness"], result.extra["completeness"])
     if "activation" in set(t["method"]) and method != "activation":
         figs["comparison"] = comparison_figure(t, method)
     return figs
+
+
+def prompt_tokens(result: Result) -> list[str] | None:
+    tokens = result.extra.get("tokens")
+    return [str(t) for t in tokens["token"]] if tokens is not None else None
 
 
 def default_edges(result: Result, method: str) -> int:
@@ -401,6 +459,26 @@ def feature_figures(result: Result) -> dict:
     return figs
 
 
+def _logit_node(meta: dict, n_layers: int, P: int, clerp: str) -> dict:
+    answer = int(meta.get("answer_id", -1))
+    return {"node_id": f"{n_layers + 1}_{answer}_{P - 1}", "feature": answer, "layer": str(n_layers + 1),
+            "ctx_idx": P - 1, "feature_type": "logit", "token_prob": 0.0, "is_target_logit": True, "run_idx": 0,
+            "reverse_ctx_idx": 0, "jsNodeId": f"L_{answer}-{P - 1}", "clerp": clerp}
+
+
+def _neuronpedia(slug: str, model_name: str, layers: list[str], tokens: pd.DataFrame, nodes: list[dict],
+                 links: list[dict], supernodes: list[list[str]]) -> str:
+    """Neuronpedia's attribution-graph JSON around its nodes and links: metadata and qParams (the groups as its
+    supernodes: [name, node ids…])."""
+    return json.dumps({"metadata": {"slug": slug, "scan": model_name or "workbench", "transcoder_list": layers,
+                                    "prompt_tokens": [str(t) for t in tokens["token"]],
+                                    "prompt": "".join(map(str, tokens["token"])), "node_threshold": None,
+                                    "schema_version": 1},
+                       "qParams": {"pinnedIds": [], "linkType": "both", "clickedId": "", "sg_pos": "",
+                                   "supernodes": [sn for sn in supernodes if len(sn) > 1]},
+                       "nodes": nodes, "links": links})
+
+
 def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str = "",
                      groups: list | None = None) -> str:
     """The feature circuit of `method`'s top `n_edges` edges in Neuronpedia's attribution-graph JSON (the format
@@ -416,11 +494,11 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
     ids = [int(t) for t in tokens["token_id"]]
     P = len(ids)
     n_layers = int((meta.get("model_summary") or {}).get("n_layers") or (max(meta["sae_layers"]) + 1))
-    logit_id = f"{n_layers + 1}_{meta.get('answer_id', -1)}_{P - 1}"
+    logit = _logit_node(meta, n_layers, P, f"the metric: {meta['metric']}")
 
     def node_id(name: str) -> str:
         if name == "logits":
-            return logit_id
+            return logit["node_id"]
         layer, feat, p = node_parts(name)
         if layer == -1:
             return f"E_{ids[p]}_{p}"
@@ -429,12 +507,8 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
     out_nodes = []
     drawn = set(edges["source"]) | set(edges["target"])
     for name in sorted(drawn, key=node_parts):
-        nid = node_id(name)
         if name == "logits":
-            out_nodes.append({"node_id": nid, "feature": int(meta.get("answer_id", -1)), "layer": str(n_layers + 1),
-                              "ctx_idx": P - 1, "feature_type": "logit", "token_prob": 0.0, "is_target_logit": True,
-                              "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"L_{meta.get('answer_id', -1)}-{P - 1}",
-                              "clerp": f"the metric: {meta['metric']}"})
+            out_nodes.append(logit)
             continue
         layer, feat, p = node_parts(name)
         r = nodes.loc[name]
@@ -444,24 +518,73 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
             kind, js = "mlp reconstruction error", f"{layer}_-1-{p}"
         else:
             kind, js = "cross layer transcoder", f"{layer}_{feat}-0"
-        out_nodes.append({"node_id": nid, "feature": feat if feat >= 0 else (p if layer == -1 else -1),
+        out_nodes.append({"node_id": node_id(name), "feature": feat if feat >= 0 else (p if layer == -1 else -1),
                           "layer": "E" if layer == -1 else str(layer), "ctx_idx": p, "feature_type": kind,
                           "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
                           "jsNodeId": js, "clerp": "", "influence": float(abs(r["score"])),
                           "activation": None})
     links = [{"source": node_id(r.source), "target": node_id(r.target), "weight": float(r.score)}
              for r in edges.itertuples()]
-    out = {"metadata": {"slug": f"workbench-circuit-{method}", "scan": model_name or "workbench",
-                        "transcoder_list": [f"resid_post SAE, layer {layer}" for layer in meta["sae_layers"]],
-                        "prompt_tokens": [str(t) for t in tokens["token"]],
-                        "prompt": "".join(map(str, tokens["token"])),
-                        "node_threshold": None, "schema_version": 1},
-           "qParams": {"pinnedIds": [], "linkType": "both", "clickedId": "", "sg_pos": "",
-                       # Neuronpedia's supernodes: [name, node ids…] of each group's members in the graph
-                       "supernodes": [[name, *[node_id(m) for m in ms if m in drawn]] for name, ms in groups or []
-                                      if any(m in drawn for m in ms)]},
-           "nodes": out_nodes, "links": links}
-    return json.dumps(out)
+    return _neuronpedia(f"workbench-circuit-{method}", model_name,
+                        [f"resid_post SAE, layer {layer}" for layer in meta["sae_layers"]], tokens, out_nodes, links,
+                        [[name, *[node_id(m) for m in ms if m in drawn]] for name, ms in groups or []])
+
+
+def component_neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str = "",
+                               groups: list | None = None) -> str:
+    """A component circuit by position (the EAP-IG library's graph JSON has no positions) in Neuronpedia's
+    attribution-graph JSON: the circuit of `method`'s top `n_edges` edges on paths input -> logits, a node per
+    drawn (component, position). The viewer has no head or MLP type, so they are its feature nodes, named by their
+    `clerp` (`a3.h1@5`): ids `{layer}_{head}_{position}`, `{layer}_{n_heads}_{position}` for the MLP and
+    `{layer}_{n_heads + 1 + g}_{position}` for key/value head g of a grouped-query model; `E_{token id}_{position}`
+    the input and `{n_layers + 1}_{answer id}_{last}` the logits. An edge into a head's q, k or v at p links to
+    the head at p; edges meeting the same two nodes are one link, their scores summed."""
+    meta = result.meta
+    graph = graph_of(meta)
+    edges = circuit_edges(result.table, meta, method, n_edges)
+    tokens = result.extra["tokens"]
+    ids = [int(t) for t in tokens["token_id"]]
+    P, H = len(ids), graph.n_heads
+    logit = _logit_node(meta, graph.n_layers, P, f"logits: the metric {meta['metric']}")
+
+    def node_id(name: str) -> str:
+        if name == "logits":
+            return logit["node_id"]
+        base, p = split_position(name)
+        if base == "input":
+            return f"E_{ids[p]}_{p}"
+        if base.startswith("m"):
+            return f"{base[1:]}_{H}_{p}"
+        layer, head = base[1:].split(".")
+        index = int(head[1:]) if head.startswith("h") else H + 1 + int(head[2:])
+        return f"{layer}_{index}_{p}"
+
+    links: dict[tuple[str, str], float] = {}
+    influence: dict[str, float] = {}
+    for r in edges.itertuples():
+        a, b = r.source, node_of_target(graph, r.target)
+        key = (node_id(a), node_id(b))
+        links[key] = links.get(key, 0.0) + float(r.score)
+        for n in (a, b):
+            influence[n] = influence.get(n, 0.0) + abs(float(r.score))
+    out_nodes = []
+    pos = _node_xy(graph, meta)
+    for name in sorted(influence, key=lambda k: (pos[k][1], pos[k][0])):
+        if name == "logits":
+            out_nodes.append(logit)
+            continue
+        base, p = split_position(name)
+        nid = node_id(name)
+        layer, index = ("E", ids[p]) if base == "input" else tuple(nid.split("_")[:2])
+        out_nodes.append({"node_id": nid, "feature": int(index), "layer": str(layer), "ctx_idx": p,
+                          "feature_type": "embedding" if base == "input" else "cross layer transcoder",
+                          "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                          "jsNodeId": f"{layer}_{index}-{p}" if base != "input" else f"E_{ids[p]}-{p}",
+                          "clerp": name, "influence": influence[name], "activation": None})
+    return _neuronpedia(f"workbench-circuit-{method}-by-position", model_name,
+                        [f"components of block {layer}" for layer in range(graph.n_layers)], tokens, out_nodes,
+                        [{"source": a, "target": b, "weight": w} for (a, b), w in links.items()],
+                        [[name, *[node_id(m) for m in ms if m in influence]] for name, ms in groups or []])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from ...untrusted import md_escape
 from ..patching.page import EXAMPLE_PAIRS
 from ..patching.spec import pairs_with_text
 from .figures import (
+    by_position,
     circuit_edges,
     comparison_figure,
+    component_neuronpedia_json,
     default_edges,
     default_feature_edges,
     eap_ig_json,
@@ -32,6 +34,8 @@ from .figures import (
     node_parts,
     parse_groups,
     per_pair_metric,
+    prompt_tokens,
+    split_position,
 )
 from .intervene import KINDS, CircuitInterventionSpec, parse_node
 from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
@@ -55,6 +59,7 @@ WIDGETS = {
                           "train them here)", "lines", height=68),
     "edge_ablation": Widget("Edges outside a circuit", labels={"corrupted": "corrupted run's value",
                                                                "mean": "mean over the other pairs"}),
+    "positions": Widget("Edges", labels={"summed": "summed over positions", "each": "one per position (u@p → d@p)"}),
     "ablation": Widget("Nodes outside a circuit", labels={"mean": "at their mean", "corrupted": "corrupted value"}),
     "ig_steps": Widget("EAP-IG steps"),
     "n_points": Widget("Points on each faithfulness curve"),
@@ -63,7 +68,7 @@ WIDGETS = {
 }
 LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("metric", "direction"),
           ("relp_rules", "patch_limit")]
-COMPONENT_LAYOUT = ["edge_ablation"]
+COMPONENT_LAYOUT = [("edge_ablation", "positions")]
 FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation"),
                   "sae_folders"]
 IV_WIDGETS = {
@@ -125,21 +130,25 @@ def render(ctx) -> None:
                   view=dataclasses.replace(shown, pair=pair))
         return
     graph = graph_of(meta)
+    each = by_position(meta)
     _captions(st, meta, f"{meta['n_edges']:,} edges between {meta['n_sources']} writers and {meta['n_targets']} "
-                        "readers", "edge")
+                        "readers" + (f", by position ({meta['n_graph_edges']:,} at each of {meta['n_tokens']}; the "
+                                     "logits read the last)" if each else ""), "edge")
 
     methods = list(dict.fromkeys(table["method"]))
     method, n_edges = _method_and_count(ctx, view, methods, lambda m: min(int(meta["n_edges"]), 2000),
                                         lambda m: default_edges(result, m),
                                         "Edges kept (top n by |score|, then pruned to paths input → logits)")
     kept = circuit_edges(table, meta, method, n_edges)
-    nodes = sorted({"input", "logits"} | set(kept["source"]) | {node_of_target(graph, t) for t in kept["target"]},
-                   key=_node_order)
+    nodes = sorted(({"logits"} if each else {"input", "logits"}) | set(kept["source"])
+                   | {node_of_target(graph, t) for t in kept["target"]}, key=_node_order)
     known = set(graph.sources) | {"logits"} | {node_of_target(graph, t) for t in graph.targets}
+    if each:  # every node at every position
+        known = {"logits"} | {f"{k}@{p}" for k in known - {"logits"} for p in range(int(meta["n_tokens"]))}
     pinned = _pin(ctx, view.pinned, nodes, known, "which is not in this circuit.",
                   "which is not a node of this model's graph.")
     groups, groups_text = _groups(ctx, view.groups, nodes, known)
-    graph_fig = graph_figure(table, meta, method, n_edges, pinned, groups)
+    graph_fig = graph_figure(table, meta, method, n_edges, pinned, groups, prompt_tokens(result))
     st.plotly_chart(graph_fig, width="stretch")
     figures = {"graph": graph_fig}
     if pinned:
@@ -155,12 +164,20 @@ def render(ctx) -> None:
     st.caption(meta["statistics"])
     st.subheader("Edges of the circuit")
     st.dataframe(kept.drop(columns=["method"]), hide_index=True, width="stretch")
-    st.download_button("Download the graph (EAP-IG JSON)", eap_ig_json(table, meta, method, n_edges),
-                       file_name=f"circuit-{method}-{n_edges}.json", mime="application/json")
+    if each:  # the EAP-IG library's graph has no positions
+        st.download_button("Download the graph (Neuronpedia attribution-graph JSON)",
+                           component_neuronpedia_json(result, method, n_edges, outcome.spec.model, groups),
+                           file_name=f"circuit-{method}-{n_edges}-by-position.json", mime="application/json")
+    else:
+        st.download_button("Download the graph (EAP-IG JSON)", eap_ig_json(table, meta, method, n_edges),
+                           file_name=f"circuit-{method}-{n_edges}.json", mime="application/json")
 
     writers = list(graph.sources)
-    start = [pinned] if pinned in writers else [n for n in nodes if n in writers and n != "input"]
-    params, pair = _intervention(ctx, model, circuit_spec, writers, start, view, figures)
+    is_writer = lambda n: split_position(n)[0] in writers  # noqa: E731
+    start = [pinned] if pinned and is_writer(pinned) else [n for n in nodes if is_writer(n) and
+                                                           split_position(n)[0] != "input"]
+    options = [n for n in nodes if is_writer(n) and n not in writers] + writers  # by position: the shown ones too
+    params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures)
     ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
               view=CircuitView(method, n_edges, pinned, pair, groups_text))
@@ -371,6 +388,9 @@ def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str]
 
 
 def _node_order(name: str):
+    base, p = split_position(name)
+    if p >= 0:  # by position: position by position, each in the graph's order
+        return (p, *_node_order(base))
     if name == "input":
         return (-1, 0, 0)
     if name == "logits":

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kernels.circuits import EdgeGraph, check_edge_hooks
+from kernels.circuits import EdgeGraph, check_edge_hooks, positioned_edges
 
 from ...errors import WorkbenchError
 from ...models import ModelHandle
@@ -71,7 +71,7 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
     # the feature level's fields, added after component circuits were stored: out of the key at their defaults
     key_legacy: ClassVar[dict] = {**Spec.key_legacy, "layers": [], "sae_width": 512, "sae_k": 16, "sae_steps": 1500,
                                   "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64,
-                                  "edge_ablation": "corrupted", **SAEFields.LEGACY}
+                                  "edge_ablation": "corrupted", "positions": "summed", **SAEFields.LEGACY}
     title: ClassVar[str] = "Circuits: edges between components and between SAE features, pruned by faithfulness"
     level: str = param("components", "components: heads, MLPs, the input and the logits; features: SAE features "
                        "and error nodes at each chosen layer's residual, by position", choices=LEVELS)
@@ -96,6 +96,9 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
                                "its writer's output in the pair's corrupted run, or the writer's mean over the other "
                                "pairs' clean prompts of that length (position by position; held out: never the pair's "
                                "own)", choices=("corrupted", "mean"))
+    positions: str = param("summed", "components: an edge summed over positions (u -> d), or one edge per position "
+                           "(u@p -> d@p: the residual stream at p carries a writer's output at p to the readers at p; "
+                           "pairs of one token length)", choices=("summed", "each"))
     edge_nodes: int = param(64, "features: the nodes per method (the largest by |score|) whose edges are computed",
                             min=1, max=5_000)
 
@@ -118,9 +121,17 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
                                      f"same token length, and {len(alone)} length(s) ({', '.join(map(str, alone))}) "
                                      "have a single pair.",
                                      hint="Add pairs of those lengths, or ablate to the corrupted run.")
-        n_edges = len(EdgeGraph.of(handle.bridge).edges)
+        graph = EdgeGraph.of(handle.bridge)
+        n_edges, what = len(graph.edges), "edges"
+        if spec.positions == "each":
+            length = one_length(spec, "Edges by position name their positions")
+            n_edges, what = positioned_count(graph, length), f"edges at {length} positions"
+            if n_edges > MAX_POSITIONED_EDGES:
+                raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} {what}; a circuit by position holds at "
+                                     f"most {MAX_POSITIONED_EDGES:,}.",
+                                     hint="Give shorter prompts, or sum each edge over positions.")
         if self.methods == ("activation",) and n_edges > self.patch_limit:
-            raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} edges and activation patching runs on at "
+            raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} {what} and activation patching runs on at "
                                  f"most {self.patch_limit:,} (patch_limit).",
                                  hint="Add a gradient method (EAP-IG picks the edges to patch), or raise patch_limit.")
         return spec
@@ -142,13 +153,27 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
         if bad:
             raise WorkbenchError(f"{handle.name} has blocks 0 to {n_layers - 1}; the SAE layers {bad} are not among "
                                  "them.", hint="Leave layers empty for every block.")
-        spec = resolve_pairs(spec.replace(layers=layers, edge_ablation="corrupted"), handle)  # components' field
-        lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
-        if len(lengths) > 1:
-            raise WorkbenchError(f"Feature circuits name nodes by position, and these pairs have {len(lengths)} token "
-                                 f"lengths ({', '.join(map(str, lengths))}).",
-                                 hint="Give pairs of one token length (the shipped IOI pairs are).")
+        # the components' fields at their defaults
+        spec = resolve_pairs(spec.replace(layers=layers, edge_ablation="corrupted", positions="summed"), handle)
+        one_length(spec, "Feature circuits name nodes by position")
         return spec
+
+
+MAX_POSITIONED_EDGES = 1_500_000  # edges of a circuit by position (its table holds a row per edge and method)
+
+
+def one_length(spec, why: str) -> int:
+    """The token length of a resolved spec's pairs; pairs of several lengths are refused (`why`: what needs one)."""
+    lengths = sorted({len(p["clean_ids"]) for p in json.loads(spec.pairs)})
+    if len(lengths) > 1:
+        raise WorkbenchError(f"{why}, and these pairs have {len(lengths)} token lengths "
+                             f"({', '.join(map(str, lengths))}).",
+                             hint="Give pairs of one token length (the shipped IOI pairs are).")
+    return lengths[0]
+
+
+def positioned_count(graph: EdgeGraph, length: int) -> int:
+    return len(positioned_edges(graph, length))
 
 
 def check_graph(handle: ModelHandle) -> None:
