@@ -3,6 +3,7 @@ and how many edges its circuits need for 80% faithfulness (issue 28).
 
     python benchmarks/circuits.py [--smol] [--pairs 8]
     python benchmarks/circuits.py --features [--smol | --smol-only]
+    python benchmarks/circuits.py --by-position
 
 On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
 
@@ -13,6 +14,8 @@ On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
 - agreement: the Circuits analysis (every method, edge activation patching on every edge of the shipped model, on
   SmolLM2 the edges EAP-IG ranks first) — each method's Pearson r with edge activation patching and the edges its
   circuits need for 80% faithfulness.
+
+With --by-position, the agreement on the shipped model's edges by position (u@p -> d@p, every one patched).
 
 With --features, the feature circuit instead (SAEs trained first and timed apart; the shipped model with an SAE
 after every block at the Features page's defaults, SmolLM2 after every fifth block with small SAEs and node
@@ -134,20 +137,22 @@ def costs(handle, n_pairs: int, ig_steps: int, peer: bool) -> None:
         print(f"with the recorded runs, {name}: {(s + rec) / base:.1f}x")
 
 
-def agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int) -> None:
+def agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int, positions: str = "summed") -> None:
     """The Circuits analysis: each method's Pearson r with edge activation patching, and the edges its circuits
     need for 80% faithfulness with the corrupted run's writer outputs and with the other pairs' means as the
-    ablation (the scores are the same; the curves differ)."""
+    ablation (the scores are the same; the curves differ). positions="each": the edges by position."""
     store = Store(Path(tempfile.mkdtemp()) / "s.duckdb")
     rows = {}
     for ablation in ("corrupted", "mean"):
         t = time.perf_counter()
         out = run(CircuitSpec(model=model, n_pairs=n_pairs, ig_steps=ig_steps, patch_limit=patch_limit,
-                              edge_ablation=ablation), store=store)
+                              edge_ablation=ablation, positions=positions), store=store)
         rows[ablation] = (out.result.meta, out.result.extra["faithfulness"], time.perf_counter() - t)
     m, _, took = rows["corrupted"]
-    print(f"\n{model}: Circuits analysis, {m['n_pairs']} pairs, {m['n_edges']:,} edges, patched: {m['patched_edges']}"
-          f" ({took:.0f} s; {rows['mean'][2]:.0f} s with mean ablation)")
+    est = m.get("estimate", {}).get("seconds")
+    print(f"\n{model}: Circuits analysis{' by position' if positions == 'each' else ''}, {m['n_pairs']} pairs, "
+          f"{m['n_edges']:,} edges, patched: {m['patched_edges']} ({took:.0f} s, estimated {est} s; "
+          f"{rows['mean'][2]:.0f} s with mean ablation)")
     print("| method | Pearson r with edge activation patching | edges for 80% (corrupted values) | "
           "edges for 80% (mean ablation) |")
     print("|---|---|---|---|")
@@ -213,6 +218,7 @@ def main() -> None:
     ap.add_argument("--features", action="store_true", help="feature circuits only (SAEs at every layer)")
     ap.add_argument("--smol-only", action="store_true", help="with --features: SmolLM2 alone")
     ap.add_argument("--store", default="", help="with --features: a store that may hold the SAEs already")
+    ap.add_argument("--by-position", action="store_true", help="the agreement on edges by position (u@p -> d@p)")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -222,6 +228,9 @@ def main() -> None:
         if args.smol or args.smol_only:
             feature_agreement(smollm2(), args.pairs, args.ig_steps, 2000, args.store, sae_width=1024, sae_steps=400,
                               sae_max_tokens=16_384, layers=tuple(range(0, 30, 5)))
+        return
+    if args.by_position:
+        agreement("default", args.pairs, args.ig_steps, 100_000, positions="each")
         return
     costs(load_model("default"), args.pairs, args.ig_steps, peer=True)
     agreement("default", args.pairs, args.ig_steps, 5000)

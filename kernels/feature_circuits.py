@@ -45,23 +45,74 @@ from .grad import frozen
 from .patching import BlockRunner, default_chunk_rows
 
 
-class FeatureStack:
-    """SAEs at the residual after blocks `layers` (ascending) of an `n_layers` model."""
+SUBLAYERS = ("attn_out", "mlp_out")  # a block's attention and MLP outputs, in the order the block runs them
+SUBLAYER_HOOKS = {"attn_out": "blocks.{}.hook_attn_out", "mlp_out": "blocks.{}.hook_mlp_out"}
 
-    def __init__(self, saes: dict, n_layers: int, skip_first: bool = True):
+
+class FeatureStack:
+    """SAEs at the residual after blocks `layers` (ascending) of an `n_layers` model, and optionally at attention
+    or MLP outputs (`sublayer_saes`: {(site, layer): SAE}, site "attn_out" or "mlp_out").
+
+    Sites, in the order the model computes them: 0 the input; then per block its attention output, its MLP output
+    and its residual, where each has an SAE. Site indices are the levels of every per-level list (`Runs.resid`,
+    `changes`, the gradients); with residual SAEs alone site k is the residual after block layers[k - 1]. A residual
+    site is a cut (everything after it reads the model only through it); a segment is the blocks from one cut to
+    the next, and a sublayer site sits in the segment of the first residual SAE at or after its block, so every
+    sublayer SAE needs a residual SAE at or after its block."""
+
+    def __init__(self, saes: dict, n_layers: int, skip_first: bool = True, sublayer_saes: dict | None = None):
         self.layers = sorted(int(k) for k in saes)
         if not self.layers:
             raise ValueError("a feature circuit needs at least one SAE")
         if self.layers[0] < 0 or self.layers[-1] >= n_layers:
             raise ValueError(f"SAE layers {self.layers} outside the model's 0..{n_layers - 1}")
-        self.saes = [saes[layer] for layer in self.layers]
+        subs = dict(sublayer_saes or {})
+        for site, layer in subs:
+            if site not in SUBLAYERS:
+                raise ValueError(f"a sublayer SAE's site is one of {SUBLAYERS}, not {site!r}")
+            if not 0 <= layer <= self.layers[-1]:
+                raise ValueError(f"the {site} SAE of block {layer} has no residual SAE at or after its block (the "
+                                 f"last is after block {self.layers[-1]})")
         self.n_layers, self.skip_first = n_layers, skip_first
-        # the first block after each level; level K's blocks run to the end
-        self.after = [0] + [layer + 1 for layer in self.layers]
+        # sites in the order the model computes them: (kind, block), kind "input", "resid_post" or a sublayer
+        order = sorted([("resid_post", la) for la in self.layers] + list(subs),
+                       key=lambda s: (s[1], 2 if s[0] == "resid_post" else SUBLAYERS.index(s[0])))
+        self.sites = [("input", -1)] + order
+        self.saes = [saes[la] if kind == "resid_post" else subs[(kind, la)] for kind, la in order]
+        # each site's cut: itself for the input and residuals; for a sublayer site the cut its segment starts at
+        self.cut, last = [], 0
+        for i, (kind, _) in enumerate(self.sites):
+            self.cut.append(last if kind in SUBLAYERS else i)
+            if kind not in SUBLAYERS:
+                last = i
+        # the first block after each cut (the model runs from there); sublayer sites: their segment's start
+        self.after = [0 if kind == "input" else layer + 1 if kind == "resid_post" else -1
+                      for kind, layer in self.sites]
+        for i, (kind, _) in enumerate(self.sites):
+            if kind in SUBLAYERS:
+                self.after[i] = self.after[self.cut[i]]
+        self.cuts = [i for i, (kind, _) in enumerate(self.sites) if kind not in SUBLAYERS]
 
     @property
     def n_levels(self) -> int:
-        return len(self.layers) + 1
+        return len(self.sites)
+
+    def is_sublayer(self, k: int) -> bool:
+        return self.sites[k][0] in SUBLAYERS
+
+    def hook_name(self, k: int) -> str:
+        kind, layer = self.sites[k]
+        return SUBLAYER_HOOKS[kind].format(layer)
+
+    def segment_end(self, k: int) -> int:
+        """The cut that closes the segment site k (a sublayer site or a residual) lies in."""
+        return next(j for j in self.cuts if j >= k and j > self.cut[k]) if self.is_sublayer(k) else k
+
+    def upstream(self, k: int) -> list[int]:
+        """The sites whose nodes have edges into site k >= 1: the cut its segment starts at and the sublayer sites
+        of the segment before it (Marks et al.: each edge through the direct path, the other sites held fixed)."""
+        start = self.cut[k] if self.is_sublayer(k) else self.cuts[self.cuts.index(k) - 1]
+        return [start] + [j for j in range(start + 1, k) if self.is_sublayer(j)]
 
     def width(self, k: int) -> int:
         return self.saes[k - 1].d_sae
@@ -104,6 +155,25 @@ class FeatureStack:
                           d_err[:, pos].transpose(0, 1))
         return pos, vec
 
+    def run_segment(self, runner, x: torch.Tensor, k: int, sublayer_hooks: dict | None = None,
+                    start_pos: int = 0) -> torch.Tensor:
+        """From cut k's residual x to the next cut's (the final residual after the last), with `sublayer_hooks`
+        {site: fn(t) -> t} on the segment's sublayer sites."""
+        nxt = self.cuts.index(k) + 1
+        stop = self.after[self.cuts[nxt]] if nxt < len(self.cuts) else None
+        if self.after[k] >= self.n_layers:  # the residual after the last block
+            return x
+        hooks = [(self.hook_name(j), lambda t, hook, fn=fn: fn(t)) for j, fn in (sublayer_hooks or {}).items()]
+        with runner_hooks(runner, hooks):
+            return runner.run(x, self.after[k], stop, start_pos=start_pos)
+
+
+def runner_hooks(runner, hooks):
+    """The bridge's hooks for the length of a run (none: nothing added)."""
+    import contextlib
+
+    return runner.bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
+
 
 def node_positions(stack: FeatureStack, k: int, nodes: torch.Tensor, n_pos: int) -> torch.Tensor:
     """The position of each node index of level k."""
@@ -115,8 +185,9 @@ def node_positions(stack: FeatureStack, k: int, nodes: torch.Tensor, n_pos: int)
 
 @dataclass
 class Runs:
-    """One batch of prompts (rows): the block runner and the residual at every level [B, P, d], with each level's
-    split (features, error) and the final residual."""
+    """One batch of prompts (rows): the block runner and the value at every site [B, P, d] (the residual at the
+    input and residual sites, the sublayer's output at the others), with each site's split (features, error) and
+    the final residual."""
 
     runner: BlockRunner
     resid: list[torch.Tensor]
@@ -126,12 +197,25 @@ class Runs:
 
 def record(bridge, stack: FeatureStack, tokens: torch.Tensor) -> Runs:
     runner = BlockRunner(bridge, tokens)
+    resid: list = [None] * stack.n_levels
+    resid[0] = runner.inputs[0]
     with torch.no_grad():
-        resid = [runner.inputs[0]]
-        for k in range(1, stack.n_levels):
-            start, stop = stack.after[k - 1], stack.after[k]
-            resid.append(runner.inputs[stop] if stop < stack.n_layers else runner.run(resid[-1], start, stop))
-        final = resid[-1] if stack.after[-1] >= stack.n_layers else runner.run(resid[-1], stack.after[-1])
+        for ci, k in enumerate(stack.cuts):
+            seen = {}
+            subs = {j: (lambda t, j=j: seen.setdefault(j, t)) for j in range(k + 1, stack.n_levels)
+                    if stack.is_sublayer(j) and stack.cut[j] == k}
+            nxt = stack.cuts[ci + 1] if ci + 1 < len(stack.cuts) else None
+            stop = stack.after[nxt] if nxt is not None else stack.n_layers
+            if not subs and stop < stack.n_layers:  # the recorded block inputs
+                y = runner.inputs[stop]
+            else:
+                y = stack.run_segment(runner, resid[k], k, subs)
+            for j, t in seen.items():
+                resid[j] = t
+            if nxt is not None:
+                resid[nxt] = y
+            else:
+                final = y
         parts = [resid[0]] + [stack.split(k, resid[k]) for k in range(1, stack.n_levels)]
     return Runs(runner, resid, parts, final)
 
@@ -144,23 +228,44 @@ def changes(stack: FeatureStack, base: Runs, source: Runs) -> list:
     return out
 
 
+def _run_on(runner: BlockRunner, stack: FeatureStack, k: int, x: torch.Tensor, cut_resid: torch.Tensor | None,
+            start_pos: int = 0) -> torch.Tensor:
+    """The final residual with site k at x (rows [N, P, d]): from a cut, the blocks after it; from a sublayer site,
+    its segment from the cut's residual `cut_resid` (the same rows) with the site's output replaced by x."""
+    if stack.is_sublayer(k):
+        c = stack.cut[k]
+        y = stack.run_segment(runner, cut_resid, c, {k: lambda t: x.to(t.dtype)})
+        k = stack.segment_end(k)
+        x = y
+    for c in stack.cuts[stack.cuts.index(k):]:
+        x = stack.run_segment(runner, x, c, start_pos=start_pos)
+    return x
+
+
 def _metric_from(runner: BlockRunner, stack: FeatureStack, x: torch.Tensor, k: int, metric_rows: Callable,
-                 start_pos: int = 0) -> torch.Tensor:
-    """The metric [rows] of residuals x at level k, the blocks after it run."""
-    if stack.after[k] < stack.n_layers:
-        x = runner.run(x, stack.after[k], start_pos=start_pos)
-    return metric_rows(runner.logits(x))
+                 start_pos: int = 0, cut_resid: torch.Tensor | None = None) -> torch.Tensor:
+    """The metric [rows] with site k at x, everything after it run (a sublayer site: from `cut_resid`)."""
+    return metric_rows(runner.logits(_run_on(runner, stack, k, x, cut_resid, start_pos)))
 
 
 def level_gradients(bridge, stack: FeatureStack, runs: Runs, metric_rows: Callable,
                     hooks: Sequence = ()) -> list[torch.Tensor]:
-    """∂m/∂R at every level [B, P, d] on the recorded (base) run, with `hooks` (the LRP rules) in place."""
+    """∂m/∂(each site's value) [B, P, d] on the recorded (base) run, with `hooks` (the LRP rules) in place."""
     runner = runs.runner
     with frozen(bridge), torch.enable_grad(), bridge.hooks(fwd_hooks=list(hooks)):
-        xs = [runs.resid[0].detach().clone().requires_grad_(True)]
-        for k in range(1, stack.n_levels):
-            xs.append(runner.run(xs[-1], stack.after[k - 1], stack.after[k]))
-        m = _metric_from(runner, stack, xs[-1], stack.n_levels - 1, metric_rows)
+        xs: list = [None] * stack.n_levels
+        xs[0] = runs.resid[0].detach().clone().requires_grad_(True)
+        x = xs[0]
+        for ci, k in enumerate(stack.cuts):
+            def keep(t, j):
+                xs[j] = t
+                return t
+            subs = {j: (lambda t, j=j: keep(t, j)) for j in range(k + 1, stack.n_levels)
+                    if stack.is_sublayer(j) and stack.cut[j] == k}
+            x = stack.run_segment(runner, x, k, subs)
+            if ci + 1 < len(stack.cuts):
+                xs[stack.cuts[ci + 1]] = x
+        m = metric_rows(runner.logits(x))
         grads = torch.autograd.grad(m.sum(), xs)
     return [g.detach() for g in grads]
 
@@ -168,9 +273,9 @@ def level_gradients(bridge, stack: FeatureStack, runs: Runs, metric_rows: Callab
 def integrated_level_gradients(bridge, stack: FeatureStack, base: Runs, source: Runs, metric_rows: Callable,
                                steps: int, max_rows: int = 64,
                                progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
-    """IG's gradients: per level, the mean of ∂m/∂R [B, P, d] over `steps` midpoints of the line from the base
-    run's residual at that level to the source run's, every block after it recomputed. `metric_rows` takes rows
-    laid out (step, pair)."""
+    """IG's gradients: per site, the mean of ∂m/∂(its value) [B, P, d] over `steps` midpoints of the line from the
+    base run's value there to the source run's, every block after it recomputed (a sublayer site: the base run up
+    to it). `metric_rows` takes rows laid out (step, pair)."""
     runner = base.runner
     B = base.resid[0].shape[0]
     per = max(1, max_rows // B)
@@ -178,12 +283,13 @@ def integrated_level_gradients(bridge, stack: FeatureStack, base: Runs, source: 
     with frozen(bridge), torch.enable_grad():
         for k in range(stack.n_levels):
             lo, hi = base.resid[k], source.resid[k]
+            cut = base.resid[stack.cut[k]]
             total = torch.zeros_like(lo, dtype=torch.float32)
             for k0 in range(0, steps, per):
                 ks = torch.arange(k0, min(steps, k0 + per), device=lo.device)
                 alpha = ((ks.to(lo.dtype) + 0.5) / steps)[:, None, None, None]
                 x = (lo[None] + alpha * (hi - lo)[None]).reshape(-1, *lo.shape[1:]).requires_grad_(True)
-                m = _metric_from(runner, stack, x, k, metric_rows)
+                m = _metric_from(runner, stack, x, k, metric_rows, cut_resid=cut.repeat(len(ks), 1, 1))
                 (g,) = torch.autograd.grad(m.sum(), x)
                 total += g.view(len(ks), *lo.shape).float().sum(0)
             out.append(total / steps)
@@ -196,8 +302,8 @@ def patch_nodes(bridge, stack: FeatureStack, base: Runs, delta: list, k: int, no
                 metric_rows: Callable, chunk_rows: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Activation patching: the metric [n, B] of the base run with node `nodes[i]` of level k alone at its source
-    value (its change added to the residual at its position), everything after it recomputed. Rows laid out
-    (node, pair); each chunk runs from its first position on where the model allows."""
+    value (its change added to its site's value at its position), everything after it recomputed. Rows laid out
+    (node, pair); each chunk runs from its first position on where the model allows (from a cut)."""
     runner = base.runner
     B, P = base.resid[0].shape[:2]
     chunk_rows = chunk_rows or default_chunk_rows(bridge, P)
@@ -205,63 +311,89 @@ def patch_nodes(bridge, stack: FeatureStack, base: Runs, delta: list, k: int, no
     order = torch.argsort(node_positions(stack, k, nodes, P), stable=True)  # chunks start as late as they can
     out = torch.empty(len(nodes), B)
     x0 = base.resid[k]
+    sub = stack.is_sublayer(k)
     with torch.no_grad():
         for c in range(0, len(nodes), per):
             idx = order[c:c + per]
             pos, vec = stack.node_vectors(k, delta[k], nodes[idx], P)  # [n], [n, B, d]
-            p0 = int(pos.min()) if runner.suffix_ok and stack.after[k] < stack.n_layers else 0
+            p0 = int(pos.min()) if runner.suffix_ok and not sub and stack.after[k] < stack.n_layers else 0
             x = x0[None].repeat(len(idx), 1, 1, 1)  # [n, B, P, d]
             x[torch.arange(len(idx)), :, pos] += vec.to(x.dtype)
             x = x[:, :, p0:].reshape(len(idx) * B, P - p0, -1)
-            out[idx] = _metric_from(runner, stack, x, k, metric_rows, start_pos=p0).view(len(idx), B).float().cpu()
+            cut = base.resid[stack.cut[k]].repeat(len(idx), 1, 1) if sub else None
+            out[idx] = _metric_from(runner, stack, x, k, metric_rows, start_pos=p0,
+                                    cut_resid=cut).view(len(idx), B).float().cpu()
             if progress is not None:
                 progress(min(c + per, len(nodes)), len(nodes))
     return out
 
 
 def edges_into(bridge, stack: FeatureStack, base: Runs, delta: list, k: int, grad_k: torch.Tensor,
-               targets: torch.Tensor, sources: torch.Tensor, hooks: Sequence = (), chunk_rows: int | None = None
-               ) -> torch.Tensor:
-    """Edge effects [n_sources, n_targets, B] from nodes `sources` of level k - 1 into nodes `targets` of level
-    k >= 1: each target's value times the method's gradient there (`grad_k` [B, P, d] at level k's residual),
-    differentiated through the blocks between the levels at the base run, times each source's change."""
+               targets: torch.Tensor, sources, hooks: Sequence = (), chunk_rows: int | None = None):
+    """Edge effects from upstream nodes into nodes `targets` of site k >= 1: each target's value times the
+    method's gradient there (`grad_k` [B, P, d] at site k), differentiated at the base run with respect to each
+    upstream site's value, every other site held at its base value (the direct path: a sublayer site between them
+    does not carry it), times each source's change. `sources`: {site: node indices} over `stack.upstream(k)`
+    (a tensor alone: the nodes of the site before k's segment, as with residual SAEs alone) -> {site:
+    [n_sources, n_targets, B]} (a tensor for a tensor)."""
+    single = isinstance(sources, torch.Tensor)
+    if single:
+        sources = {stack.upstream(k)[0]: sources}
     runner = base.runner
     B, P = base.resid[0].shape[:2]
     chunk_rows = chunk_rows or default_chunk_rows(bridge, P)
     per = max(1, chunk_rows // B)
     W = stack.width(k)
-    out = torch.zeros(len(sources), len(targets), B)
-    src_pos, src_vec = stack.node_vectors(k - 1, delta[k - 1], sources, P)  # [S], [S, B, d]
+    up = stack.upstream(k)
+    start = up[0]
+    out = {j: torch.zeros(len(s), len(targets), B) for j, s in sources.items()}
+    vecs = {j: stack.node_vectors(j, delta[j], s, P) for j, s in sources.items()}  # ([S], [S, B, d])
     dec = stack.saes[k - 1].W_dec
     with frozen(bridge), torch.enable_grad(), bridge.hooks(fwd_hooks=list(hooks)):
         for c in range(0, len(targets), per):
             t = targets[c:c + per]
             n = len(t)
-            x = base.resid[k - 1][None].repeat(n, 1, 1, 1).reshape(n * B, P, -1).requires_grad_(True)
-            y = runner.run(x, stack.after[k - 1], stack.after[k])
+            leaves = {j: base.resid[j][None].repeat(n, 1, 1, 1).reshape(n * B, P, -1).requires_grad_(True)
+                      for j in up}
+            live = {}
+
+            def hold(j):  # an upstream sublayer site: its value the leaf (the base run's, held)
+                return lambda x: leaves[j].to(x.dtype)
+
+            subs = {j: hold(j) for j in up[1:]}
+            if stack.is_sublayer(k):
+                subs[k] = lambda y: live.setdefault("y", y)
+            y = stack.run_segment(runner, leaves[start], start, subs)
+            y = live["y"] if stack.is_sublayer(k) else y
             acts, err = stack.split(k, y)  # [n B, P, W], [n B, P, d]
             feat = t < P * W
             pos = torch.where(feat, t // W, t - P * W)
             f = torch.where(feat, t % W, 0)
-            rows = torch.arange(n * B, device=x.device)
+            rows = torch.arange(n * B, device=y.device)
             r_pos, r_f, r_feat = pos.repeat_interleave(B), f.repeat_interleave(B), feat.repeat_interleave(B)
             g = grad_k.float().repeat(n, 1, 1)[rows, r_pos]  # [n B, d] the method's gradient at each target's position
             weight = (g @ dec.float().T)[rows, r_f]  # ∂m/∂a at each feature target
             value = torch.where(r_feat, acts[rows, r_pos, r_f].float() * weight, (err[rows, r_pos].float() * g).sum(-1))
-            (gx,) = torch.autograd.grad(value.sum(), x)
-            gx = gx.view(n, B, P, -1)[:, :, src_pos].float()  # [n, B, S, d]
-            out[:, c:c + n] = torch.einsum("nbsd,sbd->snb", gx, src_vec.float()).cpu()
-    return out
+            wanted = [j for j in up if j in sources]
+            grads = torch.autograd.grad(value.sum(), [leaves[j] for j in wanted], allow_unused=True)
+            for j, gx in zip(wanted, grads):
+                if gx is None:  # no path from that site into these targets (a later position's only)
+                    continue
+                src_pos, src_vec = vecs[j]
+                gx = gx.view(n, B, P, -1)[:, :, src_pos].float()  # [n, B, S, d]
+                out[j][:, c:c + n] = torch.einsum("nbsd,sbd->snb", gx, src_vec.float()).cpu()
+    return out[next(iter(sources))] if single else out
 
 
 def evaluate(bridge, stack: FeatureStack, runs: Runs, means: list, circuits: Sequence[tuple],
              metric_rows: Callable, chunk_rows: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The metric [C, B] of each circuit on the recorded runs, every node outside it at its mean. `means[k]`:
-    level 0's mean residual [P, d], then each level's (mean features [P, W], mean error [P, d]); or the same per
+    level 0's mean residual [P, d], then each site's (mean features [P, W], mean error [P, d]); or the same per
     row ([B, P, ...]: another run's values, pair by pair). A circuit is
-    (keep, complement): `keep[k]` a LongTensor of level k's kept node indices; with `complement` the circuit's
-    nodes are the ones ablated (the model without the circuit)."""
+    (keep, complement): `keep[k]` a LongTensor of site k's kept node indices; with `complement` the circuit's
+    nodes are the ones ablated (the model without the circuit). Sites are ablated in the order the model computes
+    them, so later sites see the earlier ablations."""
     runner = runs.runner
     B, P = runs.resid[0].shape[:2]
     chunk_rows = chunk_rows or default_chunk_rows(bridge, P)
@@ -278,23 +410,29 @@ def evaluate(bridge, stack: FeatureStack, runs: Runs, means: list, circuits: Seq
                 m[i] = ~m[i]
         return m[:, None]  # [c, 1, n] broadcast over pairs
 
+    def ablated(k, y, m, c):
+        acts, err = stack.split(k, y)
+        W = stack.width(k)
+        keep_f = m[..., :P * W].reshape(c, 1, P, W)
+        keep_e = m[..., P * W:].reshape(c, 1, P, 1)
+        acts = torch.where(keep_f, acts.view(c, B, P, W), means[k][0].to(acts.dtype))
+        err = torch.where(keep_e, err.view(c, B, P, -1), means[k][1].to(err.dtype))
+        return stack.join(k, acts.reshape(c * B, P, W), err.reshape(c * B, P, -1)).to(y.dtype)
+
     with torch.no_grad():
         for c0 in range(0, len(circuits), per):
             chunk = circuits[c0:c0 + per]
             c = len(chunk)
             x = runs.resid[0][None].repeat(c, 1, 1, 1)  # [c, B, P, d]
             x = torch.where(masks(chunk, 0)[..., None], x, means[0].to(x.dtype)).reshape(c * B, P, -1)
-            for k in range(1, stack.n_levels):
-                x = runner.run(x, stack.after[k - 1], stack.after[k])
-                acts, err = stack.split(k, x)
-                W = stack.width(k)
-                m = masks(chunk, k)
-                keep_f = m[..., :P * W].reshape(c, 1, P, W)
-                keep_e = m[..., P * W:].reshape(c, 1, P, 1)
-                acts = torch.where(keep_f, acts.view(c, B, P, W), means[k][0].to(acts.dtype))
-                err = torch.where(keep_e, err.view(c, B, P, -1), means[k][1].to(err.dtype))
-                x = stack.join(k, acts.reshape(c * B, P, W), err.reshape(c * B, P, -1)).to(runs.resid[0].dtype)
-            out[c0:c0 + c] = _metric_from(runner, stack, x, stack.n_levels - 1, metric_rows).view(c, B).float().cpu()
+            for ci, k in enumerate(stack.cuts):
+                subs = {j: (lambda y, j=j, m=masks(chunk, j): ablated(j, y, m, c))
+                        for j in range(k + 1, stack.n_levels) if stack.is_sublayer(j) and stack.cut[j] == k}
+                x = stack.run_segment(runner, x, k, subs)
+                if ci + 1 < len(stack.cuts):
+                    nxt = stack.cuts[ci + 1]
+                    x = ablated(nxt, x, masks(chunk, nxt), c).to(runs.resid[0].dtype)
+            out[c0:c0 + c] = metric_rows(runner.logits(x)).view(c, B).float().cpu()
             if progress is not None:
                 progress(min(c0 + per, len(circuits)), len(circuits))
     return out

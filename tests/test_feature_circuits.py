@@ -360,7 +360,7 @@ def test_the_feature_fields_leave_component_circuits_run_keys_as_they_were():
 
     d = CircuitSpec().to_dict()
     added = {k: v for k, v in CircuitSpec.key_legacy.items() if k != "bos"}  # bos: every spec's own legacy
-    assert {k: d[k] for k in added} == added and len(added) == 10
+    assert {k: d[k] for k in added} == added and len(added) == 11
 
 
 
