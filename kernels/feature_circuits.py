@@ -44,7 +44,6 @@ import torch
 from .grad import frozen
 from .patching import BlockRunner, default_chunk_rows
 
-
 SUBLAYERS = ("attn_out", "mlp_out")  # a block's attention and MLP outputs, in the order the block runs them
 SUBLAYER_HOOKS = {"attn_out": "blocks.{}.hook_attn_out", "mlp_out": "blocks.{}.hook_mlp_out"}
 
@@ -426,8 +425,9 @@ def evaluate(bridge, stack: FeatureStack, runs: Runs, means: list, circuits: Seq
             x = runs.resid[0][None].repeat(c, 1, 1, 1)  # [c, B, P, d]
             x = torch.where(masks(chunk, 0)[..., None], x, means[0].to(x.dtype)).reshape(c * B, P, -1)
             for ci, k in enumerate(stack.cuts):
-                subs = {j: (lambda y, j=j, m=masks(chunk, j): ablated(j, y, m, c))
-                        for j in range(k + 1, stack.n_levels) if stack.is_sublayer(j) and stack.cut[j] == k}
+                inner = [j for j in range(k + 1, stack.n_levels) if stack.is_sublayer(j) and stack.cut[j] == k]
+                site_masks = {j: masks(chunk, j) for j in inner}
+                subs = {j: (lambda y, j=j: ablated(j, y, site_masks[j], c)) for j in inner}
                 x = stack.run_segment(runner, x, k, subs)
                 if ci + 1 < len(stack.cuts):
                     nxt = stack.cuts[ci + 1]
