@@ -37,7 +37,8 @@ def _random_sae(d: int, width: int = 48, k: int = 6, seed: int = 0) -> SparseAut
 
 
 class _Blocks:
-    """The transformers model itself with edits on its blocks' outputs (and the first block's input)."""
+    """The transformers model itself with edits on its blocks' outputs, its attention and MLP outputs (the output
+projection's and the MLP's output, before the residual add) and the first block's input."""
 
     def __init__(self, handle):
         self.hf = _HF(handle)
@@ -51,12 +52,17 @@ class _Blocks:
                     return (edit_input(a[0]),) + a[1:], k
                 return a, {**k, "hidden_states": edit_input(k["hidden_states"])}
             handles.append(self.hf.layers[0].register_forward_pre_hook(pre, with_kwargs=True))
-        for layer, fn in edits.items():
+        for where, fn in edits.items():  # a block's output, or ("attn_out" | "mlp_out", block): a sublayer's
             def post(m, a, o, fn=fn):
                 if isinstance(o, tuple):
                     return (fn(o[0]),) + tuple(o[1:])
                 return fn(o)
-            handles.append(self.hf.layers[layer].register_forward_hook(post))
+            if isinstance(where, tuple):
+                kind, layer = where
+                module = self.hf.parts[layer][2] if kind == "attn_out" else self.hf.parts[layer][4]
+            else:
+                module = self.hf.layers[where]
+            handles.append(module.register_forward_hook(post))
         try:
             with torch.set_grad_enabled(grad):
                 return self.hf.model(tokens).logits[:, -1]
@@ -213,6 +219,164 @@ def test_mean_ablation_equals_a_brute_force_and_keeping_every_node_is_the_clean_
                 edits[layer] = ablate
             want = metric(ref.run(clean, edit_input=ablate_input, edits=edits))
             assert torch.allclose(got[[0, 2, 3][i]], want, atol=1e-4), (i, got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAEs at attention and MLP outputs too (Marks et al.'s full graph)
+# ----------------------------------------------------------------------------------------------------------
+SUBLAYER_SITES = (("attn_out", 1), ("mlp_out", 1), ("attn_out", 2), ("mlp_out", 3), ("attn_out", 3))
+
+
+@pytest.fixture(scope="module")
+def split_sublayers(default_handle):
+    """The shipped model with random SAEs after blocks 1, 3 and 5 and at five attention and MLP outputs (block 2's
+    attention has no residual SAE after its own block: its segment runs from block 1's residual to block 3's)."""
+    d, L = default_handle.bridge.cfg.d_model, default_handle.bridge.cfg.n_layers
+    stack = FeatureStack({layer: _random_sae(d, seed=layer) for layer in (1, 3, 5)}, L,
+                         sublayer_saes={site: _random_sae(d, seed=10 + i) for i, site in enumerate(SUBLAYER_SITES)})
+    clean, corr, ans, wrong = _pairs(default_handle, 3)
+    metric = _logit_diff(ans, wrong)
+    base, src = record(default_handle.bridge, stack, corr), record(default_handle.bridge, stack, clean)
+    return stack, clean, corr, metric, base, src, changes(stack, base, src)
+
+
+def _site_edit(stack, k):
+    """The reference's edit key of site k >= 1: a block's output or a sublayer's."""
+    kind, layer = stack.sites[k]
+    return layer if kind == "resid_post" else (kind, layer)
+
+
+def test_sublayer_sites_sit_in_order_and_record_what_the_transformers_model_computes(split_sublayers,
+                                                                                      default_handle):
+    stack, clean, corr, metric, base, src, delta = split_sublayers
+    assert stack.sites == [("input", -1), ("attn_out", 1), ("mlp_out", 1), ("resid_post", 1), ("attn_out", 2),
+                           ("attn_out", 3), ("mlp_out", 3), ("resid_post", 3), ("resid_post", 5)]
+    assert stack.upstream(7) == [3, 4, 5, 6] and stack.upstream(6) == [3, 4, 5] and stack.upstream(1) == [0]
+    assert stack.upstream(8) == [7]
+    ref = _Blocks(default_handle)
+    seen = {}
+    ref.run(corr, edits={_site_edit(stack, k): (lambda y, k=k: seen.setdefault(k, y)) for k in range(1, 9)})
+    for k in range(1, 9):
+        assert torch.allclose(base.resid[k], seen[k], atol=1e-4), stack.sites[k]
+    assert torch.allclose(metric(base.runner.logits(base.final)), metric(ref.run(corr)), atol=1e-4)
+    with pytest.raises(ValueError, match="no residual SAE at or after its block"):
+        FeatureStack({1: _random_sae(8)}, 6, sublayer_saes={("mlp_out", 2): _random_sae(8)})
+
+
+def test_sublayer_nodes_patch_and_take_gradients_as_the_transformers_model_does(split_sublayers, default_handle):
+    stack, clean, corr, metric, base, src, delta = split_sublayers
+    bridge = default_handle.bridge
+    ref = _Blocks(default_handle)
+    P = clean.shape[1]
+    for k in (1, 2, 4, 6):  # sublayer sites, one at the start of its segment's second block
+        nodes = _moved(stack, delta, k, P)
+        ours = patch_nodes(bridge, stack, base, delta, k, nodes, metric)
+        pos, vec = stack.node_vectors(k, delta[k], nodes, P)
+        for j in range(len(nodes)):
+            def add(x, j=j):
+                x = x.clone()
+                x[:, pos[j]] += vec[j].to(x.dtype)
+                return x
+            want = metric(ref.run(corr, edits={_site_edit(stack, k): add}))
+            assert torch.allclose(ours[j], want, atol=1e-4), (stack.sites[k], j, ours[j], want)
+    grads = level_gradients(bridge, stack, base, metric)
+    seen = {}
+
+    def keep(k):
+        def fn(x):
+            x.retain_grad()
+            seen[k] = x
+            return x
+        return fn
+    m = metric(ref.run(corr, edits={_site_edit(stack, k): keep(k) for k in range(1, 9)}, grad=True))
+    m.sum().backward()
+    for k in range(1, 9):
+        assert torch.allclose(grads[k], seen[k].grad, atol=1e-5), stack.sites[k]
+
+
+def test_sublayer_edges_hold_the_other_sites_and_equal_autograd_on_the_transformers_model(split_sublayers,
+                                                                                           default_handle):
+    """Edges into block 3's residual from block 1's residual and the three sublayer sites between (and into block
+    3's MLP output from the three before it): autograd through the transformers model with every upstream site's
+    value a leaf (so a path through another site is held), times each source's change."""
+    stack, clean, corr, metric, base, src, delta = split_sublayers
+    bridge = default_handle.bridge
+    ref = _Blocks(default_handle)
+    P = corr.shape[1]
+    grads = level_gradients(bridge, stack, base, metric)
+    for k in (7, 6):
+        targets = _moved(stack, delta, k, P)
+        sources = {j: _moved(stack, delta, j, P, limit=5) for j in stack.upstream(k)}
+        ours = edges_into(bridge, stack, base, delta, k, grads[k], targets, sources)
+        W, sae = stack.width(k), stack.saes[k - 1]
+        assert set(ours) == set(stack.upstream(k))
+        for i, t in enumerate(targets.tolist()):
+            leaves = {j: base.resid[j].clone().requires_grad_(True) for j in stack.upstream(k)}
+            out = {}
+            edits = {_site_edit(stack, j): (lambda _, j=j: leaves[j]) for j in stack.upstream(k)}
+            edits[_site_edit(stack, k)] = lambda y: out.setdefault("y", y)
+            ref.run(corr, edits=edits, grad=True)
+            acts, err = stack.split(k, out["y"])
+            if t < P * W:
+                p, f = divmod(t, W)
+                value = acts[:, p, f] * (grads[k][:, p] @ sae.W_dec[f])
+            else:
+                p = t - P * W
+                value = (err[:, p] * grads[k][:, p]).sum(-1)
+            gs = torch.autograd.grad(value.sum(), [leaves[j] for j in stack.upstream(k)], allow_unused=True)
+            for j, gx in zip(stack.upstream(k), gs):
+                s_pos, s_vec = stack.node_vectors(j, delta[j], sources[j], P)
+                want = (torch.zeros(len(sources[j]), gx.shape[0] if gx is not None else 3) if gx is None else
+                        torch.einsum("bsd,sbd->sb", gx[:, s_pos], s_vec))
+                assert torch.allclose(ours[j][:, i], want, atol=1e-5), (k, j, i, ours[j][:, i], want)
+        assert all((ours[j] != 0).any() for j in ours), k
+
+
+def test_sublayer_integrated_gradients_add_up_and_mean_ablation_equals_a_brute_force(split_sublayers,
+                                                                                    default_handle):
+    """IG's completeness at every site (a sublayer site's scores add up to the metric with that site alone at the
+    source value, the rest recomputed); every node kept is the clean run; a circuit and its complement, ablated
+    site by site in the model's order, equal the transformers model with the same edits."""
+    stack, clean, corr, metric, base, src, delta = split_sublayers
+    bridge = default_handle.bridge
+    ref = _Blocks(default_handle)
+    P = clean.shape[1]
+    grads = integrated_level_gradients(bridge, stack, base, src, metric, 32)
+    m_base = metric(ref.run(corr))
+    for k in range(stack.n_levels):
+        total = stack.scores(k, delta[k], grads[k]).sum(1)
+        if k == 0:
+            whole = metric(ref.run(corr, edit_input=lambda _: src.resid[0]))
+        else:
+            whole = metric(ref.run(corr, edits={_site_edit(stack, k): (lambda _, k=k: src.resid[k])}))
+        assert torch.allclose(total, whole - m_base, rtol=2e-3, atol=2e-2), (stack.sites[k], total, whole - m_base)
+    runs = record(bridge, stack, clean)
+    K = stack.n_levels
+    none = [torch.zeros(0, dtype=torch.long)] * K
+    g = torch.Generator().manual_seed(1)
+    some = [torch.randperm(stack.n_nodes(k, P), generator=g)[:stack.n_nodes(k, P) // 3] for k in range(K)]
+    means = level_means(stack, runs)
+    got = evaluate(bridge, stack, runs, means, [(none, True), (some, False), (some, True)], metric)
+    assert torch.allclose(got[0], metric(runs.runner.logits(runs.final)), atol=1e-4)
+    for i, complement in ((1, False), (2, True)):
+        edits = {}
+        for k in range(1, K):
+            m = torch.zeros(stack.n_nodes(k, P), dtype=torch.bool)
+            m[some[k]] = True
+            m = ~m if complement else m
+            W = stack.width(k)
+
+            def ablate(y, k=k, m=m, W=W):
+                acts, err = stack.split(k, y)
+                acts = torch.where(m[:P * W].view(P, W), acts, means[k][0])
+                err = torch.where(m[P * W:].view(P, 1), err, means[k][1])
+                return stack.join(k, acts, err)
+            edits[_site_edit(stack, k)] = ablate
+        m0 = torch.zeros(P, dtype=torch.bool)
+        m0[some[0]] = True
+        m0 = ~m0 if complement else m0
+        want = metric(ref.run(clean, edit_input=lambda x, m0=m0: torch.where(m0[:, None], x, means[0]), edits=edits))
+        assert torch.allclose(got[i], want, atol=1e-4), (i, got[i], want)
 
 
 # ----------------------------------------------------------------------------------------------------------
