@@ -539,6 +539,27 @@ def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_no
     assert Store(own_store).count("runs") == runs + 1
 
 
+def test_feature_circuit_with_attention_saes_from_a_link():
+    """sublayers from a link: the link keeps it, the caption names the attention outputs, the nodes carry their
+    site, and a link's intervention on attention-output nodes runs through the circuit's attention SAE; a bad
+    sublayer name gets a message."""
+    small = dict(page="circuits", level="features", n_pairs="4", layers="2", sublayers="attn_out", methods="eap",
+                 n_points="3", edge_nodes="12", sae_width="64", sae_steps="100", sae_max_tokens="2048")
+    at = _run(**small)
+    assert not at.exception and not at.error, _errors(at)
+    assert _qp(at, "sublayers") == "attn_out"
+    assert any("attention outputs" in c.value for c in at.caption)
+    nodes = next(d.value for d in at.dataframe if "kind" in d.value.columns)
+    assert {"attn_out", "resid_post"} <= set(nodes["site"])
+    # an intervention on an attention feature and the attention SAE's error from the link, through the same SAE
+    link = {k: _qp(at, k) for k in at.query_params}
+    iv = _run(**{**link, "page": "circuits", "nodes": "attn2.3@15,attnerr2@15"})
+    assert not iv.exception and not iv.error, _errors(iv)
+    assert _qp(iv, "nodes") == "attn2.3@15,attnerr2@15" and any("→" in m.value for m in iv.markdown)
+    odd = _run(**{**small, "sublayers": "hook_z"})
+    assert not odd.exception and (odd.error or odd.warning)
+
+
 def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_bad_pin():
     small = dict(page="circuits", level="features", n_pairs="4", layers="1,3", methods="eap,relp", n_points="4",
                  edge_nodes="12", sae_width="64", sae_steps="100", sae_max_tokens="2048")

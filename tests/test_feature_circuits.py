@@ -524,7 +524,7 @@ def test_the_feature_fields_leave_component_circuits_run_keys_as_they_were():
 
     d = CircuitSpec().to_dict()
     added = {k: v for k, v in CircuitSpec.key_legacy.items() if k != "bos"}  # bos: every spec's own legacy
-    assert {k: d[k] for k in added} == added and len(added) == 11
+    assert {k: d[k] for k in added} == added and len(added) == 12
 
 
 
@@ -645,9 +645,9 @@ def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_
     """The SAEs a researcher holds: each layer's SAE written out as a SAELens folder and loaded back
     (`sae_folders`, the layers read from their cfg.json) gives the same circuit as the SAEs trained here, nodes,
     edges and curves; an intervention on its nodes runs on the same folders. Refused with a message: a folder of
-    another hook, two folders of one block, layers that disagree with the folders, a feature past a loaded SAE's
-    width, a node at a block no folder splits, and folders on a server that reads none (nothing stored). The
-    command line runs it too."""
+    another hook, two folders of one block, layers that disagree with the folders, sublayer SAEs without a residual
+    one at or after their block, a feature past a loaded SAE's width, a node at a site no folder holds, and folders
+    on a server that reads none (nothing stored). The command line runs it too."""
     from analysis.analyses.circuit.intervene import CircuitInterventionSpec
     from analysis.analyses.circuit.spec import CircuitSpec, sae_spec_at
     from analysis.analyses.features.sae import save_folder
@@ -690,9 +690,17 @@ def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_
 
     n_runs = store.count("runs")
     sae, cfg = _stored_sae(store, sae_spec_at(spec, 3))
-    other = str(save_folder(sae, {**cfg, "hook_name": "blocks.3.hook_mlp_out"}, tmp_path / "mlp3"))
-    with pytest.raises(WorkbenchError, match="hook_mlp_out; a feature circuit splits the residual"):
+    other = str(save_folder(sae, {**cfg, "hook_name": "blocks.3.hook_resid_mid"}, tmp_path / "mid3"))
+    with pytest.raises(WorkbenchError, match="hook_resid_mid; a feature circuit splits the residual"):
         run(loaded.replace(sae_folders=(other,)), store=store)
+    mlp = str(save_folder(sae, {**cfg, "hook_name": "blocks.3.hook_mlp_out"}, tmp_path / "mlp3"))
+    with pytest.raises(WorkbenchError, match="hold no residual SAE"):
+        run(loaded.replace(sae_folders=(mlp,)), store=store)
+    late = str(save_folder(sae, {**cfg, "hook_name": "blocks.4.hook_attn_out"}, tmp_path / "attn4"))
+    with pytest.raises(WorkbenchError, match="block 4's attention output has no residual SAE at or after its block"):
+        run(loaded.replace(sae_folders=(folders[1], folders[3], late)), store=store)
+    with pytest.raises(WorkbenchError, match="the folders name every site"):
+        run(loaded.replace(sublayers=("mlp_out",)), store=store)
     with pytest.raises(WorkbenchError, match="Two of the folders hold SAEs of block 1"):
         run(loaded.replace(sae_folders=(folders[1], folders[1])), store=store)
     with pytest.raises(WorkbenchError, match="split the residual after blocks \\[1, 3, 5\\], and layers asks"):
@@ -702,7 +710,7 @@ def test_feature_circuits_on_loaded_saelens_folders_equal_the_same_saes_trained_
     with pytest.raises(WorkbenchError, match=f"features 0 to {width - 1}"):
         run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=(f"f1.{width + f}@3",),
                                     sae_folders=(folders[1],)), store=store)
-    with pytest.raises(WorkbenchError, match="none of the SAE folders splits block 3"):
+    with pytest.raises(WorkbenchError, match="none of the SAE folders holds the SAE of block 3's residual"):
         run(CircuitInterventionSpec(level="features", n_pairs=6, nodes=("err3@2",), sae_folders=(folders[1],)),
             store=store)
     monkeypatch.setenv("WORKBENCH_ALLOW_LOCAL_FOLDERS", "0")
@@ -721,3 +729,63 @@ def _stored_sae(store, spec):
     handle = load_model("default")
     key = run_key(handle.fingerprint, resolve_tokens(spec, handle), get_analysis(spec.analysis).version)
     return sae_from_result(store.get(key))
+
+
+def test_feature_circuits_with_attention_and_mlp_saes(tmp_path):
+    """sublayers=attn_out,mlp_out: SAEs also at blocks 1 and 3's attention and MLP outputs, trained as inputs of
+    their own. Nodes at every site, edges only from a site of the target's segment that runs before it (the
+    residual the segment starts at, or an earlier sublayer), every scored node kept is the clean run (the
+    corrupted values outside it), the graph draws a row per site, the export names its rows, each feature links to
+    its own SAE's page, and an intervention on an attention feature changes the metric by that node's patching
+    effect."""
+    import json
+
+    from analysis.analyses.circuit.figures import feature_graph_figure, neuronpedia_json, node_site
+    from analysis.analyses.circuit.intervene import CircuitInterventionSpec
+    from analysis.analyses.circuit.page import feature_page_link
+    from analysis.analyses.circuit.spec import CircuitSpec
+    from analysis.runner import run
+    from analysis.store import Store
+
+    store = Store(tmp_path / "s.duckdb")
+    spec = CircuitSpec(level="features", n_pairs=4, layers=(1, 3), sublayers=("mlp_out", "attn_out"), edge_nodes=20,
+                       n_points=4, methods=("activation", "eap", "eap_ig"), metric="logit_diff", ablation="corrupted",
+                       **SMALL_SAES)
+    out = run(spec, store=store)
+    r = out.result
+    assert out.spec.sublayers == ("attn_out", "mlp_out")  # in the model's order: one key for either order
+    sites = [tuple(x) for x in r.meta["sae_sites"]]
+    assert sites == [("attn_out", 1), ("mlp_out", 1), ("resid_post", 1), ("attn_out", 3), ("mlp_out", 3),
+                     ("resid_post", 3)]
+    assert store.count("runs") == 7  # six SAEs and the circuit
+    nodes = r.extra["nodes"]
+    assert set(nodes["site"]) == {"input", "attn_out", "mlp_out", "resid_post"}
+    assert {node_site(n)[0] for n in nodes["node"]} == {"input", "attn_out", "mlp_out", "resid_post"}
+    order = {("input", -1): 0, **{s: i + 1 for i, s in enumerate(sites)}}
+    segment = {0: [0], 1: [0], 2: [0, 1], 3: [0, 1, 2], 4: [3], 5: [3, 4], 6: [3, 4, 5]}  # upstream sites
+    kinds = set()
+    for s, t in zip(r.table["source"], r.table["target"]):
+        if t == "logits":
+            assert node_site(s)[:2] == ("resid_post", 3)
+            continue
+        a, b = order[node_site(s)[:2]], order[node_site(t)[:2]]
+        assert a in segment[b], (s, t)
+        kinds.add((node_site(s)[0], node_site(t)[0]))
+    assert {("attn_out", "resid_post"), ("resid_post", "attn_out")} <= kinds, kinds
+    f = r.extra["faithfulness"]
+    for _, g in f.groupby("method"):
+        assert g.sort_values("n_nodes").iloc[-1].faithfulness == pytest.approx(1.0, abs=1e-4)
+    fig = feature_graph_figure(r, "eap_ig", 40)
+    assert list(fig.layout.yaxis.ticktext) == ["input", "attn 1", "mlp 1", "resid 1", "attn 3", "mlp 3", "resid 3",
+                                               "logits"]
+    j = json.loads(neuronpedia_json(r, "eap_ig", 40))
+    assert j["metadata"]["transcoder_list"][0] == "0: attn_out SAE, block 1"
+    ids = {n["node_id"] for n in j["nodes"]}
+    assert len(ids) == len(j["nodes"]) and all(lk["source"] in ids and lk["target"] in ids for lk in j["links"])
+    act = nodes[(nodes["method"] == "activation") & (nodes["site"] == "attn_out") & (nodes["kind"] == "feature")]
+    top = act.reindex(act["score"].abs().sort_values(ascending=False).index).iloc[0]
+    assert "site=attn_out" in feature_page_link(out.spec, int(top.layer), int(top.feature), "attn_out")
+    iv = run(CircuitInterventionSpec(level="features", n_pairs=4, nodes=(top.node,), prompts="corrupted",
+                                     metric="logit_diff", **SMALL_SAES), store=store)
+    assert store.count("runs") == 8  # the intervention reuses the circuit's attention SAE
+    assert iv.result.meta["change"] == pytest.approx(float(top.score), abs=1e-3)

@@ -49,25 +49,33 @@ from ..features.sae import SKIP_FIRST, sae_from_result
 from ..patching.compute import Metric
 from ..patching.spec import RELP_RULES
 from .common import GRADIENT_ORDER, SHIPPED, curve_sizes, curves, mean_effects, rows_per_forward
-from .spec import SAE_INPUT
+from .spec import SAE_INPUT, sae_input, sae_sites
+
+# node name prefixes of a site's features and its error node
+PREFIX = {"resid_post": ("f", "err"), "attn_out": ("attn", "attnerr"), "mlp_out": ("mlp", "mlperr")}
 
 
 def node_names(stack: FeatureStack, k: int, nodes: np.ndarray, n_pos: int) -> list[str]:
+    """`input@p`; a residual SAE's `f{l}.{i}@p` and `err{l}@p`; an attention output's `attn{l}.{i}@p` and
+    `attnerr{l}@p`; an MLP output's `mlp{l}.{i}@p` and `mlperr{l}@p`."""
     if k == 0:
         return [f"input@{p}" for p in nodes]
-    W, layer = stack.width(k), stack.layers[k - 1]
-    return [f"f{layer}.{i % W}@{i // W}" if i < n_pos * W else f"err{layer}@{i - n_pos * W}" for i in nodes]
+    (kind, layer), W = stack.sites[k], stack.width(k)
+    feat, err = PREFIX[kind]
+    return [f"{feat}{layer}.{i % W}@{i // W}" if i < n_pos * W else f"{err}{layer}@{i - n_pos * W}" for i in nodes]
 
 
 def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
     pairs = json.loads(spec.pairs)
     lengths = {len(p["clean_ids"]) for p in pairs}  # one length (the spec's resolve refuses more)
     bridge, dev = session.bridge, session.device
-    saes = {}
-    for layer in spec.layers:
-        sae, _ = sae_from_result(inputs[SAE_INPUT.format(layer)].result)
-        saes[layer] = sae.to(dev).requires_grad_(False)
-    stack = FeatureStack(saes, bridge.cfg.n_layers, skip_first=SKIP_FIRST)
+    saes, subs = {}, {}
+    sites = sae_sites(spec)
+    for site in sites:
+        sae, _ = sae_from_result(inputs[sae_input(site)].result)
+        (saes if site[0] == "resid_post" else subs)[site[1] if site[0] == "resid_post" else site] = sae.to(
+            dev).requires_grad_(False)
+    stack = FeatureStack(saes, bridge.cfg.n_layers, skip_first=SKIP_FIRST, sublayer_saes=subs)
     n, P, K = len(pairs), lengths.pop(), stack.n_levels
     clean = torch.tensor([p["clean_ids"] for p in pairs], device=dev)
     corrupted = torch.tensor([p["corrupted_ids"] for p in pairs], device=dev)
@@ -163,14 +171,15 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
         else:
             W = stack.width(k)
             feats += [int(i % W) if i < P * W else -1 for i in idx]
-    layer_of = np.array([-1] + list(stack.layers))[np.array(levels)]
+    layer_of = np.array([la for _, la in stack.sites])[np.array(levels)]
+    site_of = np.array([kind for kind, _ in stack.sites], dtype=object)[np.array(levels)]
     kind = np.where(np.array(levels) == 0, "input", np.where(np.array(feats) >= 0, "feature", "error"))
     node_rows, per_pair, means = [], [], {}
     for method in [m for m in spec.methods if m in effects]:
         mean, lo, hi = mean_effects(base_p[None] + effects[method], base_p, source_p, normalized, weights)
         means[method] = mean
         node_rows.append(pd.DataFrame({
-            "method": method, "node": names, "layer": layer_of, "position": positions,
+            "method": method, "node": names, "site": site_of, "layer": layer_of, "position": positions,
             "token": [tokens["token"].iloc[p] for p in positions], "kind": kind, "feature": feats,
             "score": mean.astype(np.float32), "ci_low": lo.astype(np.float32), "ci_high": hi.astype(np.float32)}))
         ok = np.isfinite(effects[method]).all(1)
@@ -190,15 +199,19 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
         hooks = lrp_hooks(bridge, rules) if method == "relp" else ()
         values, srcs, dsts = [], [], []
         for k in range(1, K):
-            if not (len(chosen[k]) and len(chosen[k - 1])):
+            ups = [j for j in stack.upstream(k) if len(chosen[j])]
+            if not (len(chosen[k]) and ups):
                 continue
-            t_idx, s_idx = active[k][torch.as_tensor(chosen[k])], active[k - 1][torch.as_tensor(chosen[k - 1])]
-            e = edges_into(bridge, stack, base, delta, k, grads[method][k], t_idx.to(dev), s_idx.to(dev), hooks)
-            s_names = node_names(stack, k - 1, s_idx.numpy(), P)
+            t_idx = active[k][torch.as_tensor(chosen[k])]
+            s_idx = {j: active[j][torch.as_tensor(chosen[j])] for j in ups}
+            got = edges_into(bridge, stack, base, delta, k, grads[method][k], t_idx.to(dev),
+                             {j: v.to(dev) for j, v in s_idx.items()}, hooks)
             t_names = node_names(stack, k, t_idx.numpy(), P)
-            values.append(e.reshape(-1, n).double().numpy())
-            srcs += [s for s in s_names for _ in t_names]
-            dsts += [t for _ in s_names for t in t_names]
+            for j, e in got.items():
+                s_names = node_names(stack, j, s_idx[j].numpy(), P)
+                values.append(e.reshape(-1, n).double().numpy())
+                srcs += [s for s in s_names for _ in t_names]
+                dsts += [t for _ in s_names for t in t_names]
             report(mi * K + k, len(gradient_methods) * K)
         last = chosen[K - 1]  # the last level's nodes reach the logits with their node effects
         if len(last):
@@ -248,11 +261,15 @@ def compute_features(session: ModelSession, spec, inputs, progress) -> Result:
     meta = {"level": "features", "answer_id": int(pairs[0]["answer_id"]), "n_pairs": n, "n_tokens": P,
             "metric": spec.metric, "direction": spec.direction,
             "sae_layers": list(stack.layers), "sae_width": [stack.width(k) for k in range(1, K)],
+            "sae_sites": [list(site) for site in stack.sites[1:]],
             "n_nodes": n_active, "n_edges": int(len(table)),
             "clean_metric": float(clean_m.mean()), "corrupted_metric": float(corr_m.mean()),
             "full_metric": float(m[1].mean()), "empty_metric": float(m[0].mean()),
             "n_patched": len(patched_idx) if "activation" in spec.methods else 0,
             "sae_inputs": {str(layer): inputs[SAE_INPUT.format(layer)].key for layer in stack.layers}}
+    if subs:  # the sublayer SAEs' runs too, by input name
+        meta["sae_inputs"].update({sae_input(site): inputs[sae_input(site)].key for site in sites
+                                   if site[0] != "resid_post"})
     if spec.pairs_note:
         meta["pairs_note"] = spec.pairs_note
     if "activation" in spec.methods:
@@ -292,15 +309,16 @@ def estimate_features(plan):
     stored yet are upstream runs, one per layer."""
     from ...estimate import Estimate, Plan, input_estimate
     from ..features.sae import estimate as sae_estimate
-    from .spec import folders_by_layer, sae_specs
+    from .spec import folders_by_site, sae_sites, sae_specs
 
     spec, s = plan.spec, plan.shape
     pairs = json.loads(spec.pairs) if spec.pairs else None
     B = len(pairs) if pairs else spec.n_pairs
     P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED
     P = P or SHIPPED
-    layers = spec.layers or tuple(folders_by_layer(spec)) or tuple(range(s.n_layers))
-    K, W, d = len(layers), spec.sae_width, s.d_model
+    layers = spec.layers or tuple(sorted({la for kind, la in folders_by_site(spec) if kind == "resid_post"})) or tuple(
+        range(s.n_layers))
+    K, W, d = len(sae_sites(spec.replace(layers=layers))), spec.sae_width, s.d_model  # every SAE's site
     k_act = min(spec.sae_k, W)
     methods = list(spec.methods)
     grads = [m for m in methods if m != "activation"]
@@ -326,8 +344,8 @@ def estimate_features(plan):
             blocks += s.calls(3)
         flops += (K + 1) * B * P * d * W * 2  # node scores
         targets = min(spec.edge_nodes, nodes)
-        flops += targets * B * (3 * s.forward_flops(1, P, 0, layers=s.n_layers / K) + 3 * sae_pass)
-        blocks += K * s.calls(3, layers=s.n_layers / K)
+        flops += targets * B * (3 * s.forward_flops(1, P, 0, layers=s.n_layers / len(layers)) + 3 * sae_pass)
+        blocks += K * s.calls(3, layers=s.n_layers / len(layers))
     if "activation" in methods:
         patched = min(nodes, spec.patch_limit)
         flops += patched * B * (s.forward_flops(1, P / 2, 1, layers=s.n_layers / 2) + K / 2 * sae_pass / 2)

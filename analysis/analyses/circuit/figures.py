@@ -343,17 +343,45 @@ def group_edges(edges: pd.DataFrame, groups: list[tuple[str, list[str]]], node_o
 # ----------------------------------------------------------------------------------------------------------
 # Feature circuits
 # ----------------------------------------------------------------------------------------------------------
-def node_parts(name: str) -> tuple[int, int, int]:
-    """(level's layer, -1 for the input and len for the logits; feature, -1 for an error or input; position)."""
+SITE_KEY = {"attn_out": -2 / 3, "mlp_out": -1 / 3, "resid_post": 0.0}  # a site's row key: its block plus this
+PREFIXES = (("attnerr", "attn_out", True), ("mlperr", "mlp_out", True), ("err", "resid_post", True),
+            ("attn", "attn_out", False), ("mlp", "mlp_out", False), ("f", "resid_post", False))
+
+
+def node_site(name: str) -> tuple[str, int, int, int]:
+    """(site, block, feature, position) of a feature circuit's node: site "input" (block -1) or "logits", feature -1
+    for an error node or the input."""
     if name == "logits":
-        return (10**6, -1, -1)
+        return ("logits", 10**6, -1, -1)
     head, pos = name.rsplit("@", 1)
     if head == "input":
-        return (-1, -1, int(pos))
-    if head.startswith("err"):
-        return (int(head[3:]), -1, int(pos))
-    layer, feat = head[1:].split(".")
-    return (int(layer), int(feat), int(pos))
+        return ("input", -1, -1, int(pos))
+    for prefix, site, error in PREFIXES:
+        if head.startswith(prefix) and head[len(prefix):len(prefix) + 1].isdigit():
+            if error:
+                return (site, int(head[len(prefix):]), -1, int(pos))
+            layer, feat = head[len(prefix):].split(".")
+            return (site, int(layer), int(feat), int(pos))
+    raise ValueError(f"{name!r} is not a feature circuit's node")
+
+
+def site_key(site: str, layer: int) -> float:
+    """A site's place in the model's order (and its row): the block, less 2/3 for its attention output and 1/3 for
+    its MLP output; -1 the input."""
+    return -1.0 if site == "input" else float(10**6) if site == "logits" else layer + SITE_KEY[site]
+
+
+def node_parts(name: str) -> tuple[float, int, int]:
+    """(the site's key in the model's order: the block for a residual, -1 for the input, 10**6 for the logits;
+    feature, -1 for an error or input; position)."""
+    site, layer, feat, pos = node_site(name)
+    return (site_key(site, layer), feat, pos)
+
+
+def feature_sites(meta: dict) -> list[tuple[str, int]]:
+    """The SAE sites of a feature circuit's result, in the model's order (results before sublayer SAEs: the
+    residual layers)."""
+    return [tuple(x) for x in meta.get("sae_sites") or [("resid_post", la) for la in meta["sae_layers"]]]
 
 
 def feature_edges(table: pd.DataFrame, method: str, n_edges: int) -> pd.DataFrame:
@@ -372,8 +400,9 @@ def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str 
     edges = feature_edges(result.table, method, n_edges)
     nodes = result.extra["nodes"]
     nodes = nodes[nodes["method"] == method].set_index("node")
-    layers = [-1] + list(meta["sae_layers"])
-    row = {layer: i for i, layer in enumerate(layers)}
+    sites = feature_sites(meta)
+    rows = [-1.0] + [site_key(*site) for site in sites]
+    row = {key: i for i, key in enumerate(rows)}
     P = int(meta["n_tokens"])
     names = sorted(set(edges["source"]) | set(edges["target"]) - {"logits"}, key=node_parts)
     # nodes sharing a layer and position spread across the position's column
@@ -385,7 +414,7 @@ def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str 
     for (layer, p), group in slot.items():
         for i, name in enumerate(group):
             xy[name] = (p + (i - (len(group) - 1) / 2) * min(0.8 / max(len(group), 1), 0.18), float(row[layer]))
-    xy["logits"] = (P - 1, float(len(layers)))
+    xy["logits"] = (P - 1, float(len(rows)))
     peak = float(edges["score"].abs().max()) if len(edges) else 1.0
     fig = go.Figure()
     mids = {"x": [], "y": [], "text": [], "color": []}
@@ -420,19 +449,21 @@ def feature_graph_figure(result: Result, method: str, n_edges: int, pinned: str 
         marker=dict(size=[8 + 20 * abs(v) / top if np.isfinite(v) else 14 for v in score],
                     color=["#f4a582" if n == pinned else (POSITIVE if v >= 0 else NEGATIVE) if np.isfinite(v)
                            else "#d9d9d9" for n, v in zip(shown, score)],
-                    symbol=["square" if n.startswith("err") else "diamond" if n.startswith("input") else "circle"
-                            for n in shown], line=dict(width=1, color="#444"), opacity=0.9),
+                    symbol=["square" if node_site(n)[2] < 0 and not n.startswith("input") and n != "logits" else
+                            "diamond" if n.startswith("input") else "circle" for n in shown],
+                    line=dict(width=1, color="#444"), opacity=0.9),
         hovertemplate="%{text}<extra>node</extra>", showlegend=False))
     draw_groups(fig, groups or [], xy)
     tokens = result.extra.get("tokens")
     ticks = [str(t) for t in tokens["token"]] if tokens is not None else [str(p) for p in range(P)]
+    label = {"resid_post": "resid {}", "attn_out": "attn {}", "mlp_out": "mlp {}"}
     return fig.update_layout(dict(
         title=f"{METHOD_NAMES.get(method, method)}: the top {len(edges)} edges between features (squares: SAE "
-              "errors, diamonds: the input)", height=max(420, 80 * len(layers) + 160), margin=MARGIN,
+              "errors, diamonds: the input)", height=max(420, 80 * len(rows) + 160), margin=MARGIN,
         xaxis=dict(tickmode="array", tickvals=list(range(P)), ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)],
                    range=[-0.6, P - 0.4]),
-        yaxis=dict(tickmode="array", tickvals=list(range(len(layers) + 1)),
-                   ticktext=["input"] + [f"resid {layer}" for layer in layers[1:]] + ["logits"])))
+        yaxis=dict(tickmode="array", tickvals=list(range(len(rows) + 1)),
+                   ticktext=["input"] + [label[kind].format(la) for kind, la in sites] + ["logits"])))
 
 
 def node_comparison_figure(result: Result, method: str) -> go.Figure:
@@ -485,7 +516,9 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
     circuit-tracer writes and Neuronpedia's graph viewer reads): metadata, qParams, nodes and links. Node ids follow
     it: `{layer}_{feature}_{position}` for a feature, `{layer}_-1_{position}` for an SAE's error node (the viewer's
     "reconstruction error"), `E_{token id}_{position}` for an input token and `{n_layers + 1}_{token id}_{last}`
-    for the answer's logit; `feature_type` takes the viewer's vocabulary."""
+    for the answer's logit; `feature_type` takes the viewer's vocabulary. With SAEs at attention or MLP outputs
+    too, `layer` is the site's row in the model's order (0 the first SAE's site; `transcoder_list` names each row's
+    SAE) and the logit's the row after the last; each node's `clerp` is its name here."""
     meta = result.meta
     edges = feature_edges(result.table, method, n_edges)
     nodes = result.extra["nodes"]
@@ -493,16 +526,24 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
     tokens = result.extra["tokens"]
     ids = [int(t) for t in tokens["token_id"]]
     P = len(ids)
-    n_layers = int((meta.get("model_summary") or {}).get("n_layers") or (max(meta["sae_layers"]) + 1))
+    sites = feature_sites(meta)
+    by_row = any(kind != "resid_post" for kind, _ in sites)
+    row = {site: i for i, site in enumerate(sites)}
+    n_layers = (len(sites) - 1 if by_row else
+                int((meta.get("model_summary") or {}).get("n_layers") or (max(meta["sae_layers"]) + 1)))
     logit = _logit_node(meta, n_layers, P, f"the metric: {meta['metric']}")
+
+    def parts(name: str) -> tuple[str, int, int]:  # (layer label, feature, position); label "E" for the input
+        site, layer, feat, p = node_site(name)
+        if site == "input":
+            return "E", feat, p
+        return str(row[(site, layer)] if by_row else layer), feat, p
 
     def node_id(name: str) -> str:
         if name == "logits":
             return logit["node_id"]
-        layer, feat, p = node_parts(name)
-        if layer == -1:
-            return f"E_{ids[p]}_{p}"
-        return f"{layer}_{feat}_{p}"
+        label, feat, p = parts(name)
+        return f"E_{ids[p]}_{p}" if label == "E" else f"{label}_{feat}_{p}"
 
     out_nodes = []
     drawn = set(edges["source"]) | set(edges["target"])
@@ -510,23 +551,24 @@ def neuronpedia_json(result: Result, method: str, n_edges: int, model_name: str 
         if name == "logits":
             out_nodes.append(logit)
             continue
-        layer, feat, p = node_parts(name)
+        label, feat, p = parts(name)
         r = nodes.loc[name]
-        if layer == -1:
+        if label == "E":
             kind, js = "embedding", f"E_{ids[p]}-{p}"
         elif feat < 0:
-            kind, js = "mlp reconstruction error", f"{layer}_-1-{p}"
+            kind, js = "mlp reconstruction error", f"{label}_-1-{p}"
         else:
-            kind, js = "cross layer transcoder", f"{layer}_{feat}-0"
-        out_nodes.append({"node_id": node_id(name), "feature": feat if feat >= 0 else (p if layer == -1 else -1),
-                          "layer": "E" if layer == -1 else str(layer), "ctx_idx": p, "feature_type": kind,
+            kind, js = "cross layer transcoder", f"{label}_{feat}-0"
+        out_nodes.append({"node_id": node_id(name), "feature": feat if feat >= 0 else (p if label == "E" else -1),
+                          "layer": label, "ctx_idx": p, "feature_type": kind,
                           "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
-                          "jsNodeId": js, "clerp": "", "influence": float(abs(r["score"])),
+                          "jsNodeId": js, "clerp": name if by_row else "", "influence": float(abs(r["score"])),
                           "activation": None})
     links = [{"source": node_id(r.source), "target": node_id(r.target), "weight": float(r.score)}
              for r in edges.itertuples()]
-    return _neuronpedia(f"workbench-circuit-{method}", model_name,
-                        [f"resid_post SAE, layer {layer}" for layer in meta["sae_layers"]], tokens, out_nodes, links,
+    listed = ([f"{i}: {kind} SAE, block {la}" for i, (kind, la) in enumerate(sites)] if by_row else
+              [f"resid_post SAE, layer {la}" for _, la in sites])
+    return _neuronpedia(f"workbench-circuit-{method}", model_name, listed, tokens, out_nodes, links,
                         [[name, *[node_id(m) for m in ms if m in drawn]] for name, ms in groups or []])
 
 

@@ -4,7 +4,8 @@
     outcome = run(spec)   # table: one row per pair (the metric before and after); extra["next_token"]
 
 Nodes are named as on the Circuits page: components `input`, `a{l}.h{h}` (head h's output, z_h W_O[h]), `m{l}` (layer
-l's MLP output); features `input`, `f{l}.{i}` (feature i of the SAE after block l), `err{l}` (that SAE's error).
+l's MLP output); features `input`, `f{l}.{i}` (feature i of the SAE after block l), `err{l}` (that SAE's error),
+`attn{l}.{i}` / `attnerr{l}` and `mlp{l}.{i}` / `mlperr{l}` (the same at block l's attention or MLP output).
 `@p` after a name takes position p alone (every position without it; feature nodes never at position 0, which the
 SAEs leave whole, as its error node).
 
@@ -37,10 +38,13 @@ from ...stats import resample_weights
 from ..patching.compute import Metric, length_groups
 from ..patching.spec import METRICS, PromptPairs, resolve_pairs
 from .common import SHIPPED, mean_effects
-from .spec import LEVELS, SAE_INPUT, SAEFields, folders_by_layer, sae_spec_at
+from .spec import LEVELS, SAEFields, folders_by_site, sae_input, sae_spec_at, site_name, site_order
 
-NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)|f(?P<fl>\d+)\.(?P<feature>\d+)"
-                  r"|err(?P<el>\d+))(?:@(?P<pos>\d+))?$")
+NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)"
+                  r"|(?P<fs>f|attn|mlp)(?P<fl>\d+)\.(?P<feature>\d+)|(?P<es>err|attnerr|mlperr)(?P<el>\d+))"
+                  r"(?:@(?P<pos>\d+))?$")
+SITE_OF = {"f": "resid_post", "err": "resid_post", "attn": "attn_out", "attnerr": "attn_out", "mlp": "mlp_out",
+           "mlperr": "mlp_out"}
 KINDS = {"components": ("input", "head", "mlp"), "features": ("input", "feature", "error")}
 VALUES = {"other": "its value in the pair's other prompt (patching)",
           "mean": "its mean over the chosen prompts, position by position (mean ablation)",
@@ -54,6 +58,7 @@ class Node:
     layer: int  # -1 for the input
     index: int  # the head or feature; -1 where there is none
     pos: int | None  # None: every position
+    site: str = "resid_post"  # a feature's or error node's SAE site: resid_post, attn_out or mlp_out
 
     @property
     def hook(self) -> str:
@@ -63,15 +68,15 @@ class Node:
             return f"blocks.{self.layer}.attn.hook_z"
         if self.kind == "mlp":
             return f"blocks.{self.layer}.hook_mlp_out"
-        return f"blocks.{self.layer}.hook_resid_post"
+        return f"blocks.{self.layer}.hook_{self.site}"
 
 
 def parse_node(name: str) -> Node:
     m = NODE.match(name.strip())
     if m is None:
         raise WorkbenchError(f"{name!r} is not a node name.",
-                             hint="Name nodes as the graph does: input, a3.h2, m5 (components) or f4.117, err4 "
-                                  "(features), optionally at one position: a3.h2@7, f4.117@12.")
+                             hint="Name nodes as the graph does: input, a3.h2, m5 (components) or f4.117, err4, "
+                                  "attn4.9, mlperr4 (features), optionally at one position: a3.h2@7, f4.117@12.")
     g = m.groupdict()
     pos = int(g["pos"]) if g["pos"] is not None else None
     if g["input"]:
@@ -81,15 +86,16 @@ def parse_node(name: str) -> Node:
     if g["ml"] is not None:
         return Node("mlp", int(g["ml"]), -1, pos)
     if g["fl"] is not None:
-        return Node("feature", int(g["fl"]), int(g["feature"]), pos)
-    return Node("error", int(g["el"]), -1, pos)
+        return Node("feature", int(g["fl"]), int(g["feature"]), pos, SITE_OF[g["fs"]])
+    return Node("error", int(g["el"]), -1, pos, SITE_OF[g["es"]])
 
 
-def sae_layers(spec) -> list[int]:
-    """The blocks after which the chosen feature and error nodes sit (each needs that layer's SAE)."""
+def sae_sites(spec) -> list[tuple[str, int]]:
+    """The SAE sites the chosen feature and error nodes sit at (each needs that site's SAE), in model order."""
     if spec.level != "features":
         return []
-    return sorted({n.layer for n in map(parse_node, spec.nodes) if n.kind in ("feature", "error")})
+    return sorted({(n.site, n.layer) for n in map(parse_node, spec.nodes) if n.kind in ("feature", "error")},
+                  key=site_order)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,8 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
     level: str = param("components", "components: nodes are the input, heads and MLPs; features: the input, SAE "
                        "features and SAE error nodes", choices=LEVELS)
     nodes: tuple[str, ...] = param(("a0.h0",), "the nodes set, all at once (input, a{l}.h{h}, m{l}; f{l}.{i}, "
-                                   "err{l}; @p for one position)", max_len=MAX_NODES)
+                                   "err{l}, attn{l}.{i}, attnerr{l}, mlp{l}.{i}, mlperr{l}; @p for one position)",
+                                   max_len=MAX_NODES)
     prompts: str = param("clean", "which prompt of each pair runs with the nodes set", choices=("clean", "corrupted"))
     value: str = param("other", "what each chosen node is set to: " + "; ".join(f"{k}: {v}" for k, v in VALUES.items()),
                        choices=tuple(VALUES))
@@ -139,18 +146,20 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
                 raise WorkbenchError(f"{where} {handle.name} has blocks 0 to {s.n_layers - 1}.")
             if n.kind == "head" and n.index >= s.n_heads:
                 raise WorkbenchError(f"{where} {handle.name} has heads 0 to {s.n_heads - 1} in each layer.")
-            if widths and n.kind in ("feature", "error") and n.layer not in widths:
-                raise WorkbenchError(f"{where} none of the SAE folders splits block {n.layer}'s residual (they split "
-                                     f"blocks {sorted(widths)}).", hint="Add that block's folder, or pick other nodes.")
-            width = widths.get(n.layer, spec.sae_width)
+            if widths and n.kind in ("feature", "error") and (n.site, n.layer) not in widths:
+                raise WorkbenchError(f"{where} none of the SAE folders holds the SAE of {site_name((n.site, n.layer))} "
+                                     f"(they hold {', '.join(site_name(x) for x in widths)}).",
+                                     hint="Add that site's folder, or pick other nodes.")
+            width = widths.get((n.site, n.layer), spec.sae_width)
             if n.kind == "feature" and n.index >= width:
                 raise WorkbenchError(f"{where} the SAE there has features 0 to {width - 1}"
                                      f"{'' if widths else ' (sae_width)'}.")
             if n.pos is not None and n.pos >= lengths[0]:
                 raise WorkbenchError(f"{where} the prompts have positions 0 to {lengths[0] - 1}.")
             if n.kind == "feature" and n.pos == 0:
+                err = {"resid_post": "err", "attn_out": "attnerr", "mlp_out": "mlperr"}[n.site]
                 raise WorkbenchError(f"{where} position 0 is not split into features (the SAEs leave it whole); "
-                                     f"its error node err{n.layer}@0 is the whole residual there.")
+                                     f"its error node {err}{n.layer}@0 is the whole value there.")
         missing = sorted({n.hook for n in nodes} - set(handle.bridge.hook_dict))
         if missing:
             raise WorkbenchError(f"{handle.name} has no hook {missing[0]}: its blocks lack what these nodes name.",
@@ -159,10 +168,9 @@ class CircuitInterventionSpec(PromptPairs, SAEFields, Spec):
 
 
 def sae_inputs(spec, got) -> dict | None:
-    """The Features page's SAE at each layer a chosen feature or error node sits at (the circuit's SAEs)."""
-    layers = sae_layers(spec)
-    folders = folders_by_layer(spec)
-    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer, folders) for layer in layers} or None
+    """The Features page's SAE at each site a chosen feature or error node sits at (the circuit's SAEs)."""
+    folders = folders_by_site(spec)
+    return {sae_input(site): sae_spec_at(spec, site[1], folders, site[0]) for site in sae_sites(spec)} or None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +198,7 @@ class _Targets:
     def _split(self, node: Node, resid: torch.Tensor):
         if node.kind not in ("feature", "error"):
             return resid
-        sae = self.saes[node.layer]
+        sae = self.saes[(node.site, node.layer)]
         acts = sae.encode(resid.float())
         if self.skip_first:
             acts = torch.cat([torch.zeros_like(acts[:, :1]), acts[:, 1:]], 1)
@@ -215,7 +223,7 @@ class _Targets:
                         acts[:, p, n.index] = target[0][:, p, n.index]
                     else:
                         err[:, at(n)] = target[1][:, at(n)]
-                return (self.saes[group[0].layer].decode(acts) + err).to(t.dtype)
+                return (self.saes[(group[0].site, group[0].layer)].decode(acts) + err).to(t.dtype)
             t = t.clone()
             for n in group:
                 if n.kind == "head":
@@ -232,9 +240,9 @@ def compute_intervention(session: ModelSession, spec: CircuitInterventionSpec, i
     pairs = json.loads(spec.pairs)
     nodes = [parse_node(n) for n in spec.nodes]
     saes = {}
-    for layer in sae_layers(spec):
-        sae, _ = sae_from_result(inputs[SAE_INPUT.format(layer)].result)
-        saes[layer] = sae.to(session.device).requires_grad_(False)
+    for site in sae_sites(spec):
+        sae, _ = sae_from_result(inputs[sae_input(site)].result)
+        saes[site] = sae.to(session.device).requires_grad_(False)
     hooks = sorted({n.hook for n in nodes})
     n = len(pairs)
     next_rows = []
@@ -312,7 +320,7 @@ def estimate_intervention(plan) -> Estimate:
     B = len(pairs) if pairs else spec.n_pairs
     P = max((len(p.get("clean_ids", [])) for p in pairs), default=SHIPPED) if pairs else SHIPPED
     P = P or SHIPPED
-    layers = sae_layers(spec)
+    layers = sae_sites(spec)
     hooks = len({parse_node(n).hook for n in spec.nodes})
     held = 3 * hooks * B * P * max(s.d_model, spec.sae_width if layers else 0) * 4
     sae_pass = 2.0 * 2 * P * s.d_model * spec.sae_width

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...contract import Page, ViewState, Widget
 from ...specs import Spec
 from ...untrusted import md_escape
@@ -22,6 +24,7 @@ from .figures import (
     faithfulness_figure,
     feature_edges,
     feature_graph_figure,
+    feature_sites,
     format_groups,
     graph_figure,
     graph_of,
@@ -38,7 +41,7 @@ from .figures import (
     split_position,
 )
 from .intervene import KINDS, CircuitInterventionSpec, parse_node
-from .spec import LEVELS, METHOD_NAMES, SAE_INPUT, CircuitSpec, sae_specs
+from .spec import LEVELS, METHOD_NAMES, CircuitSpec, sae_input, sae_specs
 
 WIDGETS = {
     "dataset": Widget("Prompt pairs", "radio", labels={"ioi": "Shipped IOI pairs", "": "My pairs (JSON)"}),
@@ -55,6 +58,7 @@ WIDGETS = {
     "sae_steps": Widget("SAE training steps"),
     "sae_max_tokens": Widget("SAE training tokens"),
     "edge_nodes": Widget("Nodes per method with edges"),
+    "sublayers": Widget("SAEs also at each block's", labels={"attn_out": "attention output", "mlp_out": "MLP output"}),
     "sae_folders": Widget("SAE folders to load instead (SAELens format, one per line, a block's residual each; empty: "
                           "train them here)", "lines", height=68),
     "edge_ablation": Widget("Edges outside a circuit", labels={"corrupted": "corrupted run's value",
@@ -70,7 +74,8 @@ LAYOUT = ["dataset", ("n_pairs", "ig_steps", "n_points"), "pairs", "methods", ("
           ("relp_rules", "patch_limit")]
 COMPONENT_LAYOUT = [("edge_ablation", "positions")]
 FEATURE_LAYOUT = [("layers", "sae_width", "sae_k", "sae_steps"), ("sae_max_tokens", "edge_nodes", "ablation"),
-                  "sae_folders"]
+                  "sublayers", "sae_folders"]
+SUBLAYER_NAMES = {"attn_out": "attention outputs", "mlp_out": "MLP outputs"}
 IV_WIDGETS = {
     "prompts": Widget("Run", "radio", labels={"clean": "the clean prompts", "corrupted": "the corrupted prompts"}),
     "value": Widget("Set each chosen node to", "radio", labels={"other": "the other prompt's value (patch)",
@@ -100,9 +105,11 @@ def render(ctx) -> None:
                       "activation patching is the ground truth; EAP, EAP-IG and RelP estimate every edge from a few "
                       "passes. Each method's top edges are pruned to paths from the input to the logits and scored by "
                       "faithfulness: every other edge gets the corrupted run's value (or its mean over the other "
-                      "pairs). With SAE features as the nodes, an SAE after each chosen block splits the residual into "
-                      "features and an error node per position; nodes are scored the same ways, edges join successive "
-                      "layers, and circuits keep the top nodes with every other node at its mean.")
+                      "pairs); edges can also be taken position by position. With SAE features as the nodes, an SAE "
+                      "after each chosen block splits the residual into features and an error node per position (and, "
+                      "if asked, SAEs at the blocks' attention and MLP outputs); nodes are scored the same ways, "
+                      "edges join each site to the ones it reads directly, and circuits keep the top nodes with every "
+                      "other node at its mean.")
     url, view = ctx.link(CircuitSpec), ctx.view(CircuitView)
     if url.pairs:
         url = dataclasses.replace(url, dataset="")
@@ -266,13 +273,13 @@ def _pinned_edges(st, pinned: str, into, out) -> None:
     b.dataframe(out.drop(columns=["method"]), hide_index=True, width="stretch")
 
 
-def feature_page_link(spec: CircuitSpec, layer: int, feature: int) -> str:
-    """The Features page of one feature of the SAE a feature circuit split layer `layer` with (a link into this
-    app; the sidebar's model stays)."""
+def feature_page_link(spec: CircuitSpec, layer: int, feature: int, site: str = "resid_post") -> str:
+    """The Features page of one feature of the SAE a feature circuit split a site with (block `layer`'s residual,
+    or its attention or MLP output; a link into this app; the sidebar's model stays)."""
     from ..features.page import feature_link
     from ..features.sae import SAESpec
 
-    sae, defaults = sae_specs(spec, {})[SAE_INPUT.format(layer)], SAESpec()
+    sae, defaults = sae_specs(spec, {})[sae_input((site, layer))], SAESpec()
     fields = {f: getattr(sae, f) for f in ("layer", "site", "width", "k", "steps", "max_tokens")
               if f == "layer" or getattr(sae, f) != getattr(defaults, f)}
     return feature_link(fields, feature)
@@ -285,7 +292,10 @@ def _features(ctx, outcome, view: CircuitView):
     st = ctx.st
     result = outcome.result
     table, meta, nodes = result.table, result.meta, result.extra["nodes"]
-    _captions(st, meta, f"SAEs after blocks {', '.join(map(str, meta['sae_layers']))} · {meta['n_nodes']:,} nodes "
+    subs = sorted({kind for kind, _ in feature_sites(meta)} - {"resid_post"})
+    _captions(st, meta, f"SAEs after blocks {', '.join(map(str, meta['sae_layers']))}"
+                        f"{' and at ' + ' and '.join(SUBLAYER_NAMES[x] for x in subs) if subs else ''} · "
+                        f"{meta['n_nodes']:,} nodes "
                         f"that change · {meta['n_edges']:,} edges", "node")
     method, n_edges = _method_and_count(ctx, view, list(dict.fromkeys(table["method"])) or ["eap"],
                                         lambda m: max(1, min(int((table["method"] == m).sum()), 2000)),
@@ -305,10 +315,12 @@ def _features(ctx, outcome, view: CircuitView):
     st.subheader("Nodes of the graph")
     spec = outcome.spec
     in_graph = nodes[(nodes["method"] == method) & nodes["node"].isin(shown)].copy()
-    in_graph["page"] = [feature_page_link(spec, int(r.layer), int(r.feature)) if r.kind == "feature" else None
+    if "site" not in in_graph.columns:  # results from before sublayer SAEs: residual sites only
+        in_graph["site"] = np.where(in_graph["kind"] == "input", "input", "resid_post")
+    in_graph["page"] = [feature_page_link(spec, int(r.layer), int(r.feature), r.site) if r.kind == "feature" else None
                         for r in in_graph.itertuples()]
     in_graph = in_graph.reindex(in_graph["score"].abs().sort_values(ascending=False).index)
-    st.dataframe(in_graph[["page", "node", "token", "kind", "score", "ci_low", "ci_high"]], hide_index=True,
+    st.dataframe(in_graph[["page", "node", "token", "site", "kind", "score", "ci_low", "ci_high"]], hide_index=True,
                  width="stretch", column_config={"page": st.column_config.LinkColumn(
                      "feature page", display_text=r"feature=(\d+)")})
     _faithfulness(st, result, figures, "nodes")

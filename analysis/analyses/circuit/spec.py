@@ -31,34 +31,55 @@ class SAEFields:
     sae_steps: int = param(1500, "features: each SAE's training steps", min=1, max=200_000)
     sae_max_tokens: int = param(65_536, "features: each SAE's training tokens", min=256, max=2_000_000)
     sae_folders: tuple[str, ...] = param((), "features: SAELens-format folders to load instead of training, one per "
-                                         "layer (each cfg.json's hook_name names its block: the residual after it, "
-                                         "blocks.<l>.hook_resid_post)", max_len=64)
-    sae_hashes: tuple[str, ...] = param((), "each folder's content hash, in layer order (filled in when read)",
+                                         "site (each cfg.json's hook_name names it: the residual after a block, "
+                                         "blocks.<l>.hook_resid_post, or a block's attention or MLP output, "
+                                         "blocks.<l>.hook_attn_out / hook_mlp_out)", max_len=64)
+    sae_hashes: tuple[str, ...] = param((), "each folder's content hash, in site order (filled in when read)",
                                         max_len=64)
     # loaded SAEs came after circuits and interventions were stored: out of their keys when there are none
     LEGACY: ClassVar[dict] = {"sae_folders": [], "sae_hashes": []}
 
     def resolve_folders(self, handle: ModelHandle):
-        """The folders read and checked against the model, in layer order with their content hashes (so a folder
-        whose files change is another run), sae_width their largest width; (spec, {layer: width}). Without
-        folders: the trained SAEs' fields, and {}."""
+        """The folders read and checked against the model, in the order the model computes their sites with their
+        content hashes (so a folder whose files change is another run), sae_width their largest width;
+        (spec, {(site, block): width}). Without folders: the trained SAEs' fields, and {}."""
         if not self.sae_folders:
             return self.replace(sae_hashes=()), {}
         from ..features.sae import check_fits, read_folder_cfg
 
-        found: dict[int, tuple[str, str, int]] = {}
+        found: dict[tuple[str, int], tuple[str, str, int]] = {}
         for folder in self.sae_folders:
             cfg, sha = read_folder_cfg(folder)
-            layer = residual_layer(folder, cfg["hook_name"])
+            site = folder_site(folder, cfg["hook_name"])
             check_fits(cfg, handle)
-            if layer in found:
-                raise WorkbenchError(f"Two of the folders hold SAEs of block {layer}'s residual.",
-                                     hint="Give one folder per block.")
-            found[layer] = (folder.strip(), sha, int(cfg["d_sae"]))
-        layers = sorted(found)
-        return (self.replace(sae_folders=tuple(found[la][0] for la in layers),
-                             sae_hashes=tuple(found[la][1] for la in layers),
-                             sae_width=max(found[la][2] for la in layers)), {la: found[la][2] for la in layers})
+            if site in found:
+                raise WorkbenchError(f"Two of the folders hold SAEs of {site_name(site)}.",
+                                     hint="Give one folder per site.")
+            found[site] = (folder.strip(), sha, int(cfg["d_sae"]))
+        sites = sorted(found, key=site_order)
+        return (self.replace(sae_folders=tuple(found[s][0] for s in sites),
+                             sae_hashes=tuple(found[s][1] for s in sites),
+                             sae_width=max(found[s][2] for s in sites)), {s: found[s][2] for s in sites})
+
+
+SITES = ("attn_out", "mlp_out", "resid_post")  # a block's sites in the order it computes them
+SUBLAYERS = SITES[:2]
+
+
+def site_order(site: tuple[str, int]) -> tuple[int, int]:
+    return site[1], SITES.index(site[0])
+
+
+def site_name(site: tuple[str, int]) -> str:
+    kind, layer = site
+    return {"resid_post": f"block {layer}'s residual", "attn_out": f"block {layer}'s attention output",
+            "mlp_out": f"block {layer}'s MLP output"}[kind]
+
+
+def sae_input(site: tuple[str, int]) -> str:
+    """The input name of a site's SAE run: `sae.{l}` at a residual (as before sublayers), `sae.attn_out.{l}`…"""
+    kind, layer = site
+    return SAE_INPUT.format(layer) if kind == "resid_post" else f"sae.{kind}.{layer}"
 
 
 @dataclass(frozen=True)
@@ -71,7 +92,8 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
     # the feature level's fields, added after component circuits were stored: out of the key at their defaults
     key_legacy: ClassVar[dict] = {**Spec.key_legacy, "layers": [], "sae_width": 512, "sae_k": 16, "sae_steps": 1500,
                                   "sae_max_tokens": 65_536, "ablation": "mean", "edge_nodes": 64,
-                                  "edge_ablation": "corrupted", "positions": "summed", **SAEFields.LEGACY}
+                                  "edge_ablation": "corrupted", "positions": "summed", "sublayers": [],
+                                  **SAEFields.LEGACY}
     title: ClassVar[str] = "Circuits: edges between components and between SAE features, pruned by faithfulness"
     level: str = param("components", "components: heads, MLPs, the input and the logits; features: SAE features "
                        "and error nodes at each chosen layer's residual, by position", choices=LEVELS)
@@ -90,6 +112,9 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
                              "the first gradient method when the graph has more)", min=1, max=1_000_000)
     layers: tuple[int, ...] = param((), "features: the blocks after which an SAE splits the residual (empty: "
                                     "every block)", min=0, max=1024, max_len=1024)
+    sublayers: tuple[str, ...] = param((), "features: SAEs also at each of those blocks' attention and/or MLP output "
+                                       "(Marks et al.'s full graph; trained here like the residual ones)",
+                                       choices=SUBLAYERS, max_len=2)
     ablation: str = param("mean", "features: what a node outside a circuit takes: its mean over the clean prompts "
                           "(position by position), or its value in the corrupted run", choices=("mean", "corrupted"))
     edge_ablation: str = param("corrupted", "components: what an edge outside a circuit carries into its reader: "
@@ -112,7 +137,7 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
             return self.resolve_features(handle)
         check_graph(handle)
         # the feature level's fields at their defaults: out of the key
-        spec = resolve_pairs(self.replace(ablation="mean", sae_folders=(), sae_hashes=()), handle)
+        spec = resolve_pairs(self.replace(ablation="mean", sae_folders=(), sae_hashes=(), sublayers=()), handle)
         if spec.edge_ablation == "mean":
             counts = Counter(len(p["clean_ids"]) for p in json.loads(spec.pairs))
             alone = sorted(length for length, c in counts.items() if c < 2)
@@ -145,14 +170,34 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
                                  "from gradients; activation patching scores the nodes.",
                                  hint="Add EAP-IG, EAP or RelP.")
         spec, widths = self.resolve_folders(handle)
-        if widths and self.layers and set(self.layers) != set(widths):
-            raise WorkbenchError(f"The SAE folders split the residual after blocks {sorted(widths)}, and layers asks "
-                                 f"for {sorted(set(self.layers))}.", hint="Leave layers empty: the folders name them.")
-        layers = tuple(widths) or (tuple(sorted(set(self.layers))) if self.layers else tuple(range(n_layers)))
+        if widths:
+            resid = sorted(la for kind, la in widths if kind == "resid_post")
+            if not resid:
+                raise WorkbenchError("The SAE folders hold no residual SAE (blocks.<l>.hook_resid_post): a feature "
+                                     "circuit's residual SAEs are the cuts its graph is complete between.",
+                                     hint="Add residual-stream SAEs, one per block.")
+            late = [site_name(s) for s in widths if s[0] != "resid_post" and s[1] > resid[-1]]
+            if late:
+                raise WorkbenchError(f"The SAE of {late[0]} has no residual SAE at or after its block (the last is "
+                                     f"after block {resid[-1]}).", hint="Add a residual SAE at or after that block.")
+            if self.layers and set(self.layers) != set(resid):
+                raise WorkbenchError(f"The SAE folders split the residual after blocks {resid}, and layers asks for "
+                                     f"{sorted(set(self.layers))}.", hint="Leave layers empty: the folders name them.")
+            if self.sublayers:
+                raise WorkbenchError("With SAE folders the folders name every site; sublayers trains attention or "
+                                     "MLP SAEs here.", hint="Leave sublayers empty, or add those SAEs' folders.")
+        layers = tuple(sorted({la for kind, la in widths if kind == "resid_post"})) or (
+            tuple(sorted(set(self.layers))) if self.layers else tuple(range(n_layers)))
         bad = [layer for layer in layers if layer >= n_layers]
         if bad:
             raise WorkbenchError(f"{handle.name} has blocks 0 to {n_layers - 1}; the SAE layers {bad} are not among "
                                  "them.", hint="Leave layers empty for every block.")
+        spec = spec.replace(sublayers=tuple(x for x in SUBLAYERS if x in self.sublayers))
+        missing = sorted({f"blocks.{la}.hook_{kind}" for kind, la in sae_sites(spec.replace(layers=layers))}
+                         - set(handle.bridge.hook_dict))
+        if missing:
+            raise WorkbenchError(f"{handle.name} has no hook {missing[0]}: its blocks lack that site.",
+                                 hint="Leave sublayers empty on this model.")
         # the components' fields at their defaults
         spec = resolve_pairs(spec.replace(layers=layers, edge_ablation="corrupted", positions="summed"), handle)
         one_length(spec, "Feature circuits name nodes by position")
@@ -189,51 +234,63 @@ def check_graph(handle: ModelHandle) -> None:
                              "every block.", hint="Use the Patching page's node sweeps on this model.") from e
 
 
-def sae_spec_at(spec, layer: int, folders: dict | None = None):
-    """The Features page's SAE (its residual after block `layer`) with a circuit spec's SAE settings, or loaded
-    from the spec's folder for that block (`folders`: the spec's folders_by_layer, when the caller has read them)."""
+def sae_spec_at(spec, layer: int, folders: dict | None = None, site: str = "resid_post"):
+    """The Features page's SAE at a site (block `layer`'s residual by default, or its attention or MLP output) with a
+    circuit spec's SAE settings, or loaded from the spec's folder for that site (`folders`: the spec's
+    folders_by_site, when the caller has read them)."""
     from ..features.sae import SAESpec
 
     base = {f: getattr(spec, f) for f in Spec.field_names()}
     if spec.sae_folders:
-        folders = folders_by_layer(spec) if folders is None else folders
-        if layer not in folders:
-            raise WorkbenchError(f"None of the SAE folders holds block {layer}'s residual SAE.",
-                                 hint="Give a folder for every block whose features or errors are used.")
-        folder, sha = folders[layer]
-        return SAESpec(**base, source="folder", folder=folder, folder_sha256=sha, layer=layer, site="resid_post")
-    return SAESpec(**base, layer=layer, site="resid_post", width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
+        folders = folders_by_site(spec) if folders is None else folders
+        if (site, layer) not in folders:
+            raise WorkbenchError(f"None of the SAE folders holds the SAE of {site_name((site, layer))}.",
+                                 hint="Give a folder for every site whose features or errors are used.")
+        folder, sha = folders[(site, layer)]
+        return SAESpec(**base, source="folder", folder=folder, folder_sha256=sha, layer=layer, site=site)
+    return SAESpec(**base, layer=layer, site=site, width=spec.sae_width, k=spec.sae_k, steps=spec.sae_steps,
                    max_tokens=spec.sae_max_tokens)
 
 
-def folders_by_layer(spec) -> dict[int, tuple[str, str]]:
-    """{block: (folder, content hash)} of a spec's residual SAE folders, in block order, from each cfg.json alone
-    (the hashes are resolve's; before it, as when the smaller settings are estimated, they are empty); {} without
-    folders."""
+def folders_by_site(spec) -> dict[tuple[str, int], tuple[str, str]]:
+    """{(site, block): (folder, content hash)} of a spec's SAE folders in the order the model computes the sites,
+    from each cfg.json alone (the hashes are resolve's; before it, as when the smaller settings are estimated,
+    they are empty); {} without folders."""
     from ..features.sae import folder_hook
 
     hashes = spec.sae_hashes or ("",) * len(spec.sae_folders)
-    found: dict[int, tuple[str, str]] = {}
+    found: dict[tuple[str, int], tuple[str, str]] = {}
     for folder, sha in zip(spec.sae_folders, hashes):
-        found.setdefault(residual_layer(folder, folder_hook(folder)), (folder, sha))
-    return dict(sorted(found.items()))
+        found.setdefault(folder_site(folder, folder_hook(folder)), (folder, sha))
+    return dict(sorted(found.items(), key=lambda kv: site_order(kv[0])))
 
 
-def residual_layer(folder: str, hook_name: str) -> int:
-    """The block after which a folder's SAE splits the residual; a folder of another hook is refused."""
+def folder_site(folder: str, hook_name: str) -> tuple[str, int]:
+    """The site a folder's SAE reads: (resid_post | attn_out | mlp_out, block); a folder of another hook is refused."""
     from ..features.sae import parse_hook
 
     site, layer = parse_hook(hook_name)
-    if site != "resid_post":
+    if site not in SITES:
         raise WorkbenchError(f"{folder[:200]!r} holds an SAE of {hook_name}; a feature circuit splits the residual "
-                             "after each block (blocks.<l>.hook_resid_post).",
-                             hint="Give residual-stream SAEs, one per block.")
-    return layer
+                             "after each block (blocks.<l>.hook_resid_post) and, where you have them, attention and "
+                             "MLP outputs (hook_attn_out, hook_mlp_out).",
+                             hint="Give residual-stream SAEs, one per block, and sublayer SAEs beside them.")
+    return site, layer
+
+
+def sae_sites(spec) -> list[tuple[str, int]]:
+    """The sites a feature circuit splits, in the order the model computes them: its folders' or the residual
+    after each of `layers` with the chosen sublayers of those blocks."""
+    if spec.sae_folders:
+        return list(folders_by_site(spec))
+    sites = [("resid_post", la) for la in spec.layers] + [(s, la) for la in spec.layers
+                                                         for s in getattr(spec, "sublayers", ())]
+    return sorted(set(sites), key=site_order)
 
 
 def sae_specs(spec: CircuitSpec, got) -> dict | None:
-    """The Features page's SAE at each layer a feature circuit splits, by input name (None for components)."""
+    """The Features page's SAE at each site a feature circuit splits, by input name (None for components)."""
     if spec.level != "features":
         return None
-    folders = folders_by_layer(spec)
-    return {SAE_INPUT.format(layer): sae_spec_at(spec, layer, folders) for layer in spec.layers}
+    folders = folders_by_site(spec)
+    return {sae_input(site): sae_spec_at(spec, site[1], folders, site[0]) for site in sae_sites(spec)}
