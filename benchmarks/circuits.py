@@ -2,7 +2,7 @@
 and how many edges its circuits need for 80% faithfulness (issue 28).
 
     python benchmarks/circuits.py [--smol] [--pairs 8]
-    python benchmarks/circuits.py --features [--smol | --smol-only]
+    python benchmarks/circuits.py --features [--smol | --smol-only] [--sublayers]
     python benchmarks/circuits.py --by-position
 
 On the shipped model's IOI pairs (and SmolLM2's with --smol), in one process:
@@ -187,7 +187,8 @@ def feature_agreement(model: str, n_pairs: int, ig_steps: int, patch_limit: int,
         out = run(spec.replace(ablation=ablation), store=store)
         rows[ablation] = (out.result.meta, time.perf_counter() - t)
     m, took = rows["mean"]
-    print(f"\n{model}: feature circuit, SAEs after blocks {m['sae_layers'][0]}..{m['sae_layers'][-1]} "
+    subs = " and at their " + " and ".join(sae["sublayers"]) if sae.get("sublayers") else ""
+    print(f"\n{model}: feature circuit, SAEs after blocks {m['sae_layers'][0]}..{m['sae_layers'][-1]}{subs} "
           f"(width {m['sae_width'][0]}; training them: {trained:.0f} s), {m['n_pairs']} pairs of {m['n_tokens']} "
           f"tokens, {m['n_nodes']:,} nodes that change, patched: {m['patched_nodes']}; the run {took:.0f} s "
           f"(estimated {m['estimate']['seconds']:.0f} s), {rows['corrupted'][1]:.0f} s with the other ablation")
@@ -219,12 +220,15 @@ def main() -> None:
     ap.add_argument("--smol-only", action="store_true", help="with --features: SmolLM2 alone")
     ap.add_argument("--store", default="", help="with --features: a store that may hold the SAEs already")
     ap.add_argument("--by-position", action="store_true", help="the agreement on edges by position (u@p -> d@p)")
+    ap.add_argument("--sublayers", action="store_true", help="with --features: SAEs at every block's attention and MLP "
+                    "outputs too (the shipped model)")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     if args.features:
         if not args.smol_only:
-            feature_agreement("default", args.pairs, args.ig_steps, 100_000, args.store)
+            feature_agreement("default", args.pairs, args.ig_steps, 100_000, args.store,
+                              sublayers=("attn_out", "mlp_out") if args.sublayers else ())
         if args.smol or args.smol_only:
             feature_agreement(smollm2(), args.pairs, args.ig_steps, 2000, args.store, sae_width=1024, sae_steps=400,
                               sae_max_tokens=16_384, layers=tuple(range(0, 30, 5)))

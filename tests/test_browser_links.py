@@ -113,6 +113,37 @@ def test_a_circuit_link_opens_pins_a_node_follows_the_edge_count_and_exports(ser
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def test_a_circuit_by_position_link_pins_the_logits_follows_the_edge_count_and_exports(server, page):  # noqa: F811
+    """Edges by position from a link: the graph with the prompt's tokens across, the pinned logits' inputs (edges
+    at the last position), the slider in the link, the graph downloaded as Neuronpedia's JSON with a position per
+    node; a link pinning a position the prompts lack says so."""
+    import json
+
+    link = f"{server}/circuits?positions=each&n_pairs=3&n_points=4&methods=eap,eap_ig&n_edges=30"
+    page.goto(f"{link}&pinned=logits")
+    main = page.locator("[data-testid='stMain']")
+    main.get_by_text("Share and export").wait_for(timeout=180_000)
+    _settled(page)
+    assert main.get_by_text("Into logits").count() == 1
+    assert main.get_by_text("by position (1,108 at each of 16").count() >= 1
+    thumb = main.get_by_role("slider")
+    thumb.focus()
+    thumb.press("ArrowRight")
+    page.wait_for_url(re.compile(r"n_edges=31"), timeout=60_000)
+    _settled(page)
+    assert _state(page.url)["positions"] == "each" and _state(page.url)["pinned"] == "logits"
+    with page.expect_download() as got:
+        main.get_by_role("button", name="Download the graph (Neuronpedia attribution-graph JSON)").click()
+    graph = json.loads(open(got.value.path()).read())
+    ids = {n["node_id"] for n in graph["nodes"]}
+    assert graph["links"] and all(lk["source"] in ids and lk["target"] in ids for lk in graph["links"])
+    assert {n["ctx_idx"] for n in graph["nodes"]} <= set(range(16)) and any("@" in n["clerp"] for n in graph["nodes"])
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.goto(f"{link}&pinned=a0.h0@99")
+    main.get_by_text("not a node of this model's graph").wait_for(timeout=180_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
 def test_a_feature_circuit_link_opens_pins_a_node_links_its_feature_page_and_exports(server, page):  # noqa: F811
     """Issue 28: a feature circuit opened from a link (small SAEs trained on the way) shows the graph with the
     pinned node's edges; a feature node's page link opens the Features page at that SAE and feature; the graph

@@ -71,6 +71,22 @@ projection's and the MLP's output, before the residual add) and the first block'
                 h.remove()
 
 
+def _autograd_at(ref, tokens, metric, where: list, with_input: bool = False) -> dict:
+    """d(sum of the metric)/d(each edited output) on the transformers model ("in": the first block's input)."""
+    seen = {}
+
+    def keep(name):
+        def fn(x):
+            x.retain_grad()
+            seen[name] = x
+            return x
+        return fn
+    m = metric(ref.run(tokens, edit_input=keep("in") if with_input else None, edits={w: keep(w) for w in where},
+                       grad=True))
+    m.sum().backward()
+    return {k: v.grad for k, v in seen.items()}
+
+
 @pytest.fixture(scope="module")
 def split_default(default_handle):
     """The shipped model with random SAEs after blocks 1, 3 and 5, on three IOI pairs (corrupted = base)."""
@@ -133,19 +149,10 @@ def test_node_gradients_and_edges_equal_autograd_on_the_transformers_model(split
     P = corr.shape[1]
     grads = level_gradients(bridge, stack, base, metric)
     # autograd on the transformers model: the first block's input and each SAE layer's block output
-    seen = {}
-
-    def keep(name):
-        def fn(x):
-            x.retain_grad()
-            seen[name] = x
-            return x
-        return fn
-    m = metric(ref.run(corr, edit_input=keep("in"), edits={layer: keep(layer) for layer in stack.layers}, grad=True))
-    m.sum().backward()
-    assert torch.allclose(grads[0], seen["in"].grad, atol=1e-4)
+    seen = _autograd_at(ref, corr, metric, list(stack.layers), with_input=True)
+    assert torch.allclose(grads[0], seen["in"], atol=1e-4)
     for k, layer in enumerate(stack.layers, 1):
-        assert torch.allclose(grads[k], seen[layer].grad, atol=1e-5)
+        assert torch.allclose(grads[k], seen[layer], atol=1e-5)
 
     # edges into level 2 (after block 3) from level 1 (after block 1): the Jacobian by autograd through the
     # transformers model's blocks 2 and 3, the level-1 residual a leaf
@@ -280,18 +287,9 @@ def test_sublayer_nodes_patch_and_take_gradients_as_the_transformers_model_does(
             want = metric(ref.run(corr, edits={_site_edit(stack, k): add}))
             assert torch.allclose(ours[j], want, atol=1e-4), (stack.sites[k], j, ours[j], want)
     grads = level_gradients(bridge, stack, base, metric)
-    seen = {}
-
-    def keep(k):
-        def fn(x):
-            x.retain_grad()
-            seen[k] = x
-            return x
-        return fn
-    m = metric(ref.run(corr, edits={_site_edit(stack, k): keep(k) for k in range(1, 9)}, grad=True))
-    m.sum().backward()
+    seen = _autograd_at(ref, corr, metric, [_site_edit(stack, k) for k in range(1, 9)])
     for k in range(1, 9):
-        assert torch.allclose(grads[k], seen[k].grad, atol=1e-5), stack.sites[k]
+        assert torch.allclose(grads[k], seen[_site_edit(stack, k)], atol=1e-5), stack.sites[k]
 
 
 def test_sublayer_edges_hold_the_other_sites_and_equal_autograd_on_the_transformers_model(split_sublayers,
@@ -749,8 +747,8 @@ def test_feature_circuits_with_attention_and_mlp_saes(tmp_path):
 
     store = Store(tmp_path / "s.duckdb")
     spec = CircuitSpec(level="features", n_pairs=4, layers=(1, 3), sublayers=("mlp_out", "attn_out"), edge_nodes=20,
-                       n_points=4, methods=("activation", "eap", "eap_ig"), metric="logit_diff", ablation="corrupted",
-                       **SMALL_SAES)
+                       n_points=4, methods=("activation", "eap", "eap_ig", "relp"), metric="logit_diff",
+                       ablation="corrupted", **SMALL_SAES)
     out = run(spec, store=store)
     r = out.result
     assert out.spec.sublayers == ("attn_out", "mlp_out")  # in the model's order: one key for either order
@@ -789,3 +787,13 @@ def test_feature_circuits_with_attention_and_mlp_saes(tmp_path):
                                      metric="logit_diff", **SMALL_SAES), store=store)
     assert store.count("runs") == 8  # the intervention reuses the circuit's attention SAE
     assert iv.result.meta["change"] == pytest.approx(float(top.score), abs=1e-3)
+    # the batch and Ray path: every site's SAE is an item of its own, before the circuit that reads them
+    from analysis.batch import plan
+
+    items = plan([spec, spec.replace(sublayers=("attn_out",), layers=(1, 2))], store)
+    kinds = [(i.spec.analysis, getattr(i.spec, "site", None), getattr(i.spec, "layer", None), i.status) for i in items]
+    assert kinds[:7] == [("sae", s, la, "hit") for s, la in sites] + [("circuit", None, None, "hit")]
+    assert kinds[7:] == [("sae", "attn_out", 2, "todo"), ("sae", "resid_post", 2, "todo"),
+                         ("circuit", None, None, "todo")]
+    assert set(items[6].inputs) == {"sae.1", "sae.3", "sae.attn_out.1", "sae.mlp_out.1", "sae.attn_out.3",
+                                    "sae.mlp_out.3"}
