@@ -556,8 +556,9 @@ def test_feature_circuit_with_attention_saes_from_a_link():
     iv = _run(**{**link, "page": "circuits", "nodes": "attn2.3@15,attnerr2@15"})
     assert not iv.exception and not iv.error, _errors(iv)
     assert _qp(iv, "nodes") == "attn2.3@15,attnerr2@15" and any("→" in m.value for m in iv.markdown)
-    odd = _run(**{**small, "sublayers": "hook_z"})
-    assert not odd.exception and (odd.error or odd.warning)
+    odd = _run(**{**small, "sublayers": "hook_z"})  # one message, about what is wrong (the page at its defaults)
+    assert not odd.exception and [e for e in _errors(odd) if "not valid" in e] == [
+        "This link's settings are not valid: sublayers must be one of attn_out, mlp_out, not 'hook_z'."], _errors(odd)
 
 
 def test_feature_circuit_link_shows_the_graph_links_feature_pages_and_refuses_a_bad_pin():

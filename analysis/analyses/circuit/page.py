@@ -350,7 +350,11 @@ def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str]
     st.caption("The chosen nodes are set all at once on the circuit's prompt pairs (everything after them "
                "recomputed): to the pair's other prompt's value (patching), their mean over the prompts run, "
                "position by position (mean ablation), or zero. Nodes: the graph's names; @p for one position.")
-    url = ctx.link(CircuitInterventionSpec, defaults={"level": level, "nodes": tuple(start)})
+    defaults = {"level": level, "nodes": tuple(start)}
+    if ctx.query().get("level", level) == level:
+        url = ctx.link(CircuitInterventionSpec, defaults=defaults)
+    else:  # the circuit's link was refused (said above) and the page shows the defaults: not the link's nodes
+        url = CircuitInterventionSpec(**defaults)
     chosen = list(start)
     if "nodes" in ctx.query():
         fits = [n for n in url.nodes if parse_node(n).kind in KINDS[level]]
