@@ -810,6 +810,8 @@ def test_component_circuits_by_position(default_handle, tmp_path, monkeypatch):
     assert torch.equal(on_paths_by_position(graph, mask), mask)
     fig = graph_figure(t, each.meta, "eap", 80, pinned=kept.iloc[0].source, tokens=prompt_tokens(each))
     assert "by position" in fig.layout.title.text and len(fig.layout.xaxis.ticktext) == P
+    lo, hi = fig.layout.xaxis.range  # every position's column is on the axis, the first token's too
+    assert lo < min(fig.layout.xaxis.tickvals) and max(fig.layout.xaxis.tickvals) < hi
     # Neuronpedia's JSON: a node per drawn (component, position), links between them summing the edges they join
     groups = [("first", [kept.iloc[0].source])]
     j = json.loads(component_neuronpedia_json(each, "eap", 80, "default", groups))

@@ -147,7 +147,8 @@ def graph_figure(table: pd.DataFrame, meta: dict, method: str, n_edges: int, pin
         P, width = int(meta["n_tokens"]), graph.n_heads + 1
         ticks = [str(t) for t in tokens] if tokens is not None and len(tokens) == P else [""] * P
         xaxis = dict(tickmode="array", tickvals=[p * width + (graph.n_heads - 1) / 2 for p in range(P)],
-                     ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)], showgrid=False, zeroline=False)
+                     ticktext=[f"{t}<br>{p}" for p, t in enumerate(ticks)], showgrid=False, zeroline=False,
+                     range=[-0.8, P * width - 0.2])  # every position's column, edges or none
     return fig.update_layout(dict(
         title=f"{METHOD_NAMES.get(method, method)}: {len(edges)} of the top {n_edges} edges"
               f"{' by position' if each else ''} on a path input → logits",
