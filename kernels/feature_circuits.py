@@ -36,6 +36,7 @@ mean over a reference set, level by level, so later levels see the earlier ablat
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -111,7 +112,11 @@ class FeatureStack:
         """The sites whose nodes have edges into site k >= 1: the cut its segment starts at and the sublayer sites
         of the segment before it (Marks et al.: each edge through the direct path, the other sites held fixed)."""
         start = self.cut[k] if self.is_sublayer(k) else self.cuts[self.cuts.index(k) - 1]
-        return [start] + [j for j in range(start + 1, k) if self.is_sublayer(j)]
+        return [start] + [j for j in self.inner(start) if j < k]
+
+    def inner(self, k: int) -> list[int]:
+        """The sublayer sites of the segment cut k starts."""
+        return [j for j in range(k + 1, self.n_levels) if self.is_sublayer(j) and self.cut[j] == k]
 
     def width(self, k: int) -> int:
         return self.saes[k - 1].d_sae
@@ -169,8 +174,6 @@ class FeatureStack:
 
 def runner_hooks(runner, hooks):
     """The bridge's hooks for the length of a run (none: nothing added)."""
-    import contextlib
-
     return runner.bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
 
 
@@ -201,8 +204,7 @@ def record(bridge, stack: FeatureStack, tokens: torch.Tensor) -> Runs:
     with torch.no_grad():
         for ci, k in enumerate(stack.cuts):
             seen = {}
-            subs = {j: (lambda t, j=j: seen.setdefault(j, t)) for j in range(k + 1, stack.n_levels)
-                    if stack.is_sublayer(j) and stack.cut[j] == k}
+            subs = {j: (lambda t, j=j: seen.setdefault(j, t)) for j in stack.inner(k)}
             nxt = stack.cuts[ci + 1] if ci + 1 < len(stack.cuts) else None
             stop = stack.after[nxt] if nxt is not None else stack.n_layers
             if not subs and stop < stack.n_layers:  # the recorded block inputs
@@ -259,8 +261,7 @@ def level_gradients(bridge, stack: FeatureStack, runs: Runs, metric_rows: Callab
             def keep(t, j):
                 xs[j] = t
                 return t
-            subs = {j: (lambda t, j=j: keep(t, j)) for j in range(k + 1, stack.n_levels)
-                    if stack.is_sublayer(j) and stack.cut[j] == k}
+            subs = {j: (lambda t, j=j: keep(t, j)) for j in stack.inner(k)}
             x = stack.run_segment(runner, x, k, subs)
             if ci + 1 < len(stack.cuts):
                 xs[stack.cuts[ci + 1]] = x
@@ -425,9 +426,8 @@ def evaluate(bridge, stack: FeatureStack, runs: Runs, means: list, circuits: Seq
             x = runs.resid[0][None].repeat(c, 1, 1, 1)  # [c, B, P, d]
             x = torch.where(masks(chunk, 0)[..., None], x, means[0].to(x.dtype)).reshape(c * B, P, -1)
             for ci, k in enumerate(stack.cuts):
-                inner = [j for j in range(k + 1, stack.n_levels) if stack.is_sublayer(j) and stack.cut[j] == k]
-                site_masks = {j: masks(chunk, j) for j in inner}
-                subs = {j: (lambda y, j=j: ablated(j, y, site_masks[j], c)) for j in inner}
+                site_masks = {j: masks(chunk, j) for j in stack.inner(k)}
+                subs = {j: (lambda y, j=j: ablated(j, y, site_masks[j], c)) for j in site_masks}
                 x = stack.run_segment(runner, x, k, subs)
                 if ci + 1 < len(stack.cuts):
                     nxt = stack.cuts[ci + 1]
