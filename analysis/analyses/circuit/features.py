@@ -49,10 +49,7 @@ from ..features.sae import SKIP_FIRST, sae_from_result
 from ..patching.compute import Metric
 from ..patching.spec import RELP_RULES
 from .common import GRADIENT_ORDER, SHIPPED, curve_sizes, curves, mean_effects, rows_per_forward
-from .spec import SAE_INPUT, sae_input, sae_sites
-
-# node name prefixes of a site's features and its error node
-PREFIX = {"resid_post": ("f", "err"), "attn_out": ("attn", "attnerr"), "mlp_out": ("mlp", "mlperr")}
+from .spec import NODE_PREFIX, SAE_INPUT, sae_input, sae_sites
 
 
 def node_names(stack: FeatureStack, k: int, nodes: np.ndarray, n_pos: int) -> list[str]:
@@ -61,7 +58,7 @@ def node_names(stack: FeatureStack, k: int, nodes: np.ndarray, n_pos: int) -> li
     if k == 0:
         return [f"input@{p}" for p in nodes]
     (kind, layer), W = stack.sites[k], stack.width(k)
-    feat, err = PREFIX[kind]
+    feat, err = NODE_PREFIX[kind]
     return [f"{feat}{layer}.{i % W}@{i // W}" if i < n_pos * W else f"{err}{layer}@{i - n_pos * W}" for i in nodes]
 
 

@@ -14,7 +14,7 @@ from kernels.circuits import EdgeGraph, on_paths, on_paths_by_position, reader_o
 from ...plots import MARGIN
 from ...result import Result
 from ...stats import pearson
-from .spec import METHOD_NAMES
+from .spec import FEATURE_NODE, METHOD_NAMES, SITE_OF_PREFIX
 
 POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
 
@@ -345,8 +345,6 @@ def group_edges(edges: pd.DataFrame, groups: list[tuple[str, list[str]]], node_o
 # Feature circuits
 # ----------------------------------------------------------------------------------------------------------
 SITE_KEY = {"attn_out": -2 / 3, "mlp_out": -1 / 3, "resid_post": 0.0}  # a site's row key: its block plus this
-PREFIXES = (("attnerr", "attn_out", True), ("mlperr", "mlp_out", True), ("err", "resid_post", True),
-            ("attn", "attn_out", False), ("mlp", "mlp_out", False), ("f", "resid_post", False))
 
 
 def node_site(name: str) -> tuple[str, int, int, int]:
@@ -357,13 +355,12 @@ def node_site(name: str) -> tuple[str, int, int, int]:
     head, pos = name.rsplit("@", 1)
     if head == "input":
         return ("input", -1, -1, int(pos))
-    for prefix, site, error in PREFIXES:
-        if head.startswith(prefix) and head[len(prefix):len(prefix) + 1].isdigit():
-            if error:
-                return (site, int(head[len(prefix):]), -1, int(pos))
-            layer, feat = head[len(prefix):].split(".")
-            return (site, int(layer), int(feat), int(pos))
-    raise ValueError(f"{name!r} is not a feature circuit's node")
+    m = re.fullmatch(FEATURE_NODE, head)
+    if m is None:
+        raise ValueError(f"{name!r} is not a feature circuit's node")
+    if m["fs"]:
+        return (SITE_OF_PREFIX[m["fs"]], int(m["fl"]), int(m["feature"]), int(pos))
+    return (SITE_OF_PREFIX[m["es"]], int(m["el"]), -1, int(pos))
 
 
 def site_key(site: str, layer: int) -> float:

@@ -38,13 +38,20 @@ from ...stats import resample_weights
 from ..patching.compute import Metric, length_groups
 from ..patching.spec import METRICS, PromptPairs, resolve_pairs
 from .common import SHIPPED, mean_effects
-from .spec import LEVELS, SAEFields, folders_by_site, sae_input, sae_spec_at, site_name, site_order
+from .spec import (
+    FEATURE_NODE,
+    LEVELS,
+    SITE_OF_PREFIX,
+    SAEFields,
+    folders_by_site,
+    sae_input,
+    sae_spec_at,
+    site_name,
+    site_order,
+)
 
-NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)"
-                  r"|(?P<fs>f|attn|mlp)(?P<fl>\d+)\.(?P<feature>\d+)|(?P<es>err|attnerr|mlperr)(?P<el>\d+))"
+NODE = re.compile(r"^(?:(?P<input>input)|a(?P<al>\d+)\.h(?P<head>\d+)|m(?P<ml>\d+)|" + FEATURE_NODE + r")"
                   r"(?:@(?P<pos>\d+))?$")
-SITE_OF = {"f": "resid_post", "err": "resid_post", "attn": "attn_out", "attnerr": "attn_out", "mlp": "mlp_out",
-           "mlperr": "mlp_out"}
 KINDS = {"components": ("input", "head", "mlp"), "features": ("input", "feature", "error")}
 VALUES = {"other": "its value in the pair's other prompt (patching)",
           "mean": "its mean over the chosen prompts, position by position (mean ablation)",
@@ -86,8 +93,8 @@ def parse_node(name: str) -> Node:
     if g["ml"] is not None:
         return Node("mlp", int(g["ml"]), -1, pos)
     if g["fl"] is not None:
-        return Node("feature", int(g["fl"]), int(g["feature"]), pos, SITE_OF[g["fs"]])
-    return Node("error", int(g["el"]), -1, pos, SITE_OF[g["es"]])
+        return Node("feature", int(g["fl"]), int(g["feature"]), pos, SITE_OF_PREFIX[g["fs"]])
+    return Node("error", int(g["el"]), -1, pos, SITE_OF_PREFIX[g["es"]])
 
 
 def sae_sites(spec) -> list[tuple[str, int]]:

@@ -66,6 +66,14 @@ SITES = ("attn_out", "mlp_out", "resid_post")  # a block's sites in the order it
 SUBLAYERS = SITES[:2]
 
 
+# the node names of a site's features and its error node: f{l}.{i} / err{l} at a residual, attn{l}.{i} / attnerr{l},
+# mlp{l}.{i} / mlperr{l}; and a pattern for either (groups fs, fl, feature; es, el)
+NODE_PREFIX = {"resid_post": ("f", "err"), "attn_out": ("attn", "attnerr"), "mlp_out": ("mlp", "mlperr")}
+SITE_OF_PREFIX = {prefix: site for site, prefixes in NODE_PREFIX.items() for prefix in prefixes}
+FEATURE_NODE = (r"(?P<fs>{})(?P<fl>\d+)\.(?P<feature>\d+)|(?P<es>{})(?P<el>\d+)".format(
+    *("|".join(sorted((p[i] for p in NODE_PREFIX.values()), key=len, reverse=True)) for i in (0, 1))))
+
+
 def site_order(site: tuple[str, int]) -> tuple[int, int]:
     return site[1], SITES.index(site[0])
 
@@ -150,7 +158,7 @@ class CircuitSpec(PromptPairs, SAEFields, Spec):
         n_edges, what = len(graph.edges), "edges"
         if spec.positions == "each":
             length = one_length(spec, "Edges by position name their positions")
-            n_edges, what = positioned_count(graph, length), f"edges at {length} positions"
+            n_edges, what = len(positioned_edges(graph, length)), f"edges at {length} positions"
             if n_edges > MAX_POSITIONED_EDGES:
                 raise WorkbenchError(f"{handle.name}'s graph has {n_edges:,} {what}; a circuit by position holds at "
                                      f"most {MAX_POSITIONED_EDGES:,}.",
@@ -215,10 +223,6 @@ def one_length(spec, why: str) -> int:
                              f"({', '.join(map(str, lengths))}).",
                              hint="Give pairs of one token length (the shipped IOI pairs are).")
     return lengths[0]
-
-
-def positioned_count(graph: EdgeGraph, length: int) -> int:
-    return len(positioned_edges(graph, length))
 
 
 def check_graph(handle: ModelHandle) -> None:
