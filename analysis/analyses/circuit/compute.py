@@ -158,12 +158,10 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
             act = np.full((len(pe), n), np.nan)
             run_on = chosen
             if each:  # a writer that does not change at p: its edges there change nothing (their runs are the base)
-                g = built[0][1]
-                moved = (g.delta != 0).any(-1).any(0).cpu()  # [S, n_sources]
-                still = [i for i in chosen if not bool(moved[e_p[i], e_u[i]])]
-                act[still] = base_p[None]
-                unmoved = len(still)
-                run_on = [i for i in chosen if bool(moved[e_p[i], e_u[i]])]
+                moved = (built[0][1].delta != 0).any(-1).any(0).cpu()[e_p, e_u]  # [E]
+                run_on = [i for i in chosen if bool(moved[i])]
+                unmoved = len(chosen) - len(run_on)
+                act[[i for i in chosen if not bool(moved[i])]] = base_p[None]
             cols = []
             for _, g in built:
                 runner = BlockRunner(bridge, g.base_tokens)
@@ -180,8 +178,7 @@ def compute(session: ModelSession, spec: CircuitSpec, inputs, progress) -> Resul
         if each:
             table.insert(3, "position", np.tile(e_p.numpy(), len(table) // len(pe)).astype(np.int32))
         report = part("faithfulness curves")
-        faith, completeness = _faithfulness(session, spec, graph, pe if each else None, built, patched, base_p,
-                                            weights, report)
+        faith, completeness = _faithfulness(session, spec, graph, pe, each, built, patched, base_p, weights, report)
     longest = pairs[groups[max(groups)][0]]
     meta = {"n_pairs": n, "n_tokens": max(groups), "metric": spec.metric, "direction": spec.direction,
             "n_edges": len(pe), "n_sources": len(graph.sources), "n_targets": len(graph.targets),
@@ -271,17 +268,18 @@ def _edge_table(src: np.ndarray, dst: np.ndarray, spec: CircuitSpec, patched: di
     return pd.concat(rows, ignore_index=True), pd.concat(per_pair, ignore_index=True)
 
 
-def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, pe: torch.Tensor | None, built,
+def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, pe: torch.Tensor, each: bool, built,
                   patched: dict[str, np.ndarray], base: np.ndarray, weights: np.ndarray,
                   report) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per method and circuit size: the circuit's faithfulness and the completeness of the model without it, each
-    with a bootstrap interval over pairs; the empty and the full circuit measured the same way. With `pe` (edges by
-    position, [E, 3]) a circuit keeps edges at their positions ([S, n_sources, n_targets] masks)."""
+    with a bootstrap interval over pairs; the empty and the full circuit measured the same way. `pe`: the edges
+    (position, source, target) in the table's order; `each`: a circuit keeps edges at their positions
+    ([S, n_sources, n_targets] masks), else at every position."""
     methods = [m for m in spec.methods if m in patched]
-    if pe is None:
-        full, index = graph.mask.clone(), torch.tensor(graph.edges).T
-    else:
+    if each:
         full, index = graph.positioned(built[0][1].base_tokens.shape[1]), pe.T
+    else:
+        full, index = graph.mask.clone(), pe[:, 1:].T
     sizes = curve_sizes(index.shape[1], spec.n_points)
     circuits, labels = [torch.zeros_like(full), full], [("", -1, "empty"), ("", -2, "full")]
     mean_abs = {m: np.nan_to_num(np.abs(patched[m].mean(1) - base.mean()), nan=-1.0) for m in methods}
@@ -293,7 +291,7 @@ def _faithfulness(session, spec: CircuitSpec, graph: EdgeGraph, pe: torch.Tensor
             top = [int(i) for i in ranked[:size] if mean_abs[m][i] >= 0]
             if top:
                 keep[tuple(index[:, top])] = True
-            keep = on_paths(graph, keep) if pe is None else on_paths_by_position(graph, keep)
+            keep = on_paths_by_position(graph, keep) if each else on_paths(graph, keep)
             kept_counts[m, size] = int(keep.sum())
             circuits += [keep, full & ~keep]
             labels += [(m, size, "circuit"), (m, size, "complement")]
