@@ -123,23 +123,28 @@ def test_node_patching_equals_a_brute_force_on_the_transformers_model(which, def
     ref = _Blocks(handle)
     assert torch.allclose(metric(base.runner.logits(base.final)), metric(ref.run(corr)), atol=1e-4)
     P = clean.shape[1]
-    checked = 0
-    for k in range(stack.n_levels):
-        nodes = _moved(stack, delta, k, P)
-        ours = patch_nodes(bridge, stack, base, delta, k, nodes, metric)
-        pos, vec = stack.node_vectors(k, delta[k], nodes, P)
-        for j in range(len(nodes)):
-            def add(x, j=j):
-                x = x.clone()
-                x[:, pos[j]] += vec[j].to(x.dtype)
-                return x
-            if k == 0:
-                want = metric(ref.run(corr, edit_input=add))
-            else:
-                want = metric(ref.run(corr, edits={stack.layers[k - 1]: add}))
-            assert torch.allclose(ours[j], want, atol=1e-4), (which, k, j, ours[j], want)
-            checked += 1
+    checked = sum(_patching_as_the_transformers_model(bridge, ref, stack, base, delta, corr, metric, k, P)
+                  for k in range(stack.n_levels))
     assert checked >= 3 * stack.n_levels
+
+
+def _patching_as_the_transformers_model(bridge, ref, stack, base, delta, tokens, metric, k, P) -> int:
+    """patch_nodes on a few nodes of site k that change, each against one forward of the transformers model with
+    that node's change added to its site's value at its position; the number of nodes checked."""
+    nodes = _moved(stack, delta, k, P)
+    ours = patch_nodes(bridge, stack, base, delta, k, nodes, metric)
+    pos, vec = stack.node_vectors(k, delta[k], nodes, P)
+    for j in range(len(nodes)):
+        def add(x, j=j):
+            x = x.clone()
+            x[:, pos[j]] += vec[j].to(x.dtype)
+            return x
+        if k == 0:
+            want = metric(ref.run(tokens, edit_input=add))
+        else:
+            want = metric(ref.run(tokens, edits={_site_edit(stack, k): add}))
+        assert torch.allclose(ours[j], want, atol=1e-4), (stack.sites[k], j, ours[j], want)
+    return len(nodes)
 
 
 def test_node_gradients_and_edges_equal_autograd_on_the_transformers_model(split_default, default_handle):
@@ -276,16 +281,7 @@ def test_sublayer_nodes_patch_and_take_gradients_as_the_transformers_model_does(
     ref = _Blocks(default_handle)
     P = clean.shape[1]
     for k in (1, 2, 4, 6):  # sublayer sites, one at the start of its segment's second block
-        nodes = _moved(stack, delta, k, P)
-        ours = patch_nodes(bridge, stack, base, delta, k, nodes, metric)
-        pos, vec = stack.node_vectors(k, delta[k], nodes, P)
-        for j in range(len(nodes)):
-            def add(x, j=j):
-                x = x.clone()
-                x[:, pos[j]] += vec[j].to(x.dtype)
-                return x
-            want = metric(ref.run(corr, edits={_site_edit(stack, k): add}))
-            assert torch.allclose(ours[j], want, atol=1e-4), (stack.sites[k], j, ours[j], want)
+        assert _patching_as_the_transformers_model(bridge, ref, stack, base, delta, corr, metric, k, P) >= 2
     grads = level_gradients(bridge, stack, base, metric)
     seen = _autograd_at(ref, corr, metric, [_site_edit(stack, k) for k in range(1, 9)])
     for k in range(1, 9):
