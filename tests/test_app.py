@@ -487,6 +487,12 @@ def test_circuits_page_by_position_opens_a_link_pins_a_positioned_node_and_expor
     odd = _run(page="circuits", **{**link, "pinned": "a0.h0@99"})
     assert not odd.exception and not odd.error
     assert any("not a node of this model's graph" in w.value for w in odd.warning), [w.value for w in odd.warning]
+    # an intervention link's node at a position these prompts lack (another model's link): left out with a message,
+    # the rest of the link's nodes kept
+    nodes = _run(page="circuits", **{**link, "nodes": f"a0.h0@99,{node}"})
+    assert not nodes.exception and not nodes.error, _errors(nodes)
+    assert any("a0.h0@99 are not in this model's graph" in w.value for w in nodes.warning)
+    assert _qp(nodes, "nodes") == node
 
 
 def test_circuits_page_intervenes_on_chosen_nodes_from_a_link_and_refuses_bad_nodes(own_store):

@@ -132,7 +132,8 @@ def render(ctx) -> None:
         pairs=pairs_with_text(outcome.spec.pairs, values["pairs"]))
     if meta.get("level") == "features":
         figures, title, shown, options, start = _features(ctx, outcome, view)
-        params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures)
+        params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures,
+                                     int(meta["n_tokens"]))
         ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures, title,
                   view=dataclasses.replace(shown, pair=pair))
         return
@@ -184,7 +185,7 @@ def render(ctx) -> None:
     start = [pinned] if pinned and is_writer(pinned) else [n for n in nodes if is_writer(n) and
                                                            split_position(n)[0] != "input"]
     options = [n for n in nodes if is_writer(n) and n not in writers] + writers  # by position: the shown ones too
-    params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures)
+    params, pair = _intervention(ctx, model, circuit_spec, options, start, view, figures, int(meta["n_tokens"]))
     ctx.share(outcome, {**ctx.spec_params(circuit_spec), **params}, figures,
               f"Circuit: {METHOD_NAMES.get(method, method)}, {n_edges} edges",
               view=CircuitView(method, n_edges, pinned, pair, groups_text))
@@ -341,9 +342,10 @@ def _features(ctx, outcome, view: CircuitView):
 
 
 def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str], view: CircuitView,
-                  figures: dict) -> tuple[dict, int]:
-    """Interventions from the graph: the chosen nodes set all at once on the circuit's pairs, the metric and the
-    next-token distribution before and after. Returns the link's fields for it and the pair shown."""
+                  figures: dict, n_tokens: int) -> tuple[dict, int]:
+    """Interventions from the graph: the chosen nodes set all at once on the circuit's pairs (of at most `n_tokens`
+    tokens), the metric and the next-token distribution before and after. Returns the link's fields for it and the
+    pair shown."""
     st = ctx.st
     level = circuit_spec.level
     st.subheader("Intervene on nodes")
@@ -358,11 +360,14 @@ def _intervention(ctx, model, circuit_spec, options: list[str], start: list[str]
     chosen = list(start)
     if "nodes" in ctx.query():
         fits = [n for n in url.nodes if parse_node(n).kind in KINDS[level]]
-        if level == "components":  # the graph names every component: a node it lacks is another model's
-            foreign = [n for n in fits if n.split("@")[0] not in options]
-            if foreign:
-                st.warning(f"The link's nodes {', '.join(foreign[:5])} are not in this model's graph: left out.")
-            fits = [n for n in fits if n not in foreign]
+        # a node the graph lacks (the graph names every component), or at a position past these prompts (another
+        # model's tokenizer made the link's): another model's
+        foreign = [n for n in fits if (level == "components" and n.split("@")[0] not in options)
+                   or (parse_node(n).pos or 0) >= n_tokens]
+        if foreign:
+            st.warning(f"The link's nodes {', '.join(foreign[:5])} are not in this model's graph (its prompts have "
+                       f"positions 0 to {n_tokens - 1}): left out.")
+        fits = [n for n in fits if n not in foreign]
         if fits:
             chosen = fits
         elif ctx.query().get("level") == level:
