@@ -739,6 +739,7 @@ def test_component_circuits_by_position(default_handle, tmp_path, monkeypatch):
     position; a writer that does not change at p leaves its edges there at exactly 0; the curves run from 0 to 1
     on circuits pruned by position; the graph draws positions across and exports in Neuronpedia's JSON. Pairs of
     several lengths and a graph over the cap are refused."""
+    import dataclasses
     import json
 
     import numpy as np
@@ -808,6 +809,12 @@ def test_component_circuits_by_position(default_handle, tmp_path, monkeypatch):
         (su, sp), (dn, _) = split_position(s), split_position(d)
         mask[sp, graph.source_index[su], graph.target_index[dn]] = True
     assert torch.equal(on_paths_by_position(graph, mask), mask)
+    # a curve that reaches 80% only with every edge (SmolLM2 by position: a million) opens on the most a graph draws
+    from analysis.analyses.circuit.figures import MAX_DRAWN_EDGES, default_edges, figures
+
+    whole = dataclasses.replace(each, meta={**each.meta, "edges_for_80_eap": 17263})
+    assert default_edges(whole, "eap") == MAX_DRAWN_EDGES
+    assert len(figures(whole)["graph"].data) <= MAX_DRAWN_EDGES + 2  # an edge a trace, the midpoints and the nodes
     fig = graph_figure(t, each.meta, "eap", 80, pinned=kept.iloc[0].source, tokens=prompt_tokens(each))
     assert "by position" in fig.layout.title.text and len(fig.layout.xaxis.ticktext) == P
     lo, hi = fig.layout.xaxis.range  # every position's column is on the axis, the first token's too

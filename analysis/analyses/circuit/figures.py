@@ -264,11 +264,15 @@ def prompt_tokens(result: Result) -> list[str] | None:
     return [str(t) for t in tokens["token"]] if tokens is not None else None
 
 
+MAX_DRAWN_EDGES = 2000  # the most edges a graph draws (the page's slider ends there)
+
+
 def default_edges(result: Result, method: str) -> int:
     """The edge count a graph opens on: the smallest circuit of the method's curve that reaches 80% faithfulness
-    (else 50 edges)."""
+    (else 50 edges), at most MAX_DRAWN_EDGES (a curve that reaches 80% only with a large graph's every edge would
+    draw a million)."""
     n = result.meta.get(f"edges_for_80_{method}")
-    return int(n) if n else min(50, int(result.meta.get("n_edges", 50)))
+    return min(int(n) if n else min(50, int(result.meta.get("n_edges", 50))), MAX_DRAWN_EDGES)
 
 
 # ----------------------------------------------------------------------------------------------------------

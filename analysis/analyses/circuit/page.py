@@ -14,6 +14,7 @@ from ...untrusted import md_escape
 from ..patching.page import EXAMPLE_PAIRS
 from ..patching.spec import pairs_with_text
 from .figures import (
+    MAX_DRAWN_EDGES,
     by_position,
     circuit_edges,
     comparison_figure,
@@ -144,7 +145,7 @@ def render(ctx) -> None:
                                      "logits read the last)" if each else ""), "edge")
 
     methods = list(dict.fromkeys(table["method"]))
-    method, n_edges = _method_and_count(ctx, view, methods, lambda m: min(int(meta["n_edges"]), 2000),
+    method, n_edges = _method_and_count(ctx, view, methods, lambda m: min(int(meta["n_edges"]), MAX_DRAWN_EDGES),
                                         lambda m: default_edges(result, m),
                                         "Edges kept (top n by |score|, then pruned to paths input → logits)")
     kept = circuit_edges(table, meta, method, n_edges)
@@ -299,7 +300,7 @@ def _features(ctx, outcome, view: CircuitView):
                         f"{meta['n_nodes']:,} nodes "
                         f"that change · {meta['n_edges']:,} edges", "node")
     method, n_edges = _method_and_count(ctx, view, list(dict.fromkeys(table["method"])) or ["eap"],
-                                        lambda m: max(1, min(int((table["method"] == m).sum()), 2000)),
+                                        lambda m: max(1, min(int((table["method"] == m).sum()), MAX_DRAWN_EDGES)),
                                         lambda m: default_feature_edges(result, m), "Edges shown (top n by |score|)")
     kept = feature_edges(table, method, n_edges)
     shown = sorted(set(kept["source"]) | set(kept["target"]), key=node_parts)
